@@ -1,0 +1,303 @@
+"""Engine-side client: writes logits into the ring, asks for a verdict, verifies it.
+
+:meth:`GuardedSession.step` returns a verified :class:`fse.v1.Verdict` whose token the
+engine must force, or raises a :class:`~sidecar.errors.GuardError`:
+
+- :class:`GuardAbort`: the sidecar decided ABORT (``.reasons`` says why);
+- :class:`VerdictRejected`: a verdict arrived but its signature, session, step or chain
+  link does not verify (forgery, replay, reorder);
+- :class:`GuardUnavailable` / :class:`StepRefused`: no verdict within ``step_timeout``,
+  the sidecar is gone, or it refused the step.
+
+It never returns a token without a valid verdict; after any error the session is dead
+(fail closed) and every further step raises.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from sidecar import audit
+from sidecar._pb.fse.v1 import guard_pb2 as pb
+from sidecar._pb.fse.v1 import guard_pb2_grpc as pb_grpc
+from sidecar.errors import GuardAbort, GuardUnavailable, StepRefused, VerdictRejected
+from sidecar.ring import RingWriter
+from sidecar.sampling import SamplingParams
+from sidecar.signing import Verifier
+from sidecar.vocab import vocab_digest
+
+DECISION_NAMES = {pb.DECISION_ACCEPT: "ACCEPT", pb.DECISION_HEALED: "HEALED", pb.DECISION_ABORT: "ABORT"}
+_CLOSED = object()
+
+
+def _unavailable(exc: grpc.RpcError, what: str) -> GuardUnavailable:
+    code = exc.code() if hasattr(exc, "code") else None
+    detail = exc.details() if hasattr(exc, "details") else str(exc)
+    return GuardUnavailable(f"{what}: sidecar unavailable ({code.name if code else 'error'}: {detail})")
+
+
+class _Watchdog(threading.Thread):
+    """Cancels a call when the step it waits for passes its deadline.
+
+    The waiting thread blocks directly on the response stream (no hand-off between
+    threads on the hot path); this thread only wakes to enforce the deadline.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True, name="fse-step-watchdog")
+        self._cond = threading.Condition()
+        self._deadline: float | None = None
+        self._call: grpc.Future | None = None
+        self._stop = False
+        self.fired = False
+
+    def arm(self, call: grpc.Future, deadline: float) -> None:
+        with self._cond:
+            self._call, self._deadline = call, deadline
+            self.fired = False
+            self._cond.notify()
+
+    def disarm(self) -> None:
+        with self._cond:
+            self._deadline = None
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+
+    def run(self) -> None:
+        with self._cond:
+            while not self._stop:
+                if self._deadline is None:
+                    self._cond.wait()
+                    continue
+                remaining = self._deadline - time.monotonic()
+                if remaining <= 0:
+                    self.fired = True
+                    self._deadline = None
+                    if self._call is not None:
+                        self._call.cancel()
+                    continue
+                self._cond.wait(remaining)
+
+
+class GuardClient:
+    """A connection to one sidecar. ``target``: ``unix:/path.sock`` or ``host:port``."""
+
+    def __init__(
+        self,
+        target: str,
+        public_key: Verifier | str | Path,
+        *,
+        step_timeout: float = 2.0,
+        rpc_timeout: float = 10.0,
+    ) -> None:
+        if step_timeout <= 0 or rpc_timeout <= 0:
+            raise ValueError("step_timeout and rpc_timeout must be > 0 seconds")
+        self.target = target
+        self.verifier = public_key if isinstance(public_key, Verifier) else Verifier.from_file(public_key)
+        self.step_timeout = step_timeout
+        self.rpc_timeout = rpc_timeout
+        self._channel = grpc.insecure_channel(
+            target,
+            options=[("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)],
+        )
+        self._stub = pb_grpc.GuardServiceStub(self._channel)
+
+    def wait_ready(self, timeout: float = 10.0) -> None:
+        """Block until the sidecar's health service says SERVING."""
+        stub = health_pb2_grpc.HealthStub(self._channel)
+        end = time.monotonic() + timeout
+        last: Exception | None = None
+        while time.monotonic() < end:
+            try:
+                r = stub.Check(health_pb2.HealthCheckRequest(service="fse.v1.GuardService"), timeout=0.5, wait_for_ready=True)
+                if r.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError as exc:
+                last = exc
+            time.sleep(0.05)
+        raise GuardUnavailable(f"sidecar at {self.target} not ready after {timeout:.1f}s ({last})")
+
+    def register_vocabulary(self, tokens: Sequence[bytes]) -> str:
+        try:
+            r = self._stub.RegisterVocabulary(pb.RegisterVocabularyRequest(tokens=list(tokens)), timeout=self.rpc_timeout)
+        except grpc.RpcError as exc:
+            raise _unavailable(exc, "RegisterVocabulary") from None
+        expected = vocab_digest(tokens)
+        if r.vocab_digest != expected:
+            raise VerdictRejected(f"sidecar registered vocabulary {r.vocab_digest}, expected {expected}")
+        return r.vocab_digest
+
+    def open_session(
+        self,
+        vocab_digest: str,
+        sampling: SamplingParams,
+        *,
+        ring: RingWriter | None = None,
+        prompt_token_ids: Sequence[int] = (),
+        policy: str = "",
+        session_id: str | None = None,
+    ) -> GuardedSession:
+        sid = session_id or uuid.uuid4().hex
+        req = pb.OpenSessionRequest(
+            session_id=sid,
+            vocab_digest=vocab_digest,
+            sampling=pb.SamplingParams(
+                temperature=sampling.temperature,
+                top_k=sampling.top_k,
+                top_p=sampling.top_p,
+                min_p=sampling.min_p,
+                repetition_penalty=sampling.repetition_penalty,
+                repetition_window=sampling.repetition_window,
+                seed=sampling.seed,
+            ),
+            policy=policy,
+            prompt_token_ids=list(prompt_token_ids),
+            ring_name=ring.name if ring is not None else "",
+        )
+        try:
+            r = self._stub.OpenSession(req, timeout=self.rpc_timeout)
+        except grpc.RpcError as exc:
+            code = exc.code()
+            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise _unavailable(exc, "OpenSession") from None
+            raise StepRefused(f"OpenSession refused: {code.name}: {exc.details()}", code.name) from None
+        if r.session_id != sid or r.genesis_hash != audit.genesis(sid):
+            raise VerdictRejected(f"OpenSession answered for session {r.session_id!r}, asked for {sid!r}")
+        if r.key_id != self.verifier.key_id:
+            raise VerdictRejected(f"sidecar signs with key {r.key_id}, this adapter trusts {self.verifier.key_id}")
+        return GuardedSession(self, sid, r.session_tag, ring)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> GuardClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class GuardedSession:
+    """One sequence's step stream. Not thread-safe: one engine thread drives it."""
+
+    def __init__(self, client: GuardClient, session_id: str, tag: int, ring: RingWriter | None) -> None:
+        self.client = client
+        self.session_id = session_id
+        self.tag = tag
+        self.ring = ring
+        self.next_step = 0
+        self.chain_hash = audit.genesis(session_id)
+        self.dead: Exception | None = None
+        self._requests: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._call = client._stub.Steps(self._request_iter())
+        self._watchdog = _Watchdog()
+        self._watchdog.start()
+
+    def _request_iter(self) -> Iterator[pb.StepRequest]:
+        while True:
+            item = self._requests.get()
+            if item is _CLOSED:
+                return
+            yield item  # type: ignore[misc]
+
+    def step(self, logits: np.ndarray) -> pb.Verdict:
+        """Verdict for the next step's logits row; raises GuardError unless it verifies."""
+        if self.dead is not None:
+            raise GuardUnavailable(f"session {self.session_id} is closed after an earlier failure: {self.dead}")
+        step = self.next_step
+        try:
+            return self._step(step, logits)
+        except Exception as exc:
+            self.dead = exc
+            self._shutdown()
+            raise
+
+    def _step(self, step: int, logits: np.ndarray) -> pb.Verdict:
+        slot = None
+        try:
+            if self.ring is not None:
+                slot = self.ring.acquire()
+                with self.ring.frame(slot) as f:
+                    row = f.write_row(self.tag, step, logits)
+                req = pb.StepRequest(session_id=self.session_id, step=step, ring=pb.RingRef(slot=slot, row=row, seq=f.seq))
+            else:
+                data = np.ascontiguousarray(logits, dtype="<f4").tobytes()
+                req = pb.StepRequest(session_id=self.session_id, step=step, inline=pb.InlineLogits(data=data, dtype=pb.DTYPE_F32))
+            deadline = time.monotonic() + self.client.step_timeout
+            self._watchdog.arm(self._call, deadline)
+            self._requests.put(req)
+            try:
+                resp = next(self._call)
+            except StopIteration:
+                raise GuardUnavailable(f"step {step}: the sidecar closed the step stream") from None
+            except grpc.RpcError as exc:
+                if self._watchdog.fired:
+                    raise GuardUnavailable(
+                        f"step {step}: no verdict within {self.client.step_timeout * 1000:.0f} ms (deadline)"
+                    ) from None
+                raise _unavailable(exc, f"step {step}") from None
+            finally:
+                self._watchdog.disarm()
+        finally:
+            if slot is not None:
+                self.ring.release(slot)  # type: ignore[union-attr]
+        return self._verify(step, resp)
+
+    def _verify(self, step: int, resp: pb.StepResponse) -> pb.Verdict:
+        if resp.HasField("error"):
+            e = resp.error
+            name = grpc.StatusCode.UNKNOWN.name
+            for c in grpc.StatusCode:
+                if c.value[0] == e.code:
+                    name = c.name
+            raise StepRefused(f"step {step} refused by the sidecar: {name}: {e.message}", name)
+        v = resp.verdict
+        if v.key_id != self.client.verifier.key_id or not self.client.verifier.verify(v):
+            raise VerdictRejected(f"step {step}: verdict signature does not verify with key {self.client.verifier.key_id}")
+        if v.session_id != self.session_id:
+            raise VerdictRejected(f"step {step}: verdict is for session {v.session_id!r}, not {self.session_id!r}")
+        if v.step != step:
+            raise VerdictRejected(f"verdict is for step {v.step}, expected step {step} (stale or reordered)")
+        if v.prev_chain_hash != self.chain_hash:
+            raise VerdictRejected(f"step {step}: verdict does not link to the previous chain hash (replay or gap)")
+        frame = audit.frame_bytes(v.session_id, v.step, v.token_id, v.decision, v.sampler, v.reasons)
+        if v.chain_hash != audit.chain_next(self.chain_hash, frame):
+            raise VerdictRejected(f"step {step}: verdict chain hash does not match its contents")
+        self.chain_hash = v.chain_hash
+        self.next_step = step + 1
+        if v.decision == pb.DECISION_ABORT:
+            why = "; ".join(f"{r.code}: {r.detail}" for r in v.reasons) or "no reason given"
+            raise GuardAbort(f"step {step}: guard aborted the sequence ({why})", v.reasons, step)
+        if v.decision not in (pb.DECISION_ACCEPT, pb.DECISION_HEALED):
+            raise VerdictRejected(f"step {step}: verdict has decision {v.decision}, not ACCEPT/HEALED/ABORT")
+        vocab = self.ring.layout.vocab_size if self.ring is not None else None
+        if v.token_id < 0 or (vocab is not None and v.token_id >= vocab):
+            raise VerdictRejected(f"step {step}: verdict token {v.token_id} is outside the vocabulary")
+        return v
+
+    def _shutdown(self) -> None:
+        self._requests.put(_CLOSED)
+        self._watchdog.stop()
+        self._call.cancel()
+
+    def close(self) -> pb.CloseSessionResponse | None:
+        """End the stream and close the session on the sidecar (best effort once dead)."""
+        if self.dead is None:
+            self.dead = GuardUnavailable("session closed")
+        self._shutdown()
+        try:
+            return self.client._stub.CloseSession(pb.CloseSessionRequest(session_id=self.session_id), timeout=self.client.rpc_timeout)
+        except grpc.RpcError:
+            return None

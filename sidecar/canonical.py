@@ -1,0 +1,37 @@
+"""Canonical byte encoding shared by signatures and the audit chain.
+
+Little-endian fixed-width integers, IEEE-754 float64 (every NaN written as the one
+quiet NaN 0x7ff8000000000000), u32-length-prefixed UTF-8 strings and byte strings.
+Other languages can reproduce it from proto/fse/v1/VERDICT.md.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+
+_QNAN = struct.pack("<Q", 0x7FF8000000000000)
+
+
+def u32(v: int) -> bytes:
+    return struct.pack("<I", v)
+
+
+def u64(v: int) -> bytes:
+    return struct.pack("<Q", v)
+
+
+def i64(v: int) -> bytes:
+    return struct.pack("<q", v)
+
+
+def f64(v: float) -> bytes:
+    return _QNAN if math.isnan(v) else struct.pack("<d", v)
+
+
+def blob(v: bytes) -> bytes:
+    return struct.pack("<I", len(v)) + v
+
+
+def string(v: str) -> bytes:
+    return blob(v.encode("utf-8"))

@@ -1,0 +1,111 @@
+"""``fse-sidecar`` command line: serve, demo, bench, keygen (also ``python -m sidecar``)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .errors import FseError
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .server import serve
+    from .signing import Signer
+
+    config = load_config(args.config, overrides={"listen": args.listen} if args.listen else None)
+    signer = Signer.from_file(config.signing_key_file)  # refuses to start without a key
+    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, task.cancel)
+        try:
+            await serve(config, signer)
+        except asyncio.CancelledError:
+            pass
+
+    asyncio.run(main())
+    return 0
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    from .signing import Verifier, generate_keypair
+
+    priv, pub = generate_keypair(args.out, overwrite=args.force)
+    print(f"private key: {priv} (mode 0600; give it to the sidecar as signing_key_file)")
+    print(f"public key:  {pub} (give it to the engine adapters)")
+    print(f"key id:      {Verifier.from_file(pub).key_id}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(args)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import run_bench
+
+    return run_bench(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fse-sidecar", description="libfse: fail-closed inference guard sidecar")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("serve", help="run the sidecar (gRPC on a Unix socket by default)")
+    s.add_argument("--config", required=True, type=Path, help="YAML configuration file")
+    s.add_argument("--listen", help="override listen (unix:///path.sock or tcp://host:port)")
+    s.set_defaults(func=_serve)
+
+    k = sub.add_parser("keygen", help="write an Ed25519 key pair for signing verdicts")
+    k.add_argument("--out", required=True, type=Path, help="directory for fse_signing.key / fse_signing.pub")
+    k.add_argument("--force", action="store_true", help="replace an existing key pair")
+    k.set_defaults(func=_keygen)
+
+    d = sub.add_parser("demo", help="guarded generation on the embedded SmolLM2-135M model")
+    d.add_argument("--prompt", default="Explain in two sentences why the sky is blue.")
+    d.add_argument("--max-tokens", type=int, default=48)
+    d.add_argument("--temperature", type=float, default=0.9)
+    d.add_argument("--top-k", type=int, default=40)
+    d.add_argument("--top-p", type=float, default=0.95)
+    d.add_argument("--min-p", type=float, default=0.0)
+    d.add_argument("--repetition-penalty", type=float, default=1.1)
+    d.add_argument("--seed", type=int, default=7)
+    d.add_argument("--config", type=Path, help="sidecar YAML (default: the built-in demo policy)")
+    d.add_argument("--model", type=Path, help="GGUF file (default: the embedded SmolLM2-135M)")
+    d.set_defaults(func=_demo)
+
+    b = sub.add_parser("bench", help="benchmarks: verdict round trip, metrics, guarded tokens/s")
+    b.add_argument("--out", type=Path, default=Path("bench-results/bench.json"), help="JSON results file")
+    b.add_argument("--rounds", type=int, default=2000, help="round trips per transport measurement")
+    b.add_argument("--tokens", type=int, default=64, help="tokens per generation in the model benchmark")
+    b.add_argument("--repeats", type=int, default=5, help="alternating guarded/unguarded generations")
+    b.add_argument("--skip-model", action="store_true", help="skip the llama.cpp tokens/s benchmark")
+    b.set_defaults(func=_bench)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except FseError as exc:
+        print(f"fse-sidecar {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

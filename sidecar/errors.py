@@ -1,0 +1,107 @@
+"""The one exception hierarchy of libfse.
+
+    FseError
+    ├── ConfigError            bad configuration; the message names the field
+    │   └── UnknownPolicy      a session asked for a policy that is not configured
+    ├── SigningKeyError        missing/unreadable/wrong-type key file
+    ├── VocabularyError        unknown or malformed vocabulary
+    ├── RowError               a logits row that cannot be judged (wrong size, dtype)
+    ├── SessionError           unknown/duplicate session, step out of order
+    ├── RingError              shared-memory ring problems
+    │   ├── RingLayoutError    header does not describe a ring we can read
+    │   └── TornFrameError     seqlock says the frame is being written or was replaced
+    └── GuardError             engine side: no valid verdict, so no token (fail closed)
+        ├── GuardAbort         the sidecar decided ABORT; .reasons lists why
+        ├── VerdictRejected    signature, session, step or chain link did not verify
+        └── GuardUnavailable   sidecar down or timed out
+            └── StepRefused    the sidecar answered the step with an error
+
+Each carries a ``grpc_code`` (a ``grpc.StatusCode`` name) used where the server maps it
+onto a status, so no handler turns an error into UNKNOWN.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+
+class FseError(Exception):
+    grpc_code: str = "INTERNAL"
+
+
+class ConfigError(FseError, ValueError):
+    grpc_code = "INVALID_ARGUMENT"
+
+
+class UnknownPolicy(ConfigError):
+    grpc_code = "NOT_FOUND"
+
+
+class SigningKeyError(FseError):
+    grpc_code = "FAILED_PRECONDITION"
+
+
+class VocabularyError(FseError, ValueError):
+    grpc_code = "INVALID_ARGUMENT"
+
+
+class UnknownVocabulary(VocabularyError):
+    grpc_code = "NOT_FOUND"
+
+
+class RowError(FseError, ValueError):
+    grpc_code = "INVALID_ARGUMENT"
+
+
+class SessionError(FseError):
+    grpc_code = "FAILED_PRECONDITION"
+
+
+class UnknownSession(SessionError):
+    grpc_code = "NOT_FOUND"
+
+
+class DuplicateSession(SessionError):
+    grpc_code = "ALREADY_EXISTS"
+
+
+class RingError(FseError):
+    grpc_code = "FAILED_PRECONDITION"
+
+
+class RingLayoutError(RingError, ValueError):
+    grpc_code = "INVALID_ARGUMENT"
+
+
+class TornFrameError(RingError):
+    grpc_code = "ABORTED"
+
+
+class GuardError(FseError):
+    """Engine side: generation stopped because no valid verdict allowed a token."""
+
+
+class GuardAbort(GuardError):
+    """The sidecar judged the step and decided ABORT."""
+
+    def __init__(self, message: str, reasons: Sequence[Any] = (), step: int | None = None) -> None:
+        super().__init__(message)
+        self.reasons = list(reasons)
+        self.step = step
+
+
+class VerdictRejected(GuardError):
+    """A verdict arrived but failed verification (signature, binding or chain)."""
+
+
+class GuardUnavailable(GuardError):
+    """No verdict in time: sidecar down, deadline passed, or transport error."""
+
+
+class StepRefused(GuardUnavailable):
+    """The sidecar answered the step with an error instead of a verdict (``.code``)."""
+
+    def __init__(self, message: str, code: str = "UNKNOWN") -> None:
+        super().__init__(message)
+        self.code = code

@@ -1,0 +1,91 @@
+"""The guard set: which metrics of a candidate trip which thresholds (pure).
+
+A guard reads one number from :class:`TokenMetrics` and compares it with its threshold.
+``non_finite`` is always on: a row with NaN or Inf cannot be judged and aborts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import IntEnum
+
+from .config import GuardSet
+
+
+class Sampler(IntEnum):
+    """Values match fse.v1.Sampler."""
+
+    NORMAL = 1
+    STRICT = 2
+
+
+@dataclass(frozen=True, slots=True)
+class TokenMetrics:
+    """The Glass Box metrics of one candidate token (all floats are float64)."""
+
+    token: int
+    entropy: float
+    neg_logprob: float
+    rank: int
+    margin: float
+    selected_prob: float
+    max_prob: float
+    logit_variance: float
+    l2_norm: float
+    varentropy: float
+    running_ppl: float
+    finite: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Trip:
+    """One guard that fired on one attempt."""
+
+    code: str
+    value: float
+    threshold: float
+    sampler: Sampler
+    detail: str = ""
+
+
+# (guard name, metric attribute, trips when metric is greater than threshold?)
+_CHECKS: tuple[tuple[str, str, bool], ...] = (
+    ("neg_logprob", "neg_logprob", True),
+    ("entropy", "entropy", True),
+    ("rank", "rank", True),
+    ("margin", "margin", False),
+    ("running_ppl", "running_ppl", True),
+    ("logit_variance", "logit_variance", False),
+    ("max_prob", "max_prob", True),
+    ("l2_norm", "l2_norm", True),
+)
+
+
+def evaluate(metrics: TokenMetrics, guards: GuardSet, sampler: Sampler, generated: int) -> list[Trip]:
+    """Every guard that trips for this candidate, in a fixed order.
+
+    ``generated`` is how many tokens the session has committed before this one (for the
+    perplexity warm-up).
+    """
+    if not metrics.finite:
+        return [Trip("non_finite", math.nan, 0.0, sampler, "logits row holds NaN or Inf")]
+    trips: list[Trip] = []
+    for name, attr, above in _CHECKS:
+        g = getattr(guards, name)
+        if not g.enabled:
+            continue
+        if name == "running_ppl" and generated < guards.ppl_warmup_tokens:
+            continue
+        value = float(getattr(metrics, attr))
+        if (value > g.threshold) if above else (value < g.threshold):
+            op = ">" if above else "<"
+            trips.append(Trip(name, value, g.threshold, sampler, f"{name} {value:.6g} {op} {g.threshold:.6g}"))
+    return trips
+
+
+def health_band(running_ppl: float) -> int:
+    """fse.v1.HealthBand: 1 healthy (< 200), 2 drifting (200..400), 3 halt (> 400)."""
+    if not running_ppl < 200.0:
+        return 3 if not running_ppl <= 400.0 else 2
+    return 1

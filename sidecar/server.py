@@ -1,0 +1,122 @@
+"""gRPC shell around :class:`GuardService`: fse.v1.GuardService plus grpc.health.v1.
+
+The per-step work (a zero-copy read of the ring, ~0.1-0.3 ms of numpy at 49k-128k ids)
+runs on the event loop: measured against a thread-pool hop it is cheaper than the hop
+itself, and numpy releases the GIL inside its kernels. ``fse-sidecar bench`` reports the
+per-step compute time so the choice can be re-checked for larger vocabularies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from ._pb.fse.v1 import guard_pb2 as pb
+from ._pb.fse.v1 import guard_pb2_grpc as pb_grpc
+from .config import SidecarConfig
+from .errors import FseError
+from .service import GuardService
+from .signing import Signer
+
+log = logging.getLogger("fse.server")
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GuardService"].full_name
+MAX_MESSAGE = 64 * 1024 * 1024  # a 1M-token vocabulary registers in one message
+
+
+def _code(exc: FseError) -> grpc.StatusCode:
+    return getattr(grpc.StatusCode, exc.grpc_code, grpc.StatusCode.INTERNAL)
+
+
+class GuardServicer(pb_grpc.GuardServiceServicer):
+    def __init__(self, service: GuardService) -> None:
+        self.service = service
+
+    async def RegisterVocabulary(self, request: pb.RegisterVocabularyRequest, context: grpc.aio.ServicerContext) -> pb.RegisterVocabularyResponse:
+        try:
+            v = self.service.register_vocabulary(list(request.tokens))
+        except FseError as exc:
+            await context.abort(_code(exc), str(exc))
+        return pb.RegisterVocabularyResponse(vocab_digest=v.digest, vocab_size=v.size)
+
+    async def OpenSession(self, request: pb.OpenSessionRequest, context: grpc.aio.ServicerContext) -> pb.OpenSessionResponse:
+        try:
+            s = self.service.open_session(request)
+        except FseError as exc:
+            await context.abort(_code(exc), str(exc))
+        log.info("session %s opened (tag %d, ring %r)", s.session_id, s.tag, s.ring_name)
+        return pb.OpenSessionResponse(
+            session_id=s.session_id, session_tag=s.tag, genesis_hash=s.chain_hash, key_id=self.service.signer.key_id
+        )
+
+    async def CloseSession(self, request: pb.CloseSessionRequest, context: grpc.aio.ServicerContext) -> pb.CloseSessionResponse:
+        try:
+            s = self.service.close_session(request.session_id)
+        except FseError as exc:
+            await context.abort(_code(exc), str(exc))
+        log.info("session %s closed after %d steps", s.session_id, s.next_step)
+        return pb.CloseSessionResponse(steps=s.next_step, chain_hash=s.chain_hash)
+
+    async def Steps(self, request_iterator: AsyncIterator[pb.StepRequest], context: grpc.aio.ServicerContext) -> AsyncIterator[pb.StepResponse]:
+        async for req in request_iterator:
+            try:
+                yield pb.StepResponse(verdict=self.service.step(req))
+            except FseError as exc:
+                log.warning("step %s/%d refused: %s", req.session_id, req.step, exc)
+                yield pb.StepResponse(
+                    error=pb.StepError(
+                        session_id=req.session_id, step=req.step, code=_code(exc).value[0], message=str(exc)
+                    )
+                )
+
+    async def Echo(self, request_iterator: AsyncIterator[pb.EchoMessage], context: grpc.aio.ServicerContext) -> AsyncIterator[pb.EchoMessage]:
+        async for msg in request_iterator:
+            yield msg
+
+
+def create_server(config: SidecarConfig, signer: Signer) -> tuple[grpc.aio.Server, GuardService, str]:
+    """A configured, not yet started server; returns (server, service, bound address)."""
+    service = GuardService(config, signer)
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE),
+            ("grpc.max_send_message_length", MAX_MESSAGE),
+            ("grpc.so_reuseport", 0),
+        ]
+    )
+    pb_grpc.add_GuardServiceServicer_to_server(GuardServicer(service), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    address = config.grpc_address()
+    if address.startswith("unix:"):
+        path = Path(address[len("unix:") :])
+        if path.exists():
+            path.unlink()  # a stale socket from a crashed sidecar
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot listen on {config.listen}")
+    bound = address if address.startswith("unix:") else f"{address.rpartition(':')[0]}:{port}"
+    server._fse_health = health_servicer  # type: ignore[attr-defined]
+    return server, service, bound
+
+
+async def serve(config: SidecarConfig, signer: Signer, ready: asyncio.Event | None = None) -> None:
+    server, service, bound = create_server(config, signer)
+    await server.start()
+    hs = server._fse_health  # type: ignore[attr-defined]
+    await hs.set("", health_pb2.HealthCheckResponse.SERVING)
+    await hs.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    log.info("fse-sidecar serving on %s (pid %d, key %s)", bound, os.getpid(), signer.key_id)
+    if ready is not None:
+        ready.set()
+    try:
+        await server.wait_for_termination()
+    finally:
+        await hs.enter_graceful_shutdown()
+        await server.stop(grace=2.0)
+        service.close()

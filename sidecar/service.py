@@ -1,0 +1,194 @@
+"""The guard service's logic, independent of the transport.
+
+Holds the registered vocabularies, the open sessions and the attached rings; turns a
+step request into a signed :class:`fse.v1.Verdict`. Raises :mod:`sidecar.errors` types,
+which the gRPC layer maps to status codes. No gRPC here, so it is tested directly.
+"""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from ._pb.fse.v1 import guard_pb2 as pb
+from .config import SidecarConfig
+from .errors import DuplicateSession, RowError, SessionError, UnknownPolicy, UnknownSession, UnknownVocabulary
+from .guards import health_band
+from .redo import Decision, StepOutcome
+from .ring import RingReader
+from .sampling import SamplingParams
+from .session import Session
+from .signing import Signer
+from .vocab import Vocabulary
+
+_INLINE_DTYPES = {pb.DTYPE_F32: np.dtype("<f4"), pb.DTYPE_F16: np.dtype("<f2")}
+
+
+@dataclass
+class _RingUse:
+    reader: RingReader
+    sessions: int = 0
+
+
+class GuardService:
+    def __init__(self, config: SidecarConfig, signer: Signer) -> None:
+        self.config = config
+        self.signer = signer
+        self._vocabs: dict[str, Vocabulary] = {}
+        self._sessions: dict[str, Session] = {}
+        self._rings: dict[str, _RingUse] = {}
+        self._tags = itertools.count(1)
+
+    # -- vocabularies -------------------------------------------------------------------
+    def register_vocabulary(self, tokens: Sequence[bytes]) -> Vocabulary:
+        vocab = Vocabulary.build(tokens, self.config.max_vocab_size)
+        return self._vocabs.setdefault(vocab.digest, vocab)
+
+    def vocabulary(self, digest: str) -> Vocabulary:
+        try:
+            return self._vocabs[digest]
+        except KeyError:
+            raise UnknownVocabulary(f"vocabulary {digest!r} is not registered; call RegisterVocabulary first") from None
+
+    # -- sessions -------------------------------------------------------------------------
+    @property
+    def live_sessions(self) -> int:
+        return len(self._sessions)
+
+    def open_session(self, req: pb.OpenSessionRequest) -> Session:
+        vocab = self.vocabulary(req.vocab_digest)
+        policy_name = req.policy or "default"
+        policy = self.config.policies.get(policy_name)
+        if policy is None:
+            raise UnknownPolicy(f"policy {policy_name!r} is not configured (known: {sorted(self.config.policies)})")
+        sid = req.session_id or uuid.uuid4().hex
+        if sid in self._sessions:
+            raise DuplicateSession(f"session {sid!r} is already open")
+        if len(self._sessions) >= self.config.max_sessions:
+            raise SessionError(f"max_sessions ({self.config.max_sessions}) sessions are open")
+        p = req.sampling
+        params = SamplingParams(
+            temperature=p.temperature,
+            top_k=p.top_k,
+            top_p=p.top_p if p.HasField("top_p") else 1.0,
+            min_p=p.min_p,
+            repetition_penalty=p.repetition_penalty if p.HasField("repetition_penalty") else 1.0,
+            repetition_window=p.repetition_window if p.HasField("repetition_window") else 64,
+            seed=p.seed,
+        )
+        prompt = list(req.prompt_token_ids)
+        bad = [t for t in prompt if t >= vocab.size]
+        if bad:
+            raise RowError(f"prompt token ids {bad[:5]} are outside the vocabulary of {vocab.size}")
+        session = Session(
+            session_id=sid,
+            tag=next(self._tags),
+            vocab_size=vocab.size,
+            params=params,
+            guards=policy.guards,
+            history=prompt,
+            ring_name=req.ring_name,
+        )
+        if req.ring_name:
+            use = self._rings.get(req.ring_name)
+            if use is None:
+                use = _RingUse(RingReader(req.ring_name))
+            if use.reader.layout.vocab_size != vocab.size:
+                if use.sessions == 0:
+                    use.reader.close()
+                raise RowError(
+                    f"ring {req.ring_name!r} holds rows of {use.reader.layout.vocab_size} logits, "
+                    f"the vocabulary has {vocab.size} tokens"
+                )
+            use.sessions += 1
+            self._rings[req.ring_name] = use
+        self._sessions[sid] = session
+        return session
+
+    def session(self, session_id: str) -> Session:
+        try:
+            return self._sessions[session_id]
+        except KeyError:
+            raise UnknownSession(f"session {session_id!r} is not open") from None
+
+    def close_session(self, session_id: str) -> Session:
+        s = self._sessions.pop(session_id, None)
+        if s is None:
+            raise UnknownSession(f"session {session_id!r} is not open")
+        if s.ring_name:
+            use = self._rings[s.ring_name]
+            use.sessions -= 1
+            if use.sessions == 0:
+                del self._rings[s.ring_name]
+                use.reader.close()
+        return s
+
+    def close(self) -> None:
+        for sid in list(self._sessions):
+            self.close_session(sid)
+
+    # -- steps ------------------------------------------------------------------------------
+    def step(self, req: pb.StepRequest) -> pb.Verdict:
+        """Judge, commit and sign one step. Raises on a step that cannot be judged."""
+        s = self.session(req.session_id)
+        s.check_step(req.step)
+        which = req.WhichOneof("logits")
+        if which == "ring":
+            if not s.ring_name:
+                raise RowError(f"session {s.session_id} was opened without a ring; send inline logits")
+            reader = self._rings[s.ring_name].reader
+            ref = req.ring
+            row = reader.row(ref.slot, ref.row, ref.seq, s.tag, req.step)
+            outcome = s.judge(row, req.step)
+            reader.validate(ref.slot, ref.seq)  # judged a zero-copy view: was it whole?
+        elif which == "inline":
+            dt = _INLINE_DTYPES.get(req.inline.dtype)
+            if dt is None:
+                raise RowError(f"inline logits dtype {req.inline.dtype} is not supported (F32 or F16)")
+            data = req.inline.data
+            if len(data) != s.vocab_size * dt.itemsize:
+                raise RowError(
+                    f"session {s.session_id}: inline logits hold {len(data)} bytes, "
+                    f"expected {s.vocab_size} x {dt.itemsize} for the registered vocabulary"
+                )
+            row = np.frombuffer(data, dtype=dt)
+            outcome = s.judge(row if dt.itemsize == 4 else row.astype(np.float32), req.step)
+        else:
+            raise RowError("step request carries no logits (set ring or inline)")
+        return self._commit_and_sign(s, req.step, outcome)
+
+    def _commit_and_sign(self, s: Session, step: int, o: StepOutcome) -> pb.Verdict:
+        prev, chain = s.commit(step, o)
+        m = o.metrics
+        v = pb.Verdict(
+            session_id=s.session_id,
+            step=step,
+            decision=int(o.decision),
+            token_id=o.token,
+            sampler=int(o.sampler or 0),
+            reasons=[
+                pb.Reason(code=r.code, value=r.value, threshold=r.threshold, sampler=int(r.sampler), detail=r.detail)
+                for r in o.reasons
+            ],
+            metrics=pb.TokenMetrics(
+                entropy_nats=m.entropy,
+                neg_logprob_nats=m.neg_logprob,
+                rank=max(m.rank, 0),
+                margin=m.margin,
+                selected_prob=m.selected_prob,
+                max_prob=m.max_prob,
+                logit_variance=m.logit_variance,
+                l2_norm=m.l2_norm,
+                varentropy=m.varentropy,
+                running_ppl=m.running_ppl,
+            ),
+            band=health_band(m.running_ppl) if o.decision != Decision.ABORT or m.finite else 3,
+            prev_chain_hash=prev,
+            chain_hash=chain,
+        )
+        self.signer.sign(v)
+        return v

@@ -1,0 +1,83 @@
+"""One guarded sequence: its parameters, history and chain (pure, no I/O).
+
+:meth:`Session.judge` proposes and evaluates without touching the state;
+:meth:`Session.commit` applies an outcome. A rejected candidate therefore commits
+nothing, and an ABORT commits only the audit frame that records it (the sequence ends).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import audit
+from .config import GuardSet
+from .errors import RowError, SessionError
+from .metrics import distribution_stats
+from .redo import Decision, StepOutcome, decide
+from .sampling import SamplingParams
+
+SESSION_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+@dataclass
+class Session:
+    session_id: str
+    tag: int
+    vocab_size: int
+    params: SamplingParams
+    guards: GuardSet
+    history: list[int] = field(default_factory=list)  # prompt + committed tokens
+    next_step: int = 0
+    ppl_sum: float = 0.0
+    generated: int = 0
+    chain_hash: bytes = b""
+    aborted: bool = False
+    ring_name: str = ""
+
+    def __post_init__(self) -> None:
+        if not SESSION_ID.fullmatch(self.session_id):
+            raise SessionError(f"session_id {self.session_id!r} must match {SESSION_ID.pattern}")
+        if not self.chain_hash:
+            self.chain_hash = audit.genesis(self.session_id)
+
+    def check_step(self, step: int) -> None:
+        if self.aborted:
+            raise SessionError(f"session {self.session_id} was aborted at step {self.next_step - 1}; open a new one")
+        if step != self.next_step:
+            raise SessionError(f"session {self.session_id}: step {step} is out of order, expected {self.next_step}")
+
+    def judge(self, row: np.ndarray, step: int) -> StepOutcome:
+        """Decide on ``row`` (vocab,) for ``step`` without changing the session."""
+        self.check_step(step)
+        if row.ndim != 1 or row.shape[0] != self.vocab_size:
+            raise RowError(
+                f"session {self.session_id}: logits row has {row.shape[-1] if row.ndim else 0} entries, "
+                f"the registered vocabulary has {self.vocab_size}"
+            )
+        stats = distribution_stats(row)
+        return decide(row, stats, self.history, self.params, self.guards, self.ppl_sum, self.generated, step)
+
+    def commit(self, step: int, outcome: StepOutcome) -> tuple[bytes, bytes]:
+        """Apply ``outcome``; returns (previous chain hash, new chain hash)."""
+        self.check_step(step)
+        prev = self.chain_hash
+        frame = audit.frame_bytes(
+            self.session_id,
+            step,
+            outcome.token,
+            int(outcome.decision),
+            int(outcome.sampler or 0),
+            outcome.reasons,
+        )
+        self.chain_hash = audit.chain_next(prev, frame)
+        self.next_step = step + 1
+        if outcome.decision == Decision.ABORT:
+            self.aborted = True
+        else:
+            self.history.append(outcome.token)
+            self.ppl_sum += outcome.metrics.neg_logprob
+            self.generated += 1
+        return prev, self.chain_hash
