@@ -21,6 +21,7 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -89,6 +90,42 @@ class _Watchdog(threading.Thread):
                         self._call.cancel()
                     continue
                 self._cond.wait(remaining)
+
+
+class StreamCall:
+    """A bidirectional stream used as request/response pairs, with a per-message deadline."""
+
+    def __init__(self, method: Any) -> None:
+        self._requests: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._call = method(self._request_iter())
+        self._watchdog = _Watchdog()
+        self._watchdog.start()
+
+    def _request_iter(self) -> Iterator[Any]:
+        while True:
+            item = self._requests.get()
+            if item is _CLOSED:
+                return
+            yield item
+
+    def roundtrip(self, request: Any, timeout: float, what: str) -> Any:
+        self._watchdog.arm(self._call, time.monotonic() + timeout)
+        self._requests.put(request)
+        try:
+            return next(self._call)
+        except StopIteration:
+            raise GuardUnavailable(f"{what}: the sidecar closed the stream") from None
+        except grpc.RpcError as exc:
+            if self._watchdog.fired:
+                raise GuardUnavailable(f"{what}: no answer within {timeout * 1000:.0f} ms (deadline)") from None
+            raise _unavailable(exc, what) from None
+        finally:
+            self._watchdog.disarm()
+
+    def close(self) -> None:
+        self._requests.put(_CLOSED)
+        self._watchdog.stop()
+        self._call.cancel()
 
 
 class GuardClient:
@@ -200,17 +237,7 @@ class GuardedSession:
         self.next_step = 0
         self.chain_hash = audit.genesis(session_id)
         self.dead: Exception | None = None
-        self._requests: queue.SimpleQueue[object] = queue.SimpleQueue()
-        self._call = client._stub.Steps(self._request_iter())
-        self._watchdog = _Watchdog()
-        self._watchdog.start()
-
-    def _request_iter(self) -> Iterator[pb.StepRequest]:
-        while True:
-            item = self._requests.get()
-            if item is _CLOSED:
-                return
-            yield item  # type: ignore[misc]
+        self._stream = StreamCall(client._stub.Steps)
 
     def step(self, logits: np.ndarray) -> pb.Verdict:
         """Verdict for the next step's logits row; raises GuardError unless it verifies."""
@@ -235,21 +262,7 @@ class GuardedSession:
             else:
                 data = np.ascontiguousarray(logits, dtype="<f4").tobytes()
                 req = pb.StepRequest(session_id=self.session_id, step=step, inline=pb.InlineLogits(data=data, dtype=pb.DTYPE_F32))
-            deadline = time.monotonic() + self.client.step_timeout
-            self._watchdog.arm(self._call, deadline)
-            self._requests.put(req)
-            try:
-                resp = next(self._call)
-            except StopIteration:
-                raise GuardUnavailable(f"step {step}: the sidecar closed the step stream") from None
-            except grpc.RpcError as exc:
-                if self._watchdog.fired:
-                    raise GuardUnavailable(
-                        f"step {step}: no verdict within {self.client.step_timeout * 1000:.0f} ms (deadline)"
-                    ) from None
-                raise _unavailable(exc, f"step {step}") from None
-            finally:
-                self._watchdog.disarm()
+            resp = self._stream.roundtrip(req, self.client.step_timeout, f"step {step}")
         finally:
             if slot is not None:
                 self.ring.release(slot)  # type: ignore[union-attr]
@@ -288,9 +301,7 @@ class GuardedSession:
         return v
 
     def _shutdown(self) -> None:
-        self._requests.put(_CLOSED)
-        self._watchdog.stop()
-        self._call.cancel()
+        self._stream.close()
 
     def close(self) -> pb.CloseSessionResponse | None:
         """End the stream and close the session on the sidecar (best effort once dead)."""

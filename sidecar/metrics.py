@@ -2,75 +2,83 @@
 
 Metrics describe the *model's own* distribution: softmax of the raw logits (T = 1, no
 repetition penalty). The sampler's transformations change which token is chosen, not
-what the model's state was, so one set of distribution statistics serves the first
-attempt and the strict redo alike.
+what the model's state was, so one set of row statistics serves the first attempt and
+the strict redo alike.
 
-Two steps, both over a batch ``(rows, vocab)``:
+Two steps, for one row (:func:`row_stats`, :func:`candidate`) or a batch
+``(rows, vocab)`` (:func:`distribution_stats`, :func:`candidate_metrics`):
 
-1. :func:`distribution_stats` - per-row statistics that do not depend on the chosen
-   token: log-sum-exp, entropy, varentropy, top-1/top-2, logit variance, L2 norm, and
-   whether the row is finite at all.
-2. :func:`candidate_metrics` - the chosen token's -log p, probability, rank and margin.
+1. statistics that do not depend on the chosen token: log-sum-exp, entropy,
+   varentropy, top-1/top-2, logit variance, L2 norm, and whether the row is finite;
+2. the chosen token's -log p, probability, rank and margin.
 
-A row holding NaN or +/-Inf gets ``finite = False`` and NaN metrics; the guard set turns
-that into an abort. Nothing here raises on bad numbers and nothing warns.
+Every pass over the vocabulary is a numpy kernel; Python only touches scalars. A row
+holding NaN or +/-Inf gets ``finite = False`` and NaN metrics, which the guard set turns
+into an abort: nothing here raises on bad numbers, and nothing warns.
 
 Example:
     >>> import numpy as np
-    >>> x = np.log(np.array([[0.5, 0.25, 0.25]], dtype=np.float32))
-    >>> s = distribution_stats(x)
-    >>> round(float(s.entropy[0]), 4)
+    >>> x = np.log(np.array([0.5, 0.25, 0.25], dtype=np.float32))
+    >>> st = row_stats(x)
+    >>> round(st.entropy, 4)
     1.0397
-    >>> c = candidate_metrics(x, s, np.array([1]))
-    >>> int(c.rank[0]), round(float(c.neg_logprob[0]), 4), round(float(c.margin[0]), 4)
+    >>> c = candidate(x, st, 1)
+    >>> c.rank, round(c.neg_logprob, 4), round(c.margin, 4)
     (1, 1.3863, -0.25)
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
 from .errors import RowError
 
 _F32 = np.float32
+_NAN = math.nan
 
 
-@dataclass(frozen=True, slots=True)
-class DistributionStats:
-    """Per-row statistics; every field has shape (rows,)."""
+class RowStats(NamedTuple):
+    """Statistics of one row's softmax distribution (Python floats)."""
 
-    finite: np.ndarray  # bool
-    top1: np.ndarray  # int64, argmax id (first on ties)
-    top1_logit: np.ndarray  # float64
-    top2_logit: np.ndarray  # float64, best logit among the other ids
-    lse: np.ndarray  # float64, log-sum-exp
-    entropy: np.ndarray  # float64, nats
-    varentropy: np.ndarray  # float64, Var[-log p], nats^2
-    max_prob: np.ndarray  # float64
-    variance: np.ndarray  # float64, population variance of the logits
-    l2_norm: np.ndarray  # float64
-
-
-@dataclass(frozen=True, slots=True)
-class CandidateMetrics:
-    """Metrics of one chosen token per row; every field has shape (rows,)."""
-
-    token: np.ndarray  # int64
-    neg_logprob: np.ndarray  # float64, nats
-    selected_prob: np.ndarray  # float64
-    rank: np.ndarray  # int64, 0 = the most probable token
-    margin: np.ndarray  # float64, p(chosen) - max p(other); = top1 - top2 when chosen is top1
+    finite: bool
+    top1: int  # argmax id (first on ties)
+    top1_logit: float
+    top2_logit: float  # best logit among the other ids
+    lse: float  # log-sum-exp
+    entropy: float  # nats
+    varentropy: float  # Var[-log p], nats^2
+    max_prob: float
+    variance: float  # population variance of the logits
+    l2_norm: float
 
 
-def as_rows(logits: np.ndarray) -> np.ndarray:
-    """View ``logits`` as a C-contiguous float32 batch (rows, vocab), copying only if needed."""
+class Candidate(NamedTuple):
+    """Metrics of one chosen token."""
+
+    token: int
+    neg_logprob: float  # nats
+    selected_prob: float
+    rank: int  # 0 = the most probable token; -1 for a non-finite row
+    margin: float  # p(chosen) - max p(other); = top1 - top2 when chosen is top1
+
+
+@functools.lru_cache(maxsize=8)
+def _ones(n: int) -> np.ndarray:
+    out = np.ones(n, dtype=_F32)
+    out.flags.writeable = False
+    return out
+
+
+def as_row(logits: np.ndarray) -> np.ndarray:
+    """``logits`` as a C-contiguous float32 vector (vocab,), copying only if needed."""
     x = np.asarray(logits)
-    if x.ndim == 1:
-        x = x[None, :]
-    if x.ndim != 2 or x.shape[1] < 2:
-        raise RowError(f"logits must have shape (rows, vocab) with vocab >= 2, got {x.shape}")
+    if x.ndim != 1 or x.shape[0] < 2:
+        raise RowError(f"a logits row must have shape (vocab,) with vocab >= 2, got {x.shape}")
     if x.dtype != _F32:
         if x.dtype.kind != "f":
             raise RowError(f"logits must be floating point, got dtype {x.dtype}")
@@ -78,92 +86,142 @@ def as_rows(logits: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x)
 
 
-def distribution_stats(logits: np.ndarray) -> DistributionStats:
-    """Statistics of softmax(logits) per row. ``logits``: (rows, vocab) or (vocab,)."""
-    x = as_rows(logits)
-    n, v = x.shape
-    rows = np.arange(n)
+def row_stats(logits: np.ndarray) -> RowStats:
+    """Statistics of softmax(logits) for one row (vocab,).
+
+    Row sums are BLAS dot products: 3x faster than np.sum here, accumulated in float32
+    with SIMD partial sums (checked against a float64 reference in the tests).
+    """
+    x = as_row(logits)
+    v = x.shape[0]
     with np.errstate(all="ignore"):
-        top1 = np.argmax(x, axis=1)
-        m = x[rows, top1]
-        # Second best without a copy of the row: the best of the two slices around top1.
-        top2 = np.empty(n, dtype=_F32)
-        for r in range(n):  # loop over rows, never over the vocabulary
-            i = int(top1[r])
-            left = x[r, :i].max() if i > 0 else -np.inf
-            right = x[r, i + 1 :].max() if i < v - 1 else -np.inf
-            top2[r] = max(left, right)
-        s = x - m[:, None]  # <= 0 everywhere for a finite row; keeps exp in range
+        i = int(np.argmax(x))  # NaN-propagating: a NaN row yields a NaN max
+        m = float(x[i])
+        # Second best without copying the row: the best of the two slices around top1.
+        left = float(x[:i].max()) if i > 0 else -math.inf
+        right = float(x[i + 1 :].max()) if i < v - 1 else -math.inf
+        s = x - _F32(m)  # <= 0 for a finite row: exp stays in range
         e = np.exp(s)
-        z = e.sum(axis=1, dtype=np.float64)
-        es = e * s
-        s1 = es.sum(axis=1, dtype=np.float64)  # sum p*s * Z
-        s2 = np.vecdot(es, s).astype(np.float64)  # sum p*s^2 * Z
-        sum_s = s.sum(axis=1, dtype=np.float64)
-        sum_ss = np.vecdot(s, s).astype(np.float64)
-        m64 = m.astype(np.float64)
-        log_z = np.log(z)
-        mean_s = s1 / z
-        entropy = log_z - mean_s
-        varentropy = np.maximum(s2 / z - mean_s * mean_s, 0.0)
-        # Logit variance and norm from the max-shifted row: shift-invariant, and small
-        # magnitudes keep E[s^2] - E[s]^2 from cancelling catastrophically.
-        mu_s = sum_s / v
-        variance = np.maximum(sum_ss / v - mu_s * mu_s, 0.0)
-        sq_norm = sum_ss + 2.0 * m64 * sum_s + v * m64 * m64
-        l2 = np.sqrt(np.maximum(sq_norm, 0.0))
-        finite = np.isfinite(sum_s) & np.isfinite(m64)
-        if not finite.all():
-            # A huge but finite row can overflow a float32 sum; decide exactly, per row.
-            for r in np.flatnonzero(~finite):
-                finite[r] = bool(np.isfinite(x[r]).all())
-        nan = np.float64(np.nan)
-        return DistributionStats(
-            finite=finite,
-            top1=top1.astype(np.int64),
-            top1_logit=np.where(finite, m64, nan),
-            top2_logit=np.where(finite, top2.astype(np.float64), nan),
-            lse=np.where(finite, m64 + log_z, nan),
-            entropy=np.where(finite, entropy, nan),
-            varentropy=np.where(finite, varentropy, nan),
-            max_prob=np.where(finite, 1.0 / z, nan),
-            variance=np.where(finite, variance, nan),
-            l2_norm=np.where(finite, l2, nan),
-        )
+        ones = _ones(v)
+        z = float(np.dot(e, ones))
+        s1 = float(np.dot(e, s))  # Z * E[s]
+        s2 = float(np.dot(np.multiply(e, s, out=e), s))  # Z * E[s^2]
+        # Variance and norm about the (approximate) mean, so that E[d^2] - E[d]^2 does not
+        # cancel catastrophically when a few logits sit far from the rest.
+        mean = m + float(np.dot(s, ones)) / v
+        d = np.subtract(x, _F32(mean), out=s)
+        sum_d = float(np.dot(d, ones))
+        sum_dd = float(np.dot(d, d))
+        if not (math.isfinite(sum_d) and math.isfinite(sum_dd) and math.isfinite(m)):
+            if not np.isfinite(x).all():
+                return RowStats(False, i, *(_NAN,) * 8)
+            # finite, but so large that a float32 sum overflowed: redo them in float64
+            x64 = x.astype(np.float64)
+            s64 = x64 - m
+            e64 = np.exp(s64)
+            z, s1, s2 = float(e64.sum()), float(e64 @ s64), float((e64 * s64) @ s64)
+            mean = float(x64.mean())
+            d64 = x64 - mean
+            sum_d, sum_dd = float(d64.sum()), float(d64 @ d64)
+    log_z = math.log(z)
+    mean_s = s1 / z
+    mu = sum_d / v
+    return RowStats(
+        finite=True,
+        top1=i,
+        top1_logit=m,
+        top2_logit=max(left, right),
+        lse=m + log_z,
+        entropy=log_z - mean_s,
+        varentropy=max(s2 / z - mean_s * mean_s, 0.0),
+        max_prob=1.0 / z,
+        variance=max(sum_dd / v - mu * mu, 0.0),
+        l2_norm=math.sqrt(max(sum_dd + 2.0 * mean * sum_d + v * mean * mean, 0.0)),
+    )
+
+
+def candidate(logits: np.ndarray, st: RowStats, token: int) -> Candidate:
+    """Metrics of ``token`` under the row's distribution (``st`` from :func:`row_stats`)."""
+    x = as_row(logits)
+    if not 0 <= token < x.shape[0]:
+        raise RowError(f"token id {token} is out of range [0, {x.shape[0]})")
+    if not st.finite:
+        return Candidate(token, _NAN, _NAN, -1, _NAN)
+    xc = x[token]
+    rank = int(np.count_nonzero(x > xc))
+    nlp = st.lse - float(xc)
+    p = math.exp(-nlp)
+    runner = st.top2_logit if token == st.top1 else st.top1_logit
+    return Candidate(token, nlp, p, rank, p - math.exp(runner - st.lse))
+
+
+@dataclass(frozen=True, slots=True)
+class DistributionStats:
+    """:class:`RowStats` of a batch, one array per field, each of shape (rows,)."""
+
+    finite: np.ndarray
+    top1: np.ndarray
+    top1_logit: np.ndarray
+    top2_logit: np.ndarray
+    lse: np.ndarray
+    entropy: np.ndarray
+    varentropy: np.ndarray
+    max_prob: np.ndarray
+    variance: np.ndarray
+    l2_norm: np.ndarray
+
+    def row(self, r: int) -> RowStats:
+        return RowStats(*(a[r].item() for a in (getattr(self, f) for f in RowStats._fields)))
+
+
+@dataclass(frozen=True, slots=True)
+class CandidateMetrics:
+    """:class:`Candidate` of a batch, one array per field, each of shape (rows,)."""
+
+    token: np.ndarray
+    neg_logprob: np.ndarray
+    selected_prob: np.ndarray
+    rank: np.ndarray
+    margin: np.ndarray
+
+
+def _batch(logits: np.ndarray) -> np.ndarray:
+    x = np.asarray(logits)
+    if x.ndim == 1:
+        x = x[None, :]
+    if x.ndim != 2:
+        raise RowError(f"logits must have shape (rows, vocab), got {x.shape}")
+    return x
+
+
+def distribution_stats(logits: np.ndarray) -> DistributionStats:
+    """:func:`row_stats` of every row of a batch (rows, vocab); loops over rows only."""
+    cols = list(zip(*(row_stats(r) for r in _batch(logits)), strict=True))
+    if not cols:
+        raise RowError("a batch needs at least one row")
+    return DistributionStats(
+        np.array(cols[0], dtype=bool), np.array(cols[1], dtype=np.int64), *(np.array(c, dtype=np.float64) for c in cols[2:])
+    )
 
 
 def candidate_metrics(logits: np.ndarray, stats: DistributionStats, token: np.ndarray) -> CandidateMetrics:
-    """Metrics of ``token[r]`` under row r's distribution."""
-    x = as_rows(logits)
-    n, v = x.shape
+    """:func:`candidate` for ``token[r]`` of every row r."""
+    x = _batch(logits)
     tok = np.asarray(token, dtype=np.int64).reshape(-1)
-    if tok.shape != (n,):
-        raise RowError(f"need one token per row: {n} rows, {tok.shape[0]} tokens")
-    if ((tok < 0) | (tok >= v)).any():
-        raise RowError(f"token id out of range [0, {v}): {tok.tolist()}")
-    rows = np.arange(n)
-    with np.errstate(all="ignore"):
-        xc = x[rows, tok]
-        rank = np.count_nonzero(x > xc[:, None], axis=1).astype(np.int64)
-        nlp = stats.lse - xc.astype(np.float64)
-        p = np.exp(-nlp)
-        is_top = tok == stats.top1
-        runner = np.where(is_top, stats.top2_logit, stats.top1_logit)
-        margin = p - np.exp(runner - stats.lse)
-        nan = np.float64(np.nan)
-        f = stats.finite
-        return CandidateMetrics(
-            token=tok,
-            neg_logprob=np.where(f, nlp, nan),
-            selected_prob=np.where(f, p, nan),
-            rank=np.where(f, rank, -1),
-            margin=np.where(f, margin, nan),
-        )
+    if tok.shape != (x.shape[0],):
+        raise RowError(f"need one token per row: {x.shape[0]} rows, {tok.shape[0]} tokens")
+    cols = list(zip(*(candidate(x[r], stats.row(r), int(tok[r])) for r in range(x.shape[0])), strict=True))
+    return CandidateMetrics(
+        np.array(cols[0], dtype=np.int64),
+        np.array(cols[1], dtype=np.float64),
+        np.array(cols[2], dtype=np.float64),
+        np.array(cols[3], dtype=np.int64),
+        np.array(cols[4], dtype=np.float64),
+    )
 
 
 def running_perplexity(sum_neg_logprob: float, count: int) -> float:
     """exp(mean -log p) over ``count`` committed tokens; 1.0 before the first token."""
     if count <= 0:
         return 1.0
-    mean = sum_neg_logprob / count
-    return float(np.exp(min(mean, 700.0)))  # clamp: exp(710) overflows float64
+    return math.exp(min(sum_neg_logprob / count, 700.0))  # exp(710) overflows float64

@@ -23,7 +23,7 @@ import numpy as np
 
 from .config import GuardSet
 from .guards import Sampler, TokenMetrics, Trip, evaluate
-from .metrics import DistributionStats, candidate_metrics, running_perplexity
+from .metrics import RowStats, candidate, running_perplexity
 from .sampling import SamplingParams, sample_normal, sample_strict
 
 
@@ -44,33 +44,30 @@ class StepOutcome:
     reasons: tuple[Trip, ...]
 
 
-def token_metrics(
-    row: np.ndarray, stats: DistributionStats, token: int, ppl_sum: float, generated: int
-) -> TokenMetrics:
-    """Metrics of ``token`` for a single-row ``stats``; running PPL includes the candidate."""
-    if not bool(stats.finite[0]):
+def token_metrics(row: np.ndarray, st: RowStats, token: int, ppl_sum: float, generated: int) -> TokenMetrics:
+    """Metrics of ``token``; the running PPL includes the candidate."""
+    if not st.finite:
         nan = float("nan")
         return TokenMetrics(token, nan, nan, -1, nan, nan, nan, nan, nan, nan, nan, finite=False)
-    c = candidate_metrics(row, stats, np.array([token]))
-    nlp = float(c.neg_logprob[0])
+    c = candidate(row, st, token)
     return TokenMetrics(
         token=token,
-        entropy=float(stats.entropy[0]),
-        neg_logprob=nlp,
-        rank=int(c.rank[0]),
-        margin=float(c.margin[0]),
-        selected_prob=float(c.selected_prob[0]),
-        max_prob=float(stats.max_prob[0]),
-        logit_variance=float(stats.variance[0]),
-        l2_norm=float(stats.l2_norm[0]),
-        varentropy=float(stats.varentropy[0]),
-        running_ppl=running_perplexity(ppl_sum + nlp, generated + 1),
+        entropy=st.entropy,
+        neg_logprob=c.neg_logprob,
+        rank=c.rank,
+        margin=c.margin,
+        selected_prob=c.selected_prob,
+        max_prob=st.max_prob,
+        logit_variance=st.variance,
+        l2_norm=st.l2_norm,
+        varentropy=st.varentropy,
+        running_ppl=running_perplexity(ppl_sum + c.neg_logprob, generated + 1),
     )
 
 
 def decide(
     row: np.ndarray,
-    stats: DistributionStats,
+    stats: RowStats,
     history: Sequence[int],
     params: SamplingParams,
     guards: GuardSet,
@@ -78,8 +75,8 @@ def decide(
     generated: int,
     step: int,
 ) -> StepOutcome:
-    """Judge one step. ``row``: (vocab,) float32; ``stats``: its single-row statistics."""
-    if not bool(stats.finite[0]):
+    """Judge one step. ``row``: (vocab,) float32; ``stats``: its :func:`row_stats`."""
+    if not stats.finite:
         m = token_metrics(row, stats, 0, ppl_sum, generated)
         trips = tuple(evaluate(m, guards, Sampler.NORMAL, generated))
         return StepOutcome(Decision.ABORT, -1, None, m, trips)

@@ -228,24 +228,25 @@ class RingReader:
             shm = shared_memory.SharedMemory(name=name, create=False)
         except FileNotFoundError:
             raise RingError(f"no shared-memory ring named {name!r} (is the engine's ring in the same /dev/shm?)") from None
-        # Python < 3.13 registers attached segments with the resource tracker, which would
-        # unlink the engine's ring when this process exits; the owner unlinks, not us.
-        with contextlib.suppress(Exception):
-            resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
         self._shm = shm
         self.name = name
         try:
-            self.layout = self._parse_header(shm.buf, shm.size)
+            self.layout, owner = self._parse_header(shm.buf, shm.size)
         except RingLayoutError:
             shm.close()
             raise
+        if owner != os.getpid():
+            # Python < 3.13 registers attached segments with the resource tracker, which
+            # would unlink the engine's ring when this process exits: the owner unlinks.
+            with contextlib.suppress(Exception):
+                resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
         self._seq, self._n_rows, self._tags, self._rows = _slot_views(shm.buf, self.layout)
 
     @staticmethod
-    def _parse_header(buf: memoryview, size: int) -> RingLayout:
+    def _parse_header(buf: memoryview, size: int) -> tuple[RingLayout, int]:
         if size < HEADER_SIZE:
             raise RingLayoutError(f"segment of {size} bytes is smaller than the {HEADER_SIZE}-byte ring header")
-        magic, ver, hdr, slots, rows, vocab, dtype, stride, rows_off, _pid = _HEADER.unpack_from(buf, 0)
+        magic, ver, hdr, slots, rows, vocab, dtype, stride, rows_off, pid = _HEADER.unpack_from(buf, 0)
         if magic != MAGIC:
             raise RingLayoutError(f"bad ring magic {magic!r}, expected {MAGIC!r}")
         if ver != LAYOUT_VERSION:
@@ -259,7 +260,7 @@ class RingReader:
             )
         if size < lay.total_size:
             raise RingLayoutError(f"segment of {size} bytes is smaller than the layout's {lay.total_size}")
-        return lay
+        return lay, pid
 
     def row(self, slot: int, row: int, seq: int, session_tag: int, step: int) -> np.ndarray:
         """The row's logits as float32 (a zero-copy view for f32 rings).

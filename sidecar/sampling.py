@@ -11,13 +11,15 @@ Pipeline of :func:`sample_normal`, in order:
     2. temperature (T <= 0 means greedy)
     3. candidate set: tokens within ``CANDIDATE_NATS`` of the best after temperature
        (everything farther holds < vocab * e^-30 of the mass: < 6e-9 at 128k ids)
-    4. top-k, then min-p, then top-p over the candidates, ordered by (logit desc, id asc)
+    4. min-p (p >= min_p * p_max), then top-k, then top-p over the candidates, ordered
+       by (logit desc, id asc); min-p and top-k commute since both keep the best token
     5. inverse-CDF draw with the step's uniform number
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -89,28 +91,41 @@ def sample_normal(row: np.ndarray, history: Sequence[int], params: SamplingParam
     """Draw a token with the request's parameters; deterministic in (inputs, seed, step)."""
     _check_row(row)
     y = penalized(row, history, params.repetition_penalty, params.repetition_window)
-    if params.greedy:
-        return int(np.argmax(y))
     best = int(np.argmax(y))
-    z_max = float(y[best]) / params.temperature
-    # Candidates: tokens whose tempered logit is within CANDIDATE_NATS of the best.
-    floor = (z_max - CANDIDATE_NATS) * params.temperature
-    cand = np.flatnonzero(y >= floor)
-    z = y[cand].astype(np.float64) / params.temperature
-    if params.top_k and cand.size > params.top_k:
-        keep = np.argpartition(-z, params.top_k - 1)[: params.top_k]
-        cand, z = cand[keep], z[keep]
+    if params.greedy:
+        return best
+    t = params.temperature
+    y_max = float(y[best])
+    # Every kept token has a tempered logit within CANDIDATE_NATS of the best, and
+    # min-p keeps p >= min_p * p_max, i.e. y >= y_max + T * ln(min_p): one exact floor.
+    floor = y_max - t * CANDIDATE_NATS
+    if params.min_p > 0.0:
+        floor = max(floor, y_max + t * math.log(params.min_p))
+    if params.top_k:
+        # Widen a window below the best until it holds top_k tokens: a few counting
+        # passes instead of a partition of the whole vocabulary.
+        width = t
+        thr = max(y_max - width, floor)
+        while thr > floor and np.count_nonzero(y >= thr) < params.top_k:
+            width *= 2.0
+            thr = max(y_max - width, floor)
+        cand = np.flatnonzero(y >= thr)
+        if cand.size > params.top_k:
+            yc = y[cand]
+            kth = np.partition(yc, cand.size - params.top_k)[cand.size - params.top_k]
+            above = np.flatnonzero(yc > kth)
+            ties = np.flatnonzero(yc == kth)[: params.top_k - above.size]  # lowest ids win ties
+            cand = cand[np.concatenate([above, ties])]
+    else:
+        cand = np.flatnonzero(y >= floor)
+    z = y[cand].astype(np.float64) / t
     order = np.lexsort((cand, -z))  # logit desc, id asc: a canonical order
     cand, z = cand[order], z[order]
     w = np.exp(z - z[0])
-    if params.min_p > 0.0:
-        n_keep = int(np.count_nonzero(w >= params.min_p))  # w[0] == 1 is p_max's weight
-        cand, w = cand[:n_keep], w[:n_keep]
-    if params.top_p < 1.0:
-        cdf = np.cumsum(w)
-        n_keep = int(np.searchsorted(cdf, params.top_p * cdf[-1], side="left")) + 1
-        cand, w = cand[:n_keep], w[:n_keep]
     cdf = np.cumsum(w)
+    if params.top_p < 1.0:
+        n_keep = int(np.searchsorted(cdf, params.top_p * cdf[-1], side="left")) + 1
+        cand, cdf = cand[:n_keep], cdf[:n_keep]
     u = uniform(params.seed, step) * cdf[-1]
     idx = int(np.searchsorted(cdf, u, side="right"))
     return int(cand[min(idx, cand.size - 1)])

@@ -15,7 +15,7 @@ import numpy as np
 from . import audit
 from .config import GuardSet
 from .errors import RowError, SessionError
-from .metrics import distribution_stats
+from .metrics import row_stats
 from .redo import Decision, StepOutcome, decide
 from .sampling import SamplingParams
 
@@ -57,7 +57,7 @@ class Session:
                 f"session {self.session_id}: logits row has {row.shape[-1] if row.ndim else 0} entries, "
                 f"the registered vocabulary has {self.vocab_size}"
             )
-        stats = distribution_stats(row)
+        stats = row_stats(row)
         return decide(row, stats, self.history, self.params, self.guards, self.ppl_sum, self.generated, step)
 
     def commit(self, step: int, outcome: StepOutcome) -> tuple[bytes, bytes]:

@@ -1,0 +1,69 @@
+"""A real gRPC sidecar that lies: it runs the real GuardService and then alters verdicts.
+
+Used to prove that the adapter's checks (signature, session, step, chain) reject what a
+compromised or confused sidecar sends. Not a mock: real server, real service, real keys.
+"""
+
+from __future__ import annotations
+
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+
+from sidecar._pb.fse.v1 import guard_pb2 as pb
+from sidecar._pb.fse.v1 import guard_pb2_grpc as pb_grpc
+from sidecar.config import SidecarConfig
+from sidecar.service import GuardService
+from sidecar.signing import Signer
+
+
+class TamperingServicer(pb_grpc.GuardServiceServicer):
+    def __init__(self, service: GuardService, mode: str, from_step: int, resigner: Signer, other: Signer | None) -> None:
+        self.service, self.mode, self.from_step = service, mode, from_step
+        self.resigner, self.other = resigner, other
+        self.claimed_key_id = resigner.key_id
+        self.previous: pb.Verdict | None = None
+
+    def RegisterVocabulary(self, request, context):
+        v = self.service.register_vocabulary(list(request.tokens))
+        return pb.RegisterVocabularyResponse(vocab_digest=v.digest, vocab_size=v.size)
+
+    def OpenSession(self, request, context):
+        s = self.service.open_session(request)
+        return pb.OpenSessionResponse(session_id=s.session_id, session_tag=s.tag, genesis_hash=s.chain_hash, key_id=self.claimed_key_id)
+
+    def CloseSession(self, request, context):
+        s = self.service.close_session(request.session_id)
+        return pb.CloseSessionResponse(steps=s.next_step, chain_hash=s.chain_hash)
+
+    def Steps(self, request_iterator, context):
+        for req in request_iterator:
+            v = self.service.step(req)
+            honest = pb.Verdict()
+            honest.CopyFrom(v)
+            if req.step >= self.from_step:
+                if self.mode == "other_key" and self.other is not None:
+                    self.other.sign(v)  # a key the adapter does not trust
+                elif self.mode == "wrong_session":
+                    v.session_id = "someone-else"
+                elif self.mode == "stale_step" and self.previous is not None:
+                    v = self.previous  # replay the previous, validly signed verdict
+                elif self.mode == "other_token":
+                    v.token_id = (v.token_id + 1) % 1000
+                if self.mode in ("wrong_session", "other_token"):
+                    self.resigner.sign(v)  # properly signed by the trusted key: only binding checks catch it
+            self.previous = honest
+            yield pb.StepResponse(verdict=v)
+
+
+def start_tampering_server(tmp: Path, trusted: Signer, other: Signer | None, mode: str, from_step: int = 0):
+    service = GuardService(SidecarConfig(), trusted)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    pb_grpc.add_GuardServiceServicer_to_server(
+        TamperingServicer(service, mode, from_step, trusted, other), server
+    )
+    target = f"unix:{tmp / 'tamper.sock'}"
+    server.add_insecure_port(target)
+    server.start()
+    return server, target

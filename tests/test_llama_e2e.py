@@ -1,0 +1,176 @@
+"""The guarded token loop end to end: the real SmolLM2-135M through llama.cpp, the real
+sidecar process over its Unix socket, the real shared-memory ring."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from engine_adapters.client import GuardClient
+from engine_adapters.llama_cpp import GuardedLlama, _Run
+from sidecar._pb.fse.v1 import guard_pb2 as pb
+from sidecar.errors import GuardAbort, GuardUnavailable, VerdictRejected
+from sidecar.sampling import SamplingParams
+from sidecar.signing import Signer
+
+from .conftest import CHAT
+from .tampering import start_tampering_server
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [CHAT.format("What is the capital of France?"), CHAT.format("Write a short poem about the sea.")]
+GREEDY = SamplingParams(temperature=0.0, repetition_penalty=1.0)
+
+
+def unguarded_greedy(llama, prompt: str, n: int) -> list[int]:
+    llama.reset()  # no prompt-cache reuse: batch shapes change logits in the last bits
+    ids = llama.tokenize(prompt.encode(), add_bos=True, special=True)
+    out: list[int] = []
+    for tok in llama.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0):
+        if tok == llama.token_eos() or len(out) >= n:
+            break
+        out.append(tok)
+    return out
+
+
+@pytest.fixture
+def guarded(llama, start_sidecar, keys):
+    made = []
+
+    def make(policies=None, step_timeout: float = 2.0):
+        sc = start_sidecar(policies)
+        client = GuardClient(sc.target, keys.public, step_timeout=step_timeout)
+        client.wait_ready()
+        g = GuardedLlama(llama, client)
+        made.append((g, client))
+        return g, sc
+
+    yield make
+    for g, client in made:
+        g.close()
+        client.close()
+
+
+def policy(**guards: float) -> dict:
+    return {"default": {"guards": {k: {"enabled": True, "threshold": v} for k, v in guards.items()}}}
+
+
+@pytest.mark.parametrize("prompt", PROMPTS, ids=["france", "poem"])
+def test_greedy_guarded_generation_equals_unguarded_token_for_token(llama, guarded, prompt: str) -> None:
+    g, _ = guarded()
+    llama.reset()
+    done = g.complete(prompt, max_tokens=48, sampling=GREEDY)
+    assert done.error is None
+    expected = unguarded_greedy(llama, prompt, 48)
+    assert len(expected) > 5
+    assert done.token_ids == expected
+    assert all(t.verdict.decision == pb.DECISION_ACCEPT for t in done.tokens)
+
+
+def test_tripping_guard_heals_to_the_strict_sampler_and_changes_the_text(llama, guarded) -> None:
+    hot = SamplingParams(temperature=1.5, top_k=100, seed=11, repetition_penalty=1.0)
+    free, _ = guarded()
+    sampled = free.complete(PROMPTS[1], max_tokens=32, sampling=hot)
+    strict, _ = guarded(policy(rank=0))  # any token that is not the model's top choice trips
+    llama.reset()
+    healed = strict.complete(PROMPTS[1], max_tokens=32, sampling=hot)
+    assert healed.error is None
+    decisions = [t.verdict.decision for t in healed.tokens]
+    assert pb.DECISION_HEALED in decisions
+    for t in healed.tokens:
+        if t.verdict.decision == pb.DECISION_HEALED:
+            assert "rank" in [r.code for r in t.verdict.reasons]
+            assert all(r.sampler == pb.SAMPLER_NORMAL for r in t.verdict.reasons)  # the redo passed
+            assert t.verdict.sampler == pb.SAMPLER_STRICT and t.verdict.metrics.rank == 0
+    # every emitted token is now the model's top choice: the text is the greedy text
+    assert healed.token_ids == unguarded_greedy(llama, PROMPTS[1], 32)[: len(healed.token_ids)]
+    assert healed.token_ids != sampled.token_ids
+
+
+def test_double_fault_aborts_and_the_text_stops(guarded) -> None:
+    g, _ = guarded(policy(entropy=1.0))  # no sampler can lower the model's entropy
+    done = g.complete(PROMPTS[1], max_tokens=32, sampling=SamplingParams(temperature=0.8, seed=1))
+    assert isinstance(done.error, GuardAbort)
+    aborted_at = done.error.step
+    assert len(done.tokens) == aborted_at  # nothing from the aborted step on
+    assert [r.code for r in done.error.reasons] == ["entropy", "entropy"]
+    assert all(t.verdict.metrics.entropy_nats <= 1.0 for t in done.tokens)
+
+
+def test_killing_the_sidecar_mid_generation_stops_within_the_deadline(guarded) -> None:
+    g, sc = guarded(step_timeout=1.0)
+    got, after_kill = [], []
+    t_kill = None
+    with pytest.raises(GuardUnavailable):
+        for tok in g.generate(PROMPTS[1], max_tokens=64, sampling=GREEDY):
+            (after_kill if t_kill else got).append(tok)
+            if len(got) == 5 and t_kill is None:
+                sc.kill()
+                t_kill = time.monotonic()
+    assert time.monotonic() - t_kill < 1.0 + 1.0
+    assert len(got) == 5 and after_kill == []
+    assert all(t.verdict.signature for t in got)
+
+
+def test_replayed_verdict_stops_generation(llama, tmp_path, keys, other_keys) -> None:
+    trusted = Signer.from_file(keys.private)
+    server, target = start_tampering_server(tmp_path, trusted, Signer.from_file(other_keys.private), "stale_step", from_step=3)
+    client = GuardClient(target, keys.public)
+    try:
+        with GuardedLlama(llama, client) as g:
+            done = g.complete(PROMPTS[0], max_tokens=20, sampling=GREEDY)
+        assert isinstance(done.error, VerdictRejected) and "stale" in str(done.error)
+        assert len(done.tokens) == 3
+    finally:
+        client.close()
+        server.stop(0)
+
+
+def test_forged_signature_stops_generation(llama, tmp_path, keys, other_keys) -> None:
+    trusted = Signer.from_file(keys.private)
+    server, target = start_tampering_server(tmp_path, trusted, Signer.from_file(other_keys.private), "other_key", from_step=2)
+    client = GuardClient(target, keys.public)
+    try:
+        with GuardedLlama(llama, client) as g:
+            done = g.complete(PROMPTS[0], max_tokens=20, sampling=GREEDY)
+        assert isinstance(done.error, VerdictRejected) and "signature" in str(done.error)
+        assert len(done.tokens) == 2
+    finally:
+        client.close()
+        server.stop(0)
+
+
+def test_llama_cpp_swallows_processor_exceptions_and_the_boundary_still_refuses(llama, guarded) -> None:
+    """The trap from FACTS.md, reproduced on the real library, and why the boundary exists."""
+    from llama_cpp import LogitsProcessorList
+
+    def raising(input_ids, scores):
+        raise RuntimeError("processor failed")
+
+    ids = llama.tokenize(PROMPTS[0].encode(), add_bos=True, special=True)
+    gen = llama.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0, logits_processor=LogitsProcessorList([raising]))
+    token = next(gen)  # llama.cpp went on and sampled despite the exception: fail-open
+    gen.close()
+    g, _ = guarded()
+    session = g.client.open_session(g.vocab_digest, GREEDY, ring=g.ring)
+    run = _Run(session)
+    with pytest.raises(VerdictRejected, match="without a verdict; not emitted"):
+        run.admit(0, int(token))
+    session.close()
+
+
+def test_processor_failure_is_recorded_and_blanks_the_scores(guarded) -> None:
+    import numpy as np
+
+    g, sc = guarded()
+    session = g.client.open_session(g.vocab_digest, GREEDY, ring=g.ring)
+    run = _Run(session)
+    sc.kill()
+    scores = np.zeros(len(g.vocab), np.float32)
+    out = run.processor(np.array([1]), scores)  # must not raise (llama-cpp would swallow it)
+    assert np.isneginf(out).all()
+    assert isinstance(run.failure, GuardUnavailable)
+    assert run.stopping(None, None) is True
+    with pytest.raises(GuardUnavailable):
+        run.admit(0, 0)

@@ -1,0 +1,129 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sidecar.config import Guard, GuardSet
+from sidecar.errors import RowError, SessionError
+from sidecar.guards import Sampler, evaluate, health_band
+from sidecar.metrics import row_stats
+from sidecar.redo import Decision, decide, token_metrics
+from sidecar.sampling import SamplingParams
+from sidecar.session import Session
+
+OFF = GuardSet(running_ppl=Guard(enabled=False, threshold=400), logit_variance=Guard(enabled=False, threshold=0.1),
+               l2_norm=Guard(enabled=False, threshold=1e4))
+
+
+def guards(**on: float) -> GuardSet:
+    return OFF.model_copy(update={k: Guard(enabled=True, threshold=v) for k, v in on.items()})
+
+
+def peaked_row(v: int = 1000) -> np.ndarray:
+    x = np.full(v, -2.0, np.float32)
+    x[10] = 8.0  # the greedy choice, p ~ 0.95
+    x[20] = 5.0
+    return x
+
+
+def test_candidate_that_passes_is_accepted() -> None:
+    row = peaked_row()
+    out = decide(row, row_stats(row), [], SamplingParams(), guards(neg_logprob=6.0), 0.0, 0, 0)
+    assert out.decision == Decision.ACCEPT and out.token == 10 and out.reasons == ()
+    assert out.sampler == Sampler.NORMAL
+
+
+def test_surprising_sample_is_healed_by_the_strict_sampler_and_the_trip_is_kept() -> None:
+    row = peaked_row()
+    row[30] = 4.0  # a plausible but surprising token for a hot sampler
+    hot = SamplingParams(temperature=50.0, seed=1)
+    # find a step where the hot sampler picks something other than the greedy token
+    step = next(s for s in range(200) if decide(row, row_stats(row), [], hot, OFF, 0.0, 0, s).token != 10)
+    out = decide(row, row_stats(row), [], hot, guards(rank=0.0), 0.0, 0, step)
+    assert out.decision == Decision.HEALED
+    assert out.token == 10 and out.sampler == Sampler.STRICT
+    assert [r.code for r in out.reasons] == ["rank"]
+    assert out.reasons[0].sampler == Sampler.NORMAL and out.reasons[0].value > 0
+
+
+def test_double_fault_aborts_with_both_attempts_recorded() -> None:
+    row = np.zeros(1000, np.float32)  # uniform: entropy ln(1000) = 6.9 for any token
+    out = decide(row, row_stats(row), [], SamplingParams(temperature=1.0), guards(entropy=3.0), 0.0, 0, 0)
+    assert out.decision == Decision.ABORT and out.token == -1
+    assert [(r.code, r.sampler) for r in out.reasons] == [("entropy", Sampler.NORMAL), ("entropy", Sampler.STRICT)]
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_logits_abort_with_a_reason_naming_it(bad: float) -> None:
+    row = peaked_row()
+    row[500] = bad
+    out = decide(row, row_stats(row), [], SamplingParams(), OFF, 0.0, 0, 0)
+    assert out.decision == Decision.ABORT
+    assert [r.code for r in out.reasons] == ["non_finite"]
+    assert "NaN or Inf" in out.reasons[0].detail
+
+
+def test_seed_001_defaults_trip_on_their_failure_modes() -> None:
+    defaults = GuardSet()
+    flat = np.zeros(1000, np.float32)  # collapse: variance 0 < 0.1
+    assert "logit_variance" in [t.code for t in evaluate(token_metrics(flat, row_stats(flat), 0, 0.0, 0), defaults, Sampler.NORMAL, 0)]
+    huge = np.random.default_rng(0).standard_normal(1000).astype(np.float32) * 1e3  # L2 ~ 3e4 > 1e4
+    assert "l2_norm" in [t.code for t in evaluate(token_metrics(huge, row_stats(huge), 0, 0.0, 0), defaults, Sampler.NORMAL, 0)]
+    row = peaked_row()
+    m = token_metrics(row, row_stats(row), 999, 0.0, 0)  # a ~e^-10 token: PPL ~ 2e4 > 400
+    assert [t.code for t in evaluate(m, defaults, Sampler.NORMAL, 0)] == ["running_ppl"]
+    assert evaluate(m, defaults.model_copy(update={"ppl_warmup_tokens": 1}), Sampler.NORMAL, 0) == []
+
+
+def test_health_bands_follow_the_ppl_thresholds() -> None:
+    assert [health_band(p) for p in (1.0, 199.9, 200.0, 400.0, 400.1, float("nan"))] == [1, 1, 2, 2, 3, 3]
+
+
+def make_session(**kw) -> Session:
+    return Session(session_id="s-1", tag=1, vocab_size=1000, params=SamplingParams(), guards=guards(**kw), history=[1, 2])
+
+
+def test_judging_commits_nothing_until_commit() -> None:
+    s = make_session(neg_logprob=6.0)
+    row = peaked_row()
+    before = (list(s.history), s.next_step, s.chain_hash, s.ppl_sum)
+    out = s.judge(row, 0)
+    assert (s.history, s.next_step, s.chain_hash, s.ppl_sum) == before
+    prev, new = s.commit(0, out)
+    assert prev == before[2] and new == s.chain_hash != prev
+    assert s.history == [1, 2, 10] and s.next_step == 1 and s.generated == 1
+
+
+def test_aborted_session_accepts_no_more_steps_and_history_is_unchanged() -> None:
+    s = make_session(entropy=0.0)
+    row = np.zeros(1000, np.float32)
+    out = s.judge(row, 0)
+    assert out.decision == Decision.ABORT
+    s.commit(0, out)
+    assert s.history == [1, 2] and s.aborted
+    with pytest.raises(SessionError, match="aborted"):
+        s.judge(row, 1)
+
+
+def test_steps_out_of_order_and_wrong_row_size_are_refused() -> None:
+    s = make_session()
+    with pytest.raises(SessionError, match="out of order"):
+        s.judge(peaked_row(), 1)
+    with pytest.raises(RowError, match="999 entries, the registered vocabulary has 1000"):
+        s.judge(peaked_row(999), 0)
+
+
+def test_same_inputs_give_the_same_chain() -> None:
+    def run() -> bytes:
+        s = Session(session_id="det", tag=1, vocab_size=1000, params=SamplingParams(temperature=1.0, seed=5), guards=guards(rank=3))
+        rng = np.random.default_rng(0)
+        for step in range(20):
+            s.commit(step, s.judge((rng.standard_normal(1000) * 3).astype(np.float32), step))
+        return s.chain_hash
+
+    assert run() == run()
+
+
+def test_bad_session_ids_are_rejected() -> None:
+    with pytest.raises(SessionError, match="must match"):
+        Session(session_id="bad id/with spaces", tag=1, vocab_size=10, params=SamplingParams(), guards=OFF)

@@ -1,0 +1,114 @@
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sidecar.errors import ConfigError
+from sidecar.sampling import CANDIDATE_NATS, SamplingParams, penalized, sample_normal, sample_strict, uniform
+
+
+def reference_sample(row: np.ndarray, history: list[int], p: SamplingParams, step: int) -> int:
+    """The documented pipeline written the slow, obvious way (full sort of the vocabulary)."""
+    y = row.astype(np.float64).copy()
+    if p.repetition_penalty != 1.0 and p.repetition_window:
+        for t in set(history[-p.repetition_window :]):
+            y[t] = y[t] / p.repetition_penalty if y[t] > 0 else y[t] * p.repetition_penalty
+    if p.temperature <= 0:
+        return int(np.argmax(y.astype(np.float32)))
+    y32 = y.astype(np.float32)  # the sampler works on the float32 penalized row
+    z = y32.astype(np.float64) / p.temperature
+    order = sorted(range(len(z)), key=lambda i: (-z[i], i))
+    keep = [i for i in order if z[i] >= z[order[0]] - CANDIDATE_NATS - 1e-9]
+    w0 = math.exp(0.0)
+    if p.min_p > 0:
+        keep = [i for i in keep if math.exp(z[i] - z[order[0]]) >= p.min_p * w0 - 1e-12]
+    if p.top_k:
+        keep = keep[: p.top_k]
+    w = np.exp(np.array([z[i] for i in keep]) - z[keep[0]])
+    cdf = np.cumsum(w)
+    if p.top_p < 1.0:
+        n = int(np.searchsorted(cdf, p.top_p * cdf[-1], side="left")) + 1
+        keep, cdf = keep[:n], cdf[:n]
+    u = uniform(p.seed, step) * cdf[-1]
+    return keep[min(int(np.searchsorted(cdf, u, side="right")), len(keep) - 1)]
+
+
+params_strategy = st.builds(
+    SamplingParams,
+    temperature=st.sampled_from([0.0, 0.3, 0.7, 1.0, 1.5]),
+    top_k=st.sampled_from([0, 1, 5, 40]),
+    top_p=st.sampled_from([1.0, 0.9, 0.5]),
+    min_p=st.sampled_from([0.0, 0.05, 0.2]),
+    repetition_penalty=st.sampled_from([1.0, 1.1, 1.5]),
+    repetition_window=st.sampled_from([0, 8, 64]),
+    seed=st.integers(0, 2**64 - 1),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(params=params_strategy, step=st.integers(0, 10_000), seed=st.integers(0, 2**32 - 1), scale=st.sampled_from([0.5, 3.0, 8.0]))
+def test_normal_sampler_matches_the_slow_reference(params: SamplingParams, step: int, seed: int, scale: float) -> None:
+    rng = np.random.default_rng(seed)
+    row = (rng.standard_normal(300) * scale).astype(np.float32)
+    history = rng.integers(0, 300, size=20).tolist()
+    assert sample_normal(row, history, params, step) == reference_sample(row, history, params, step)
+
+
+def test_proposal_is_a_pure_function_of_seed_and_step() -> None:
+    row = np.random.default_rng(0).standard_normal(49152).astype(np.float32)
+    p = SamplingParams(temperature=1.0, top_k=40, seed=1234)
+    first = [sample_normal(row, [], p, s) for s in range(50)]
+    again = [sample_normal(row, [], p, s) for s in range(50)]
+    assert first == again
+    assert len(set(first)) > 5  # it does sample, not argmax
+    other_seed = [sample_normal(row, [], SamplingParams(temperature=1.0, top_k=40, seed=99), s) for s in range(50)]
+    assert other_seed != first
+
+
+def test_uniform_is_in_unit_interval_and_spread() -> None:
+    u = np.array([uniform(7, s) for s in range(5000)])
+    assert (u >= 0).all() and (u < 1).all()
+    assert abs(u.mean() - 0.5) < 0.02
+
+
+def test_sampling_frequencies_follow_the_distribution() -> None:
+    probs = np.array([0.5, 0.3, 0.2])
+    row = np.log(probs).astype(np.float32)
+    p = SamplingParams(temperature=1.0, seed=3)
+    counts = np.bincount([sample_normal(row, [], p, s) for s in range(6000)], minlength=3) / 6000
+    np.testing.assert_allclose(counts, probs, atol=0.025)
+
+
+def test_top_k_one_is_greedy_and_min_p_cuts_unlikely_tokens() -> None:
+    row = np.array([2.0, 1.0, 0.0, -5.0], np.float32)
+    assert {sample_normal(row, [], SamplingParams(temperature=2.0, top_k=1, seed=s), 0) for s in range(50)} == {0}
+    picks = {sample_normal(row, [], SamplingParams(temperature=1.0, min_p=0.3, seed=s), s) for s in range(300)}
+    assert picks == {0, 1}  # p1/p0 = e^-1 = 0.37 >= 0.3; p2/p0 = e^-2 < 0.3
+
+
+def test_strict_sampler_is_greedy_under_the_same_repetition_penalty() -> None:
+    row = np.array([3.0, 2.9, 1.0], np.float32)
+    p = SamplingParams(temperature=1.0, repetition_penalty=1.5)
+    assert sample_strict(row, [], p) == 0
+    assert sample_strict(row, [0], p) == 1  # 3.0 / 1.5 = 2.0 < 2.9
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_logits() -> None:
+    row = np.array([2.0, -2.0, 1.0], np.float32)
+    out = penalized(row, [0, 1], 2.0, 64)
+    np.testing.assert_array_equal(out, [1.0, -4.0, 1.0])
+    assert penalized(row, [0], 1.0, 64) is row  # no copy when nothing changes
+    np.testing.assert_array_equal(row, [2.0, -2.0, 1.0])  # input untouched
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("temperature", -0.1), ("top_p", 0.0), ("top_p", 1.5), ("min_p", 1.0), ("repetition_penalty", 0.0), ("top_k", -1), ("seed", -1)],
+)
+def test_invalid_parameters_are_rejected_naming_the_field(field: str, value: float) -> None:
+    with pytest.raises(ConfigError, match=f"sampling.{field}"):
+        SamplingParams(**{field: value})

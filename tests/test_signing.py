@@ -1,0 +1,89 @@
+from __future__ import annotations
+
+import stat
+
+import pytest
+
+from sidecar import audit
+from sidecar._pb.fse.v1 import guard_pb2 as pb
+from sidecar.errors import SigningKeyError
+from sidecar.signing import Signer, Verifier, generate_keypair, verdict_bytes
+
+
+def verdict() -> pb.Verdict:
+    return pb.Verdict(
+        session_id="s",
+        step=4,
+        decision=pb.DECISION_HEALED,
+        token_id=17,
+        sampler=pb.SAMPLER_STRICT,
+        reasons=[pb.Reason(code="rank", value=120, threshold=100, sampler=pb.SAMPLER_NORMAL, detail="rank 120 > 100")],
+        metrics=pb.TokenMetrics(entropy_nats=1.5, neg_logprob_nats=0.2, rank=0, running_ppl=3.0),
+        band=pb.HEALTH_BAND_HEALTHY,
+        prev_chain_hash=b"\x01" * 32,
+        chain_hash=b"\x02" * 32,
+    )
+
+
+def test_keygen_writes_a_private_key_only_its_owner_can_read(tmp_path) -> None:
+    priv, pub = generate_keypair(tmp_path)
+    assert stat.S_IMODE(priv.stat().st_mode) == 0o600
+    assert Signer.from_file(priv).key_id == Verifier.from_file(pub).key_id
+    with pytest.raises(SigningKeyError, match="already exists"):
+        generate_keypair(tmp_path)
+
+
+def test_signed_verdict_verifies_and_any_change_breaks_it(keys) -> None:
+    signer, verifier = Signer.from_file(keys.private), Verifier.from_file(keys.public)
+    v = verdict()
+    signer.sign(v)
+    assert verifier.verify(v)
+    for mutate in (
+        lambda x: setattr(x, "token_id", 18),
+        lambda x: setattr(x, "step", 5),
+        lambda x: setattr(x, "session_id", "t"),
+        lambda x: setattr(x, "decision", pb.DECISION_ACCEPT),
+        lambda x: setattr(x.metrics, "entropy_nats", 1.5000001),
+        lambda x: setattr(x.reasons[0], "value", 99),
+        lambda x: x.reasons.add(code="extra"),
+        lambda x: setattr(x, "chain_hash", b"\x03" * 32),
+    ):
+        t = pb.Verdict()
+        t.CopyFrom(v)
+        mutate(t)
+        assert not verifier.verify(t)
+
+
+def test_another_keys_signature_does_not_verify(keys, other_keys) -> None:
+    v = verdict()
+    Signer.from_file(other_keys.private).sign(v)
+    assert not Verifier.from_file(keys.public).verify(v)
+
+
+def test_canonical_bytes_ignore_protobuf_encoding_details() -> None:
+    a = verdict()
+    b = pb.Verdict()
+    b.ParseFromString(a.SerializeToString())
+    assert verdict_bytes(a) == verdict_bytes(b)
+    assert verdict_bytes(a) != verdict_bytes(verdict().__class__())
+
+
+def test_missing_or_wrong_key_files_say_how_to_make_one(tmp_path) -> None:
+    with pytest.raises(SigningKeyError, match="fse-sidecar keygen"):
+        Signer.from_file(None)
+    with pytest.raises(SigningKeyError, match="cannot read signing key"):
+        Signer.from_file(tmp_path / "nope.key")
+    (tmp_path / "junk.key").write_text("not a key")
+    with pytest.raises(SigningKeyError, match="not an unencrypted PEM"):
+        Signer.from_file(tmp_path / "junk.key")
+
+
+def test_chain_links_each_frame_to_the_previous_hash() -> None:
+    g = audit.genesis("s")
+    f1 = audit.frame_bytes("s", 0, 5, 1, 1, [])
+    h1 = audit.chain_next(g, f1)
+    h2 = audit.chain_next(h1, audit.frame_bytes("s", 1, 6, 1, 1, []))
+    assert len({g, h1, h2}) == 3
+    assert audit.chain_next(g, audit.frame_bytes("s", 0, 6, 1, 1, [])) != h1
+    with pytest.raises(ValueError, match="32 bytes"):
+        audit.chain_next(b"short", f1)
