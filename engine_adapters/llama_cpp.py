@@ -23,6 +23,7 @@ later checks stop the token:
 from __future__ import annotations
 
 import importlib.util
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,6 +78,7 @@ class GuardedToken:
     token_id: int
     text: bytes
     verdict: pb.Verdict
+    latency_s: float  # ring write + round trip + verification for this step
 
 
 @dataclass
@@ -85,6 +87,7 @@ class _Run:
 
     session: GuardedSession
     verdicts: dict[int, pb.Verdict] = field(default_factory=dict)
+    latencies: dict[int, float] = field(default_factory=dict)
     failure: Exception | None = None
     step: int = 0
 
@@ -93,7 +96,9 @@ class _Run:
         # unmodified scores. Record the failure; the stopping criterion and boundary act.
         try:
             if self.failure is None:
+                t0 = time.perf_counter()
                 v = self.session.step(scores)
+                self.latencies[self.step] = time.perf_counter() - t0
                 self.verdicts[self.step] = v
                 scores[:] = NEG_INF
                 scores[v.token_id] = 0.0
@@ -170,7 +175,7 @@ class GuardedLlama:
                 v = run.admit(step, int(token))
                 if token == eos:
                     return
-                yield GuardedToken(step, int(token), self.vocab[token], v)
+                yield GuardedToken(step, int(token), self.vocab[token], v, run.latencies.pop(step, 0.0))
                 if step + 1 >= max_tokens:
                     return
             if run.failure is not None:  # the stopping criterion ended generation

@@ -62,17 +62,21 @@ class GuardServicer(pb_grpc.GuardServiceServicer):
         log.info("session %s closed after %d steps", s.session_id, s.next_step)
         return pb.CloseSessionResponse(steps=s.next_step, chain_hash=s.chain_hash)
 
+    async def Step(self, request: pb.StepRequest, context: grpc.aio.ServicerContext) -> pb.StepResponse:
+        return self._step(request)
+
+    def _step(self, req: pb.StepRequest) -> pb.StepResponse:
+        try:
+            return pb.StepResponse(verdict=self.service.step(req))
+        except FseError as exc:
+            log.warning("step %s/%d refused: %s", req.session_id, req.step, exc)
+            return pb.StepResponse(
+                error=pb.StepError(session_id=req.session_id, step=req.step, code=_code(exc).value[0], message=str(exc))
+            )
+
     async def Steps(self, request_iterator: AsyncIterator[pb.StepRequest], context: grpc.aio.ServicerContext) -> AsyncIterator[pb.StepResponse]:
         async for req in request_iterator:
-            try:
-                yield pb.StepResponse(verdict=self.service.step(req))
-            except FseError as exc:
-                log.warning("step %s/%d refused: %s", req.session_id, req.step, exc)
-                yield pb.StepResponse(
-                    error=pb.StepError(
-                        session_id=req.session_id, step=req.step, code=_code(exc).value[0], message=str(exc)
-                    )
-                )
+            yield self._step(req)
 
     async def Echo(self, request_iterator: AsyncIterator[pb.EchoMessage], context: grpc.aio.ServicerContext) -> AsyncIterator[pb.EchoMessage]:
         async for msg in request_iterator:

@@ -120,6 +120,22 @@ def test_status_codes_say_what_went_wrong(sidecar, client) -> None:
     assert responses[0].error.code == grpc.StatusCode.NOT_FOUND.value[0]
 
 
+def test_unary_step_gives_the_same_signed_verdict_as_the_stream(sidecar, client) -> None:
+    digest = client.register_vocabulary(VOCAB)
+    stub = pb_grpc.GuardServiceStub(grpc.insecure_channel(sidecar.target))
+    data = peaked(42).tobytes()
+    for sid in ("unary", "stream"):
+        stub.OpenSession(pb.OpenSessionRequest(vocab_digest=digest, session_id=sid), timeout=5)
+    req = pb.StepRequest(session_id="unary", step=0, inline=pb.InlineLogits(data=data, dtype=pb.DTYPE_F32))
+    unary = stub.Step(req, timeout=5).verdict
+    req.session_id = "stream"
+    stream = next(iter(stub.Steps(iter([req]), timeout=5))).verdict
+    assert unary.token_id == stream.token_id == 42
+    assert client.verifier.verify(unary) and client.verifier.verify(stream)
+    refused = stub.Step(pb.StepRequest(session_id="unary", step=5), timeout=5)
+    assert refused.error.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
+
+
 def test_out_of_order_step_is_refused(sidecar, client) -> None:
     digest = client.register_vocabulary(VOCAB)
     stub = pb_grpc.GuardServiceStub(grpc.insecure_channel(sidecar.target))

@@ -54,6 +54,11 @@ class GuardServiceStub:
                 request_serializer=sidecar_dot___pb_dot_fse_dot_v1_dot_guard__pb2.StepRequest.SerializeToString,
                 response_deserializer=sidecar_dot___pb_dot_fse_dot_v1_dot_guard__pb2.StepResponse.FromString,
                 _registered_method=True)
+        self.Step = channel.unary_unary(
+                '/fse.v1.GuardService/Step',
+                request_serializer=sidecar_dot___pb_dot_fse_dot_v1_dot_guard__pb2.StepRequest.SerializeToString,
+                response_deserializer=sidecar_dot___pb_dot_fse_dot_v1_dot_guard__pb2.StepResponse.FromString,
+                _registered_method=True)
         self.Echo = channel.stream_stream(
                 '/fse.v1.GuardService/Echo',
                 request_serializer=sidecar_dot___pb_dot_fse_dot_v1_dot_guard__pb2.EchoMessage.SerializeToString,
@@ -90,6 +95,14 @@ class GuardServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Step(self, request, context):
+        """One message of Steps as a unary call, for engines that want a native per-call
+        deadline. Measured here it is slower than the stream (FACTS.md, bench).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Echo(self, request_iterator, context):
         """Transport floor for the benchmark: echoes each message back.
         """
@@ -117,6 +130,11 @@ def add_GuardServiceServicer_to_server(servicer, server):
             ),
             'Steps': grpc.stream_stream_rpc_method_handler(
                     servicer.Steps,
+                    request_deserializer=sidecar_dot___pb_dot_fse_dot_v1_dot_guard__pb2.StepRequest.FromString,
+                    response_serializer=sidecar_dot___pb_dot_fse_dot_v1_dot_guard__pb2.StepResponse.SerializeToString,
+            ),
+            'Step': grpc.unary_unary_rpc_method_handler(
+                    servicer.Step,
                     request_deserializer=sidecar_dot___pb_dot_fse_dot_v1_dot_guard__pb2.StepRequest.FromString,
                     response_serializer=sidecar_dot___pb_dot_fse_dot_v1_dot_guard__pb2.StepResponse.SerializeToString,
             ),
@@ -232,6 +250,33 @@ class GuardService:
             request_iterator,
             target,
             '/fse.v1.GuardService/Steps',
+            sidecar_dot___pb_dot_fse_dot_v1_dot_guard__pb2.StepRequest.SerializeToString,
+            sidecar_dot___pb_dot_fse_dot_v1_dot_guard__pb2.StepResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Step(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fse.v1.GuardService/Step',
             sidecar_dot___pb_dot_fse_dot_v1_dot_guard__pb2.StepRequest.SerializeToString,
             sidecar_dot___pb_dot_fse_dot_v1_dot_guard__pb2.StepResponse.FromString,
             options,

@@ -1,0 +1,121 @@
+"""``fse-sidecar demo``: a real guarded generation on the embedded SmolLM2-135M.
+
+Starts a sidecar in its own process (throwaway key pair, Unix socket in a temporary
+directory), generates through llama.cpp with every token proposed, checked and signed by
+the sidecar, and prints one line per token plus the "cognitive ECG" and a summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from ._pb.fse.v1 import guard_pb2 as pb
+from .errors import FseError
+from .sampling import SamplingParams
+from .launch import start_local_sidecar
+
+CHAT = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+# The demo turns on seed 000's surprise guards on top of the defaults so that a heal is
+# visible: a sampled token with -log p > 6 nats or rank > 100 is redone greedily.
+DEMO_POLICY = {
+    "default": {
+        "guards": {
+            "neg_logprob": {"enabled": True, "threshold": 6.0},
+            "rank": {"enabled": True, "threshold": 100},
+        }
+    }
+}
+DECISION = {pb.DECISION_ACCEPT: "ACCEPT", pb.DECISION_HEALED: "HEALED", pb.DECISION_ABORT: "ABORT"}
+BAND = {pb.HEALTH_BAND_HEALTHY: "healthy", pb.HEALTH_BAND_DRIFTING: "drifting", pb.HEALTH_BAND_HALT: "HALT"}
+SPARK = "▁▂▃▄▅▆▇█"
+
+
+def spark(values: list[float], top: float) -> str:
+    return "".join(SPARK[min(int(v / top * (len(SPARK) - 1) + 0.5), len(SPARK) - 1)] for v in values)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from engine_adapters.client import GuardClient
+    from engine_adapters.llama_cpp import GuardedLlama, load_llama
+
+    sampling = SamplingParams(
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+    )
+    config = yaml.safe_load(args.config.read_text()) if args.config else {"policies": DEMO_POLICY}
+    with tempfile.TemporaryDirectory(prefix="fse-demo-") as tmp:
+        sc = start_local_sidecar(Path(tmp), config)
+        try:
+            client = GuardClient(sc.target, sc.public_key, step_timeout=2.0)
+            try:
+                client.wait_ready(timeout=30)
+            except FseError:
+                print(sc.log_text(), file=sys.stderr)
+                raise
+            llama = load_llama(args.model)
+            with GuardedLlama(llama, client) as guarded:
+                print(f"model: {Path(llama.model_path).name}  vocab {len(guarded.vocab)}  sidecar pid {sc.proc.pid}  key {client.verifier.key_id}")
+                print(f"prompt: {args.prompt!r}")
+                print(
+                    f"sampling: T={sampling.temperature} top_k={sampling.top_k} top_p={sampling.top_p} "
+                    f"min_p={sampling.min_p} rep_penalty={sampling.repetition_penalty} seed={sampling.seed}\n"
+                )
+                print(f"{'step':>4}  {'token':<16} {'decision':<8} {'H nats':>7} {'-logp':>7} {'margin':>7} {'PPL':>8}  band")
+                tokens = []
+                error: FseError | None = None
+                t0 = time.perf_counter()
+                try:
+                    for tok in guarded.generate(CHAT.format(args.prompt), max_tokens=args.max_tokens, sampling=sampling):
+                        tokens.append(tok)
+                        m = tok.verdict.metrics
+                        print(
+                            f"{tok.step:>4}  {tok.text.decode('utf-8', 'replace')!r:<16} {DECISION[tok.verdict.decision]:<8} "
+                            f"{m.entropy_nats:7.3f} {m.neg_logprob_nats:7.3f} {m.margin:7.3f} {m.running_ppl:8.2f}  {BAND[tok.verdict.band]}"
+                            + (f"   <- {', '.join(r.detail for r in tok.verdict.reasons)}" if tok.verdict.reasons else "")
+                        )
+                except FseError as exc:
+                    error = exc
+                elapsed = time.perf_counter() - t0
+            client.close()
+        finally:
+            sc.stop()
+        _summary(tokens, error, elapsed)
+    return 1 if error is not None and not hasattr(error, "reasons") else 0
+
+
+def _summary(tokens: list, error: FseError | None, elapsed: float) -> None:
+    text = b"".join(t.text for t in tokens).decode("utf-8", "replace")
+    counts = {name: sum(1 for t in tokens if DECISION[t.verdict.decision] == name) for name in ("ACCEPT", "HEALED")}
+    entropy = [t.verdict.metrics.entropy_nats for t in tokens]
+    nlp = [t.verdict.metrics.neg_logprob_nats for t in tokens]
+    print("\ncognitive ECG (one column per token)")
+    if tokens:
+        print(f"  entropy  {spark(entropy, max(max(entropy), 1e-9))}  max {max(entropy):.2f} nats")
+        print(f"  -log p   {spark(nlp, max(max(nlp), 1e-9))}  max {max(nlp):.2f} nats")
+        print("  verdict  " + "".join("H" if t.verdict.decision == pb.DECISION_HEALED else "·" for t in tokens) + ("X" if error else ""))
+    print(f"\ntext: {text!r}")
+    last = tokens[-1].verdict if tokens else None
+    ppl = f"{last.metrics.running_ppl:.2f} ({BAND[last.band]})" if last else "n/a"
+    lat = sorted(t.latency_s for t in tokens)
+    print(
+        f"summary: {len(tokens)} tokens in {elapsed:.2f}s ({len(tokens) / elapsed if elapsed else 0:.1f} tok/s), "
+        f"ACCEPT {counts['ACCEPT']}, HEALED {counts['HEALED']}, ABORT {1 if error and hasattr(error, 'reasons') else 0}; "
+        f"running PPL {ppl}"
+    )
+    if lat:
+        print(f"verdict round trip: p50 {statistics.median(lat) * 1e3:.3f} ms, max {lat[-1] * 1e3:.3f} ms")
+    if last:
+        print(f"audit chain head: {last.chain_hash.hex()}")
+    if error is not None:
+        print(f"stopped by the guard: {type(error).__name__}: {error}")
