@@ -141,9 +141,14 @@ def test_forged_signature_stops_generation(llama, tmp_path, keys, other_keys) ->
         server.stop(0)
 
 
-def test_llama_cpp_swallows_processor_exceptions_and_the_boundary_still_refuses(llama, guarded) -> None:
+def test_llama_cpp_swallows_processor_exceptions_and_the_boundary_still_refuses(llama, guarded, monkeypatch) -> None:
     """The trap from FACTS.md, reproduced on the real library, and why the boundary exists."""
+    import sys
+
     from llama_cpp import LogitsProcessorList
+
+    swallowed: list[BaseException] = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: swallowed.append(u.exc_value))
 
     def raising(input_ids, scores):
         raise RuntimeError("processor failed")
@@ -152,6 +157,7 @@ def test_llama_cpp_swallows_processor_exceptions_and_the_boundary_still_refuses(
     gen = llama.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0, logits_processor=LogitsProcessorList([raising]))
     token = next(gen)  # llama.cpp went on and sampled despite the exception: fail-open
     gen.close()
+    assert [str(e) for e in swallowed] == ["processor failed"]
     g, _ = guarded()
     session = g.client.open_session(g.vocab_digest, GREEDY, ring=g.ring)
     run = _Run(session)
