@@ -141,7 +141,7 @@ def bench_metrics(reps: int) -> list[dict[str, Any]]:
 
 def bench_model(target: str, pub: Path, tokens: int, repeats: int) -> dict[str, Any]:
     from engine_adapters.client import GuardClient
-    from engine_adapters.llama_cpp import GuardedLlama, load_llama
+    from engine_adapters.llama_cpp import GuardedLlama, load_llama, unguarded_greedy
 
     from .demo import CHAT
 
@@ -155,12 +155,7 @@ def bench_model(target: str, pub: Path, tokens: int, repeats: int) -> dict[str, 
     with GuardedLlama(llama, client) as g:
 
         def unguarded() -> list[int]:
-            out: list[int] = []
-            for tok in llama.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0):
-                if tok == llama.token_eos() or len(out) >= tokens:
-                    break
-                out.append(tok)
-            return out
+            return unguarded_greedy(llama, ids, tokens)
 
         def guarded() -> list[int]:
             done = g.complete(ids, max_tokens=tokens, sampling=greedy)
@@ -185,7 +180,7 @@ def bench_model(target: str, pub: Path, tokens: int, repeats: int) -> dict[str, 
     return {
         "tokens": tokens,
         "repeats": repeats,
-        "n_threads": llama.n_threads if hasattr(llama, "n_threads") else None,
+        "n_threads": llama.n_threads,
         "unguarded_tok_s_median": statistics.median(bare_tps),
         "guarded_tok_s_median": statistics.median(guarded_tps),
         "guarded_over_unguarded_median": statistics.median(ratios),

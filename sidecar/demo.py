@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from ._pb.fse.v1 import guard_pb2 as pb
-from .errors import FseError
+from .errors import FseError, GuardAbort
 from .sampling import SamplingParams
 from .launch import start_local_sidecar
 
@@ -91,7 +91,8 @@ def run_demo(args: argparse.Namespace) -> int:
         finally:
             sc.stop()
         _summary(tokens, error, elapsed)
-    return 1 if error is not None and not hasattr(error, "reasons") else 0
+    # A guard ABORT is the product working; no verdict at all (unavailable, rejected) is not.
+    return 1 if error is not None and not isinstance(error, GuardAbort) else 0
 
 
 def _summary(tokens: list, error: FseError | None, elapsed: float) -> None:
@@ -110,7 +111,7 @@ def _summary(tokens: list, error: FseError | None, elapsed: float) -> None:
     lat = sorted(t.latency_s for t in tokens)
     print(
         f"summary: {len(tokens)} tokens in {elapsed:.2f}s ({len(tokens) / elapsed if elapsed else 0:.1f} tok/s), "
-        f"ACCEPT {counts['ACCEPT']}, HEALED {counts['HEALED']}, ABORT {1 if error and hasattr(error, 'reasons') else 0}; "
+        f"ACCEPT {counts['ACCEPT']}, HEALED {counts['HEALED']}, ABORT {int(isinstance(error, GuardAbort))}; "
         f"running PPL {ppl}"
     )
     if lat:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,23 @@ class LocalSidecar:
     public_key: Path
     log: Path
 
+    @property
+    def socket(self) -> Path:
+        return Path(self.target[len("unix:") :])
+
+    def wait_started(self, timeout: float = 30.0) -> None:
+        """Until the socket exists; raises with the sidecar's log if it exits first."""
+        deadline = time.monotonic() + timeout
+        while not self.socket.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"sidecar did not start:\n{self.log_text()}")
+            time.sleep(0.02)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()
@@ -34,10 +52,13 @@ class LocalSidecar:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
 
-def start_local_sidecar(workdir: Path, config: dict[str, Any] | None = None) -> LocalSidecar:
+def start_local_sidecar(
+    workdir: Path, config: dict[str, Any] | None = None, keys: tuple[Path, Path] | None = None
+) -> LocalSidecar:
     """``python -m sidecar serve`` on a Unix socket in ``workdir``; ``config`` extends the
-    generated one (its ``listen`` and ``signing_key_file`` are replaced)."""
-    priv, pub = generate_keypair(workdir / "keys")
+    generated one (its ``listen`` and ``signing_key_file`` are replaced). ``keys`` is a
+    (private, public) pair; a fresh one is made when it is None."""
+    priv, pub = keys if keys is not None else generate_keypair(workdir / "keys")
     sock = workdir / "fse.sock"
     cfg = {**(config or {}), "listen": f"unix://{sock}", "signing_key_file": str(priv)}
     cfg_path = workdir / "sidecar.yaml"

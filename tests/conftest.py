@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import yaml
 
+from sidecar.launch import LocalSidecar, start_local_sidecar
 from sidecar.signing import generate_keypair
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass
@@ -37,57 +30,18 @@ def other_keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
     return Keys(priv, pub)
 
 
-class SidecarProcess:
-    """``python -m sidecar serve`` in its own process, as deployed."""
-
-    def __init__(self, workdir: Path, keys: Keys, policies: dict | None = None) -> None:
-        self.socket = workdir / "fse.sock"
-        self.config = workdir / "fse.yaml"
-        cfg: dict = {"listen": f"unix://{self.socket}", "signing_key_file": str(keys.private)}
-        if policies:
-            cfg["policies"] = policies
-        self.config.write_text(yaml.safe_dump(cfg))
-        self.log = workdir / "sidecar.log"
-        self._log = self.log.open("wb")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sidecar", "serve", "--config", str(self.config)],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-            env=env,
-        )
-        self.target = f"unix:{self.socket}"
-        deadline = time.monotonic() + 30
-        while not self.socket.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"sidecar did not start:\n{self.log.read_text()}")
-            time.sleep(0.02)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        self._log.close()
-
-
 @pytest.fixture
 def start_sidecar(tmp_path: Path, keys: Keys) -> Iterator:
-    started: list[SidecarProcess] = []
+    """Start ``python -m sidecar serve`` in its own process, as deployed."""
+    started: list[LocalSidecar] = []
 
-    def start(policies: dict | None = None, signing: Keys | None = None) -> SidecarProcess:
+    def start(policies: dict | None = None, signing: Keys | None = None) -> LocalSidecar:
         d = tmp_path / f"sidecar{len(started)}"
         d.mkdir()
-        sc = SidecarProcess(d, signing or keys, policies)
+        k = signing or keys
+        sc = start_local_sidecar(d, {"policies": policies} if policies else None, (k.private, k.public))
         started.append(sc)
+        sc.wait_started()
         return sc
 
     yield start

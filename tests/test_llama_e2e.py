@@ -8,7 +8,7 @@ import time
 import pytest
 
 from engine_adapters.client import GuardClient
-from engine_adapters.llama_cpp import GuardedLlama, _Run
+from engine_adapters.llama_cpp import GuardedLlama, _Run, unguarded_greedy
 from sidecar._pb.fse.v1 import guard_pb2 as pb
 from sidecar.errors import GuardAbort, GuardUnavailable, VerdictRejected
 from sidecar.sampling import SamplingParams
@@ -23,15 +23,9 @@ PROMPTS = [CHAT.format("What is the capital of France?"), CHAT.format("Write a s
 GREEDY = SamplingParams(temperature=0.0, repetition_penalty=1.0)
 
 
-def unguarded_greedy(llama, prompt: str, n: int) -> list[int]:
+def reference_greedy(llama, prompt: str, n: int) -> list[int]:
     llama.reset()  # no prompt-cache reuse: batch shapes change logits in the last bits
-    ids = llama.tokenize(prompt.encode(), add_bos=True, special=True)
-    out: list[int] = []
-    for tok in llama.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0):
-        if tok == llama.token_eos() or len(out) >= n:
-            break
-        out.append(tok)
-    return out
+    return unguarded_greedy(llama, llama.tokenize(prompt.encode(), add_bos=True, special=True), n)
 
 
 @pytest.fixture
@@ -62,7 +56,7 @@ def test_greedy_guarded_generation_equals_unguarded_token_for_token(llama, guard
     llama.reset()
     done = g.complete(prompt, max_tokens=48, sampling=GREEDY)
     assert done.error is None
-    expected = unguarded_greedy(llama, prompt, 48)
+    expected = reference_greedy(llama, prompt, 48)
     assert len(expected) > 5
     assert done.token_ids == expected
     assert all(t.verdict.decision == pb.DECISION_ACCEPT for t in done.tokens)
@@ -84,7 +78,7 @@ def test_tripping_guard_heals_to_the_strict_sampler_and_changes_the_text(llama, 
             assert all(r.sampler == pb.SAMPLER_NORMAL for r in t.verdict.reasons)  # the redo passed
             assert t.verdict.sampler == pb.SAMPLER_STRICT and t.verdict.metrics.rank == 0
     # every emitted token is now the model's top choice: the text is the greedy text
-    assert healed.token_ids == unguarded_greedy(llama, PROMPTS[1], 32)[: len(healed.token_ids)]
+    assert healed.token_ids == reference_greedy(llama, PROMPTS[1], 32)[: len(healed.token_ids)]
     assert healed.token_ids != sampled.token_ids
 
 
@@ -113,29 +107,19 @@ def test_killing_the_sidecar_mid_generation_stops_within_the_deadline(guarded) -
     assert all(t.verdict.signature for t in got)
 
 
-def test_replayed_verdict_stops_generation(llama, tmp_path, keys, other_keys) -> None:
+@pytest.mark.parametrize(
+    "mode, from_step, message",
+    [("stale_step", 3, "stale or reordered"), ("other_key", 2, "signature does not verify"), ("other_token", 4, "chain hash")],
+)
+def test_replayed_forged_or_altered_verdict_stops_generation(llama, tmp_path, keys, other_keys, mode, from_step, message) -> None:
     trusted = Signer.from_file(keys.private)
-    server, target = start_tampering_server(tmp_path, trusted, Signer.from_file(other_keys.private), "stale_step", from_step=3)
+    server, target = start_tampering_server(tmp_path, trusted, Signer.from_file(other_keys.private), mode, from_step)
     client = GuardClient(target, keys.public)
     try:
         with GuardedLlama(llama, client) as g:
             done = g.complete(PROMPTS[0], max_tokens=20, sampling=GREEDY)
-        assert isinstance(done.error, VerdictRejected) and "stale" in str(done.error)
-        assert len(done.tokens) == 3
-    finally:
-        client.close()
-        server.stop(0)
-
-
-def test_forged_signature_stops_generation(llama, tmp_path, keys, other_keys) -> None:
-    trusted = Signer.from_file(keys.private)
-    server, target = start_tampering_server(tmp_path, trusted, Signer.from_file(other_keys.private), "other_key", from_step=2)
-    client = GuardClient(target, keys.public)
-    try:
-        with GuardedLlama(llama, client) as g:
-            done = g.complete(PROMPTS[0], max_tokens=20, sampling=GREEDY)
-        assert isinstance(done.error, VerdictRejected) and "signature" in str(done.error)
-        assert len(done.tokens) == 2
+        assert isinstance(done.error, VerdictRejected) and message in str(done.error)
+        assert len(done.tokens) == from_step  # every token before the bad verdict, none after
     finally:
         client.close()
         server.stop(0)
