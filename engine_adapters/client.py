@@ -140,7 +140,7 @@ class GuardClient:
     def __init__(
         self,
         target: str,
-        public_key: Verifier | str | Path,
+        verify_key: Verifier | str | Path,
         *,
         step_timeout: float = 2.0,
         rpc_timeout: float = 10.0,
@@ -148,7 +148,8 @@ class GuardClient:
         if step_timeout <= 0 or rpc_timeout <= 0:
             raise ValueError("step_timeout and rpc_timeout must be > 0 seconds")
         self.target = target
-        self.verifier = public_key if isinstance(public_key, Verifier) else Verifier.from_file(public_key)
+        # The Ed25519 public key file, or the shared HMAC secret file (see sidecar.signing).
+        self.verifier = verify_key if isinstance(verify_key, Verifier) else Verifier.from_file(verify_key)
         self.step_timeout = step_timeout
         self.rpc_timeout = rpc_timeout
         self._channel = grpc.insecure_channel(

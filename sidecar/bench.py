@@ -7,7 +7,8 @@
    between forward passes).
 2. metrics: row_stats + candidate against one ``np.exp`` pass over the row (the memory
    floor) and a naive ``np.partition`` top-2, interleaved.
-3. model: tokens/s of the real SmolLM2-135M, guarded vs unguarded, alternating runs.
+3. model: tokens/s of the real SmolLM2-135M: unguarded, guarded with Ed25519 verdicts and
+   guarded with HMAC-SHA256 verdicts, in turn, round after round.
 
 Prints a table and writes JSON. No assertion here: these machines are shared and noisy,
 so read the ratios, which are taken pair by pair within the run.
@@ -30,9 +31,10 @@ from typing import Any
 import numpy as np
 
 from ._pb.fse.v1 import guard_pb2 as pb
-from .launch import start_local_sidecar
+from .launch import LocalSidecar, start_local_sidecar
 from .metrics import candidate, row_stats
 from .sampling import SamplingParams
+from .signing import generate_hmac_key
 
 SAMPLING = SamplingParams(temperature=0.9, top_k=40, top_p=0.95, repetition_penalty=1.1, seed=1)
 
@@ -59,21 +61,26 @@ def _interleave(fns: dict[str, Callable[[], object]], rounds: int, pace_s: float
     return times
 
 
-def bench_transport(target: str, pub: Path, rounds: int, paced_rounds: int) -> list[dict[str, Any]]:
+def bench_transport(ed: LocalSidecar, hm: LocalSidecar, rounds: int, paced_rounds: int) -> list[dict[str, Any]]:
     from engine_adapters.client import GuardClient, StreamCall
 
     from .ring import RingWriter
 
     rows: list[dict[str, Any]] = []
-    client = GuardClient(target, pub, step_timeout=5.0)
+    client = GuardClient(ed.target, ed.public_key, step_timeout=5.0)
+    hclient = GuardClient(hm.target, hm.public_key, step_timeout=5.0)
     client.wait_ready(30)
+    hclient.wait_ready(30)
     rng = np.random.default_rng(0)
     for vocab in (32768, 131072):
-        digest = client.register_vocabulary([i.to_bytes(4, "little") for i in range(vocab)])
+        tokens = [i.to_bytes(4, "little") for i in range(vocab)]
+        digest = client.register_vocabulary(tokens)
+        hclient.register_vocabulary(tokens)
         pool = [(rng.standard_normal(vocab) * 3).astype(np.float32) for _ in range(8)]
         for pace_ms, n in ((0.0, rounds), (7.0, paced_rounds)):
-            with RingWriter.create(slots=2, vocab_size=vocab) as ring:
+            with RingWriter.create(slots=2, vocab_size=vocab) as ring, RingWriter.create(slots=2, vocab_size=vocab) as hring:
                 ring_s = client.open_session(digest, SAMPLING, ring=ring)
+                hmac_s = hclient.open_session(digest, SAMPLING, ring=hring)
                 inline_s = client.open_session(digest, SAMPLING)
                 echo = StreamCall(client._stub.Echo)
                 msg = pb.EchoMessage(payload=b"\0" * 64)
@@ -82,14 +89,15 @@ def bench_transport(target: str, pub: Path, rounds: int, paced_rounds: int) -> l
                     {
                         "echo": lambda: echo.roundtrip(msg, 5.0, "echo"),
                         "ring": lambda: ring_s.step(pool[next(k) % 8]),
+                        "ring_hmac": lambda: hmac_s.step(pool[next(k) % 8]),
                         "inline": lambda: inline_s.step(pool[next(k) % 8]),
                     },
                     n,
                     pace_ms / 1e3,
                 )
                 echo.close()
-                ring_s.close()
-                inline_s.close()
+                for sess in (ring_s, hmac_s, inline_s):
+                    sess.close()
             ratio = [r / e for r, e in zip(t["ring"], t["echo"], strict=True)]
             ratio_inline = [r / e for r, e in zip(t["inline"], t["echo"], strict=True)]
             rows.append(
@@ -98,12 +106,14 @@ def bench_transport(target: str, pub: Path, rounds: int, paced_rounds: int) -> l
                     "pace_ms": pace_ms,
                     "echo": _summ(t["echo"]),
                     "ring": _summ(t["ring"]),
+                    "ring_hmac": _summ(t["ring_hmac"]),
                     "inline": _summ(t["inline"]),
                     "ring_over_echo_median": statistics.median(ratio),
                     "inline_over_echo_median": statistics.median(ratio_inline),
                 }
             )
     client.close()
+    hclient.close()
     return rows
 
 
@@ -139,54 +149,55 @@ def bench_metrics(reps: int) -> list[dict[str, Any]]:
     return rows
 
 
-def bench_model(target: str, pub: Path, tokens: int, repeats: int) -> dict[str, Any]:
+def bench_model(ed: LocalSidecar, hm: LocalSidecar, tokens: int, repeats: int) -> dict[str, Any]:
     from engine_adapters.client import GuardClient
     from engine_adapters.llama_cpp import GuardedLlama, load_llama, unguarded_greedy
 
     from .demo import CHAT
 
     llama = load_llama()
-    client = GuardClient(target, pub, step_timeout=5.0)
-    client.wait_ready(30)
     prompt = CHAT.format("Write a long story about a dragon who learns to paint.")
     ids = llama.tokenize(prompt.encode(), add_bos=True, special=True)
     greedy = SamplingParams(temperature=0.0)
-    guarded_tps, bare_tps, same = [], [], []
-    with GuardedLlama(llama, client) as g:
+    clients = {"ed25519": GuardClient(ed.target, ed.public_key, step_timeout=5.0), "hmac": GuardClient(hm.target, hm.public_key, step_timeout=5.0)}
+    for c in clients.values():
+        c.wait_ready(30)
+    guarded = {name: GuardedLlama(llama, c) for name, c in clients.items()}
 
-        def unguarded() -> list[int]:
-            return unguarded_greedy(llama, ids, tokens)
+    def run_guarded(g: GuardedLlama) -> list[int]:
+        done = g.complete(ids, max_tokens=tokens, sampling=greedy)
+        if done.error is not None:
+            raise done.error
+        return done.token_ids
 
-        def guarded() -> list[int]:
-            done = g.complete(ids, max_tokens=tokens, sampling=greedy)
-            if done.error is not None:
-                raise done.error
-            return done.token_ids
-
-        for i in range(repeats + 1):  # the first pair warms caches and is not counted
-            llama.reset()
-            t0 = time.perf_counter()
-            a = unguarded()
-            t1 = time.perf_counter()
-            llama.reset()
-            b = guarded()
-            t2 = time.perf_counter()
-            if i:
-                bare_tps.append(len(a) / (t1 - t0))
-                guarded_tps.append(len(b) / (t2 - t1))
-                same.append(a == b)
-    client.close()
-    ratios = [gt / bt for gt, bt in zip(guarded_tps, bare_tps, strict=True)]
-    return {
-        "tokens": tokens,
-        "repeats": repeats,
-        "n_threads": llama.n_threads,
-        "unguarded_tok_s_median": statistics.median(bare_tps),
-        "guarded_tok_s_median": statistics.median(guarded_tps),
-        "guarded_over_unguarded_median": statistics.median(ratios),
-        "overhead_ms_per_token_median": statistics.median(1e3 / g - 1e3 / b for g, b in zip(guarded_tps, bare_tps, strict=True)),
-        "identical_greedy_output": all(same),
+    runs: dict[str, Callable[[], list[int]]] = {
+        "unguarded": lambda: unguarded_greedy(llama, ids, tokens),
+        "ed25519": lambda: run_guarded(guarded["ed25519"]),
+        "hmac": lambda: run_guarded(guarded["hmac"]),
     }
+    tps: dict[str, list[float]] = {k: [] for k in runs}
+    same = True
+    for i in range(repeats + 1):  # the first round warms caches and is not counted
+        outputs = {}
+        for name, fn in runs.items():
+            llama.reset()  # each run evaluates the prompt from scratch
+            t0 = time.perf_counter()
+            outputs[name] = fn()
+            if i:
+                tps[name].append(len(outputs[name]) / (time.perf_counter() - t0))
+        same = same and outputs["ed25519"] == outputs["unguarded"] == outputs["hmac"]
+    for g in guarded.values():
+        g.close()
+    for c in clients.values():
+        c.close()
+    out: dict[str, Any] = {"tokens": tokens, "repeats": repeats, "n_threads": llama.n_threads, "identical_greedy_output": same}
+    for name, values in tps.items():
+        out[f"{name}_tok_s_median"] = statistics.median(values)
+    for name in ("ed25519", "hmac"):
+        pairs = list(zip(tps[name], tps["unguarded"], strict=True))
+        out[f"{name}_over_unguarded_median"] = statistics.median(g / b for g, b in pairs)
+        out[f"{name}_overhead_ms_per_token_median"] = statistics.median(1e3 / g - 1e3 / b for g, b in pairs)
+    return out
 
 
 def _table(title: str, header: list[str], rows: list[list[str]]) -> str:
@@ -209,28 +220,34 @@ def run_bench(args: argparse.Namespace) -> int:
         }
     }
     with tempfile.TemporaryDirectory(prefix="fse-bench-") as tmp:
-        sc = start_local_sidecar(Path(tmp))
+        secret = generate_hmac_key(Path(tmp) / "hmac")
+        (Path(tmp) / "ed").mkdir()
+        (Path(tmp) / "hm").mkdir()
+        ed = start_local_sidecar(Path(tmp) / "ed")
+        hm = start_local_sidecar(Path(tmp) / "hm", keys=(secret, secret))
         try:
             print("transport ...", file=sys.stderr)
-            result["transport"] = bench_transport(sc.target, sc.public_key, args.rounds, max(args.rounds // 10, 50))
+            result["transport"] = bench_transport(ed, hm, args.rounds, max(args.rounds // 10, 50))
             print("metrics ...", file=sys.stderr)
             result["metrics"] = bench_metrics(args.rounds)
             if not args.skip_model:
                 print("model ...", file=sys.stderr)
-                result["model"] = bench_model(sc.target, sc.public_key, args.tokens, args.repeats)
+                result["model"] = bench_model(ed, hm, args.tokens, args.repeats)
         finally:
-            sc.stop()
+            ed.stop()
+            hm.stop()
     t = result["transport"]
     print(
         _table(
             "verdict round trip (µs, p50 / p99; ratio = median of per-round ratios to the echo)",
-            ["vocab", "pace", "echo", "ring", "inline", "ring/echo", "inline/echo"],
+            ["vocab", "pace", "echo", "ring", "ring (hmac)", "inline", "ring/echo", "inline/echo"],
             [
                 [
                     str(r["vocab"]),
                     f"{r['pace_ms']:.0f} ms",
                     f"{r['echo']['p50_us']:.0f} / {r['echo']['p99_us']:.0f}",
                     f"{r['ring']['p50_us']:.0f} / {r['ring']['p99_us']:.0f}",
+                    f"{r['ring_hmac']['p50_us']:.0f} / {r['ring_hmac']['p99_us']:.0f}",
                     f"{r['inline']['p50_us']:.0f} / {r['inline']['p99_us']:.0f}",
                     f"{r['ring_over_echo_median']:.2f}x",
                     f"{r['inline_over_echo_median']:.2f}x",
@@ -255,13 +272,16 @@ def run_bench(args: argparse.Namespace) -> int:
         print()
         print(
             _table(
-                f"SmolLM2-135M, greedy, {m['tokens']} tokens, {m['repeats']} alternating pairs",
-                ["unguarded tok/s", "guarded tok/s", "guarded/unguarded", "overhead ms/token", "same output"],
+                f"SmolLM2-135M, greedy, {m['tokens']} tokens, {m['repeats']} rounds (unguarded, Ed25519, HMAC in turn)",
+                ["unguarded tok/s", "ed25519 tok/s", "ratio", "ms/token", "hmac tok/s", "ratio", "ms/token", "same output"],
                 [[
                     f"{m['unguarded_tok_s_median']:.1f}",
-                    f"{m['guarded_tok_s_median']:.1f}",
-                    f"{m['guarded_over_unguarded_median']:.3f}",
-                    f"{m['overhead_ms_per_token_median']:.2f}",
+                    f"{m['ed25519_tok_s_median']:.1f}",
+                    f"{m['ed25519_over_unguarded_median']:.3f}",
+                    f"{m['ed25519_overhead_ms_per_token_median']:.2f}",
+                    f"{m['hmac_tok_s_median']:.1f}",
+                    f"{m['hmac_over_unguarded_median']:.3f}",
+                    f"{m['hmac_overhead_ms_per_token_median']:.2f}",
                     str(m["identical_greedy_output"]),
                 ]],
             )

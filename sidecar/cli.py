@@ -38,8 +38,13 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _keygen(args: argparse.Namespace) -> int:
-    from .signing import Verifier, generate_keypair
+    from .signing import Verifier, generate_hmac_key, generate_keypair
 
+    if args.algorithm == "hmac-sha256":
+        path = generate_hmac_key(args.out, overwrite=args.force)
+        print(f"HMAC secret: {path} (mode 0600; the sidecar's signing_key_file AND the adapters' key)")
+        print(f"key id:      {Verifier.from_file(path).key_id}")
+        return 0
     priv, pub = generate_keypair(args.out, overwrite=args.force)
     print(f"private key: {priv} (mode 0600; give it to the sidecar as signing_key_file)")
     print(f"public key:  {pub} (give it to the engine adapters)")
@@ -68,8 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--listen", help="override listen (unix:///path.sock or tcp://host:port)")
     s.set_defaults(func=_serve)
 
-    k = sub.add_parser("keygen", help="write an Ed25519 key pair for signing verdicts")
-    k.add_argument("--out", required=True, type=Path, help="directory for fse_signing.key / fse_signing.pub")
+    k = sub.add_parser("keygen", help="write a key for signing verdicts (Ed25519 pair by default)")
+    k.add_argument("--out", required=True, type=Path, help="directory for fse_signing.key / fse_signing.pub (or fse_hmac.key)")
+    k.add_argument("--algorithm", choices=["ed25519", "hmac-sha256"], default="ed25519", help="default: ed25519")
     k.add_argument("--force", action="store_true", help="replace an existing key pair")
     k.set_defaults(func=_keygen)
 

@@ -116,7 +116,7 @@ async def serve(config: SidecarConfig, signer: Signer, ready: asyncio.Event | No
     hs = server._fse_health  # type: ignore[attr-defined]
     await hs.set("", health_pb2.HealthCheckResponse.SERVING)
     await hs.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-    log.info("fse-sidecar serving on %s (pid %d, key %s)", bound, os.getpid(), signer.key_id)
+    log.info("fse-sidecar serving on %s (pid %d, %s key %s)", bound, os.getpid(), signer.algorithm, signer.key_id)
     if ready is not None:
         ready.set()
     try:

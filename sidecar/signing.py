@@ -1,15 +1,26 @@
-"""Ed25519 verdict signatures over a canonical encoding (never the protobuf bytes).
+"""Verdict signatures over a canonical encoding (never the protobuf bytes).
 
-Keys live in PEM files made by ``fse-sidecar keygen``: the private key (PKCS#8, mode
-0600) stays with the sidecar, the public key goes to the adapters out of band. There is
-no default key, and key material is never logged; only its ``key_id`` (the first 8 bytes
-of SHA-256 over the raw public key, hex) appears in verdicts and logs.
+Two schemes (DESIGN §2), chosen by the key file the sidecar is given:
+
+- **Ed25519** (default): ``fse-sidecar keygen`` writes a PEM private key (PKCS#8, mode
+  0600) for the sidecar and a PEM public key for the adapters. An adapter holding only
+  the public key cannot forge verdicts.
+- **HMAC-SHA256**: ``fse-sidecar keygen --algorithm hmac-sha256`` writes one secret
+  (mode 0600) that both sides hold. About 100x cheaper per verdict than Ed25519 (see
+  ``fse-sidecar bench``), for deployments where the engine is as trusted as the sidecar.
+
+There is no default key, and key material is never logged; only a ``key_id`` (8 bytes of
+SHA-256, hex: over the raw public key, or over a domain tag and the secret) appears in
+verdicts and logs.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import os
+import secrets
+from abc import ABC, abstractmethod
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
@@ -20,14 +31,12 @@ from . import canonical as cb
 from ._pb.fse.v1 import guard_pb2 as pb
 from .errors import SigningKeyError
 
+ALGORITHMS = ("ed25519", "hmac-sha256")
 PRIVATE_NAME = "fse_signing.key"
 PUBLIC_NAME = "fse_signing.pub"
+HMAC_NAME = "fse_hmac.key"
+HMAC_HEADER = b"FSE-HMAC-SHA256 "
 KEYGEN_HINT = "make a key pair with: fse-sidecar keygen --out DIR (then set signing_key_file: DIR/fse_signing.key)"
-
-
-def key_id(public: Ed25519PublicKey) -> str:
-    raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return hashlib.sha256(raw).hexdigest()[:16]
 
 
 def verdict_bytes(v: pb.Verdict) -> bytes:
@@ -63,74 +72,155 @@ def verdict_bytes(v: pb.Verdict) -> bytes:
     return b"".join(parts)
 
 
-class Signer:
-    def __init__(self, private: Ed25519PrivateKey) -> None:
-        self._private = private
-        self.key_id = key_id(private.public_key())
+class Signer(ABC):
+    """Sidecar side: sets ``key_id`` and ``signature`` on a verdict."""
 
-    @classmethod
-    def from_file(cls, path: str | os.PathLike[str] | None) -> Signer:
+    algorithm: str
+    key_id: str
+
+    @abstractmethod
+    def _tag(self, data: bytes) -> bytes: ...
+
+    def sign(self, v: pb.Verdict) -> None:
+        v.key_id = self.key_id
+        v.signature = self._tag(verdict_bytes(v))
+
+    @staticmethod
+    def from_file(path: str | os.PathLike[str] | None) -> Signer:
+        """The signer for a key file: an Ed25519 PEM private key or an HMAC secret."""
         if path is None:
             raise SigningKeyError(f"no signing key configured (signing_key_file); {KEYGEN_HINT}")
-        p = Path(path)
-        try:
-            data = p.read_bytes()
-        except OSError as exc:
-            raise SigningKeyError(f"cannot read signing key {p}: {exc.strerror}; {KEYGEN_HINT}") from None
+        p, data = _read(path, "signing key")
+        if data.startswith(HMAC_HEADER):
+            return HmacKey(_hmac_secret(p, data))
         try:
             key = serialization.load_pem_private_key(data, password=None)
         except (ValueError, TypeError):
-            raise SigningKeyError(f"{p} is not an unencrypted PEM private key; {KEYGEN_HINT}") from None
+            raise SigningKeyError(f"{p} is neither an unencrypted PEM private key nor an fse HMAC key; {KEYGEN_HINT}") from None
         if not isinstance(key, Ed25519PrivateKey):
             raise SigningKeyError(f"{p} holds a {type(key).__name__}, an Ed25519 key is required; {KEYGEN_HINT}")
-        return cls(key)
-
-    def sign(self, v: pb.Verdict) -> None:
-        """Set ``v.key_id`` and ``v.signature`` in place."""
-        v.key_id = self.key_id
-        v.signature = self._private.sign(verdict_bytes(v))
+        return Ed25519Signer(key)
 
 
-class Verifier:
-    def __init__(self, public: Ed25519PublicKey) -> None:
-        self._public = public
-        self.key_id = key_id(public)
+class Verifier(ABC):
+    """Adapter side: checks a verdict's signature."""
 
-    @classmethod
-    def from_file(cls, path: str | os.PathLike[str]) -> Verifier:
-        p = Path(path)
-        try:
-            key = serialization.load_pem_public_key(p.read_bytes())
-        except OSError as exc:
-            raise SigningKeyError(f"cannot read public key {p}: {exc.strerror}") from None
-        except (ValueError, TypeError):
-            raise SigningKeyError(f"{p} is not a PEM public key") from None
-        if not isinstance(key, Ed25519PublicKey):
-            raise SigningKeyError(f"{p} holds a {type(key).__name__}, an Ed25519 public key is required")
-        return cls(key)
+    algorithm: str
+    key_id: str
+
+    @abstractmethod
+    def _check(self, data: bytes, signature: bytes) -> bool: ...
 
     def verify(self, v: pb.Verdict) -> bool:
+        return self._check(verdict_bytes(v), v.signature)
+
+    @staticmethod
+    def from_file(path: str | os.PathLike[str]) -> Verifier:
+        """The verifier for a key file: an Ed25519 PEM public key or an HMAC secret."""
+        p, data = _read(path, "verification key")
+        if data.startswith(HMAC_HEADER):
+            return HmacKey(_hmac_secret(p, data))
         try:
-            self._public.verify(v.signature, verdict_bytes(v))
+            key = serialization.load_pem_public_key(data)
+        except (ValueError, TypeError):
+            raise SigningKeyError(f"{p} is neither a PEM public key nor an fse HMAC key") from None
+        if not isinstance(key, Ed25519PublicKey):
+            raise SigningKeyError(f"{p} holds a {type(key).__name__}, an Ed25519 public key is required")
+        return Ed25519Verifier(key)
+
+
+def ed25519_key_id(public: Ed25519PublicKey) -> str:
+    raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+class Ed25519Signer(Signer):
+    algorithm = "ed25519"
+
+    def __init__(self, private: Ed25519PrivateKey) -> None:
+        self._private = private
+        self.key_id = ed25519_key_id(private.public_key())
+
+    def _tag(self, data: bytes) -> bytes:
+        return self._private.sign(data)
+
+
+class Ed25519Verifier(Verifier):
+    algorithm = "ed25519"
+
+    def __init__(self, public: Ed25519PublicKey) -> None:
+        self._public = public
+        self.key_id = ed25519_key_id(public)
+
+    def _check(self, data: bytes, signature: bytes) -> bool:
+        try:
+            self._public.verify(signature, data)
         except InvalidSignature:
             return False
         return True
 
 
+class HmacKey(Signer, Verifier):
+    """A shared HMAC-SHA256 secret: signs on the sidecar, verifies on the adapter."""
+
+    algorithm = "hmac-sha256"
+
+    def __init__(self, secret: bytes) -> None:
+        if len(secret) < 32:
+            raise SigningKeyError(f"an HMAC secret needs at least 32 bytes, got {len(secret)}")
+        self._secret = secret
+        self.key_id = hashlib.sha256(b"fse.v1.hmac-key-id" + secret).hexdigest()[:16]
+
+    def _tag(self, data: bytes) -> bytes:
+        return hmac.digest(self._secret, data, "sha256")
+
+    def _check(self, data: bytes, signature: bytes) -> bool:
+        return hmac.compare_digest(hmac.digest(self._secret, data, "sha256"), signature)
+
+
+def _read(path: str | os.PathLike[str], what: str) -> tuple[Path, bytes]:
+    p = Path(path)
+    try:
+        return p, p.read_bytes()
+    except OSError as exc:
+        raise SigningKeyError(f"cannot read {what} {p}: {exc.strerror}; {KEYGEN_HINT}") from None
+
+
+def _hmac_secret(p: Path, data: bytes) -> bytes:
+    try:
+        return bytes.fromhex(data[len(HMAC_HEADER) :].decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError):
+        raise SigningKeyError(f"{p}: an fse HMAC key is 'FSE-HMAC-SHA256 <hex secret>'") from None
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.chmod(path, 0o600)
+
+
 def generate_keypair(out_dir: str | os.PathLike[str], overwrite: bool = False) -> tuple[Path, Path]:
-    """Write a fresh key pair; the private key is created with mode 0600."""
+    """Write a fresh Ed25519 key pair; the private key is created with mode 0600."""
     d = Path(out_dir)
     d.mkdir(parents=True, exist_ok=True)
     priv_path, pub_path = d / PRIVATE_NAME, d / PUBLIC_NAME
     if not overwrite and (priv_path.exists() or pub_path.exists()):
         raise SigningKeyError(f"{priv_path} or {pub_path} already exists; pass --force to replace them")
     key = Ed25519PrivateKey.generate()
-    priv = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    pub = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-    fd = os.open(priv_path, flags, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(priv)
-    os.chmod(priv_path, 0o600)
-    pub_path.write_bytes(pub)
+    _write_private(
+        priv_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    pub_path.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
     return priv_path, pub_path
+
+
+def generate_hmac_key(out_dir: str | os.PathLike[str], overwrite: bool = False) -> Path:
+    """Write a fresh 32-byte HMAC secret (mode 0600), for both the sidecar and the adapters."""
+    d = Path(out_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / HMAC_NAME
+    if not overwrite and path.exists():
+        raise SigningKeyError(f"{path} already exists; pass --force to replace it")
+    _write_private(path, HMAC_HEADER + secrets.token_hex(32).encode("ascii") + b"\n")
+    return path

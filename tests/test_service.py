@@ -227,3 +227,19 @@ def test_bad_config_stops_start_up_naming_the_field(tmp_path, keys) -> None:
     cfg.write_text(f"signing_key_file: {keys.private}\npolicies:\n  default:\n    guards:\n      entropy: {{enabled: yes, threshold: lots}}\n")
     r = subprocess.run([sys.executable, "-m", "sidecar", "serve", "--config", str(cfg)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "policies.default.guards.entropy.threshold" in r.stderr
+
+
+def test_hmac_signed_sidecar_and_adapter_agree(tmp_path, start_sidecar) -> None:
+    from sidecar.signing import generate_hmac_key
+
+    from .conftest import Keys
+
+    secret = generate_hmac_key(tmp_path / "hmac")
+    sc = start_sidecar(signing=Keys(secret, secret))
+    c = GuardClient(sc.target, secret)
+    c.wait_ready()
+    digest = c.register_vocabulary(VOCAB)
+    with RingWriter.create(slots=1, vocab_size=V) as ring:
+        s = c.open_session(digest, SamplingParams(), ring=ring)
+        assert [s.step(peaked(t)).token_id for t in (10, 20)] == [10, 20]
+    c.close()

@@ -7,7 +7,7 @@ import pytest
 from sidecar import audit
 from sidecar._pb.fse.v1 import guard_pb2 as pb
 from sidecar.errors import SigningKeyError
-from sidecar.signing import Signer, Verifier, generate_keypair, verdict_bytes
+from sidecar.signing import HmacKey, Signer, Verifier, generate_hmac_key, generate_keypair, verdict_bytes
 
 
 def verdict() -> pb.Verdict:
@@ -74,7 +74,7 @@ def test_missing_or_wrong_key_files_say_how_to_make_one(tmp_path) -> None:
     with pytest.raises(SigningKeyError, match="cannot read signing key"):
         Signer.from_file(tmp_path / "nope.key")
     (tmp_path / "junk.key").write_text("not a key")
-    with pytest.raises(SigningKeyError, match="not an unencrypted PEM"):
+    with pytest.raises(SigningKeyError, match="neither an unencrypted PEM private key nor an fse HMAC key"):
         Signer.from_file(tmp_path / "junk.key")
 
 
@@ -87,3 +87,34 @@ def test_chain_links_each_frame_to_the_previous_hash() -> None:
     assert audit.chain_next(g, audit.frame_bytes("s", 0, 6, 1, 1, [])) != h1
     with pytest.raises(ValueError, match="32 bytes"):
         audit.chain_next(b"short", f1)
+
+
+def test_hmac_key_signs_and_verifies_and_detects_changes(tmp_path) -> None:
+    path = generate_hmac_key(tmp_path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    signer, verifier = Signer.from_file(path), Verifier.from_file(path)
+    assert isinstance(signer, HmacKey) and signer.algorithm == "hmac-sha256"
+    v = verdict()
+    signer.sign(v)
+    assert verifier.verify(v) and len(v.signature) == 32 and v.key_id == verifier.key_id
+    v.token_id += 1
+    assert not verifier.verify(v)
+
+
+def test_hmac_with_another_secret_or_an_ed25519_key_does_not_verify(tmp_path, keys) -> None:
+    a, b = generate_hmac_key(tmp_path / "a"), generate_hmac_key(tmp_path / "b")
+    v = verdict()
+    Signer.from_file(a).sign(v)
+    assert not Verifier.from_file(b).verify(v)
+    assert Verifier.from_file(a).key_id != Verifier.from_file(b).key_id
+    assert not Verifier.from_file(keys.public).verify(v)  # an HMAC tag is no Ed25519 signature
+
+
+def test_malformed_hmac_keys_are_refused(tmp_path) -> None:
+    p = tmp_path / "k"
+    p.write_bytes(b"FSE-HMAC-SHA256 not-hex\n")
+    with pytest.raises(SigningKeyError, match="<hex secret>"):
+        Signer.from_file(p)
+    p.write_bytes(b"FSE-HMAC-SHA256 " + b"ab" * 8 + b"\n")
+    with pytest.raises(SigningKeyError, match="at least 32 bytes"):
+        Verifier.from_file(p)

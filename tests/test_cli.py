@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+import stat
+import subprocess
+import sys
+
+import pytest
+
+from sidecar.cli import main
+
+
+def fse(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "sidecar", *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("command", ["serve", "demo", "bench", "keygen"])
+def test_every_command_has_help(command: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0
+    assert command in capsys.readouterr().out
+
+
+def test_keygen_writes_keys_and_refuses_to_overwrite(tmp_path) -> None:
+    r = fse("keygen", "--out", str(tmp_path))
+    assert r.returncode == 0 and "key id:" in r.stdout
+    assert stat.S_IMODE((tmp_path / "fse_signing.key").stat().st_mode) == 0o600
+    again = fse("keygen", "--out", str(tmp_path))
+    assert again.returncode == 2 and "already exists" in again.stderr and "--force" in again.stderr
+    h = fse("keygen", "--out", str(tmp_path), "--algorithm", "hmac-sha256")
+    assert h.returncode == 0 and (tmp_path / "fse_hmac.key").read_text().startswith("FSE-HMAC-SHA256 ")
+
+
+def test_unknown_command_is_a_usage_error() -> None:
+    r = fse("frobnicate")
+    assert r.returncode == 2 and "invalid choice" in r.stderr
