@@ -316,6 +316,8 @@ class GuardedSession:
             self.dead = GuardUnavailable("session closed")
         self._shutdown()
         try:
-            return self.client._stub.CloseSession(pb.CloseSessionRequest(session_id=self.session_id), timeout=self.client.rpc_timeout)
+            return self.client._stub.CloseSession(
+                pb.CloseSessionRequest(session_id=self.session_id), timeout=self.client.rpc_timeout
+            )
         except grpc.RpcError:
             return None

@@ -102,7 +102,7 @@ class _Run:
     session: GuardedSession
     verdicts: dict[int, pb.Verdict] = field(default_factory=dict)
     latencies: dict[int, float] = field(default_factory=dict)
-    failure: Exception | None = None
+    failure: BaseException | None = None
     step: int = 0
 
     def processor(self, input_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:

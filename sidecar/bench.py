@@ -61,6 +61,17 @@ def _interleave(fns: dict[str, Callable[[], object]], rounds: int, pace_s: float
     return times
 
 
+def _transport_calls(echo: Any, sessions: dict[str, Any], pool: list[np.ndarray]) -> dict[str, Callable[[], object]]:
+    """One call per transport; each step cycles through ``pool`` so rows differ."""
+    msg = pb.EchoMessage(payload=b"\0" * 64)
+    counter = iter(range(1 << 62))
+
+    def stepper(session: Any) -> Callable[[], object]:
+        return lambda: session.step(pool[next(counter) % len(pool)])
+
+    return {"echo": lambda: echo.roundtrip(msg, 5.0, "echo"), **{name: stepper(s) for name, s in sessions.items()}}
+
+
 def bench_transport(ed: LocalSidecar, hm: LocalSidecar, rounds: int, paced_rounds: int) -> list[dict[str, Any]]:
     from engine_adapters.client import GuardClient, StreamCall
 
@@ -79,24 +90,15 @@ def bench_transport(ed: LocalSidecar, hm: LocalSidecar, rounds: int, paced_round
         pool = [(rng.standard_normal(vocab) * 3).astype(np.float32) for _ in range(8)]
         for pace_ms, n in ((0.0, rounds), (7.0, paced_rounds)):
             with RingWriter.create(slots=2, vocab_size=vocab) as ring, RingWriter.create(slots=2, vocab_size=vocab) as hring:
-                ring_s = client.open_session(digest, SAMPLING, ring=ring)
-                hmac_s = hclient.open_session(digest, SAMPLING, ring=hring)
-                inline_s = client.open_session(digest, SAMPLING)
+                sessions = {
+                    "ring": client.open_session(digest, SAMPLING, ring=ring),
+                    "ring_hmac": hclient.open_session(digest, SAMPLING, ring=hring),
+                    "inline": client.open_session(digest, SAMPLING),
+                }
                 echo = StreamCall(client._stub.Echo)
-                msg = pb.EchoMessage(payload=b"\0" * 64)
-                k = iter(range(1 << 62))
-                t = _interleave(
-                    {
-                        "echo": lambda: echo.roundtrip(msg, 5.0, "echo"),
-                        "ring": lambda: ring_s.step(pool[next(k) % 8]),
-                        "ring_hmac": lambda: hmac_s.step(pool[next(k) % 8]),
-                        "inline": lambda: inline_s.step(pool[next(k) % 8]),
-                    },
-                    n,
-                    pace_ms / 1e3,
-                )
+                t = _interleave(_transport_calls(echo, sessions, pool), n, pace_ms / 1e3)
                 echo.close()
-                for sess in (ring_s, hmac_s, inline_s):
+                for sess in sessions.values():
                     sess.close()
             ratio = [r / e for r, e in zip(t["ring"], t["echo"], strict=True)]
             ratio_inline = [r / e for r, e in zip(t["inline"], t["echo"], strict=True)]
@@ -123,19 +125,16 @@ def bench_metrics(reps: int) -> list[dict[str, Any]]:
     for vocab in (32768, 49152, 131072):
         x = (rng.standard_normal(vocab) * 3).astype(np.float32)
 
-        def metrics(x: np.ndarray = x) -> None:
-            st = row_stats(x)
-            candidate(x, st, 7)
+        def exp_pass(x: np.ndarray = x) -> object:
+            return np.exp(x)
 
-        t = _interleave(
-            {
-                "exp_pass": lambda x=x: np.exp(x),
-                "metrics": metrics,
-                "partition_top2": lambda x=x: np.partition(x, x.shape[0] - 2)[-2:],
-            },
-            reps,
-            0.0,
-        )
+        def metrics(x: np.ndarray = x) -> object:
+            return candidate(x, row_stats(x), 7)
+
+        def partition_top2(x: np.ndarray = x) -> object:
+            return np.partition(x, x.shape[0] - 2)[-2:]
+
+        t = _interleave({"exp_pass": exp_pass, "metrics": metrics, "partition_top2": partition_top2}, reps, 0.0)
         ratio = [m / e for m, e in zip(t["metrics"], t["exp_pass"], strict=True)]
         rows.append(
             {
@@ -159,7 +158,10 @@ def bench_model(ed: LocalSidecar, hm: LocalSidecar, tokens: int, repeats: int) -
     prompt = CHAT.format("Write a long story about a dragon who learns to paint.")
     ids = llama.tokenize(prompt.encode(), add_bos=True, special=True)
     greedy = SamplingParams(temperature=0.0)
-    clients = {"ed25519": GuardClient(ed.target, ed.public_key, step_timeout=5.0), "hmac": GuardClient(hm.target, hm.public_key, step_timeout=5.0)}
+    clients = {
+        "ed25519": GuardClient(ed.target, ed.public_key, step_timeout=5.0),
+        "hmac": GuardClient(hm.target, hm.public_key, step_timeout=5.0),
+    }
     for c in clients.values():
         c.wait_ready(30)
     guarded = {name: GuardedLlama(llama, c) for name, c in clients.items()}
@@ -262,7 +264,13 @@ def run_bench(args: argparse.Namespace) -> int:
             "metrics of one row (µs, p50)",
             ["vocab", "exp pass", "metrics", "metrics/exp", "np.partition top-2"],
             [
-                [str(r["vocab"]), f"{r['exp_pass_us']:.1f}", f"{r['metrics_us']:.1f}", f"{r['metrics_over_exp_median']:.2f}x", f"{r['partition_top2_us']:.1f}"]
+                [
+                    str(r["vocab"]),
+                    f"{r['exp_pass_us']:.1f}",
+                    f"{r['metrics_us']:.1f}",
+                    f"{r['metrics_over_exp_median']:.2f}x",
+                    f"{r['partition_top2_us']:.1f}",
+                ]
                 for r in result["metrics"]
             ],
         )
@@ -274,16 +282,18 @@ def run_bench(args: argparse.Namespace) -> int:
             _table(
                 f"SmolLM2-135M, greedy, {m['tokens']} tokens, {m['repeats']} rounds (unguarded, Ed25519, HMAC in turn)",
                 ["unguarded tok/s", "ed25519 tok/s", "ratio", "ms/token", "hmac tok/s", "ratio", "ms/token", "same output"],
-                [[
-                    f"{m['unguarded_tok_s_median']:.1f}",
-                    f"{m['ed25519_tok_s_median']:.1f}",
-                    f"{m['ed25519_over_unguarded_median']:.3f}",
-                    f"{m['ed25519_overhead_ms_per_token_median']:.2f}",
-                    f"{m['hmac_tok_s_median']:.1f}",
-                    f"{m['hmac_over_unguarded_median']:.3f}",
-                    f"{m['hmac_overhead_ms_per_token_median']:.2f}",
-                    str(m["identical_greedy_output"]),
-                ]],
+                [
+                    [
+                        f"{m['unguarded_tok_s_median']:.1f}",
+                        f"{m['ed25519_tok_s_median']:.1f}",
+                        f"{m['ed25519_over_unguarded_median']:.3f}",
+                        f"{m['ed25519_overhead_ms_per_token_median']:.2f}",
+                        f"{m['hmac_tok_s_median']:.1f}",
+                        f"{m['hmac_over_unguarded_median']:.3f}",
+                        f"{m['hmac_overhead_ms_per_token_median']:.2f}",
+                        str(m["identical_greedy_output"]),
+                    ]
+                ],
             )
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -13,13 +13,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from ._pb.fse.v1 import guard_pb2 as pb
 from .errors import FseError, GuardAbort
-from .sampling import SamplingParams
 from .launch import start_local_sidecar
+from .sampling import SamplingParams
 
 CHAT = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
 # The demo turns on seed 000's surprise guards on top of the defaults so that a heal is
@@ -65,7 +66,8 @@ def run_demo(args: argparse.Namespace) -> int:
                 raise
             llama = load_llama(args.model)
             with GuardedLlama(llama, client) as guarded:
-                print(f"model: {Path(llama.model_path).name}  vocab {len(guarded.vocab)}  sidecar pid {sc.proc.pid}  key {client.verifier.key_id}")
+                model = Path(llama.model_path).name
+                print(f"model: {model}  vocab {len(guarded.vocab)}  sidecar pid {sc.proc.pid}  key {client.verifier.key_id}")
                 print(f"prompt: {args.prompt!r}")
                 print(
                     f"sampling: T={sampling.temperature} top_k={sampling.top_k} top_p={sampling.top_p} "
@@ -78,12 +80,7 @@ def run_demo(args: argparse.Namespace) -> int:
                 try:
                     for tok in guarded.generate(CHAT.format(args.prompt), max_tokens=args.max_tokens, sampling=sampling):
                         tokens.append(tok)
-                        m = tok.verdict.metrics
-                        print(
-                            f"{tok.step:>4}  {tok.text.decode('utf-8', 'replace')!r:<16} {DECISION[tok.verdict.decision]:<8} "
-                            f"{m.entropy_nats:7.3f} {m.neg_logprob_nats:7.3f} {m.margin:7.3f} {m.running_ppl:8.2f}  {BAND[tok.verdict.band]}"
-                            + (f"   <- {', '.join(r.detail for r in tok.verdict.reasons)}" if tok.verdict.reasons else "")
-                        )
+                        print(_token_line(tok))
                 except FseError as exc:
                     error = exc
                 elapsed = time.perf_counter() - t0
@@ -95,6 +92,15 @@ def run_demo(args: argparse.Namespace) -> int:
     return 1 if error is not None and not isinstance(error, GuardAbort) else 0
 
 
+def _token_line(tok: Any) -> str:
+    v, m = tok.verdict, tok.verdict.metrics
+    line = (
+        f"{tok.step:>4}  {tok.text.decode('utf-8', 'replace')!r:<16} {DECISION[v.decision]:<8} "
+        f"{m.entropy_nats:7.3f} {m.neg_logprob_nats:7.3f} {m.margin:7.3f} {m.running_ppl:8.2f}  {BAND[v.band]}"
+    )
+    return line + (f"   <- {', '.join(r.detail for r in v.reasons)}" if v.reasons else "")
+
+
 def _summary(tokens: list, error: FseError | None, elapsed: float) -> None:
     text = b"".join(t.text for t in tokens).decode("utf-8", "replace")
     counts = {name: sum(1 for t in tokens if DECISION[t.verdict.decision] == name) for name in ("ACCEPT", "HEALED")}
@@ -104,7 +110,11 @@ def _summary(tokens: list, error: FseError | None, elapsed: float) -> None:
     if tokens:
         print(f"  entropy  {spark(entropy, max(max(entropy), 1e-9))}  max {max(entropy):.2f} nats")
         print(f"  -log p   {spark(nlp, max(max(nlp), 1e-9))}  max {max(nlp):.2f} nats")
-        print("  verdict  " + "".join("H" if t.verdict.decision == pb.DECISION_HEALED else "·" for t in tokens) + ("X" if error else ""))
+        print(
+            "  verdict  "
+            + "".join("H" if t.verdict.decision == pb.DECISION_HEALED else "·" for t in tokens)
+            + ("X" if error else "")
+        )
     print(f"\ntext: {text!r}")
     last = tokens[-1].verdict if tokens else None
     ppl = f"{last.metrics.running_ppl:.2f} ({BAND[last.band]})" if last else "n/a"

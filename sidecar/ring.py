@@ -107,11 +107,13 @@ class RingWriter:
     def __init__(self, name: str, layout: RingLayout) -> None:
         self.layout = layout
         try:
-            self._shm = shared_memory.SharedMemory(name=name, create=True, size=layout.total_size)
+            shm = shared_memory.SharedMemory(name=name, create=True, size=layout.total_size)
         except FileExistsError:
             raise RingError(f"shared memory {name!r} already exists") from None
-        self.name = self._shm.name
-        buf = self._shm.buf
+        self._shm: shared_memory.SharedMemory | None = shm
+        self.name = shm.name
+        buf = shm.buf
+        assert buf is not None  # a fresh mapping
         buf[:HEADER_SIZE] = bytes(HEADER_SIZE)
         _HEADER.pack_into(
             buf,
@@ -134,9 +136,7 @@ class RingWriter:
         self._free = list(range(layout.slot_count - 1, -1, -1))
 
     @classmethod
-    def create(
-        cls, name: str | None = None, *, slots: int = 4, rows: int = 1, vocab_size: int, dtype: str = "f32"
-    ) -> RingWriter:
+    def create(cls, name: str | None = None, *, slots: int = 4, rows: int = 1, vocab_size: int, dtype: str = "f32") -> RingWriter:
         if dtype not in DTYPE_CODES:
             raise RingLayoutError(f"ring dtype must be one of {sorted(DTYPE_CODES)}, got {dtype!r}")
         if name is None:
@@ -228,10 +228,12 @@ class RingReader:
             shm = shared_memory.SharedMemory(name=name, create=False)
         except FileNotFoundError:
             raise RingError(f"no shared-memory ring named {name!r} (is the engine's ring in the same /dev/shm?)") from None
-        self._shm = shm
+        self._shm: shared_memory.SharedMemory | None = shm
         self.name = name
+        buf = shm.buf
+        assert buf is not None  # a fresh mapping
         try:
-            self.layout, owner = self._parse_header(shm.buf, shm.size)
+            self.layout, owner = self._parse_header(buf, shm.size)
         except RingLayoutError:
             shm.close()
             raise
@@ -240,7 +242,7 @@ class RingReader:
             # would unlink the engine's ring when this process exits: the owner unlinks.
             with contextlib.suppress(Exception):
                 resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
-        self._seq, self._n_rows, self._tags, self._rows = _slot_views(shm.buf, self.layout)
+        self._seq, self._n_rows, self._tags, self._rows = _slot_views(buf, self.layout)
 
     @staticmethod
     def _parse_header(buf: memoryview, size: int) -> tuple[RingLayout, int]:

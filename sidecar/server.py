@@ -38,7 +38,9 @@ class GuardServicer(pb_grpc.GuardServiceServicer):
     def __init__(self, service: GuardService) -> None:
         self.service = service
 
-    async def RegisterVocabulary(self, request: pb.RegisterVocabularyRequest, context: grpc.aio.ServicerContext) -> pb.RegisterVocabularyResponse:
+    async def RegisterVocabulary(
+        self, request: pb.RegisterVocabularyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RegisterVocabularyResponse:
         try:
             v = self.service.register_vocabulary(list(request.tokens))
         except FseError as exc:
@@ -75,11 +77,15 @@ class GuardServicer(pb_grpc.GuardServiceServicer):
                 error=pb.StepError(session_id=req.session_id, step=req.step, code=_code(exc).value[0], message=str(exc))
             )
 
-    async def Steps(self, request_iterator: AsyncIterator[pb.StepRequest], context: grpc.aio.ServicerContext) -> AsyncIterator[pb.StepResponse]:
+    async def Steps(
+        self, request_iterator: AsyncIterator[pb.StepRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.StepResponse]:
         async for req in request_iterator:
             yield self._step(req)
 
-    async def Echo(self, request_iterator: AsyncIterator[pb.EchoMessage], context: grpc.aio.ServicerContext) -> AsyncIterator[pb.EchoMessage]:
+    async def Echo(
+        self, request_iterator: AsyncIterator[pb.EchoMessage], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.EchoMessage]:
         async for msg in request_iterator:
             yield msg
 

@@ -11,6 +11,7 @@ import itertools
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 
@@ -18,14 +19,14 @@ from ._pb.fse.v1 import guard_pb2 as pb
 from .config import SidecarConfig
 from .errors import DuplicateSession, RowError, SessionError, UnknownPolicy, UnknownSession, UnknownVocabulary
 from .guards import health_band
-from .redo import Decision, StepOutcome
+from .redo import StepOutcome
 from .ring import RingReader
 from .sampling import SamplingParams
 from .session import Session
 from .signing import Signer
 from .vocab import Vocabulary
 
-_INLINE_DTYPES = {pb.DTYPE_F32: np.dtype("<f4"), pb.DTYPE_F16: np.dtype("<f2")}
+_INLINE_DTYPES: dict[int, np.dtype] = {pb.DTYPE_F32: np.dtype("<f4"), pb.DTYPE_F16: np.dtype("<f2")}
 
 
 @dataclass
@@ -167,11 +168,13 @@ class GuardService:
         v = pb.Verdict(
             session_id=s.session_id,
             step=step,
-            decision=int(o.decision),
+            decision=cast(pb.Decision, int(o.decision)),
             token_id=o.token,
-            sampler=int(o.sampler or 0),
+            sampler=cast(pb.Sampler, int(o.sampler or 0)),
             reasons=[
-                pb.Reason(code=r.code, value=r.value, threshold=r.threshold, sampler=int(r.sampler), detail=r.detail)
+                pb.Reason(
+                    code=r.code, value=r.value, threshold=r.threshold, sampler=cast(pb.Sampler, int(r.sampler)), detail=r.detail
+                )
                 for r in o.reasons
             ],
             metrics=pb.TokenMetrics(
@@ -186,7 +189,7 @@ class GuardService:
                 varentropy=m.varentropy,
                 running_ppl=m.running_ppl,
             ),
-            band=health_band(m.running_ppl) if o.decision != Decision.ABORT or m.finite else 3,
+            band=cast(pb.HealthBand, health_band(m.running_ppl) if m.finite else pb.HEALTH_BAND_HALT),
             prev_chain_hash=prev,
             chain_hash=chain,
         )

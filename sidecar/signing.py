@@ -92,7 +92,7 @@ class Signer(ABC):
             raise SigningKeyError(f"no signing key configured (signing_key_file); {KEYGEN_HINT}")
         p, data = _read(path, "signing key")
         if data.startswith(HMAC_HEADER):
-            return HmacKey(_hmac_secret(p, data))
+            return HmacSigner(_hmac_secret(p, data))
         try:
             key = serialization.load_pem_private_key(data, password=None)
         except (ValueError, TypeError):
@@ -119,7 +119,7 @@ class Verifier(ABC):
         """The verifier for a key file: an Ed25519 PEM public key or an HMAC secret."""
         p, data = _read(path, "verification key")
         if data.startswith(HMAC_HEADER):
-            return HmacKey(_hmac_secret(p, data))
+            return HmacVerifier(_hmac_secret(p, data))
         try:
             key = serialization.load_pem_public_key(data)
         except (ValueError, TypeError):
@@ -160,19 +160,33 @@ class Ed25519Verifier(Verifier):
         return True
 
 
-class HmacKey(Signer, Verifier):
-    """A shared HMAC-SHA256 secret: signs on the sidecar, verifies on the adapter."""
+def _hmac_key_id(secret: bytes) -> str:
+    if len(secret) < 32:
+        raise SigningKeyError(f"an HMAC secret needs at least 32 bytes, got {len(secret)}")
+    return hashlib.sha256(b"fse.v1.hmac-key-id" + secret).hexdigest()[:16]
+
+
+class HmacSigner(Signer):
+    """The sidecar's half of a shared HMAC-SHA256 secret."""
 
     algorithm = "hmac-sha256"
 
     def __init__(self, secret: bytes) -> None:
-        if len(secret) < 32:
-            raise SigningKeyError(f"an HMAC secret needs at least 32 bytes, got {len(secret)}")
+        self.key_id = _hmac_key_id(secret)
         self._secret = secret
-        self.key_id = hashlib.sha256(b"fse.v1.hmac-key-id" + secret).hexdigest()[:16]
 
     def _tag(self, data: bytes) -> bytes:
         return hmac.digest(self._secret, data, "sha256")
+
+
+class HmacVerifier(Verifier):
+    """The adapter's half of a shared HMAC-SHA256 secret."""
+
+    algorithm = "hmac-sha256"
+
+    def __init__(self, secret: bytes) -> None:
+        self.key_id = _hmac_key_id(secret)
+        self._secret = secret
 
     def _check(self, data: bytes, signature: bytes) -> bool:
         return hmac.compare_digest(hmac.digest(self._secret, data, "sha256"), signature)
@@ -211,7 +225,9 @@ def generate_keypair(out_dir: str | os.PathLike[str], overwrite: bool = False) -
     _write_private(
         priv_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
-    pub_path.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    pub_path.write_bytes(
+        key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
     return priv_path, pub_path
 
 

@@ -31,7 +31,9 @@ class TamperingServicer(pb_grpc.GuardServiceServicer):
 
     def OpenSession(self, request, context):
         s = self.service.open_session(request)
-        return pb.OpenSessionResponse(session_id=s.session_id, session_tag=s.tag, genesis_hash=s.chain_hash, key_id=self.claimed_key_id)
+        return pb.OpenSessionResponse(
+            session_id=s.session_id, session_tag=s.tag, genesis_hash=s.chain_hash, key_id=self.claimed_key_id
+        )
 
     def CloseSession(self, request, context):
         s = self.service.close_session(request.session_id)
@@ -60,9 +62,7 @@ class TamperingServicer(pb_grpc.GuardServiceServicer):
 def start_tampering_server(tmp: Path, trusted: Signer, other: Signer | None, mode: str, from_step: int = 0):
     service = GuardService(SidecarConfig(), trusted)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    pb_grpc.add_GuardServiceServicer_to_server(
-        TamperingServicer(service, mode, from_step, trusted, other), server
-    )
+    pb_grpc.add_GuardServiceServicer_to_server(TamperingServicer(service, mode, from_step, trusted, other), server)
     target = f"unix:{tmp / 'tamper.sock'}"
     server.add_insecure_port(target)
     server.start()

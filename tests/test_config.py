@@ -8,7 +8,12 @@ from sidecar.errors import ConfigError
 
 def test_defaults_follow_the_seeds() -> None:
     g = GuardSet()
-    assert (g.running_ppl.threshold, g.logit_variance.threshold, g.max_prob.threshold, g.l2_norm.threshold) == (400, 0.1, 0.99, 1e4)
+    assert (g.running_ppl.threshold, g.logit_variance.threshold, g.max_prob.threshold, g.l2_norm.threshold) == (
+        400,
+        0.1,
+        0.99,
+        1e4,
+    )
     assert (g.neg_logprob.threshold, g.entropy.threshold, g.rank.threshold, g.margin.threshold) == (6.0, 3.0, 100, 0.01)
     assert g.running_ppl.enabled and g.l2_norm.enabled and g.logit_variance.enabled
 
@@ -16,9 +21,18 @@ def test_defaults_follow_the_seeds() -> None:
 @pytest.mark.parametrize(
     "data, field",
     [
-        ({"policies": {"default": {"guards": {"running_ppl": {"enabled": True, "threshold": "high"}}}}}, "policies.default.guards.running_ppl.threshold"),
-        ({"policies": {"default": {"guards": {"entropy": {"enabled": True, "threshold": float("nan")}}}}}, "policies.default.guards.entropy.threshold"),
-        ({"policies": {"default": {"guards": {"entropyy": {"enabled": True, "threshold": 1}}}}}, "policies.default.guards.entropyy"),
+        (
+            {"policies": {"default": {"guards": {"running_ppl": {"enabled": True, "threshold": "high"}}}}},
+            "policies.default.guards.running_ppl.threshold",
+        ),
+        (
+            {"policies": {"default": {"guards": {"entropy": {"enabled": True, "threshold": float("nan")}}}}},
+            "policies.default.guards.entropy.threshold",
+        ),
+        (
+            {"policies": {"default": {"guards": {"entropyy": {"enabled": True, "threshold": 1}}}}},
+            "policies.default.guards.entropyy",
+        ),
         ({"listen": "localhost"}, "listen"),
         ({"listen": "tcp://host:99999"}, "listen"),
         ({"policies": {"strict": {}}}, "policies 'default'"),

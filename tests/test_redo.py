@@ -11,8 +11,11 @@ from sidecar.redo import Decision, decide, token_metrics
 from sidecar.sampling import SamplingParams
 from sidecar.session import Session
 
-OFF = GuardSet(running_ppl=Guard(enabled=False, threshold=400), logit_variance=Guard(enabled=False, threshold=0.1),
-               l2_norm=Guard(enabled=False, threshold=1e4))
+OFF = GuardSet(
+    running_ppl=Guard(enabled=False, threshold=400),
+    logit_variance=Guard(enabled=False, threshold=0.1),
+    l2_norm=Guard(enabled=False, threshold=1e4),
+)
 
 
 def guards(**on: float) -> GuardSet:
@@ -66,7 +69,9 @@ def test_non_finite_logits_abort_with_a_reason_naming_it(bad: float) -> None:
 def test_seed_001_defaults_trip_on_their_failure_modes() -> None:
     defaults = GuardSet()
     flat = np.zeros(1000, np.float32)  # collapse: variance 0 < 0.1
-    assert "logit_variance" in [t.code for t in evaluate(token_metrics(flat, row_stats(flat), 0, 0.0, 0), defaults, Sampler.NORMAL, 0)]
+    assert "logit_variance" in [
+        t.code for t in evaluate(token_metrics(flat, row_stats(flat), 0, 0.0, 0), defaults, Sampler.NORMAL, 0)
+    ]
     huge = np.random.default_rng(0).standard_normal(1000).astype(np.float32) * 1e3  # L2 ~ 3e4 > 1e4
     assert "l2_norm" in [t.code for t in evaluate(token_metrics(huge, row_stats(huge), 0, 0.0, 0), defaults, Sampler.NORMAL, 0)]
     row = peaked_row()
@@ -115,7 +120,9 @@ def test_steps_out_of_order_and_wrong_row_size_are_refused() -> None:
 
 def test_same_inputs_give_the_same_chain() -> None:
     def run() -> bytes:
-        s = Session(session_id="det", tag=1, vocab_size=1000, params=SamplingParams(temperature=1.0, seed=5), guards=guards(rank=3))
+        s = Session(
+            session_id="det", tag=1, vocab_size=1000, params=SamplingParams(temperature=1.0, seed=5), guards=guards(rank=3)
+        )
         rng = np.random.default_rng(0)
         for step in range(20):
             s.commit(step, s.judge((rng.standard_normal(1000) * 3).astype(np.float32), step))

@@ -130,7 +130,7 @@ def test_slots_are_handed_out_until_released(ring: RingWriter) -> None:
     assert ring.acquire() == 1
 
 
-def _write_in_child(name: str, q: "mp.Queue[int]") -> None:
+def _write_in_child(name: str, q: mp.Queue[int]) -> None:
     w = RingWriter.create(name, slots=1, vocab_size=1000)
     with w.frame(0) as f:
         f.write_row(3, 0, np.arange(1000, dtype=np.float32))

@@ -50,7 +50,9 @@ params_strategy = st.builds(
 
 
 @settings(max_examples=150, deadline=None)
-@given(params=params_strategy, step=st.integers(0, 10_000), seed=st.integers(0, 2**32 - 1), scale=st.sampled_from([0.5, 3.0, 8.0]))
+@given(
+    params=params_strategy, step=st.integers(0, 10_000), seed=st.integers(0, 2**32 - 1), scale=st.sampled_from([0.5, 3.0, 8.0])
+)
 def test_normal_sampler_matches_the_slow_reference(params: SamplingParams, step: int, seed: int, scale: float) -> None:
     rng = np.random.default_rng(seed)
     row = (rng.standard_normal(300) * scale).astype(np.float32)
@@ -107,7 +109,15 @@ def test_repetition_penalty_divides_positive_and_multiplies_negative_logits() ->
 
 @pytest.mark.parametrize(
     "field, value",
-    [("temperature", -0.1), ("top_p", 0.0), ("top_p", 1.5), ("min_p", 1.0), ("repetition_penalty", 0.0), ("top_k", -1), ("seed", -1)],
+    [
+        ("temperature", -0.1),
+        ("top_p", 0.0),
+        ("top_p", 1.5),
+        ("min_p", 1.0),
+        ("repetition_penalty", 0.0),
+        ("top_k", -1),
+        ("seed", -1),
+    ],
 )
 def test_invalid_parameters_are_rejected_naming_the_field(field: str, value: float) -> None:
     with pytest.raises(ConfigError, match=f"sampling.{field}"):

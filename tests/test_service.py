@@ -9,6 +9,7 @@ import time
 import grpc
 import numpy as np
 import pytest
+import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from engine_adapters.client import GuardClient
@@ -113,7 +114,10 @@ def test_status_codes_say_what_went_wrong(sidecar, client) -> None:
     assert code(stub.OpenSession, bad_params) == grpc.StatusCode.INVALID_ARGUMENT
     stub.OpenSession(pb.OpenSessionRequest(vocab_digest=digest, session_id="dup"), timeout=5)
     assert code(stub.OpenSession, pb.OpenSessionRequest(vocab_digest=digest, session_id="dup")) == grpc.StatusCode.ALREADY_EXISTS
-    assert code(stub.OpenSession, pb.OpenSessionRequest(vocab_digest=digest, ring_name="fse-missing")) == grpc.StatusCode.FAILED_PRECONDITION
+    assert (
+        code(stub.OpenSession, pb.OpenSessionRequest(vocab_digest=digest, ring_name="fse-missing"))
+        == grpc.StatusCode.FAILED_PRECONDITION
+    )
     assert code(stub.CloseSession, pb.CloseSessionRequest(session_id="never")) == grpc.StatusCode.NOT_FOUND
     # a step for an unknown session is refused in-band; the stream stays up for the others
     responses = list(stub.Steps(iter([pb.StepRequest(session_id="never", step=0)]), timeout=5))
@@ -217,15 +221,23 @@ def test_adapter_refuses_a_sidecar_signing_with_an_untrusted_key(start_sidecar, 
 def test_sidecar_refuses_to_start_without_a_key_and_says_how_to_make_one(tmp_path) -> None:
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"listen: unix://{tmp_path / 's.sock'}\n")
-    r = subprocess.run([sys.executable, "-m", "sidecar", "serve", "--config", str(cfg)], capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "sidecar", "serve", "--config", str(cfg)], capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 2
     assert "no signing key configured" in r.stderr and "fse-sidecar keygen" in r.stderr
 
 
 def test_bad_config_stops_start_up_naming_the_field(tmp_path, keys) -> None:
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"signing_key_file: {keys.private}\npolicies:\n  default:\n    guards:\n      entropy: {{enabled: yes, threshold: lots}}\n")
-    r = subprocess.run([sys.executable, "-m", "sidecar", "serve", "--config", str(cfg)], capture_output=True, text=True, timeout=60)
+    bad = {
+        "signing_key_file": str(keys.private),
+        "policies": {"default": {"guards": {"entropy": {"enabled": True, "threshold": "lots"}}}},
+    }
+    cfg.write_text(yaml.safe_dump(bad))
+    r = subprocess.run(
+        [sys.executable, "-m", "sidecar", "serve", "--config", str(cfg)], capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 2 and "policies.default.guards.entropy.threshold" in r.stderr
 
 

@@ -7,7 +7,7 @@ import pytest
 from sidecar import audit
 from sidecar._pb.fse.v1 import guard_pb2 as pb
 from sidecar.errors import SigningKeyError
-from sidecar.signing import HmacKey, Signer, Verifier, generate_hmac_key, generate_keypair, verdict_bytes
+from sidecar.signing import HmacSigner, Signer, Verifier, generate_hmac_key, generate_keypair, verdict_bytes
 
 
 def verdict() -> pb.Verdict:
@@ -93,7 +93,7 @@ def test_hmac_key_signs_and_verifies_and_detects_changes(tmp_path) -> None:
     path = generate_hmac_key(tmp_path)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     signer, verifier = Signer.from_file(path), Verifier.from_file(path)
-    assert isinstance(signer, HmacKey) and signer.algorithm == "hmac-sha256"
+    assert isinstance(signer, HmacSigner) and signer.algorithm == "hmac-sha256"
     v = verdict()
     signer.sign(v)
     assert verifier.verify(v) and len(v.signature) == 32 and v.key_id == verifier.key_id
