@@ -66,6 +66,10 @@ class DuplicateSession(SessionError):
     grpc_code = "ALREADY_EXISTS"
 
 
+class TooManySessions(SessionError):
+    grpc_code = "RESOURCE_EXHAUSTED"
+
+
 class RingError(FseError):
     grpc_code = "FAILED_PRECONDITION"
 

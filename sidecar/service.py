@@ -17,7 +17,7 @@ import numpy as np
 
 from ._pb.fse.v1 import guard_pb2 as pb
 from .config import SidecarConfig
-from .errors import DuplicateSession, RowError, SessionError, UnknownPolicy, UnknownSession, UnknownVocabulary
+from .errors import DuplicateSession, RowError, TooManySessions, UnknownPolicy, UnknownSession, UnknownVocabulary
 from .guards import health_band
 from .redo import StepOutcome
 from .ring import RingReader
@@ -70,7 +70,7 @@ class GuardService:
         if sid in self._sessions:
             raise DuplicateSession(f"session {sid!r} is already open")
         if len(self._sessions) >= self.config.max_sessions:
-            raise SessionError(f"max_sessions ({self.config.max_sessions}) sessions are open")
+            raise TooManySessions(f"max_sessions ({self.config.max_sessions}) sessions are open; close one first")
         p = req.sampling
         params = SamplingParams(
             temperature=p.temperature,

@@ -255,3 +255,24 @@ def test_hmac_signed_sidecar_and_adapter_agree(tmp_path, start_sidecar) -> None:
         s = c.open_session(digest, SamplingParams(), ring=ring)
         assert [s.step(peaked(t)).token_id for t in (10, 20)] == [10, 20]
     c.close()
+
+
+def test_sidecar_serves_over_tcp_when_configured(tmp_path, keys) -> None:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"signing_key_file": str(keys.private)}))
+    cmd = [sys.executable, "-m", "sidecar", "serve", "--config", str(cfg), "--listen", f"tcp://127.0.0.1:{port}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        c = GuardClient(f"127.0.0.1:{port}", keys.public)
+        c.wait_ready(timeout=30)
+        digest = c.register_vocabulary(VOCAB)
+        assert c.open_session(digest, SamplingParams()).step(peaked(7)).token_id == 7
+        c.close()
+    finally:
+        proc.terminate()
+        assert proc.wait(10) == 0  # SIGTERM is a clean shutdown

@@ -1,0 +1,56 @@
+"""GuardService without a transport: the logic the gRPC layer maps onto status codes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sidecar._pb.fse.v1 import guard_pb2 as pb
+from sidecar.config import SidecarConfig
+from sidecar.errors import RowError, TooManySessions, UnknownVocabulary, VocabularyError
+from sidecar.service import GuardService
+from sidecar.signing import Signer, Verifier
+
+V = 100
+
+
+@pytest.fixture
+def service(keys) -> GuardService:
+    return GuardService(SidecarConfig(max_sessions=2, max_vocab_size=1000), Signer.from_file(keys.private))
+
+
+def inline(session_id: str, step: int, x: np.ndarray, dtype: int = pb.DTYPE_F32) -> pb.StepRequest:
+    return pb.StepRequest(session_id=session_id, step=step, inline=pb.InlineLogits(data=x.tobytes(), dtype=dtype))
+
+
+def test_vocabulary_limits_are_enforced(service: GuardService) -> None:
+    with pytest.raises(VocabularyError, match="exceeds max_vocab_size 1000"):
+        service.register_vocabulary([b"x"] * 1001)
+    with pytest.raises(UnknownVocabulary, match="RegisterVocabulary first"):
+        service.vocabulary("0" * 64)
+    a = service.register_vocabulary([b"a", b"b"])
+    assert service.register_vocabulary([b"a", b"b"]) is a  # deduplicated by digest
+
+
+def test_session_limit_is_resource_exhausted(service: GuardService) -> None:
+    d = service.register_vocabulary([bytes([i]) for i in range(V)]).digest
+    service.open_session(pb.OpenSessionRequest(vocab_digest=d))
+    service.open_session(pb.OpenSessionRequest(vocab_digest=d))
+    with pytest.raises(TooManySessions) as err:
+        service.open_session(pb.OpenSessionRequest(vocab_digest=d))
+    assert err.value.grpc_code == "RESOURCE_EXHAUSTED"
+
+
+def test_float16_inline_rows_are_judged_and_prompt_ids_are_checked(service: GuardService, keys) -> None:
+    d = service.register_vocabulary([bytes([i]) for i in range(V)]).digest
+    with pytest.raises(RowError, match=r"prompt token ids \[100\]"):
+        service.open_session(pb.OpenSessionRequest(vocab_digest=d, prompt_token_ids=[1, 100]))
+    s = service.open_session(pb.OpenSessionRequest(vocab_digest=d, session_id="half"))
+    x = np.zeros(V, np.float16)
+    x[33] = 9.0
+    v = service.step(inline(s.session_id, 0, x, pb.DTYPE_F16))
+    assert v.token_id == 33 and Verifier.from_file(keys.public).verify(v)
+    with pytest.raises(RowError, match="dtype 0 is not supported"):
+        service.step(inline(s.session_id, 1, x, pb.DTYPE_UNSPECIFIED))
+    with pytest.raises(RowError, match="carries no logits"):
+        service.step(pb.StepRequest(session_id=s.session_id, step=1))
