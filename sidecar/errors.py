@@ -3,6 +3,7 @@
     FseError
     ├── ConfigError            bad configuration; the message names the field
     │   └── UnknownPolicy      a session asked for a policy that is not configured
+    ├── ListenError            the configured address cannot be bound (or is in use)
     ├── SigningKeyError        missing/unreadable/wrong-type key file
     ├── VocabularyError        unknown or malformed vocabulary
     ├── RowError               a logits row that cannot be judged (wrong size, dtype)
@@ -36,6 +37,10 @@ class ConfigError(FseError, ValueError):
 
 class UnknownPolicy(ConfigError):
     grpc_code = "NOT_FOUND"
+
+
+class ListenError(FseError):
+    """The sidecar cannot bind its configured address."""
 
 
 class SigningKeyError(FseError):

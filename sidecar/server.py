@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from ._pb.fse.v1 import guard_pb2 as pb
 from ._pb.fse.v1 import guard_pb2_grpc as pb_grpc
 from .config import SidecarConfig
-from .errors import FseError
+from .errors import FseError, ListenError
 from .service import GuardService
 from .signing import Signer
 
@@ -90,6 +91,23 @@ class GuardServicer(pb_grpc.GuardServiceServicer):
             yield msg
 
 
+def _claim_unix_socket(path: Path) -> None:
+    """Remove a stale socket left by a crashed sidecar, but never a live one."""
+    if not path.exists():
+        if not path.parent.is_dir():
+            raise ListenError(f"cannot listen on {path}: directory {path.parent} does not exist")
+        return
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            path.unlink(missing_ok=True)  # nobody is listening: stale
+            return
+        except OSError as exc:
+            raise ListenError(f"cannot listen on {path}: {exc.strerror}") from None
+    raise ListenError(f"another process is already listening on {path}")
+
+
 def create_server(config: SidecarConfig, signer: Signer) -> tuple[grpc.aio.Server, GuardService, str]:
     """A configured, not yet started server; returns (server, service, bound address)."""
     service = GuardService(config, signer)
@@ -105,12 +123,10 @@ def create_server(config: SidecarConfig, signer: Signer) -> tuple[grpc.aio.Serve
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     address = config.grpc_address()
     if address.startswith("unix:"):
-        path = Path(address[len("unix:") :])
-        if path.exists():
-            path.unlink()  # a stale socket from a crashed sidecar
+        _claim_unix_socket(Path(address[len("unix:") :]))
     port = server.add_insecure_port(address)
     if port == 0:
-        raise OSError(f"cannot listen on {config.listen}")
+        raise ListenError(f"cannot listen on {config.listen}")
     bound = address if address.startswith("unix:") else f"{address.rpartition(':')[0]}:{port}"
     server._fse_health = health_servicer  # type: ignore[attr-defined]
     return server, service, bound

@@ -276,3 +276,26 @@ def test_sidecar_serves_over_tcp_when_configured(tmp_path, keys) -> None:
     finally:
         proc.terminate()
         assert proc.wait(10) == 0  # SIGTERM is a clean shutdown
+
+
+def test_second_sidecar_on_a_live_socket_refuses_and_a_stale_socket_is_reclaimed(sidecar, tmp_path, keys) -> None:
+    import socket
+
+    cfg = tmp_path / "again.yaml"
+    cfg.write_text(yaml.safe_dump({"signing_key_file": str(keys.private), "listen": f"unix://{sidecar.socket}"}))
+    r = subprocess.run(
+        [sys.executable, "-m", "sidecar", "serve", "--config", str(cfg)], capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 2 and "already listening" in r.stderr
+    stale = tmp_path / "stale.sock"
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(stale))  # bound, never listening: what a crashed process leaves behind
+    cfg.write_text(yaml.safe_dump({"signing_key_file": str(keys.private), "listen": f"unix://{stale}"}))
+    proc = subprocess.Popen([sys.executable, "-m", "sidecar", "serve", "--config", str(cfg)])
+    try:
+        c = GuardClient(f"unix:{stale}", keys.public)
+        c.wait_ready(timeout=30)
+        c.close()
+    finally:
+        proc.terminate()
+        proc.wait(10)
