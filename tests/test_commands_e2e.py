@@ -1,0 +1,45 @@
+"""The README's main job and the benchmark, run as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_demo_prints_verdicts_ecg_and_summary() -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "sidecar", "demo", "--max-tokens", "12", "--seed", "3"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = r.stdout.splitlines()
+    token_lines = [ln for ln in lines if ln[:4].strip().isdigit() and ("ACCEPT" in ln or "HEALED" in ln)]
+    assert len(token_lines) >= 1
+    assert any(ln.strip().startswith("entropy") for ln in lines)  # the ECG
+    assert any(ln.startswith("summary:") and "tokens" in ln for ln in lines)
+    assert any(ln.startswith("audit chain head: ") for ln in lines)
+
+
+def test_bench_writes_json_and_prints_tables(tmp_path) -> None:
+    out = tmp_path / "bench.json"
+    r = subprocess.run(
+        [sys.executable, "-m", "sidecar", "bench", "--rounds", "20", "--tokens", "6", "--repeats", "1", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    data = json.loads(out.read_text())
+    assert {row["vocab"] for row in data["transport"]} == {32768, 131072}
+    assert all(row["ring"]["p50_us"] > 0 and row["echo"]["p50_us"] > 0 for row in data["transport"])
+    assert [row["vocab"] for row in data["metrics"]] == [32768, 49152, 131072]
+    assert data["model"]["identical_greedy_output"] is True
+    for table in ("verdict round trip", "metrics of one row", "SmolLM2-135M"):
+        assert table in r.stdout
