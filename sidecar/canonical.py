@@ -25,6 +25,11 @@ def i64(v: int) -> bytes:
     return struct.pack("<q", v)
 
 
+def canonical_float(v: float) -> float:
+    """``v`` with every NaN replaced by the one NaN ``struct`` packs as 0x7ff8000000000000."""
+    return math.nan if v != v else v
+
+
 def f64(v: float) -> bytes:
     return _QNAN if math.isnan(v) else struct.pack("<d", v)
 

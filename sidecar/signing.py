@@ -20,6 +20,7 @@ import hashlib
 import hmac
 import os
 import secrets
+import struct
 from abc import ABC, abstractmethod
 from pathlib import Path
 
@@ -39,32 +40,35 @@ HMAC_HEADER = b"FSE-HMAC-SHA256 "
 KEYGEN_HINT = "make a key pair with: fse-sidecar keygen --out DIR (then set signing_key_file: DIR/fse_signing.key)"
 
 
+# u32 band after the ten metrics; rank is the u64 between neg_logprob and margin.
+_METRICS = struct.Struct("<ddQdddddddI")
+
+
 def verdict_bytes(v: pb.Verdict) -> bytes:
     """Canonical encoding of Verdict fields 1-11 (see proto/fse/v1/VERDICT.md)."""
     m = v.metrics
     parts = [
         b"fse.v1.verdict",
         cb.string(v.session_id),
-        cb.u64(v.step),
-        cb.u32(v.decision),
-        cb.i64(v.token_id),
-        cb.u32(v.sampler),
-        cb.u32(len(v.reasons)),
+        struct.pack("<QIqII", v.step, v.decision, v.token_id, v.sampler, len(v.reasons)),
     ]
     for r in v.reasons:
         parts += [cb.string(r.code), cb.f64(r.value), cb.f64(r.threshold), cb.u32(r.sampler), cb.string(r.detail)]
+    f = cb.canonical_float
     parts += [
-        cb.f64(m.entropy_nats),
-        cb.f64(m.neg_logprob_nats),
-        cb.u64(m.rank),
-        cb.f64(m.margin),
-        cb.f64(m.selected_prob),
-        cb.f64(m.max_prob),
-        cb.f64(m.logit_variance),
-        cb.f64(m.l2_norm),
-        cb.f64(m.varentropy),
-        cb.f64(m.running_ppl),
-        cb.u32(v.band),
+        _METRICS.pack(
+            f(m.entropy_nats),
+            f(m.neg_logprob_nats),
+            m.rank,
+            f(m.margin),
+            f(m.selected_prob),
+            f(m.max_prob),
+            f(m.logit_variance),
+            f(m.l2_norm),
+            f(m.varentropy),
+            f(m.running_ppl),
+            v.band,
+        ),
         cb.blob(v.prev_chain_hash),
         cb.blob(v.chain_hash),
         cb.string(v.key_id),

@@ -118,3 +118,34 @@ def test_malformed_hmac_keys_are_refused(tmp_path) -> None:
     p.write_bytes(b"FSE-HMAC-SHA256 " + b"ab" * 8 + b"\n")
     with pytest.raises(SigningKeyError, match="at least 32 bytes"):
         Verifier.from_file(p)
+
+
+def test_verdict_bytes_follow_the_documented_layout() -> None:
+    """Rebuilt field by field from proto/fse/v1/VERDICT.md, independently of the encoder."""
+    import struct
+
+    v = verdict()
+    v.key_id = "00112233aabbccdd"
+    v.metrics.margin = float("-nan")  # any NaN is written as the one canonical NaN
+    le = lambda fmt, *a: struct.pack("<" + fmt, *a)  # noqa: E731
+    s = lambda t: le("I", len(t.encode())) + t.encode()  # noqa: E731
+    m = v.metrics
+    expected = (
+        b"fse.v1.verdict"
+        + s("s")
+        + le("QIqII", 4, pb.DECISION_HEALED, 17, pb.SAMPLER_STRICT, 1)
+        + s("rank")
+        + le("ddI", 120.0, 100.0, pb.SAMPLER_NORMAL)
+        + s("rank 120 > 100")
+        + le("dd", m.entropy_nats, m.neg_logprob_nats)
+        + le("Q", 0)
+        + bytes.fromhex("000000000000f87f")
+        + le("dddddd", 0.0, 0.0, 0.0, 0.0, 0.0, 3.0)
+        + le("I", pb.HEALTH_BAND_HEALTHY)
+        + le("I", 32)
+        + b"\x01" * 32
+        + le("I", 32)
+        + b"\x02" * 32
+        + s("00112233aabbccdd")
+    )
+    assert verdict_bytes(v) == expected
