@@ -36,7 +36,6 @@ from sidecar.sampling import SamplingParams
 from sidecar.signing import Verifier
 from sidecar.vocab import vocab_digest
 
-DECISION_NAMES = {pb.DECISION_ACCEPT: "ACCEPT", pb.DECISION_HEALED: "HEALED", pb.DECISION_ABORT: "ABORT"}
 _CLOSED = object()
 
 
@@ -157,6 +156,7 @@ class GuardClient:
             options=[("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)],
         )
         self._stub = pb_grpc.GuardServiceStub(self._channel)
+        self._vocab_sizes: dict[str, int] = {}
 
     def wait_ready(self, timeout: float = 10.0) -> None:
         """Block until the sidecar's health service says SERVING."""
@@ -181,6 +181,7 @@ class GuardClient:
         expected = vocab_digest(tokens)
         if r.vocab_digest != expected:
             raise VerdictRejected(f"sidecar registered vocabulary {r.vocab_digest}, expected {expected}")
+        self._vocab_sizes[expected] = len(tokens)
         return r.vocab_digest
 
     def open_session(
@@ -221,7 +222,8 @@ class GuardClient:
             raise VerdictRejected(f"OpenSession answered for session {r.session_id!r}, asked for {sid!r}")
         if r.key_id != self.verifier.key_id:
             raise VerdictRejected(f"sidecar signs with key {r.key_id}, this adapter trusts {self.verifier.key_id}")
-        return GuardedSession(self, sid, r.session_tag, ring)
+        vocab_size = self._vocab_sizes.get(vocab_digest, ring.layout.vocab_size if ring is not None else 0)
+        return GuardedSession(self, sid, r.session_tag, ring, vocab_size)
 
     def close(self) -> None:
         self._channel.close()
@@ -236,8 +238,9 @@ class GuardClient:
 class GuardedSession:
     """One sequence's step stream. Not thread-safe: one engine thread drives it."""
 
-    def __init__(self, client: GuardClient, session_id: str, tag: int, ring: RingWriter | None) -> None:
+    def __init__(self, client: GuardClient, session_id: str, tag: int, ring: RingWriter | None, vocab_size: int) -> None:
         self.client = client
+        self.vocab_size = vocab_size  # 0 when unknown to this client (registered elsewhere)
         self.session_id = session_id
         self.tag = tag
         self.ring = ring
@@ -302,8 +305,7 @@ class GuardedSession:
             raise GuardAbort(f"step {step}: guard aborted the sequence ({why})", v.reasons, step)
         if v.decision not in (pb.DECISION_ACCEPT, pb.DECISION_HEALED):
             raise VerdictRejected(f"step {step}: verdict has decision {v.decision}, not ACCEPT/HEALED/ABORT")
-        vocab = self.ring.layout.vocab_size if self.ring is not None else None
-        if v.token_id < 0 or (vocab is not None and v.token_id >= vocab):
+        if v.token_id < 0 or (self.vocab_size and v.token_id >= self.vocab_size):
             raise VerdictRejected(f"step {step}: verdict token {v.token_id} is outside the vocabulary")
         return v
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import grpc
 
+from sidecar import audit
 from sidecar._pb.fse.v1 import guard_pb2 as pb
 from sidecar._pb.fse.v1 import guard_pb2_grpc as pb_grpc
 from sidecar.config import SidecarConfig
@@ -53,7 +54,12 @@ class TamperingServicer(pb_grpc.GuardServiceServicer):
                     v = self.previous  # replay the previous, validly signed verdict
                 elif self.mode == "other_token":
                     v.token_id = (v.token_id + 1) % 1000
-                if self.mode in ("wrong_session", "other_token"):
+                elif self.mode == "out_of_vocab":
+                    # a consistent chain and a valid signature around an impossible token
+                    v.token_id = self.service.session(req.session_id).vocab_size
+                    frame = audit.frame_bytes(v.session_id, v.step, v.token_id, v.decision, v.sampler, v.reasons)
+                    v.chain_hash = audit.chain_next(v.prev_chain_hash, frame)
+                if self.mode in ("wrong_session", "other_token", "out_of_vocab"):
                     self.resigner.sign(v)  # properly signed by the trusted key: only binding checks catch it
             self.previous = honest
             yield pb.StepResponse(verdict=v)

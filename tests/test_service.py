@@ -188,6 +188,7 @@ def test_stopped_sidecar_answers_within_the_step_deadline(sidecar, keys) -> None
         ("wrong_session", "for session 'someone-else'"),
         ("stale_step", "stale or reordered"),
         ("other_token", "chain hash does not match"),
+        ("out_of_vocab", "outside the vocabulary"),
     ],
 )
 def test_forged_or_misbound_verdicts_are_rejected(tmp_path, keys, other_keys, mode: str, message: str) -> None:
