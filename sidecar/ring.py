@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ DTYPES: dict[int, tuple[np.dtype, str]] = {
     3: (np.dtype("<u2"), "bf16"),  # stored as raw 16-bit words, widened on read
 }
 DTYPE_CODES = {name: code for code, (_, name) in DTYPES.items()}
+RING_NAME = re.compile(r"/?[A-Za-z0-9._-]{1,200}")
 _HEADER = struct.Struct("<8sIIIIIIQQI")  # magic ver hdr slots rows vocab dtype stride rows_off pid
 
 
@@ -224,10 +226,14 @@ class RingReader:
     """Sidecar side: attaches to an existing ring by name and reads rows in place."""
 
     def __init__(self, name: str) -> None:
+        if not RING_NAME.fullmatch(name):
+            raise RingLayoutError(f"ring name {name!r} must match {RING_NAME.pattern}")
         try:
             shm = shared_memory.SharedMemory(name=name, create=False)
         except FileNotFoundError:
             raise RingError(f"no shared-memory ring named {name!r} (is the engine's ring in the same /dev/shm?)") from None
+        except OSError as exc:
+            raise RingError(f"cannot open shared-memory ring {name!r}: {exc.strerror}") from None
         self._shm: shared_memory.SharedMemory | None = shm
         self.name = name
         buf = shm.buf

@@ -119,6 +119,8 @@ def test_foreign_segment_is_refused_with_its_reason() -> None:
         shm.unlink()
     with pytest.raises(RingError, match="no shared-memory ring named"):
         RingReader("fse-does-not-exist")
+    with pytest.raises(RingLayoutError, match="must match"):
+        RingReader("../etc/passwd")
 
 
 def test_slots_are_handed_out_until_released(ring: RingWriter) -> None:
