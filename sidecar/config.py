@@ -81,6 +81,9 @@ class SidecarConfig(_Strict):
     # Largest vocabulary accepted; bounds memory per registered vocabulary and ring row.
     max_vocab_size: int = Field(default=1 << 20, gt=1)
     max_sessions: int = Field(default=4096, gt=0)
+    # A session with no step for this long is closed (an engine that died without
+    # CloseSession would otherwise hold its slot and its ring mapping forever).
+    session_idle_timeout_s: float = Field(default=300.0, gt=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @field_validator("listen")

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import os
 import socket
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -132,6 +133,14 @@ def create_server(config: SidecarConfig, signer: Signer) -> tuple[grpc.aio.Serve
     return server, service, bound
 
 
+async def _reap_idle_sessions(service: GuardService) -> None:
+    period = min(service.config.session_idle_timeout_s / 4, 10.0)
+    while True:
+        await asyncio.sleep(period)
+        for sid in service.reap_idle(time.monotonic()):
+            log.warning("session %s closed after %.0f s without a step", sid, service.config.session_idle_timeout_s)
+
+
 async def serve(config: SidecarConfig, signer: Signer, ready: asyncio.Event | None = None) -> None:
     server, service, bound = create_server(config, signer)
     await server.start()
@@ -141,9 +150,11 @@ async def serve(config: SidecarConfig, signer: Signer, ready: asyncio.Event | No
     log.info("fse-sidecar serving on %s (pid %d, %s key %s)", bound, os.getpid(), signer.algorithm, signer.key_id)
     if ready is not None:
         ready.set()
+    reaper = asyncio.create_task(_reap_idle_sessions(service))
     try:
         await server.wait_for_termination()
     finally:
+        reaper.cancel()
         await hs.enter_graceful_shutdown()
         await server.stop(grace=2.0)
         service.close()

@@ -8,6 +8,7 @@ which the gRPC layer maps to status codes. No gRPC here, so it is tested directl
 from __future__ import annotations
 
 import itertools
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -93,6 +94,7 @@ class GuardService:
             guards=policy.guards,
             history=prompt,
             ring_name=req.ring_name,
+            last_active=time.monotonic(),
         )
         if req.ring_name:
             use = self._rings.get(req.ring_name)
@@ -132,10 +134,19 @@ class GuardService:
         for sid in list(self._sessions):
             self.close_session(sid)
 
+    def reap_idle(self, now: float) -> list[str]:
+        """Close sessions with no activity since ``now - session_idle_timeout_s``."""
+        cutoff = now - self.config.session_idle_timeout_s
+        idle = [sid for sid, s in self._sessions.items() if s.last_active < cutoff]
+        for sid in idle:
+            self.close_session(sid)
+        return idle
+
     # -- steps ------------------------------------------------------------------------------
     def step(self, req: pb.StepRequest) -> pb.Verdict:
         """Judge, commit and sign one step. Raises on a step that cannot be judged."""
         s = self.session(req.session_id)
+        s.last_active = time.monotonic()
         s.check_step(req.step)
         which = req.WhichOneof("logits")
         if which == "ring":

@@ -36,6 +36,7 @@ class Session:
     chain_hash: bytes = b""
     aborted: bool = False
     ring_name: str = ""
+    last_active: float = 0.0  # monotonic seconds of the last open/step (set by the service)
 
     def __post_init__(self) -> None:
         if not SESSION_ID.fullmatch(self.session_id):

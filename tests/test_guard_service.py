@@ -54,3 +54,12 @@ def test_float16_inline_rows_are_judged_and_prompt_ids_are_checked(service: Guar
         service.step(inline(s.session_id, 1, x, pb.DTYPE_UNSPECIFIED))
     with pytest.raises(RowError, match="carries no logits"):
         service.step(pb.StepRequest(session_id=s.session_id, step=1))
+
+
+def test_idle_sessions_are_reaped_and_release_their_slot(keys) -> None:
+    svc = GuardService(SidecarConfig(max_sessions=1, session_idle_timeout_s=30), Signer.from_file(keys.private))
+    d = svc.register_vocabulary([bytes([i]) for i in range(V)]).digest
+    s = svc.open_session(pb.OpenSessionRequest(vocab_digest=d, session_id="sleepy"))
+    assert svc.reap_idle(s.last_active + 29) == []
+    assert svc.reap_idle(s.last_active + 31) == ["sleepy"]
+    svc.open_session(pb.OpenSessionRequest(vocab_digest=d))  # the slot is free again

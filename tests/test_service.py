@@ -300,3 +300,22 @@ def test_second_sidecar_on_a_live_socket_refuses_and_a_stale_socket_is_reclaimed
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_sidecar_closes_a_session_its_engine_abandoned(tmp_path, keys) -> None:
+    from sidecar.launch import start_local_sidecar
+
+    sc = start_local_sidecar(tmp_path, {"session_idle_timeout_s": 0.4}, (keys.private, keys.public))
+    try:
+        sc.wait_started()
+        c = GuardClient(sc.target, keys.public)
+        c.wait_ready()
+        s = c.open_session(c.register_vocabulary(VOCAB), SamplingParams())
+        s.step(peaked())
+        time.sleep(1.5)  # the engine went quiet without CloseSession
+        with pytest.raises(StepRefused, match="NOT_FOUND.*is not open"):
+            s.step(peaked())
+        assert "without a step" in sc.log_text()
+        c.close()
+    finally:
+        sc.stop()
