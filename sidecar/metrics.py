@@ -148,7 +148,8 @@ def candidate(logits: np.ndarray, st: RowStats, token: int) -> Candidate:
     if not st.finite:
         return Candidate(token, _NAN, _NAN, -1, _NAN)
     xc = x[token]
-    rank = int(np.count_nonzero(x > xc))
+    # Nothing is greater than the maximum: the usual case (greedy, most samples) skips a pass.
+    rank = 0 if token == st.top1 else int(np.count_nonzero(x > xc))
     nlp = st.lse - float(xc)
     p = math.exp(-nlp)
     runner = st.top2_logit if token == st.top1 else st.top1_logit
