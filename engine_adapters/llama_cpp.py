@@ -141,7 +141,11 @@ class _Run:
 
 
 class GuardedLlama:
-    """Generate with llama-cpp-python while a sidecar proposes, checks and signs every token."""
+    """Generate with llama-cpp-python while a sidecar proposes, checks and signs every token.
+
+    One generation at a time per instance (a ``Llama`` holds one sequence); use one
+    instance, and one ``Llama``, per concurrent sequence.
+    """
 
     def __init__(self, llama: Any, client: GuardClient, *, ring_slots: int = 2) -> None:
         self.llama = llama
