@@ -37,6 +37,7 @@ from sidecar.signing import Verifier
 from sidecar.vocab import vocab_digest
 
 _CLOSED = object()
+_CODE_NAMES = {c.value[0]: c.name for c in grpc.StatusCode}
 
 
 def _unavailable(exc: grpc.RpcError, what: str) -> GuardUnavailable:
@@ -281,10 +282,7 @@ class GuardedSession:
     def _verify(self, step: int, resp: pb.StepResponse) -> pb.Verdict:
         if resp.HasField("error"):
             e = resp.error
-            name = grpc.StatusCode.UNKNOWN.name
-            for c in grpc.StatusCode:
-                if c.value[0] == e.code:
-                    name = c.name
+            name = _CODE_NAMES.get(e.code, grpc.StatusCode.UNKNOWN.name)
             raise StepRefused(f"step {step} refused by the sidecar: {name}: {e.message}", name)
         v = resp.verdict
         if v.key_id != self.client.verifier.key_id or not self.client.verifier.verify(v):
