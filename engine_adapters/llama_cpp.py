@@ -72,17 +72,23 @@ def vocabulary_of(llama: Any) -> list[bytes]:
     return [model.detokenize([i], special=True) for i in range(llama.n_vocab())]
 
 
-def unguarded_greedy(llama: Any, prompt_ids: Sequence[int], max_tokens: int) -> list[int]:
-    """llama.cpp's own greedy decoding with no guard: the reference the guard is held to."""
+def unguarded_greedy(llama: Any, prompt_ids: Sequence[int], max_tokens: int, logits_processor: Any = None) -> list[int]:
+    """llama.cpp's own greedy decoding with no guard: the reference the guard is held to.
+
+    ``logits_processor`` (a llama_cpp ``LogitsProcessorList``) lets the benchmark add
+    per-token work that leaves the greedy choice unchanged.
+    """
     out: list[int] = []
     if max_tokens < 1:
         return out
-    for tok in llama.generate(list(prompt_ids), temp=0.0, top_k=1, repeat_penalty=1.0):
+    gen = llama.generate(list(prompt_ids), temp=0.0, top_k=1, repeat_penalty=1.0, logits_processor=logits_processor)
+    for tok in gen:
         if tok == llama.token_eos():
             break
         out.append(int(tok))
         if len(out) >= max_tokens:
             break
+    gen.close()
     return out
 
 

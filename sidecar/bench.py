@@ -187,16 +187,9 @@ class _TransportFloor:
     def run(self, ids: list[int], tokens: int) -> list[int]:
         from llama_cpp import LogitsProcessorList
 
-        out: list[int] = []
-        gen = self.llama.generate(
-            ids, temp=0.0, top_k=1, repeat_penalty=1.0, logits_processor=LogitsProcessorList([self._processor])
-        )
-        for tok in gen:
-            if tok == self.llama.token_eos() or len(out) >= tokens:
-                break
-            out.append(int(tok))
-        gen.close()
-        return out
+        from engine_adapters.llama_cpp import unguarded_greedy
+
+        return unguarded_greedy(self.llama, ids, tokens, LogitsProcessorList([self._processor]))
 
     def close(self) -> None:
         self.echo.close()

@@ -10,8 +10,6 @@ from __future__ import annotations
 import math
 import struct
 
-_QNAN = struct.pack("<Q", 0x7FF8000000000000)
-
 
 def u32(v: int) -> bytes:
     return struct.pack("<I", v)
@@ -31,7 +29,7 @@ def canonical_float(v: float) -> float:
 
 
 def f64(v: float) -> bytes:
-    return _QNAN if math.isnan(v) else struct.pack("<d", v)
+    return struct.pack("<d", canonical_float(v))
 
 
 def blob(v: bytes) -> bytes:
