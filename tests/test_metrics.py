@@ -89,6 +89,14 @@ def test_metrics_hold_on_extreme_rows(x: np.ndarray) -> None:
         assert_matches(x, token)
 
 
+@pytest.mark.parametrize("offset, spread", [(0.0, 3.0), (-12.0, 4.0), (1e3, 0.01), (-3e3, 1.0)])
+def test_variance_stays_exact_when_logits_sit_far_from_zero(offset: float, spread: float) -> None:
+    # E[x^2] - E[x]^2 cancels when |mean| >> std; the metric must switch to the
+    # variance about the mean rather than lose digits.
+    x = (offset + np.random.default_rng(3).standard_normal(131072) * spread).astype(np.float32)
+    assert row_stats(x).variance == pytest.approx(float(np.var(x.astype(np.float64))), rel=1e-4)
+
+
 def test_all_equal_row_has_uniform_entropy_and_zero_variance() -> None:
     s = row_stats(np.full(49152, 3.0, np.float32))
     assert s.entropy == pytest.approx(math.log(49152), rel=1e-6)

@@ -122,3 +122,27 @@ def test_repetition_penalty_divides_positive_and_multiplies_negative_logits() ->
 def test_invalid_parameters_are_rejected_naming_the_field(field: str, value: float) -> None:
     with pytest.raises(ConfigError, match=f"sampling.{field}"):
         SamplingParams(**{field: value})
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    top_k=st.sampled_from([1, 7, 40, 500]),
+    layout=st.sampled_from(["gaussian", "clustered", "ties", "heavy-tail"]),
+    seed=st.integers(0, 2**32 - 1),
+    step=st.integers(0, 10_000),
+)
+def test_top_k_window_matches_the_reference_on_model_sized_rows(top_k: int, layout: str, seed: int, step: int) -> None:
+    # Rows large enough that the top-k window is placed from a strided sample: the
+    # estimate must never change the result, however the high logits are laid out.
+    rng = np.random.default_rng(seed)
+    n = 49152
+    row = rng.standard_normal(n).astype(np.float32) * 3
+    if layout == "clustered":  # the best logits all sit in a run the sample strides over
+        row[1000:1020] += 12.0
+    elif layout == "ties":  # the k-th value is shared by many ids
+        row = np.round(row).astype(np.float32)
+    elif layout == "heavy-tail":
+        row = (rng.standard_cauchy(n) * 2).astype(np.float32)
+    params = SamplingParams(temperature=1.0, top_k=top_k, top_p=0.95, repetition_penalty=1.1, seed=seed)
+    history = rng.integers(0, n, size=30).tolist()
+    assert sample_normal(row, history, params, step) == reference_sample(row, history, params, step)
