@@ -4,11 +4,14 @@
    inside the gRPC message, and a bare echo on the same kind of stream (the floor),
    interleaved round by round, at 32k and 128k vocabularies; once back to back and once
    paced like a decoding engine (a pause between steps, so threads go idle as they do
-   between forward passes).
+   between forward passes). The HMAC-SHA256 sidecar is a second process with its own
+   echo, so each ring is compared with the floor of its own process.
 2. metrics: row_stats + candidate against one ``np.exp`` pass over the row (the memory
    floor) and a naive ``np.partition`` top-2, interleaved.
 3. model: tokens/s of the real SmolLM2-135M: unguarded, guarded with Ed25519 verdicts and
-   guarded with HMAC-SHA256 verdicts, in turn, round after round.
+   guarded with HMAC-SHA256 verdicts, in turn, round after round; and the guard step's
+   latency inside that loop (ring write + round trip + verification, as the adapter
+   sees it between two forward passes).
 
 Prints a table and writes JSON. No assertion here: these machines are shared and noisy,
 so read the ratios, which are taken pair by pair within the run.
@@ -61,7 +64,7 @@ def _interleave(fns: dict[str, Callable[[], object]], rounds: int, pace_s: float
     return times
 
 
-def _transport_calls(echo: Any, sessions: dict[str, Any], pool: list[np.ndarray]) -> dict[str, Callable[[], object]]:
+def _transport_calls(echoes: dict[str, Any], sessions: dict[str, Any], pool: list[np.ndarray]) -> dict[str, Callable[[], object]]:
     """One call per transport; each step cycles through ``pool`` so rows differ."""
     msg = pb.EchoMessage(payload=b"\0" * 64)
     counter = iter(range(1 << 62))
@@ -69,7 +72,10 @@ def _transport_calls(echo: Any, sessions: dict[str, Any], pool: list[np.ndarray]
     def stepper(session: Any) -> Callable[[], object]:
         return lambda: session.step(pool[next(counter) % len(pool)])
 
-    return {"echo": lambda: echo.roundtrip(msg, 5.0, "echo"), **{name: stepper(s) for name, s in sessions.items()}}
+    def echoer(call: Any) -> Callable[[], object]:
+        return lambda: call.roundtrip(msg, 5.0, "echo")
+
+    return {**{name: echoer(c) for name, c in echoes.items()}, **{name: stepper(s) for name, s in sessions.items()}}
 
 
 def bench_transport(ed: LocalSidecar, hm: LocalSidecar, rounds: int, paced_rounds: int) -> list[dict[str, Any]]:
@@ -95,23 +101,26 @@ def bench_transport(ed: LocalSidecar, hm: LocalSidecar, rounds: int, paced_round
                     "ring_hmac": hclient.open_session(digest, SAMPLING, ring=hring),
                     "inline": client.open_session(digest, SAMPLING),
                 }
-                echo = StreamCall(client._stub.Echo)
-                t = _interleave(_transport_calls(echo, sessions, pool), n, pace_ms / 1e3)
-                echo.close()
+                # Each sidecar gets its own echo: the HMAC ring is compared with the floor
+                # of the same process, whose caches are as warm or cold as its steps'.
+                echoes = {"echo": StreamCall(client._stub.Echo), "echo_hmac": StreamCall(hclient._stub.Echo)}
+                t = _interleave(_transport_calls(echoes, sessions, pool), n, pace_ms / 1e3)
+                for e in echoes.values():
+                    e.close()
                 for sess in sessions.values():
                     sess.close()
-            ratio = [r / e for r, e in zip(t["ring"], t["echo"], strict=True)]
-            ratio_inline = [r / e for r, e in zip(t["inline"], t["echo"], strict=True)]
+
+            def ratio(a: str, b: str, t: dict[str, list[float]] = t) -> float:
+                return statistics.median(x / y for x, y in zip(t[a], t[b], strict=True))
+
             rows.append(
                 {
                     "vocab": vocab,
                     "pace_ms": pace_ms,
-                    "echo": _summ(t["echo"]),
-                    "ring": _summ(t["ring"]),
-                    "ring_hmac": _summ(t["ring_hmac"]),
-                    "inline": _summ(t["inline"]),
-                    "ring_over_echo_median": statistics.median(ratio),
-                    "inline_over_echo_median": statistics.median(ratio_inline),
+                    **{k: _summ(t[k]) for k in ("echo", "ring", "inline", "echo_hmac", "ring_hmac")},
+                    "ring_over_echo_median": ratio("ring", "echo"),
+                    "inline_over_echo_median": ratio("inline", "echo"),
+                    "ring_hmac_over_echo_hmac_median": ratio("ring_hmac", "echo_hmac"),
                 }
             )
     client.close()
@@ -214,18 +223,21 @@ def bench_model(ed: LocalSidecar, hm: LocalSidecar, tokens: int, repeats: int) -
         c.wait_ready(30)
     guarded = {name: GuardedLlama(llama, c) for name, c in clients.items()}
 
-    def run_guarded(g: GuardedLlama) -> list[int]:
-        done = g.complete(ids, max_tokens=tokens, sampling=greedy)
+    step_latency: dict[str, list[float]] = {"ed25519": [], "hmac": []}
+
+    def run_guarded(name: str) -> list[int]:
+        done = guarded[name].complete(ids, max_tokens=tokens, sampling=greedy)
         if done.error is not None:
             raise done.error
+        step_latency[name] += [t.latency_s for t in done.tokens[1:]]  # the first step opens the stream
         return done.token_ids
 
     floor = _TransportFloor(llama, clients["ed25519"])
     runs: dict[str, Callable[[], list[int]]] = {
         "unguarded": lambda: unguarded_greedy(llama, ids, tokens),
         "transport_floor": lambda: floor.run(ids, tokens),
-        "ed25519": lambda: run_guarded(guarded["ed25519"]),
-        "hmac": lambda: run_guarded(guarded["hmac"]),
+        "ed25519": lambda: run_guarded("ed25519"),
+        "hmac": lambda: run_guarded("hmac"),
     }
     tps: dict[str, list[float]] = {k: [] for k in runs}
     same = True
@@ -246,6 +258,8 @@ def bench_model(ed: LocalSidecar, hm: LocalSidecar, tokens: int, repeats: int) -
     out: dict[str, Any] = {"tokens": tokens, "repeats": repeats, "n_threads": llama.n_threads, "identical_greedy_output": same}
     for name, values in tps.items():
         out[f"{name}_tok_s_median"] = statistics.median(values)
+    for name, lat in step_latency.items():
+        out[f"{name}_step_latency"] = _summ(lat)
     for name in ("transport_floor", "ed25519", "hmac"):
         pairs = list(zip(tps[name], tps["unguarded"], strict=True))
         out[f"{name}_over_unguarded_median"] = statistics.median(g / b for g, b in pairs)
@@ -293,17 +307,16 @@ def run_bench(args: argparse.Namespace) -> int:
     print(
         _table(
             "verdict round trip (µs, p50 / p99; ratio = median of per-round ratios to the echo)",
-            ["vocab", "pace", "echo", "ring", "ring (hmac)", "inline", "ring/echo", "inline/echo"],
+            ["vocab", "pace", "echo", "ring", "inline", "ring/echo", "inline/echo", "hmac: echo", "ring", "ring/echo"],
             [
                 [
                     str(r["vocab"]),
                     f"{r['pace_ms']:.0f} ms",
-                    f"{r['echo']['p50_us']:.0f} / {r['echo']['p99_us']:.0f}",
-                    f"{r['ring']['p50_us']:.0f} / {r['ring']['p99_us']:.0f}",
-                    f"{r['ring_hmac']['p50_us']:.0f} / {r['ring_hmac']['p99_us']:.0f}",
-                    f"{r['inline']['p50_us']:.0f} / {r['inline']['p99_us']:.0f}",
+                    *(f"{r[k]['p50_us']:.0f} / {r[k]['p99_us']:.0f}" for k in ("echo", "ring", "inline")),
                     f"{r['ring_over_echo_median']:.2f}x",
                     f"{r['inline_over_echo_median']:.2f}x",
+                    *(f"{r[k]['p50_us']:.0f} / {r[k]['p99_us']:.0f}" for k in ("echo_hmac", "ring_hmac")),
+                    f"{r['ring_hmac_over_echo_hmac_median']:.2f}x",
                 ]
                 for r in t
             ],
@@ -334,13 +347,16 @@ def run_bench(args: argparse.Namespace) -> int:
         print(
             _table(
                 f"SmolLM2-135M, greedy, {m['tokens']} tokens, {m['repeats']} rounds of each in turn; ratio = vs unguarded",
-                ["run", "tok/s", "ratio", "ms/token added"],
+                ["run", "tok/s", "ratio", "ms/token added", "guard step in the loop (µs, p50 / p99)"],
                 [
                     [
                         f"{label}",
                         f"{m[key + '_tok_s_median']:.1f}",
                         f"{m.get(key + '_over_unguarded_median', 1.0):.3f}",
                         f"{m.get(key + '_overhead_ms_per_token_median', 0.0):.2f}",
+                        f"{m[key + '_step_latency']['p50_us']:.0f} / {m[key + '_step_latency']['p99_us']:.0f}"
+                        if key + "_step_latency" in m
+                        else "",
                     ]
                     for key, label in (
                         ("unguarded", "unguarded"),

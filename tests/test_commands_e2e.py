@@ -38,8 +38,11 @@ def test_bench_writes_json_and_prints_tables(tmp_path) -> None:
     assert r.returncode == 0, r.stdout + r.stderr
     data = json.loads(out.read_text())
     assert {row["vocab"] for row in data["transport"]} == {32768, 131072}
-    assert all(row["ring"]["p50_us"] > 0 and row["echo"]["p50_us"] > 0 for row in data["transport"])
+    for row in data["transport"]:
+        assert all(row[k]["p50_us"] > 0 for k in ("echo", "ring", "inline", "echo_hmac", "ring_hmac"))
+        assert row["ring_hmac_over_echo_hmac_median"] > 0
     assert [row["vocab"] for row in data["metrics"]] == [32768, 49152, 131072]
     assert data["model"]["identical_greedy_output"] is True
+    assert data["model"]["ed25519_step_latency"]["n"] == data["model"]["hmac_step_latency"]["n"] > 0
     for table in ("verdict round trip", "metrics of one row", "SmolLM2-135M"):
         assert table in r.stdout
