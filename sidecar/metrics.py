@@ -124,6 +124,21 @@ def row_stats(logits: np.ndarray) -> RowStats:
             d = np.subtract(x, np.float32(mu), out=s)
             sum_d, sum_dd = float(d.dot(ones)), float(d.dot(d))
         var = sum_dd / v - (sum_d / v) ** 2
+    return _stats(i, m, z, s1, s2, var, math.sqrt(xx))
+
+
+def _row_stats_f64(x: np.ndarray, i: int) -> RowStats:
+    """The same statistics in float64, for finite rows whose float32 sums overflow."""
+    x64 = x.astype(np.float64)
+    m = float(x64[i])
+    s64 = x64 - m
+    e64 = np.exp(s64)
+    z, s1, s2 = float(e64.sum()), float(e64 @ s64), float((e64 * s64) @ s64)
+    return _stats(i, m, z, s1, s2, float(x64.var()), float(np.linalg.norm(x64)))
+
+
+def _stats(i: int, m: float, z: float, s1: float, s2: float, var: float, l2: float) -> RowStats:
+    """RowStats from the sums over s = x - max: z = sum e^s, s1 = sum e^s s, s2 = sum e^s s^2."""
     log_z = math.log(z)
     mean_s = s1 / z
     return RowStats(
@@ -135,29 +150,7 @@ def row_stats(logits: np.ndarray) -> RowStats:
         varentropy=max(s2 / z - mean_s * mean_s, 0.0),
         max_prob=1.0 / z,
         variance=max(var, 0.0),
-        l2_norm=math.sqrt(xx),
-    )
-
-
-def _row_stats_f64(x: np.ndarray, i: int) -> RowStats:
-    """The same statistics in float64, for finite rows whose float32 sums overflow."""
-    x64 = x.astype(np.float64)
-    m = float(x64[i])
-    s64 = x64 - m
-    e64 = np.exp(s64)
-    z, s1, s2 = float(e64.sum()), float(e64 @ s64), float((e64 * s64) @ s64)
-    log_z = math.log(z)
-    mean_s = s1 / z
-    return RowStats(
-        finite=True,
-        top1=i,
-        top1_logit=m,
-        lse=m + log_z,
-        entropy=log_z - mean_s,
-        varentropy=max(s2 / z - mean_s * mean_s, 0.0),
-        max_prob=1.0 / z,
-        variance=float(x64.var()),
-        l2_norm=float(np.linalg.norm(x64)),
+        l2_norm=l2,
     )
 
 
