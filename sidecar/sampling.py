@@ -88,18 +88,18 @@ def penalized(row: np.ndarray, history: Sequence[int], penalty: float, window: i
 def sample_strict(row: np.ndarray, history: Sequence[int], params: SamplingParams) -> int:
     """Greedy under the same repetition penalty."""
     _check_row(row)
-    return int(np.argmax(penalized(row, history, params.repetition_penalty, params.repetition_window)))
+    y = penalized(row, history, params.repetition_penalty, params.repetition_window)
+    return _best(y)[0]
 
 
 def sample_normal(row: np.ndarray, history: Sequence[int], params: SamplingParams, step: int) -> int:
     """Draw a token with the request's parameters; deterministic in (inputs, seed, step)."""
     _check_row(row)
     y = penalized(row, history, params.repetition_penalty, params.repetition_window)
-    best = int(np.argmax(y))
+    best, y_max = _best(y)
     if params.greedy:
         return best
     t = params.temperature
-    y_max = float(y[best])
     # Every kept token has a tempered logit within CANDIDATE_NATS of the best, and
     # min-p keeps p >= min_p * p_max, i.e. y >= y_max + T * ln(min_p): one exact floor.
     floor = y_max - t * CANDIDATE_NATS
@@ -136,6 +136,16 @@ def sample_normal(row: np.ndarray, history: Sequence[int], params: SamplingParam
     u = uniform(params.seed, step) * cdf[-1]
     idx = int(np.searchsorted(cdf, u, side="right"))
     return int(cand[min(idx, cand.size - 1)])
+
+
+def _best(y: np.ndarray) -> tuple[int, float]:
+    """(argmax, max) of a row that can be sampled: argmax stops at the first NaN, so a NaN
+    or +Inf anywhere shows in the max. -Inf entries are fine (probability 0)."""
+    best = int(y.argmax())
+    y_max = float(y[best])
+    if not math.isfinite(y_max):
+        raise RowError(f"a logits row holding NaN or +Inf (here {y_max} at id {best}) cannot be sampled")
+    return best, y_max
 
 
 def _nonzero(mask: np.ndarray) -> np.ndarray:

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sidecar.errors import ConfigError
+from sidecar.errors import ConfigError, RowError
 from sidecar.sampling import CANDIDATE_NATS, SamplingParams, penalized, sample_normal, sample_strict, uniform
 
 
@@ -146,3 +146,24 @@ def test_top_k_window_matches_the_reference_on_model_sized_rows(top_k: int, layo
     params = SamplingParams(temperature=1.0, top_k=top_k, top_p=0.95, repetition_penalty=1.1, seed=seed)
     history = rng.integers(0, n, size=30).tolist()
     assert sample_normal(row, history, params, step) == reference_sample(row, history, params, step)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+@pytest.mark.parametrize("sampler", ["normal", "strict"])
+def test_samplers_refuse_rows_holding_nan_or_plus_inf(bad: float, sampler: str) -> None:
+    # The guard aborts such rows before sampling; a direct caller gets a clear error, not
+    # an arbitrary token or an IndexError.
+    row = np.zeros(100, np.float32)
+    row[37] = bad
+    with pytest.raises(RowError, match="NaN or \\+Inf"):
+        if sampler == "normal":
+            sample_normal(row, [], SamplingParams(temperature=1.0, top_k=5), 0)
+        else:
+            sample_strict(row, [], SamplingParams())
+
+
+def test_minus_inf_logits_are_masked_tokens_not_errors() -> None:
+    row = np.full(100, -np.inf, np.float32)
+    row[[3, 9]] = [1.0, 0.5]
+    assert sample_strict(row, [], SamplingParams()) == 3
+    assert {sample_normal(row, [], SamplingParams(temperature=1.0, seed=s), 0) for s in range(40)} <= {3, 9}
