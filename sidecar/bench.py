@@ -50,6 +50,11 @@ def _summ(xs: list[float]) -> dict[str, float]:
     return {"p50_us": _pct(xs, 50) * 1e6, "p99_us": _pct(xs, 99) * 1e6, "n": len(xs)}
 
 
+def _median_ratio(num: list[float], den: list[float]) -> float:
+    """Median of the round-by-round ratios: each pair was measured side by side."""
+    return statistics.median(a / b for a, b in zip(num, den, strict=True))
+
+
 def _interleave(fns: dict[str, Callable[[], object]], rounds: int, pace_s: float, warmup: int = 50) -> dict[str, list[float]]:
     times: dict[str, list[float]] = {k: [] for k in fns}
     for i in range(rounds + warmup):
@@ -110,17 +115,14 @@ def bench_transport(ed: LocalSidecar, hm: LocalSidecar, rounds: int, paced_round
                 for sess in sessions.values():
                     sess.close()
 
-            def ratio(a: str, b: str, t: dict[str, list[float]] = t) -> float:
-                return statistics.median(x / y for x, y in zip(t[a], t[b], strict=True))
-
             rows.append(
                 {
                     "vocab": vocab,
                     "pace_ms": pace_ms,
                     **{k: _summ(t[k]) for k in ("echo", "ring", "inline", "echo_hmac", "ring_hmac")},
-                    "ring_over_echo_median": ratio("ring", "echo"),
-                    "inline_over_echo_median": ratio("inline", "echo"),
-                    "ring_hmac_over_echo_hmac_median": ratio("ring_hmac", "echo_hmac"),
+                    "ring_over_echo_median": _median_ratio(t["ring"], t["echo"]),
+                    "inline_over_echo_median": _median_ratio(t["inline"], t["echo"]),
+                    "ring_hmac_over_echo_hmac_median": _median_ratio(t["ring_hmac"], t["echo_hmac"]),
                 }
             )
     client.close()
@@ -164,7 +166,7 @@ def bench_metrics(reps: int) -> list[dict[str, Any]]:
         }
         for key in ("top1", "other"):
             row[f"metrics_{key}_us"] = _pct(t[key], 50) * 1e6
-            row[f"metrics_{key}_over_exp_median"] = statistics.median(m / e for m, e in zip(t[key], t["exp_pass"], strict=True))
+            row[f"metrics_{key}_over_exp_median"] = _median_ratio(t[key], t["exp_pass"])
         rows.append(row)
     return rows
 
@@ -250,6 +252,9 @@ def bench_model(ed: LocalSidecar, hm: LocalSidecar, tokens: int, repeats: int) -
             if i:
                 tps[name].append(len(outputs[name]) / (time.perf_counter() - t0))
         same = same and outputs["ed25519"] == outputs["unguarded"] == outputs["hmac"] == outputs["transport_floor"]
+        if i == 0:
+            for lat in step_latency.values():
+                lat.clear()  # like the tokens/s, the warm-up round's latencies do not count
     floor.close()
     for g in guarded.values():
         g.close()
@@ -262,7 +267,7 @@ def bench_model(ed: LocalSidecar, hm: LocalSidecar, tokens: int, repeats: int) -
         out[f"{name}_step_latency"] = _summ(lat)
     for name in ("transport_floor", "ed25519", "hmac"):
         pairs = list(zip(tps[name], tps["unguarded"], strict=True))
-        out[f"{name}_over_unguarded_median"] = statistics.median(g / b for g, b in pairs)
+        out[f"{name}_over_unguarded_median"] = _median_ratio(tps[name], tps["unguarded"])
         out[f"{name}_overhead_ms_per_token_median"] = statistics.median(1e3 / g - 1e3 / b for g, b in pairs)
     return out
 
