@@ -6,8 +6,9 @@ Two schemes (DESIGN §2), chosen by the key file the sidecar is given:
   0600) for the sidecar and a PEM public key for the adapters. An adapter holding only
   the public key cannot forge verdicts.
 - **HMAC-SHA256**: ``fse-sidecar keygen --algorithm hmac-sha256`` writes one secret
-  (mode 0600) that both sides hold. About 100x cheaper per verdict than Ed25519 (see
-  ``fse-sidecar bench``), for deployments where the engine is as trusted as the sidecar.
+  (mode 0600) that both sides hold. Measured here per verdict, canonical encoding
+  included: signing ~4 µs against ~23 µs, checking ~4 µs against ~67 µs for Ed25519. For
+  deployments where the engine is as trusted as the sidecar.
 
 There is no default key, and key material is never logged; only a ``key_id`` (8 bytes of
 SHA-256, hex: over the raw public key, or over a domain tag and the secret) appears in
