@@ -27,14 +27,14 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from sidecar import audit
 from sidecar._pb.fse.v1 import guard_pb2 as pb
 from sidecar._pb.fse.v1 import guard_pb2_grpc as pb_grpc
+from sidecar.core import chain
+from sidecar.core.sampling import SamplingParams
+from sidecar.core.vocab import vocab_digest
 from sidecar.errors import GuardAbort, GuardUnavailable, StepRefused, VerdictRejected
 from sidecar.ring import RingWriter
-from sidecar.sampling import SamplingParams
 from sidecar.signing import Verifier
-from sidecar.vocab import vocab_digest
 
 _CLOSED = object()
 _CODE_NAMES = {c.value[0]: c.name for c in grpc.StatusCode}
@@ -219,7 +219,7 @@ class GuardClient:
             if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 raise _unavailable(exc, "OpenSession") from None
             raise StepRefused(f"OpenSession refused: {code.name}: {exc.details()}", code.name) from None
-        if r.session_id != sid or r.genesis_hash != audit.genesis(sid):
+        if r.session_id != sid or r.genesis_hash != chain.genesis(sid):
             raise VerdictRejected(f"OpenSession answered for session {r.session_id!r}, asked for {sid!r}")
         if r.key_id != self.verifier.key_id:
             raise VerdictRejected(f"sidecar signs with key {r.key_id}, this adapter trusts {self.verifier.key_id}")
@@ -246,7 +246,7 @@ class GuardedSession:
         self.tag = tag
         self.ring = ring
         self.next_step = 0
-        self.chain_hash = audit.genesis(session_id)
+        self.chain_hash = chain.genesis(session_id)
         self.dead: Exception | None = None
         self._stream = StreamCall(client._stub.Steps)
 
@@ -293,8 +293,8 @@ class GuardedSession:
             raise VerdictRejected(f"verdict is for step {v.step}, expected step {step} (stale or reordered)")
         if v.prev_chain_hash != self.chain_hash:
             raise VerdictRejected(f"step {step}: verdict does not link to the previous chain hash (replay or gap)")
-        frame = audit.frame_bytes(v.session_id, v.step, v.token_id, v.decision, v.sampler, v.reasons)
-        if v.chain_hash != audit.chain_next(self.chain_hash, frame):
+        frame = chain.frame_bytes(v.session_id, v.step, v.token_id, v.decision, v.sampler, v.reasons)
+        if v.chain_hash != chain.chain_next(self.chain_hash, frame):
             raise VerdictRejected(f"step {step}: verdict chain hash does not match its contents")
         self.chain_hash = v.chain_hash
         self.next_step = step + 1

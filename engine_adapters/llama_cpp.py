@@ -32,9 +32,9 @@ from typing import Any
 import numpy as np
 
 from sidecar._pb.fse.v1 import guard_pb2 as pb
+from sidecar.core.sampling import SamplingParams
 from sidecar.errors import FseError, GuardError, VerdictRejected
 from sidecar.ring import RingWriter
-from sidecar.sampling import SamplingParams
 
 from .client import GuardClient, GuardedSession
 

@@ -34,9 +34,9 @@ from typing import Any
 import numpy as np
 
 from ._pb.fse.v1 import guard_pb2 as pb
+from .core.metrics import candidate, row_stats
+from .core.sampling import SamplingParams
 from .launch import LocalSidecar, start_local_sidecar
-from .metrics import candidate, row_stats
-from .sampling import SamplingParams
 from .signing import generate_hmac_key
 
 SAMPLING = SamplingParams(temperature=0.9, top_k=40, top_p=0.95, repetition_penalty=1.1, seed=1)

@@ -18,9 +18,9 @@ from typing import Any
 import yaml
 
 from ._pb.fse.v1 import guard_pb2 as pb
+from .core.sampling import SamplingParams
 from .errors import FseError, GuardAbort
 from .launch import start_local_sidecar
-from .sampling import SamplingParams
 
 CHAT = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
 # The demo turns on seed 000's surprise guards on top of the defaults so that a heal is

@@ -18,14 +18,14 @@ import numpy as np
 
 from ._pb.fse.v1 import guard_pb2 as pb
 from .config import SidecarConfig
+from .core.guards import health_band
+from .core.redo import StepOutcome
+from .core.sampling import SamplingParams
+from .core.session import Session
+from .core.vocab import Vocabulary
 from .errors import DuplicateSession, RowError, TooManySessions, UnknownPolicy, UnknownSession, UnknownVocabulary
-from .guards import health_band
-from .redo import StepOutcome
 from .ring import RingReader
-from .sampling import SamplingParams
-from .session import Session
 from .signing import Signer
-from .vocab import Vocabulary
 
 _INLINE_DTYPES: dict[int, np.dtype] = {pb.DTYPE_F32: np.dtype("<f4"), pb.DTYPE_F16: np.dtype("<f2")}
 

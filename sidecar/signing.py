@@ -29,8 +29,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from . import canonical as cb
 from ._pb.fse.v1 import guard_pb2 as pb
+from .core import canonical as cb
 from .errors import SigningKeyError
 
 ALGORITHMS = ("ed25519", "hmac-sha256")

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import grpc
 
-from sidecar import audit
 from sidecar._pb.fse.v1 import guard_pb2 as pb
 from sidecar._pb.fse.v1 import guard_pb2_grpc as pb_grpc
 from sidecar.config import SidecarConfig
+from sidecar.core import chain
 from sidecar.service import GuardService
 from sidecar.signing import Signer
 
@@ -57,8 +57,8 @@ class TamperingServicer(pb_grpc.GuardServiceServicer):
                 elif self.mode == "out_of_vocab":
                     # a consistent chain and a valid signature around an impossible token
                     v.token_id = self.service.session(req.session_id).vocab_size
-                    frame = audit.frame_bytes(v.session_id, v.step, v.token_id, v.decision, v.sampler, v.reasons)
-                    v.chain_hash = audit.chain_next(v.prev_chain_hash, frame)
+                    frame = chain.frame_bytes(v.session_id, v.step, v.token_id, v.decision, v.sampler, v.reasons)
+                    v.chain_hash = chain.chain_next(v.prev_chain_hash, frame)
                 if self.mode in ("wrong_session", "other_token", "out_of_vocab"):
                     self.resigner.sign(v)  # properly signed by the trusted key: only binding checks catch it
             self.previous = honest

@@ -10,8 +10,8 @@ import pytest
 from engine_adapters.client import GuardClient
 from engine_adapters.llama_cpp import GuardedLlama, _Run, unguarded_greedy
 from sidecar._pb.fse.v1 import guard_pb2 as pb
+from sidecar.core.sampling import SamplingParams
 from sidecar.errors import GuardAbort, GuardUnavailable, VerdictRejected
-from sidecar.sampling import SamplingParams
 from sidecar.signing import Signer
 
 from .conftest import CHAT

@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+from sidecar.core.metrics import candidate, candidate_metrics, distribution_stats, row_stats, running_perplexity
 from sidecar.errors import RowError
-from sidecar.metrics import candidate, candidate_metrics, distribution_stats, row_stats, running_perplexity
 
 
 def reference(x32: np.ndarray, token: int) -> dict[str, float]:

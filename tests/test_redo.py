@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 
 from sidecar.config import Guard, GuardSet
+from sidecar.core.guards import Sampler, evaluate, health_band
+from sidecar.core.metrics import row_stats
+from sidecar.core.redo import Decision, decide, token_metrics
+from sidecar.core.sampling import SamplingParams
+from sidecar.core.session import Session
 from sidecar.errors import RowError, SessionError
-from sidecar.guards import Sampler, evaluate, health_band
-from sidecar.metrics import row_stats
-from sidecar.redo import Decision, decide, token_metrics
-from sidecar.sampling import SamplingParams
-from sidecar.session import Session
 
 OFF = GuardSet(
     running_ppl=Guard(enabled=False, threshold=400),

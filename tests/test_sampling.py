@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sidecar.core.sampling import CANDIDATE_NATS, SamplingParams, penalized, sample_normal, sample_strict, uniform
 from sidecar.errors import ConfigError, RowError
-from sidecar.sampling import CANDIDATE_NATS, SamplingParams, penalized, sample_normal, sample_strict, uniform
 
 
 def reference_sample(row: np.ndarray, history: list[int], p: SamplingParams, step: int) -> int:

@@ -15,9 +15,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from engine_adapters.client import GuardClient
 from sidecar._pb.fse.v1 import guard_pb2 as pb
 from sidecar._pb.fse.v1 import guard_pb2_grpc as pb_grpc
+from sidecar.core.sampling import SamplingParams
 from sidecar.errors import GuardAbort, GuardUnavailable, StepRefused, VerdictRejected
 from sidecar.ring import RingWriter
-from sidecar.sampling import SamplingParams
 from sidecar.signing import Signer
 
 from .tampering import start_tampering_server

@@ -4,8 +4,8 @@ import stat
 
 import pytest
 
-from sidecar import audit
 from sidecar._pb.fse.v1 import guard_pb2 as pb
+from sidecar.core import chain
 from sidecar.errors import SigningKeyError
 from sidecar.signing import HmacSigner, Signer, Verifier, generate_hmac_key, generate_keypair, verdict_bytes
 
@@ -79,14 +79,14 @@ def test_missing_or_wrong_key_files_say_how_to_make_one(tmp_path) -> None:
 
 
 def test_chain_links_each_frame_to_the_previous_hash() -> None:
-    g = audit.genesis("s")
-    f1 = audit.frame_bytes("s", 0, 5, 1, 1, [])
-    h1 = audit.chain_next(g, f1)
-    h2 = audit.chain_next(h1, audit.frame_bytes("s", 1, 6, 1, 1, []))
+    g = chain.genesis("s")
+    f1 = chain.frame_bytes("s", 0, 5, 1, 1, [])
+    h1 = chain.chain_next(g, f1)
+    h2 = chain.chain_next(h1, chain.frame_bytes("s", 1, 6, 1, 1, []))
     assert len({g, h1, h2}) == 3
-    assert audit.chain_next(g, audit.frame_bytes("s", 0, 6, 1, 1, [])) != h1
+    assert chain.chain_next(g, chain.frame_bytes("s", 0, 6, 1, 1, [])) != h1
     with pytest.raises(ValueError, match="32 bytes"):
-        audit.chain_next(b"short", f1)
+        chain.chain_next(b"short", f1)
 
 
 def test_hmac_key_signs_and_verifies_and_detects_changes(tmp_path) -> None:

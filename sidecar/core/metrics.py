@@ -37,7 +37,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .errors import RowError
+from ..errors import RowError
 
 _F32 = np.float32
 _NAN = math.nan

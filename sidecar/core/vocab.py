@@ -6,7 +6,7 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .errors import VocabularyError
+from ..errors import VocabularyError
 
 
 def vocab_digest(tokens: Sequence[bytes]) -> str:

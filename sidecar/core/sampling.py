@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import ConfigError, RowError
+from ..errors import ConfigError, RowError
 
 CANDIDATE_NATS = 30.0
 _SAMPLE = 2048  # entries sampled to place the top-k window

@@ -21,7 +21,7 @@ from enum import IntEnum
 
 import numpy as np
 
-from .config import GuardSet
+from ..config import GuardSet
 from .guards import Sampler, TokenMetrics, Trip, evaluate
 from .metrics import RowStats, candidate, running_perplexity
 from .sampling import SamplingParams, sample_normal, sample_strict

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import audit
-from .config import GuardSet
-from .errors import RowError, SessionError
+from ..config import GuardSet
+from ..errors import RowError, SessionError
+from . import chain
 from .metrics import row_stats
 from .redo import Decision, StepOutcome, decide
 from .sampling import SamplingParams
@@ -42,7 +42,7 @@ class Session:
         if not SESSION_ID.fullmatch(self.session_id):
             raise SessionError(f"session_id {self.session_id!r} must match {SESSION_ID.pattern}")
         if not self.chain_hash:
-            self.chain_hash = audit.genesis(self.session_id)
+            self.chain_hash = chain.genesis(self.session_id)
 
     def check_step(self, step: int) -> None:
         if self.aborted:
@@ -65,7 +65,7 @@ class Session:
         """Apply ``outcome``; returns (previous chain hash, new chain hash)."""
         self.check_step(step)
         prev = self.chain_hash
-        frame = audit.frame_bytes(
+        frame = chain.frame_bytes(
             self.session_id,
             step,
             outcome.token,
@@ -73,7 +73,7 @@ class Session:
             int(outcome.sampler or 0),
             outcome.reasons,
         )
-        self.chain_hash = audit.chain_next(prev, frame)
+        self.chain_hash = chain.chain_next(prev, frame)
         self.next_step = step + 1
         if outcome.decision == Decision.ABORT:
             self.aborted = True

@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass
 from enum import IntEnum
 
-from .config import GuardSet
+from ..config import GuardSet
 
 
 class Sampler(IntEnum):
