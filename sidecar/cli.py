@@ -29,7 +29,7 @@ def _serve(args: argparse.Namespace) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, task.cancel)
         try:
-            await serve(config, signer)
+            await serve(config, signer, config_path=args.config)
         except asyncio.CancelledError:
             pass
 

@@ -12,6 +12,17 @@ Example file (every field optional except ``signing_key_file`` for ``serve``)::
         guards:
           running_ppl: {enabled: true, threshold: 400}
           neg_logprob: {enabled: true, threshold: 6.0}
+        rules:                             # the FSE policy matcher (sidecar.core.fse)
+          - id: no-secrets
+            kind: literal                  # literal (a list of strings) or regex
+            patterns: ["BEGIN RSA PRIVATE KEY", "password:"]
+            action: block                  # block | halt | flag
+            case_insensitive: true
+          - id: ssn
+            kind: regex
+            patterns: ['\\d{3}-\\d{2}-\\d{4}']
+            action: halt
+            whole_word: true
       strict:
         guards:
           entropy: {enabled: true, threshold: 3.0}
@@ -70,8 +81,49 @@ class GuardSet(_Strict):
     ppl_warmup_tokens: int = Field(default=0, ge=0)
 
 
+class Rule(_Strict):
+    """One policy rule of the FSE matcher (compiled by :mod:`sidecar.core.fse`).
+
+    ``literal`` patterns are strings matched as they are; ``regex`` patterns use the
+    syntax that both Hyperscan and Python's ``re`` accept, with a bounded match length.
+    """
+
+    id: Annotated[str, Field(pattern=r"^[A-Za-z0-9._:-]{1,64}$")]
+    kind: Literal["literal", "regex"]
+    patterns: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]
+    action: Literal["block", "halt", "flag"]
+    case_insensitive: bool = False
+    # The match may not touch a word character (Unicode letter, digit or '_') on either side.
+    whole_word: bool = False
+    # Match on the text folded per character: NFKC compatibility forms (decomposed), case
+    # folded, zero-width and other invisible format characters removed. Implies
+    # case_insensitive.
+    normalize: bool = False
+
+
+class RedoBounds(_Strict):
+    """How hard the redo tries before ABORT when rules exclude candidates."""
+
+    # Proposals of the request's sampler, each with every blocked token masked, before
+    # the strict sampler takes over (with the same mask).
+    max_block_retries: int = Field(default=4, ge=0, le=64)
+    # Proposals in one step, all samplers together; past it the step is ABORT.
+    max_proposals: int = Field(default=16, ge=2, le=256)
+
+
 class Policy(_Strict):
     guards: GuardSet = Field(default_factory=GuardSet)
+    rules: list[Rule] = Field(default_factory=list)
+    redo: RedoBounds = Field(default_factory=RedoBounds)
+
+    @model_validator(mode="after")
+    def _unique_rule_ids(self) -> Policy:
+        seen: dict[str, int] = {}
+        for i, r in enumerate(self.rules):
+            if r.id in seen:
+                raise ValueError(f"rules[{i}] (id {r.id!r}).id: duplicate rule id, already used by rules[{seen[r.id]}]")
+            seen[r.id] = i
+        return self
 
 
 class SidecarConfig(_Strict):
@@ -118,8 +170,26 @@ def parse_config(data: object, source: str = "<config>") -> SidecarConfig:
     try:
         return SidecarConfig.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors())
+        problems = "; ".join(f"{_where(data, err['loc'])}: {err['msg']}" for err in exc.errors())
         raise ConfigError(f"{source}: {problems}") from None
+
+
+def _where(data: object, loc: tuple[int | str, ...]) -> str:
+    """A pydantic location as a path a person can find: ``policies.default.rules[2] (id 'ssn').action``."""
+    parts: list[str] = []
+    node = data
+    for key in loc:
+        if isinstance(key, int):
+            label = f"[{key}]"
+            item = node[key] if isinstance(node, list) and 0 <= key < len(node) else None
+            if parts and parts[-1] == "rules" and isinstance(item, dict) and isinstance(item.get("id"), str):
+                label += f" (id {item['id']!r})"
+            parts[-1:] = [(parts[-1] if parts else "") + label]
+            node = item
+        else:
+            parts.append(str(key))
+            node = node.get(key) if isinstance(node, dict) else None
+    return ".".join(parts) or "<root>"
 
 
 def load_config(path: str | Path, overrides: dict[str, object] | None = None) -> SidecarConfig:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -22,9 +23,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from ._pb.fse.v1 import guard_pb2 as pb
 from ._pb.fse.v1 import guard_pb2_grpc as pb_grpc
-from .config import SidecarConfig
-from .errors import FseError, ListenError
-from .service import GuardService
+from .config import SidecarConfig, load_config
+from .core.policy import CompiledPolicy, compile_policies
+from .errors import ConfigError, FseError, ListenError
+from .service import GuardService, reason
 from .signing import Signer
 
 log = logging.getLogger("fse.server")
@@ -36,9 +38,53 @@ def _code(exc: FseError) -> grpc.StatusCode:
     return getattr(grpc.StatusCode, exc.grpc_code, grpc.StatusCode.INTERNAL)
 
 
-class GuardServicer(pb_grpc.GuardServiceServicer):
-    def __init__(self, service: GuardService) -> None:
+class PolicyReloader:
+    """Loads the configuration file again and swaps the service's compiled policies.
+
+    Shared by the ReloadPolicy RPC and SIGHUP. Parsing and compiling (pyahocorasick,
+    Hyperscan: up to seconds for 100k rules) run in a worker thread, so the event loop
+    keeps stepping sessions meanwhile; only the final swap runs on the loop. A file that
+    fails validation changes nothing.
+    """
+
+    def __init__(self, service: GuardService, config_path: Path | None) -> None:
         self.service = service
+        self.config_path = config_path
+        self._lock = asyncio.Lock()  # one reload at a time; a second waits for the first
+
+    async def reload(self) -> dict[str, str]:
+        """Policy name -> digest now in force; raises ConfigError (old policies kept)."""
+        if self.config_path is None:
+            raise ConfigError("this sidecar was not started from a configuration file; nothing to reload")
+        path = self.config_path
+        async with self._lock:
+            loop = asyncio.get_running_loop()
+            try:
+                # --listen given on the command line stays what it was
+                config, policies = await loop.run_in_executor(None, _load_and_compile, path, self.service.config.listen)
+            except ConfigError as exc:
+                log.error("policy reload refused, the policies in force stay: %s", exc)
+                raise
+            self.service.use_policies(policies)
+            ignored = [
+                f for f in SidecarConfig.model_fields if f != "policies" and getattr(config, f) != getattr(self.service.config, f)
+            ]
+            if ignored:
+                log.warning("reload applies policies only; restart to apply the changed %s", ", ".join(sorted(ignored)))
+            digests = {name: p.digest for name, p in policies.items()}
+            log.info("policies reloaded from %s: %s", path, ", ".join(f"{n}={d[:12]}" for n, d in sorted(digests.items())))
+            return digests
+
+
+def _load_and_compile(path: Path, listen: str) -> tuple[SidecarConfig, dict[str, CompiledPolicy]]:
+    config = load_config(path, overrides={"listen": listen})
+    return config, compile_policies(config.policies)
+
+
+class GuardServicer(pb_grpc.GuardServiceServicer):
+    def __init__(self, service: GuardService, reloader: PolicyReloader) -> None:
+        self.service = service
+        self.reloader = reloader
 
     async def RegisterVocabulary(
         self, request: pb.RegisterVocabularyRequest, context: grpc.aio.ServicerContext
@@ -56,7 +102,11 @@ class GuardServicer(pb_grpc.GuardServiceServicer):
             await context.abort(_code(exc), str(exc))
         log.info("session %s opened (tag %d, ring %r)", s.session_id, s.tag, s.ring_name)
         return pb.OpenSessionResponse(
-            session_id=s.session_id, session_tag=s.tag, genesis_hash=s.chain_hash, key_id=self.service.signer.key_id
+            session_id=s.session_id,
+            session_tag=s.tag,
+            genesis_hash=s.chain_hash,
+            key_id=self.service.signer.key_id,
+            policy_digest=s.policy.digest,
         )
 
     async def CloseSession(self, request: pb.CloseSessionRequest, context: grpc.aio.ServicerContext) -> pb.CloseSessionResponse:
@@ -65,7 +115,16 @@ class GuardServicer(pb_grpc.GuardServiceServicer):
         except FseError as exc:
             await context.abort(_code(exc), str(exc))
         log.info("session %s closed after %d steps", s.session_id, s.next_step)
-        return pb.CloseSessionResponse(steps=s.next_step, chain_hash=s.chain_hash)
+        final = [] if s.aborted else s.finish()
+        return pb.CloseSessionResponse(steps=s.next_step, chain_hash=s.chain_hash, final_hits=[reason(t) for t in final])
+
+    async def ReloadPolicy(self, request: pb.ReloadPolicyRequest, context: grpc.aio.ServicerContext) -> pb.ReloadPolicyResponse:
+        try:
+            digests = await self.reloader.reload()
+        except FseError as exc:
+            code = grpc.StatusCode.FAILED_PRECONDITION if self.reloader.config_path is None else _code(exc)
+            await context.abort(code, str(exc))
+        return pb.ReloadPolicyResponse(policy_digests=digests)
 
     async def Step(self, request: pb.StepRequest, context: grpc.aio.ServicerContext) -> pb.StepResponse:
         return self._step(request)
@@ -109,8 +168,13 @@ def _claim_unix_socket(path: Path) -> None:
     raise ListenError(f"another process is already listening on {path}")
 
 
-def create_server(config: SidecarConfig, signer: Signer) -> tuple[grpc.aio.Server, GuardService, str]:
-    """A configured, not yet started server; returns (server, service, bound address)."""
+def create_server(
+    config: SidecarConfig, signer: Signer, config_path: Path | None = None
+) -> tuple[grpc.aio.Server, GuardService, str]:
+    """A configured, not yet started server; returns (server, service, bound address).
+
+    ``config_path`` is the file ``config`` came from: ReloadPolicy and SIGHUP read it.
+    """
     service = GuardService(config, signer)
     server = grpc.aio.server(
         options=[
@@ -119,7 +183,8 @@ def create_server(config: SidecarConfig, signer: Signer) -> tuple[grpc.aio.Serve
             ("grpc.so_reuseport", 0),
         ]
     )
-    pb_grpc.add_GuardServiceServicer_to_server(GuardServicer(service), server)
+    reloader = PolicyReloader(service, config_path)
+    pb_grpc.add_GuardServiceServicer_to_server(GuardServicer(service, reloader), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     address = config.grpc_address()
@@ -130,7 +195,15 @@ def create_server(config: SidecarConfig, signer: Signer) -> tuple[grpc.aio.Serve
         raise ListenError(f"cannot listen on {config.listen}")
     bound = address if address.startswith("unix:") else f"{address.rpartition(':')[0]}:{port}"
     server._fse_health = health_servicer  # type: ignore[attr-defined]
+    server._fse_reloader = reloader  # type: ignore[attr-defined]
     return server, service, bound
+
+
+async def _reload_logged(reloader: PolicyReloader) -> None:
+    try:
+        await reloader.reload()
+    except FseError:
+        pass  # logged by reload; the old policies stay in force
 
 
 async def _reap_idle_sessions(service: GuardService) -> None:
@@ -141,8 +214,21 @@ async def _reap_idle_sessions(service: GuardService) -> None:
             log.warning("session %s closed after %.0f s without a step", sid, service.config.session_idle_timeout_s)
 
 
-async def serve(config: SidecarConfig, signer: Signer, ready: asyncio.Event | None = None) -> None:
-    server, service, bound = create_server(config, signer)
+async def serve(
+    config: SidecarConfig, signer: Signer, ready: asyncio.Event | None = None, config_path: Path | None = None
+) -> None:
+    server, service, bound = create_server(config, signer, config_path)
+    reloader: PolicyReloader = server._fse_reloader  # type: ignore[attr-defined]
+    loop = asyncio.get_running_loop()
+    reloads: set[asyncio.Task] = set()
+
+    def on_sighup() -> None:
+        task = loop.create_task(_reload_logged(reloader))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    if config_path is not None:
+        loop.add_signal_handler(signal.SIGHUP, on_sighup)
     await server.start()
     hs = server._fse_health  # type: ignore[attr-defined]
     await hs.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -150,6 +236,7 @@ async def serve(config: SidecarConfig, signer: Signer, ready: asyncio.Event | No
     log.info("fse-sidecar serving on %s (pid %d, %s key %s)", bound, os.getpid(), signer.algorithm, signer.key_id)
     if ready is not None:
         ready.set()
+    log.info("policies: %s", ", ".join(f"{n}={p.digest[:12]}" for n, p in sorted(service.policies.items())))
     reaper = asyncio.create_task(_reap_idle_sessions(service))
     try:
         await server.wait_for_termination()

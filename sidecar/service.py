@@ -18,7 +18,8 @@ import numpy as np
 
 from ._pb.fse.v1 import guard_pb2 as pb
 from .config import SidecarConfig
-from .core.guards import health_band
+from .core.guards import Trip, health_band
+from .core.policy import CompiledPolicy, compile_policies
 from .core.redo import StepOutcome
 from .core.sampling import SamplingParams
 from .core.session import Session
@@ -36,10 +37,27 @@ class _RingUse:
     sessions: int = 0
 
 
+def reason(t: Trip) -> pb.Reason:
+    return pb.Reason(
+        code=t.code,
+        value=t.value,
+        threshold=t.threshold,
+        sampler=cast(pb.Sampler, int(t.sampler)),
+        detail=t.detail,
+        action=cast(pb.Action, int(t.action)),
+        token_id=t.token_id,
+        span_start=t.span_start,
+        span_end=t.span_end,
+    )
+
+
 class GuardService:
-    def __init__(self, config: SidecarConfig, signer: Signer) -> None:
+    def __init__(self, config: SidecarConfig, signer: Signer, policies: dict[str, CompiledPolicy] | None = None) -> None:
         self.config = config
         self.signer = signer
+        # Compiled once here (start-up: a bad rule stops the sidecar before it listens)
+        # and swapped whole by :meth:`use_policies` on a reload.
+        self.policies = policies if policies is not None else compile_policies(config.policies)
         self._vocabs: dict[str, Vocabulary] = {}
         self._sessions: dict[str, Session] = {}
         self._rings: dict[str, _RingUse] = {}
@@ -64,9 +82,9 @@ class GuardService:
     def open_session(self, req: pb.OpenSessionRequest) -> Session:
         vocab = self.vocabulary(req.vocab_digest)
         policy_name = req.policy or "default"
-        policy = self.config.policies.get(policy_name)
+        policy = self.policies.get(policy_name)
         if policy is None:
-            raise UnknownPolicy(f"policy {policy_name!r} is not configured (known: {sorted(self.config.policies)})")
+            raise UnknownPolicy(f"policy {policy_name!r} is not configured (known: {sorted(self.policies)})")
         sid = req.session_id or uuid.uuid4().hex
         if sid in self._sessions:
             raise DuplicateSession(f"session {sid!r} is already open")
@@ -89,9 +107,9 @@ class GuardService:
         session = Session(
             session_id=sid,
             tag=next(self._tags),
-            vocab_size=vocab.size,
             params=params,
-            guards=policy.guards,
+            policy=policy,
+            tokens=vocab.tokens,
             history=prompt,
             ring_name=req.ring_name,
             last_active=time.monotonic(),
@@ -133,6 +151,12 @@ class GuardService:
     def close(self) -> None:
         for sid in list(self._sessions):
             self.close_session(sid)
+
+    def use_policies(self, policies: dict[str, CompiledPolicy]) -> None:
+        """New sessions get ``policies``; open sessions keep the policy they opened with."""
+        if "default" not in policies:
+            raise UnknownPolicy("a policy set must define 'default'")
+        self.policies = dict(policies)
 
     def reap_idle(self, now: float) -> list[str]:
         """Close sessions with no activity since ``now - session_idle_timeout_s``."""
@@ -182,12 +206,7 @@ class GuardService:
             decision=cast(pb.Decision, int(o.decision)),
             token_id=o.token,
             sampler=cast(pb.Sampler, int(o.sampler or 0)),
-            reasons=[
-                pb.Reason(
-                    code=r.code, value=r.value, threshold=r.threshold, sampler=cast(pb.Sampler, int(r.sampler)), detail=r.detail
-                )
-                for r in o.reasons
-            ],
+            reasons=[reason(r) for r in o.reasons],
             metrics=pb.TokenMetrics(
                 entropy_nats=m.entropy,
                 neg_logprob_nats=m.neg_logprob,
@@ -203,6 +222,7 @@ class GuardService:
             band=cast(pb.HealthBand, health_band(m.running_ppl) if m.finite else pb.HEALTH_BAND_HALT),
             prev_chain_hash=prev,
             chain_hash=chain,
+            policy_digest=s.policy.digest,
         )
         self.signer.sign(v)
         return v

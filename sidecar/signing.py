@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from ._pb.fse.v1 import guard_pb2 as pb
 from .core import canonical as cb
+from .core.chain import reason_bytes
 from .errors import SigningKeyError
 
 ALGORITHMS = ("ed25519", "hmac-sha256")
@@ -46,15 +47,14 @@ _METRICS = struct.Struct("<ddQdddddddI")
 
 
 def verdict_bytes(v: pb.Verdict) -> bytes:
-    """Canonical encoding of Verdict fields 1-11 (see proto/fse/v1/VERDICT.md)."""
+    """Canonical encoding of Verdict fields 1-11 and 13 (see proto/fse/v1/VERDICT.md)."""
     m = v.metrics
     parts = [
         b"fse.v1.verdict",
         cb.string(v.session_id),
         struct.pack("<QIqII", v.step, v.decision, v.token_id, v.sampler, len(v.reasons)),
     ]
-    for r in v.reasons:
-        parts += [cb.string(r.code), cb.f64(r.value), cb.f64(r.threshold), cb.u32(r.sampler), cb.string(r.detail)]
+    parts += [reason_bytes(r) for r in v.reasons]
     f = cb.canonical_float
     parts += [
         _METRICS.pack(
@@ -73,6 +73,7 @@ def verdict_bytes(v: pb.Verdict) -> bytes:
         cb.blob(v.prev_chain_hash),
         cb.blob(v.chain_hash),
         cb.string(v.key_id),
+        cb.string(v.policy_digest),
     ]
     return b"".join(parts)
 

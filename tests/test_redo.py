@@ -3,9 +3,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sidecar.config import Guard, GuardSet
+from sidecar.config import Guard, GuardSet, Policy
+from sidecar.core.evaluators import TokenGuards
 from sidecar.core.guards import Sampler, evaluate, health_band
 from sidecar.core.metrics import row_stats
+from sidecar.core.policy import CompiledPolicy, compile_policy
 from sidecar.core.redo import Decision, decide, token_metrics
 from sidecar.core.sampling import SamplingParams
 from sidecar.core.session import Session
@@ -18,8 +20,19 @@ OFF = GuardSet(
 )
 
 
+VOCAB = [f"t{i}".encode() for i in range(1000)]
+
+
 def guards(**on: float) -> GuardSet:
     return OFF.model_copy(update={k: Guard(enabled=True, threshold=v) for k, v in on.items()})
+
+
+def guarded(gs: GuardSet) -> list[TokenGuards]:
+    return [TokenGuards(gs)]
+
+
+def policy(gs: GuardSet) -> CompiledPolicy:
+    return compile_policy("test", Policy(guards=gs))
 
 
 def peaked_row(v: int = 1000) -> np.ndarray:
@@ -31,7 +44,7 @@ def peaked_row(v: int = 1000) -> np.ndarray:
 
 def test_candidate_that_passes_is_accepted() -> None:
     row = peaked_row()
-    out = decide(row, row_stats(row), [], SamplingParams(), guards(neg_logprob=6.0), 0.0, 0, 0)
+    out = decide(row, row_stats(row), [], SamplingParams(), guarded(guards(neg_logprob=6.0)), 0.0, 0, 0)
     assert out.decision == Decision.ACCEPT and out.token == 10 and out.reasons == ()
     assert out.sampler == Sampler.NORMAL
 
@@ -41,8 +54,8 @@ def test_surprising_sample_is_healed_by_the_strict_sampler_and_the_trip_is_kept(
     row[30] = 4.0  # a plausible but surprising token for a hot sampler
     hot = SamplingParams(temperature=50.0, seed=1)
     # find a step where the hot sampler picks something other than the greedy token
-    step = next(s for s in range(200) if decide(row, row_stats(row), [], hot, OFF, 0.0, 0, s).token != 10)
-    out = decide(row, row_stats(row), [], hot, guards(rank=0.0), 0.0, 0, step)
+    step = next(s for s in range(200) if decide(row, row_stats(row), [], hot, guarded(OFF), 0.0, 0, s).token != 10)
+    out = decide(row, row_stats(row), [], hot, guarded(guards(rank=0.0)), 0.0, 0, step)
     assert out.decision == Decision.HEALED
     assert out.token == 10 and out.sampler == Sampler.STRICT
     assert [r.code for r in out.reasons] == ["rank"]
@@ -51,7 +64,7 @@ def test_surprising_sample_is_healed_by_the_strict_sampler_and_the_trip_is_kept(
 
 def test_double_fault_aborts_with_both_attempts_recorded() -> None:
     row = np.zeros(1000, np.float32)  # uniform: entropy ln(1000) = 6.9 for any token
-    out = decide(row, row_stats(row), [], SamplingParams(temperature=1.0), guards(entropy=3.0), 0.0, 0, 0)
+    out = decide(row, row_stats(row), [], SamplingParams(temperature=1.0), guarded(guards(entropy=3.0)), 0.0, 0, 0)
     assert out.decision == Decision.ABORT and out.token == -1
     assert [(r.code, r.sampler) for r in out.reasons] == [("entropy", Sampler.NORMAL), ("entropy", Sampler.STRICT)]
 
@@ -60,7 +73,7 @@ def test_double_fault_aborts_with_both_attempts_recorded() -> None:
 def test_non_finite_logits_abort_with_a_reason_naming_it(bad: float) -> None:
     row = peaked_row()
     row[500] = bad
-    out = decide(row, row_stats(row), [], SamplingParams(), OFF, 0.0, 0, 0)
+    out = decide(row, row_stats(row), [], SamplingParams(), guarded(OFF), 0.0, 0, 0)
     assert out.decision == Decision.ABORT
     assert [r.code for r in out.reasons] == ["non_finite"]
     assert "NaN or Inf" in out.reasons[0].detail
@@ -85,7 +98,7 @@ def test_health_bands_follow_the_ppl_thresholds() -> None:
 
 
 def make_session(**kw) -> Session:
-    return Session(session_id="s-1", tag=1, vocab_size=1000, params=SamplingParams(), guards=guards(**kw), history=[1, 2])
+    return Session(session_id="s-1", tag=1, params=SamplingParams(), policy=policy(guards(**kw)), tokens=VOCAB, history=[1, 2])
 
 
 def test_judging_commits_nothing_until_commit() -> None:
@@ -121,7 +134,7 @@ def test_steps_out_of_order_and_wrong_row_size_are_refused() -> None:
 def test_same_inputs_give_the_same_chain() -> None:
     def run() -> bytes:
         s = Session(
-            session_id="det", tag=1, vocab_size=1000, params=SamplingParams(temperature=1.0, seed=5), guards=guards(rank=3)
+            session_id="det", tag=1, params=SamplingParams(temperature=1.0, seed=5), policy=policy(guards(rank=3)), tokens=VOCAB
         )
         rng = np.random.default_rng(0)
         for step in range(20):
@@ -133,4 +146,4 @@ def test_same_inputs_give_the_same_chain() -> None:
 
 def test_bad_session_ids_are_rejected() -> None:
     with pytest.raises(SessionError, match="must match"):
-        Session(session_id="bad id/with spaces", tag=1, vocab_size=10, params=SamplingParams(), guards=OFF)
+        Session(session_id="bad id/with spaces", tag=1, params=SamplingParams(), policy=policy(OFF), tokens=VOCAB[:10])

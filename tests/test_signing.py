@@ -17,11 +17,32 @@ def verdict() -> pb.Verdict:
         decision=pb.DECISION_HEALED,
         token_id=17,
         sampler=pb.SAMPLER_STRICT,
-        reasons=[pb.Reason(code="rank", value=120, threshold=100, sampler=pb.SAMPLER_NORMAL, detail="rank 120 > 100")],
+        reasons=[
+            pb.Reason(
+                code="rank",
+                value=120,
+                threshold=100,
+                sampler=pb.SAMPLER_NORMAL,
+                detail="rank 120 > 100",
+                action=pb.ACTION_REDO,
+                token_id=33,
+            ),
+            pb.Reason(
+                code="no-foo",
+                value=1,
+                sampler=pb.SAMPLER_NORMAL,
+                detail="rule no-foo (block)",
+                action=pb.ACTION_BLOCK,
+                token_id=34,
+                span_start=7,
+                span_end=10,
+            ),
+        ],
         metrics=pb.TokenMetrics(entropy_nats=1.5, neg_logprob_nats=0.2, rank=0, running_ppl=3.0),
         band=pb.HEALTH_BAND_HEALTHY,
         prev_chain_hash=b"\x01" * 32,
         chain_hash=b"\x02" * 32,
+        policy_digest="ab" * 32,
     )
 
 
@@ -133,10 +154,15 @@ def test_verdict_bytes_follow_the_documented_layout() -> None:
     expected = (
         b"fse.v1.verdict"
         + s("s")
-        + le("QIqII", 4, pb.DECISION_HEALED, 17, pb.SAMPLER_STRICT, 1)
+        + le("QIqII", 4, pb.DECISION_HEALED, 17, pb.SAMPLER_STRICT, 2)
         + s("rank")
         + le("ddI", 120.0, 100.0, pb.SAMPLER_NORMAL)
         + s("rank 120 > 100")
+        + le("IqQQ", pb.ACTION_REDO, 33, 0, 0)
+        + s("no-foo")
+        + le("ddI", 1.0, 0.0, pb.SAMPLER_NORMAL)
+        + s("rule no-foo (block)")
+        + le("IqQQ", pb.ACTION_BLOCK, 34, 7, 10)
         + le("dd", m.entropy_nats, m.neg_logprob_nats)
         + le("Q", 0)
         + bytes.fromhex("000000000000f87f")
@@ -147,5 +173,6 @@ def test_verdict_bytes_follow_the_documented_layout() -> None:
         + le("I", 32)
         + b"\x02" * 32
         + s("00112233aabbccdd")
+        + s("ab" * 32)
     )
     assert verdict_bytes(v) == expected

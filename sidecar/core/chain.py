@@ -10,24 +10,62 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable
+from typing import Protocol
 
 from . import canonical as cb
-from .guards import Trip
+
+
+class ReasonLike(Protocol):
+    """A :class:`~sidecar.core.guards.Trip` or an ``fse.v1.Reason``: the same fields, read only."""
+
+    @property
+    def code(self) -> str: ...
+    @property
+    def value(self) -> float: ...
+    @property
+    def threshold(self) -> float: ...
+    @property
+    def sampler(self) -> int: ...
+    @property
+    def detail(self) -> str: ...
+    @property
+    def action(self) -> int: ...
+    @property
+    def token_id(self) -> int: ...
+    @property
+    def span_start(self) -> int: ...
+    @property
+    def span_end(self) -> int: ...
 
 
 def genesis(session_id: str) -> bytes:
     return hashlib.sha256(b"fse.v1.genesis" + session_id.encode("utf-8")).digest()
 
 
-def reasons_bytes(reasons: Iterable[Trip]) -> bytes:
+def reason_bytes(r: ReasonLike) -> bytes:
+    """str code | f64 value | f64 threshold | u32 sampler | str detail | u32 action
+    | i64 token_id | u64 span_start | u64 span_end (VERDICT.md)."""
+    return b"".join(
+        [
+            cb.string(r.code),
+            cb.f64(r.value),
+            cb.f64(r.threshold),
+            cb.u32(int(r.sampler)),
+            cb.string(r.detail),
+            cb.u32(int(r.action)),
+            cb.i64(r.token_id),
+            cb.u64(r.span_start),
+            cb.u64(r.span_end),
+        ]
+    )
+
+
+def reasons_bytes(reasons: Iterable[ReasonLike]) -> bytes:
     items = list(reasons)
-    out = [cb.u32(len(items))]
-    for r in items:
-        out += [cb.string(r.code), cb.f64(r.value), cb.f64(r.threshold), cb.u32(int(r.sampler)), cb.string(r.detail)]
-    return b"".join(out)
+    return cb.u32(len(items)) + b"".join(reason_bytes(r) for r in items)
 
 
-def frame_bytes(session_id: str, step: int, token: int, decision: int, sampler: int, reasons: Iterable[Trip]) -> bytes:
+def frame_bytes(session_id: str, step: int, token: int, decision: int, sampler: int, reasons: Iterable[ReasonLike]) -> bytes:
     return b"".join(
         [
             b"fse.v1.frame",

@@ -20,6 +20,15 @@ class Sampler(IntEnum):
     STRICT = 2
 
 
+class Action(IntEnum):
+    """What a trip asks of the redo. Values match fse.v1.Action."""
+
+    REDO = 1  # a guard: redo with the strict sampler, abort when that trips too
+    BLOCK = 2  # a block rule: exclude the candidate and redo
+    HALT = 3  # a halt rule or an unrecoverable row: abort now
+    FLAG = 4  # a flag rule: record only
+
+
 @dataclass(frozen=True, slots=True)
 class TokenMetrics:
     """The Glass Box metrics of one candidate token (all floats are float64)."""
@@ -40,13 +49,22 @@ class TokenMetrics:
 
 @dataclass(frozen=True, slots=True)
 class Trip:
-    """One guard that fired on one attempt."""
+    """One guard or rule that fired on one attempt (fse.v1.Reason)."""
 
     code: str
     value: float
     threshold: float
     sampler: Sampler
     detail: str = ""
+    action: Action = Action.REDO
+    token_id: int = -1  # the attempt's candidate
+    span_start: int = 0  # a rule hit: its bytes in the emitted text, the candidate's appended
+    span_end: int = 0
+
+    @property
+    def rejects(self) -> bool:
+        """Whether the candidate cannot be committed (everything but a flag)."""
+        return self.action != Action.FLAG
 
 
 # (guard name, metric attribute, trips when metric is greater than threshold?)
@@ -69,7 +87,7 @@ def evaluate(metrics: TokenMetrics, guards: GuardSet, sampler: Sampler, generate
     perplexity warm-up).
     """
     if not metrics.finite:
-        return [Trip("non_finite", math.nan, 0.0, sampler, "logits row holds NaN or Inf")]
+        return [Trip("non_finite", math.nan, 0.0, sampler, "logits row holds NaN or Inf", Action.HALT)]
     trips: list[Trip] = []
     for name, attr, above in _CHECKS:
         g = getattr(guards, name)
@@ -80,7 +98,9 @@ def evaluate(metrics: TokenMetrics, guards: GuardSet, sampler: Sampler, generate
         value = float(getattr(metrics, attr))
         if (value > g.threshold) if above else (value < g.threshold):
             op = ">" if above else "<"
-            trips.append(Trip(name, value, g.threshold, sampler, f"{name} {value:.6g} {op} {g.threshold:.6g}"))
+            trips.append(
+                Trip(name, value, g.threshold, sampler, f"{name} {value:.6g} {op} {g.threshold:.6g}", token_id=metrics.token)
+            )
     return trips
 
 

@@ -1,28 +1,34 @@
 """The self-healing redo state machine of seed 000 (pure).
 
     propose (Normal sampler) -> evaluate -> ACCEPT
-                                   | trip
-                                   v
-    propose (Strict sampler: greedy, same penalty) -> evaluate -> HEALED
-                                                        | trip
-                                                        v
-                                                      ABORT (double fault)
+        | block: that token is masked; propose again (Normal, up to max_block_retries)
+        | a guard trips (REDO)
+        v
+    propose (Strict sampler: greedy, same penalty, same mask) -> evaluate -> HEALED
+        | block: mask it, propose again (Strict)
+        | a guard trips again: double fault
+        v
+    ABORT    (also: a halt rule, a non-finite row, no allowed token, max_proposals spent)
 
-A non-finite row aborts at once: no sampler can make a NaN row safe. Nothing here
-mutates its inputs: :func:`decide` returns an outcome and the caller commits it (or not).
-Every trip of every attempt is kept in the outcome, healed ones included.
+The evaluators (:mod:`sidecar.core.evaluators`) judge each proposal in order; this
+module owns the flow and nothing else. Nothing here mutates its inputs: :func:`decide`
+returns an outcome and the caller commits it (or not). Every trip of every proposal is
+kept in the outcome, in the order made, healed ones included; a flag is recorded and
+rejects nothing.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 
 import numpy as np
 
-from ..config import GuardSet
-from .guards import Sampler, TokenMetrics, Trip, evaluate
+from ..config import RedoBounds
+from .evaluators import Evaluator, Proposal
+from .guards import Action, Sampler, TokenMetrics, Trip
 from .metrics import RowStats, candidate, running_perplexity
 from .sampling import SamplingParams, sample_normal, sample_strict
 
@@ -42,6 +48,10 @@ class StepOutcome:
     sampler: Sampler | None  # which attempt is committed; None on ABORT
     metrics: TokenMetrics  # of the committed candidate (of the last attempt on ABORT)
     reasons: tuple[Trip, ...]
+    proposal: Proposal | None = None  # the committed proposal; None on ABORT
+
+
+_DEFAULT_BOUNDS = RedoBounds()
 
 
 def token_metrics(row: np.ndarray, st: RowStats, token: int, ppl_sum: float, generated: int) -> TokenMetrics:
@@ -70,26 +80,48 @@ def decide(
     stats: RowStats,
     history: Sequence[int],
     params: SamplingParams,
-    guards: GuardSet,
+    evaluators: Sequence[Evaluator],
     ppl_sum: float,
     generated: int,
     step: int,
+    bounds: RedoBounds = _DEFAULT_BOUNDS,
 ) -> StepOutcome:
     """Judge one step. ``row``: (vocab,) float32; ``stats``: its :func:`row_stats`."""
     if not stats.finite:
-        m = token_metrics(row, stats, 0, ppl_sum, generated)
-        trips = tuple(evaluate(m, guards, Sampler.NORMAL, generated))
-        return StepOutcome(Decision.ABORT, -1, None, m, trips)
+        nan_metrics = token_metrics(row, stats, 0, ppl_sum, generated)
+        trip = Trip("non_finite", math.nan, 0.0, Sampler.NORMAL, "logits row holds NaN or Inf", Action.HALT)
+        return StepOutcome(Decision.ABORT, -1, None, nan_metrics, (trip,))
 
-    first = sample_normal(row, history, params, step)
-    m1 = token_metrics(row, stats, first, ppl_sum, generated)
-    trips1 = evaluate(m1, guards, Sampler.NORMAL, generated)
-    if not trips1:
-        return StepOutcome(Decision.ACCEPT, first, Sampler.NORMAL, m1, ())
-
-    second = sample_strict(row, history, params)
-    m2 = m1 if second == first else token_metrics(row, stats, second, ppl_sum, generated)
-    trips2 = evaluate(m2, guards, Sampler.STRICT, generated)
-    if not trips2:
-        return StepOutcome(Decision.HEALED, second, Sampler.STRICT, m2, tuple(trips1))
-    return StepOutcome(Decision.ABORT, -1, None, m2, tuple(trips1) + tuple(trips2))
+    reasons: list[Trip] = []
+    banned: list[int] = []
+    sampler = Sampler.NORMAL
+    normal_tries = 0
+    m: TokenMetrics | None = None
+    for _ in range(bounds.max_proposals):
+        if sampler == Sampler.NORMAL:
+            token = sample_normal(row, history, params, step, banned)
+            normal_tries += 1
+        else:
+            token = sample_strict(row, history, params, banned)
+        if token < 0:
+            why = f"every token is excluded by the policy ({len(banned)} blocked in this step)"
+            reasons.append(Trip("no_allowed_token", float(len(banned)), 0.0, sampler, why, Action.HALT))
+            return StepOutcome(Decision.ABORT, -1, None, m or token_metrics(row, stats, 0, ppl_sum, generated), tuple(reasons))
+        m = token_metrics(row, stats, token, ppl_sum, generated)
+        p = Proposal(token, sampler, m, step, generated)
+        trips = [t for ev in evaluators for t in ev.check(p)]
+        reasons += trips
+        actions = {t.action for t in trips if t.rejects}
+        if not actions:
+            healed = any(t.rejects for t in reasons)
+            return StepOutcome(Decision.HEALED if healed else Decision.ACCEPT, token, sampler, m, tuple(reasons), p)
+        if Action.HALT in actions or (Action.REDO in actions and sampler == Sampler.STRICT):
+            return StepOutcome(Decision.ABORT, -1, None, m, tuple(reasons))
+        if Action.BLOCK in actions:
+            banned.append(token)
+        if Action.REDO in actions or normal_tries > bounds.max_block_retries:
+            sampler = Sampler.STRICT
+    why = f"no allowed token within max_proposals ({bounds.max_proposals})"
+    reasons.append(Trip("redo_exhausted", float(bounds.max_proposals), 0.0, sampler, why, Action.HALT))
+    assert m is not None
+    return StepOutcome(Decision.ABORT, -1, None, m, tuple(reasons))

@@ -85,19 +85,34 @@ def penalized(row: np.ndarray, history: Sequence[int], penalty: float, window: i
     return out
 
 
-def sample_strict(row: np.ndarray, history: Sequence[int], params: SamplingParams) -> int:
-    """Greedy under the same repetition penalty."""
+def masked(row: np.ndarray, banned: Sequence[int]) -> np.ndarray:
+    """The row with the ``banned`` ids at -inf (a copy; ``row`` itself when none are)."""
+    if not banned:
+        return row
+    out = np.array(row, dtype=np.float32, copy=True)
+    out[np.asarray(banned, dtype=np.int64)] = -np.inf
+    return out
+
+
+def sample_strict(row: np.ndarray, history: Sequence[int], params: SamplingParams, banned: Sequence[int] = ()) -> int:
+    """Greedy under the same repetition penalty, never one of ``banned``; -1 when every
+    token is banned or at -inf."""
     _check_row(row)
-    y = penalized(row, history, params.repetition_penalty, params.repetition_window)
+    y = masked(penalized(row, history, params.repetition_penalty, params.repetition_window), banned)
     return _best(y)[0]
 
 
-def sample_normal(row: np.ndarray, history: Sequence[int], params: SamplingParams, step: int) -> int:
-    """Draw a token with the request's parameters; deterministic in (inputs, seed, step)."""
+def sample_normal(row: np.ndarray, history: Sequence[int], params: SamplingParams, step: int, banned: Sequence[int] = ()) -> int:
+    """Draw a token with the request's parameters; deterministic in (inputs, seed, step).
+
+    ``banned`` ids (tokens a policy rule excluded in this step) are masked before the
+    draw, so with the same uniform number the draw moves to the next candidate of the
+    renormalised distribution. -1 when every token is banned or at -inf.
+    """
     _check_row(row)
-    y = penalized(row, history, params.repetition_penalty, params.repetition_window)
+    y = masked(penalized(row, history, params.repetition_penalty, params.repetition_window), banned)
     best, y_max = _best(y)
-    if params.greedy:
+    if best < 0 or params.greedy:
         return best
     t = params.temperature
     # Every kept token has a tempered logit within CANDIDATE_NATS of the best, and
@@ -140,9 +155,12 @@ def sample_normal(row: np.ndarray, history: Sequence[int], params: SamplingParam
 
 def _best(y: np.ndarray) -> tuple[int, float]:
     """(argmax, max) of a row that can be sampled: argmax stops at the first NaN, so a NaN
-    or +Inf anywhere shows in the max. -Inf entries are fine (probability 0)."""
+    or +Inf anywhere shows in the max. -Inf entries are fine (probability 0); (-1, -inf)
+    when every entry is -Inf."""
     best = int(y.argmax())
     y_max = float(y[best])
+    if y_max == -math.inf:
+        return -1, y_max
     if not math.isfinite(y_max):
         raise RowError(f"a logits row holding NaN or +Inf (here {y_max} at id {best}) cannot be sampled")
     return best, y_max

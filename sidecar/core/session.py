@@ -1,21 +1,25 @@
-"""One guarded sequence: its parameters, history and chain (pure, no I/O).
+"""One guarded sequence: its parameters, history, evaluators and chain (pure, no I/O).
 
 :meth:`Session.judge` proposes and evaluates without touching the state;
-:meth:`Session.commit` applies an outcome. A rejected candidate therefore commits
-nothing, and an ABORT commits only the audit frame that records it (the sequence ends).
+:meth:`Session.commit` applies an outcome (the evaluators advance with it). A rejected
+candidate therefore commits nothing, and an ABORT commits only the audit frame that
+records it (the sequence ends).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..config import GuardSet
 from ..errors import RowError, SessionError
 from . import chain
+from .evaluators import Evaluator, PolicyRules, TokenGuards
+from .guards import Trip
 from .metrics import row_stats
+from .policy import CompiledPolicy
 from .redo import Decision, StepOutcome, decide
 from .sampling import SamplingParams
 
@@ -26,9 +30,9 @@ SESSION_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 class Session:
     session_id: str
     tag: int
-    vocab_size: int
     params: SamplingParams
-    guards: GuardSet
+    policy: CompiledPolicy
+    tokens: Sequence[bytes]  # the registered vocabulary: id -> bytes
     history: list[int] = field(default_factory=list)  # prompt + committed tokens
     next_step: int = 0
     ppl_sum: float = 0.0
@@ -37,12 +41,20 @@ class Session:
     aborted: bool = False
     ring_name: str = ""
     last_active: float = 0.0  # monotonic seconds of the last open/step (set by the service)
+    evaluators: list[Evaluator] = field(init=False)
 
     def __post_init__(self) -> None:
         if not SESSION_ID.fullmatch(self.session_id):
             raise SessionError(f"session_id {self.session_id!r} must match {SESSION_ID.pattern}")
         if not self.chain_hash:
             self.chain_hash = chain.genesis(self.session_id)
+        self.evaluators = [TokenGuards(self.policy.guards)]
+        if self.policy.matcher is not None:
+            self.evaluators.append(PolicyRules(self.policy.matcher, self.tokens))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokens)
 
     def check_step(self, step: int) -> None:
         if self.aborted:
@@ -59,7 +71,9 @@ class Session:
                 f"the registered vocabulary has {self.vocab_size}"
             )
         stats = row_stats(row)
-        return decide(row, stats, self.history, self.params, self.guards, self.ppl_sum, self.generated, step)
+        return decide(
+            row, stats, self.history, self.params, self.evaluators, self.ppl_sum, self.generated, step, self.policy.redo
+        )
 
     def commit(self, step: int, outcome: StepOutcome) -> tuple[bytes, bytes]:
         """Apply ``outcome``; returns (previous chain hash, new chain hash)."""
@@ -78,7 +92,14 @@ class Session:
         if outcome.decision == Decision.ABORT:
             self.aborted = True
         else:
+            assert outcome.proposal is not None
+            for ev in self.evaluators:
+                ev.commit(outcome.proposal)
             self.history.append(outcome.token)
             self.ppl_sum += outcome.metrics.neg_logprob
             self.generated += 1
         return prev, self.chain_hash
+
+    def finish(self) -> list[Trip]:
+        """Flag hits that only the end of the text confirms (call at close)."""
+        return [t for ev in self.evaluators if isinstance(ev, PolicyRules) for t in ev.finish()]

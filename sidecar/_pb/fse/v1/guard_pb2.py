@@ -24,21 +24,25 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1esidecar/_pb/fse/v1/guard.proto\x12\x06\x66se.v1\"\xdd\x01\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x01\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\r\n\x05min_p\x18\x04 \x01(\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12\x1e\n\x11repetition_window\x18\x06 \x01(\rH\x02\x88\x01\x01\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x42\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x14\n\x12_repetition_window\"+\n\x19RegisterVocabularyRequest\x12\x0e\n\x06tokens\x18\x01 \x03(\x0c\"F\n\x1aRegisterVocabularyResponse\x12\x14\n\x0cvocab_digest\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\"\xa5\x01\n\x12OpenSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x14\n\x0cvocab_digest\x18\x02 \x01(\t\x12(\n\x08sampling\x18\x03 \x01(\x0b\x32\x16.fse.v1.SamplingParams\x12\x0e\n\x06policy\x18\x04 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x05 \x03(\r\x12\x11\n\tring_name\x18\x06 \x01(\t\"d\n\x13OpenSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0bsession_tag\x18\x02 \x01(\x04\x12\x14\n\x0cgenesis_hash\x18\x03 \x01(\x0c\x12\x0e\n\x06key_id\x18\x04 \x01(\t\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"9\n\x14\x43loseSessionResponse\x12\r\n\x05steps\x18\x01 \x01(\x04\x12\x12\n\nchain_hash\x18\x02 \x01(\x0c\"1\n\x07RingRef\x12\x0c\n\x04slot\x18\x01 \x01(\r\x12\x0b\n\x03row\x18\x02 \x01(\r\x12\x0b\n\x03seq\x18\x03 \x01(\x04\":\n\x0cInlineLogits\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x1c\n\x05\x64type\x18\x02 \x01(\x0e\x32\r.fse.v1.DType\"\x82\x01\n\x0bStepRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x1f\n\x04ring\x18\x03 \x01(\x0b\x32\x0f.fse.v1.RingRefH\x00\x12&\n\x06inline\x18\x04 \x01(\x0b\x32\x14.fse.v1.InlineLogitsH\x00\x42\x08\n\x06logits\"j\n\x06Reason\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01\x12\x11\n\tthreshold\x18\x03 \x01(\x01\x12 \n\x07sampler\x18\x04 \x01(\x0e\x32\x0f.fse.v1.Sampler\x12\x0e\n\x06\x64\x65tail\x18\x05 \x01(\t\"\xd7\x01\n\x0cTokenMetrics\x12\x14\n\x0c\x65ntropy_nats\x18\x01 \x01(\x01\x12\x18\n\x10neg_logprob_nats\x18\x02 \x01(\x01\x12\x0c\n\x04rank\x18\x03 \x01(\x04\x12\x0e\n\x06margin\x18\x04 \x01(\x01\x12\x15\n\rselected_prob\x18\x05 \x01(\x01\x12\x10\n\x08max_prob\x18\x06 \x01(\x01\x12\x16\n\x0elogit_variance\x18\x07 \x01(\x01\x12\x0f\n\x07l2_norm\x18\x08 \x01(\x01\x12\x12\n\nvarentropy\x18\t \x01(\x01\x12\x13\n\x0brunning_ppl\x18\n \x01(\x01\"\xbd\x02\n\x07Verdict\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\"\n\x08\x64\x65\x63ision\x18\x03 \x01(\x0e\x32\x10.fse.v1.Decision\x12\x10\n\x08token_id\x18\x04 \x01(\x03\x12 \n\x07sampler\x18\x05 \x01(\x0e\x32\x0f.fse.v1.Sampler\x12\x1f\n\x07reasons\x18\x06 \x03(\x0b\x32\x0e.fse.v1.Reason\x12%\n\x07metrics\x18\x07 \x01(\x0b\x32\x14.fse.v1.TokenMetrics\x12 \n\x04\x62\x61nd\x18\x08 \x01(\x0e\x32\x12.fse.v1.HealthBand\x12\x17\n\x0fprev_chain_hash\x18\t \x01(\x0c\x12\x12\n\nchain_hash\x18\n \x01(\x0c\x12\x0e\n\x06key_id\x18\x0b \x01(\t\x12\x11\n\tsignature\x18\x0c \x01(\x0c\"L\n\tStepError\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x0c\n\x04\x63ode\x18\x03 \x01(\x05\x12\x0f\n\x07message\x18\x04 \x01(\t\"a\n\x0cStepResponse\x12\"\n\x07verdict\x18\x01 \x01(\x0b\x32\x0f.fse.v1.VerdictH\x00\x12\"\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x11.fse.v1.StepErrorH\x00\x42\t\n\x07outcome\"\x1e\n\x0b\x45\x63hoMessage\x12\x0f\n\x07payload\x18\x01 \x01(\x0c*b\n\x08\x44\x65\x63ision\x12\x18\n\x14\x44\x45\x43ISION_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x44\x45\x43ISION_ACCEPT\x10\x01\x12\x13\n\x0f\x44\x45\x43ISION_HEALED\x10\x02\x12\x12\n\x0e\x44\x45\x43ISION_ABORT\x10\x03*r\n\nHealthBand\x12\x1b\n\x17HEALTH_BAND_UNSPECIFIED\x10\x00\x12\x17\n\x13HEALTH_BAND_HEALTHY\x10\x01\x12\x18\n\x14HEALTH_BAND_DRIFTING\x10\x02\x12\x14\n\x10HEALTH_BAND_HALT\x10\x03*J\n\x07Sampler\x12\x17\n\x13SAMPLER_UNSPECIFIED\x10\x00\x12\x12\n\x0eSAMPLER_NORMAL\x10\x01\x12\x12\n\x0eSAMPLER_STRICT\x10\x02*L\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\r\n\tDTYPE_F32\x10\x01\x12\r\n\tDTYPE_F16\x10\x02\x12\x0e\n\nDTYPE_BF16\x10\x03\x32\x9f\x03\n\x0cGuardService\x12[\n\x12RegisterVocabulary\x12!.fse.v1.RegisterVocabularyRequest\x1a\".fse.v1.RegisterVocabularyResponse\x12\x46\n\x0bOpenSession\x12\x1a.fse.v1.OpenSessionRequest\x1a\x1b.fse.v1.OpenSessionResponse\x12I\n\x0c\x43loseSession\x12\x1b.fse.v1.CloseSessionRequest\x1a\x1c.fse.v1.CloseSessionResponse\x12\x36\n\x05Steps\x12\x13.fse.v1.StepRequest\x1a\x14.fse.v1.StepResponse(\x01\x30\x01\x12\x31\n\x04Step\x12\x13.fse.v1.StepRequest\x1a\x14.fse.v1.StepResponse\x12\x34\n\x04\x45\x63ho\x12\x13.fse.v1.EchoMessage\x1a\x13.fse.v1.EchoMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1esidecar/_pb/fse/v1/guard.proto\x12\x06\x66se.v1\"\xdd\x01\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x01\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\r\n\x05min_p\x18\x04 \x01(\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12\x1e\n\x11repetition_window\x18\x06 \x01(\rH\x02\x88\x01\x01\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x42\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x14\n\x12_repetition_window\"+\n\x19RegisterVocabularyRequest\x12\x0e\n\x06tokens\x18\x01 \x03(\x0c\"F\n\x1aRegisterVocabularyResponse\x12\x14\n\x0cvocab_digest\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\"\xa5\x01\n\x12OpenSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x14\n\x0cvocab_digest\x18\x02 \x01(\t\x12(\n\x08sampling\x18\x03 \x01(\x0b\x32\x16.fse.v1.SamplingParams\x12\x0e\n\x06policy\x18\x04 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x05 \x03(\r\x12\x11\n\tring_name\x18\x06 \x01(\t\"{\n\x13OpenSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x15\n\rpolicy_digest\x18\x05 \x01(\t\x12\x13\n\x0bsession_tag\x18\x02 \x01(\x04\x12\x14\n\x0cgenesis_hash\x18\x03 \x01(\x0c\x12\x0e\n\x06key_id\x18\x04 \x01(\t\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"]\n\x14\x43loseSessionResponse\x12\r\n\x05steps\x18\x01 \x01(\x04\x12\x12\n\nchain_hash\x18\x02 \x01(\x0c\x12\"\n\nfinal_hits\x18\x03 \x03(\x0b\x32\x0e.fse.v1.Reason\"\x15\n\x13ReloadPolicyRequest\"\x95\x01\n\x14ReloadPolicyResponse\x12G\n\x0epolicy_digests\x18\x01 \x03(\x0b\x32/.fse.v1.ReloadPolicyResponse.PolicyDigestsEntry\x1a\x34\n\x12PolicyDigestsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"1\n\x07RingRef\x12\x0c\n\x04slot\x18\x01 \x01(\r\x12\x0b\n\x03row\x18\x02 \x01(\r\x12\x0b\n\x03seq\x18\x03 \x01(\x04\":\n\x0cInlineLogits\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x1c\n\x05\x64type\x18\x02 \x01(\x0e\x32\r.fse.v1.DType\"\x82\x01\n\x0bStepRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x1f\n\x04ring\x18\x03 \x01(\x0b\x32\x0f.fse.v1.RingRefH\x00\x12&\n\x06inline\x18\x04 \x01(\x0b\x32\x14.fse.v1.InlineLogitsH\x00\x42\x08\n\x06logits\"\xc2\x01\n\x06Reason\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01\x12\x11\n\tthreshold\x18\x03 \x01(\x01\x12 \n\x07sampler\x18\x04 \x01(\x0e\x32\x0f.fse.v1.Sampler\x12\x0e\n\x06\x64\x65tail\x18\x05 \x01(\t\x12\x1e\n\x06\x61\x63tion\x18\x06 \x01(\x0e\x32\x0e.fse.v1.Action\x12\x10\n\x08token_id\x18\x07 \x01(\x03\x12\x12\n\nspan_start\x18\x08 \x01(\x04\x12\x10\n\x08span_end\x18\t \x01(\x04\"\xd7\x01\n\x0cTokenMetrics\x12\x14\n\x0c\x65ntropy_nats\x18\x01 \x01(\x01\x12\x18\n\x10neg_logprob_nats\x18\x02 \x01(\x01\x12\x0c\n\x04rank\x18\x03 \x01(\x04\x12\x0e\n\x06margin\x18\x04 \x01(\x01\x12\x15\n\rselected_prob\x18\x05 \x01(\x01\x12\x10\n\x08max_prob\x18\x06 \x01(\x01\x12\x16\n\x0elogit_variance\x18\x07 \x01(\x01\x12\x0f\n\x07l2_norm\x18\x08 \x01(\x01\x12\x12\n\nvarentropy\x18\t \x01(\x01\x12\x13\n\x0brunning_ppl\x18\n \x01(\x01\"\xd4\x02\n\x07Verdict\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\"\n\x08\x64\x65\x63ision\x18\x03 \x01(\x0e\x32\x10.fse.v1.Decision\x12\x10\n\x08token_id\x18\x04 \x01(\x03\x12 \n\x07sampler\x18\x05 \x01(\x0e\x32\x0f.fse.v1.Sampler\x12\x1f\n\x07reasons\x18\x06 \x03(\x0b\x32\x0e.fse.v1.Reason\x12%\n\x07metrics\x18\x07 \x01(\x0b\x32\x14.fse.v1.TokenMetrics\x12 \n\x04\x62\x61nd\x18\x08 \x01(\x0e\x32\x12.fse.v1.HealthBand\x12\x17\n\x0fprev_chain_hash\x18\t \x01(\x0c\x12\x12\n\nchain_hash\x18\n \x01(\x0c\x12\x0e\n\x06key_id\x18\x0b \x01(\t\x12\x11\n\tsignature\x18\x0c \x01(\x0c\x12\x15\n\rpolicy_digest\x18\r \x01(\t\"L\n\tStepError\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x0c\n\x04\x63ode\x18\x03 \x01(\x05\x12\x0f\n\x07message\x18\x04 \x01(\t\"a\n\x0cStepResponse\x12\"\n\x07verdict\x18\x01 \x01(\x0b\x32\x0f.fse.v1.VerdictH\x00\x12\"\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x11.fse.v1.StepErrorH\x00\x42\t\n\x07outcome\"\x1e\n\x0b\x45\x63hoMessage\x12\x0f\n\x07payload\x18\x01 \x01(\x0c*b\n\x08\x44\x65\x63ision\x12\x18\n\x14\x44\x45\x43ISION_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x44\x45\x43ISION_ACCEPT\x10\x01\x12\x13\n\x0f\x44\x45\x43ISION_HEALED\x10\x02\x12\x12\n\x0e\x44\x45\x43ISION_ABORT\x10\x03*r\n\nHealthBand\x12\x1b\n\x17HEALTH_BAND_UNSPECIFIED\x10\x00\x12\x17\n\x13HEALTH_BAND_HEALTHY\x10\x01\x12\x18\n\x14HEALTH_BAND_DRIFTING\x10\x02\x12\x14\n\x10HEALTH_BAND_HALT\x10\x03*e\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x41\x43TION_REDO\x10\x01\x12\x10\n\x0c\x41\x43TION_BLOCK\x10\x02\x12\x0f\n\x0b\x41\x43TION_HALT\x10\x03\x12\x0f\n\x0b\x41\x43TION_FLAG\x10\x04*J\n\x07Sampler\x12\x17\n\x13SAMPLER_UNSPECIFIED\x10\x00\x12\x12\n\x0eSAMPLER_NORMAL\x10\x01\x12\x12\n\x0eSAMPLER_STRICT\x10\x02*L\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\r\n\tDTYPE_F32\x10\x01\x12\r\n\tDTYPE_F16\x10\x02\x12\x0e\n\nDTYPE_BF16\x10\x03\x32\xea\x03\n\x0cGuardService\x12[\n\x12RegisterVocabulary\x12!.fse.v1.RegisterVocabularyRequest\x1a\".fse.v1.RegisterVocabularyResponse\x12\x46\n\x0bOpenSession\x12\x1a.fse.v1.OpenSessionRequest\x1a\x1b.fse.v1.OpenSessionResponse\x12I\n\x0c\x43loseSession\x12\x1b.fse.v1.CloseSessionRequest\x1a\x1c.fse.v1.CloseSessionResponse\x12I\n\x0cReloadPolicy\x12\x1b.fse.v1.ReloadPolicyRequest\x1a\x1c.fse.v1.ReloadPolicyResponse\x12\x36\n\x05Steps\x12\x13.fse.v1.StepRequest\x1a\x14.fse.v1.StepResponse(\x01\x30\x01\x12\x31\n\x04Step\x12\x13.fse.v1.StepRequest\x1a\x14.fse.v1.StepResponse\x12\x34\n\x04\x45\x63ho\x12\x13.fse.v1.EchoMessage\x1a\x13.fse.v1.EchoMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sidecar._pb.fse.v1.guard_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DECISION']._serialized_start=1854
-  _globals['_DECISION']._serialized_end=1952
-  _globals['_HEALTHBAND']._serialized_start=1954
-  _globals['_HEALTHBAND']._serialized_end=2068
-  _globals['_SAMPLER']._serialized_start=2070
-  _globals['_SAMPLER']._serialized_end=2144
-  _globals['_DTYPE']._serialized_start=2146
-  _globals['_DTYPE']._serialized_end=2222
+  _globals['_RELOADPOLICYRESPONSE_POLICYDIGESTSENTRY']._loaded_options = None
+  _globals['_RELOADPOLICYRESPONSE_POLICYDIGESTSENTRY']._serialized_options = b'8\001'
+  _globals['_DECISION']._serialized_start=2200
+  _globals['_DECISION']._serialized_end=2298
+  _globals['_HEALTHBAND']._serialized_start=2300
+  _globals['_HEALTHBAND']._serialized_end=2414
+  _globals['_ACTION']._serialized_start=2416
+  _globals['_ACTION']._serialized_end=2517
+  _globals['_SAMPLER']._serialized_start=2519
+  _globals['_SAMPLER']._serialized_end=2593
+  _globals['_DTYPE']._serialized_start=2595
+  _globals['_DTYPE']._serialized_end=2671
   _globals['_SAMPLINGPARAMS']._serialized_start=43
   _globals['_SAMPLINGPARAMS']._serialized_end=264
   _globals['_REGISTERVOCABULARYREQUEST']._serialized_start=266
@@ -48,29 +52,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_OPENSESSIONREQUEST']._serialized_start=384
   _globals['_OPENSESSIONREQUEST']._serialized_end=549
   _globals['_OPENSESSIONRESPONSE']._serialized_start=551
-  _globals['_OPENSESSIONRESPONSE']._serialized_end=651
-  _globals['_CLOSESESSIONREQUEST']._serialized_start=653
-  _globals['_CLOSESESSIONREQUEST']._serialized_end=694
-  _globals['_CLOSESESSIONRESPONSE']._serialized_start=696
-  _globals['_CLOSESESSIONRESPONSE']._serialized_end=753
-  _globals['_RINGREF']._serialized_start=755
-  _globals['_RINGREF']._serialized_end=804
-  _globals['_INLINELOGITS']._serialized_start=806
-  _globals['_INLINELOGITS']._serialized_end=864
-  _globals['_STEPREQUEST']._serialized_start=867
-  _globals['_STEPREQUEST']._serialized_end=997
-  _globals['_REASON']._serialized_start=999
-  _globals['_REASON']._serialized_end=1105
-  _globals['_TOKENMETRICS']._serialized_start=1108
-  _globals['_TOKENMETRICS']._serialized_end=1323
-  _globals['_VERDICT']._serialized_start=1326
-  _globals['_VERDICT']._serialized_end=1643
-  _globals['_STEPERROR']._serialized_start=1645
-  _globals['_STEPERROR']._serialized_end=1721
-  _globals['_STEPRESPONSE']._serialized_start=1723
-  _globals['_STEPRESPONSE']._serialized_end=1820
-  _globals['_ECHOMESSAGE']._serialized_start=1822
-  _globals['_ECHOMESSAGE']._serialized_end=1852
-  _globals['_GUARDSERVICE']._serialized_start=2225
-  _globals['_GUARDSERVICE']._serialized_end=2640
+  _globals['_OPENSESSIONRESPONSE']._serialized_end=674
+  _globals['_CLOSESESSIONREQUEST']._serialized_start=676
+  _globals['_CLOSESESSIONREQUEST']._serialized_end=717
+  _globals['_CLOSESESSIONRESPONSE']._serialized_start=719
+  _globals['_CLOSESESSIONRESPONSE']._serialized_end=812
+  _globals['_RELOADPOLICYREQUEST']._serialized_start=814
+  _globals['_RELOADPOLICYREQUEST']._serialized_end=835
+  _globals['_RELOADPOLICYRESPONSE']._serialized_start=838
+  _globals['_RELOADPOLICYRESPONSE']._serialized_end=987
+  _globals['_RELOADPOLICYRESPONSE_POLICYDIGESTSENTRY']._serialized_start=935
+  _globals['_RELOADPOLICYRESPONSE_POLICYDIGESTSENTRY']._serialized_end=987
+  _globals['_RINGREF']._serialized_start=989
+  _globals['_RINGREF']._serialized_end=1038
+  _globals['_INLINELOGITS']._serialized_start=1040
+  _globals['_INLINELOGITS']._serialized_end=1098
+  _globals['_STEPREQUEST']._serialized_start=1101
+  _globals['_STEPREQUEST']._serialized_end=1231
+  _globals['_REASON']._serialized_start=1234
+  _globals['_REASON']._serialized_end=1428
+  _globals['_TOKENMETRICS']._serialized_start=1431
+  _globals['_TOKENMETRICS']._serialized_end=1646
+  _globals['_VERDICT']._serialized_start=1649
+  _globals['_VERDICT']._serialized_end=1989
+  _globals['_STEPERROR']._serialized_start=1991
+  _globals['_STEPERROR']._serialized_end=2067
+  _globals['_STEPRESPONSE']._serialized_start=2069
+  _globals['_STEPRESPONSE']._serialized_end=2166
+  _globals['_ECHOMESSAGE']._serialized_start=2168
+  _globals['_ECHOMESSAGE']._serialized_end=2198
+  _globals['_GUARDSERVICE']._serialized_start=2674
+  _globals['_GUARDSERVICE']._serialized_end=3164
 # @@protoc_insertion_point(module_scope)

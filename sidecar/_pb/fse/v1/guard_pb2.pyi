@@ -21,6 +21,14 @@ class HealthBand(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     HEALTH_BAND_DRIFTING: _ClassVar[HealthBand]
     HEALTH_BAND_HALT: _ClassVar[HealthBand]
 
+class Action(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ACTION_UNSPECIFIED: _ClassVar[Action]
+    ACTION_REDO: _ClassVar[Action]
+    ACTION_BLOCK: _ClassVar[Action]
+    ACTION_HALT: _ClassVar[Action]
+    ACTION_FLAG: _ClassVar[Action]
+
 class Sampler(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     SAMPLER_UNSPECIFIED: _ClassVar[Sampler]
@@ -41,6 +49,11 @@ HEALTH_BAND_UNSPECIFIED: HealthBand
 HEALTH_BAND_HEALTHY: HealthBand
 HEALTH_BAND_DRIFTING: HealthBand
 HEALTH_BAND_HALT: HealthBand
+ACTION_UNSPECIFIED: Action
+ACTION_REDO: Action
+ACTION_BLOCK: Action
+ACTION_HALT: Action
+ACTION_FLAG: Action
 SAMPLER_UNSPECIFIED: Sampler
 SAMPLER_NORMAL: Sampler
 SAMPLER_STRICT: Sampler
@@ -98,16 +111,18 @@ class OpenSessionRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., vocab_digest: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., policy: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., ring_name: _Optional[str] = ...) -> None: ...
 
 class OpenSessionResponse(_message.Message):
-    __slots__ = ("session_id", "session_tag", "genesis_hash", "key_id")
+    __slots__ = ("session_id", "policy_digest", "session_tag", "genesis_hash", "key_id")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    POLICY_DIGEST_FIELD_NUMBER: _ClassVar[int]
     SESSION_TAG_FIELD_NUMBER: _ClassVar[int]
     GENESIS_HASH_FIELD_NUMBER: _ClassVar[int]
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     session_id: str
+    policy_digest: str
     session_tag: int
     genesis_hash: bytes
     key_id: str
-    def __init__(self, session_id: _Optional[str] = ..., session_tag: _Optional[int] = ..., genesis_hash: _Optional[bytes] = ..., key_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, session_id: _Optional[str] = ..., policy_digest: _Optional[str] = ..., session_tag: _Optional[int] = ..., genesis_hash: _Optional[bytes] = ..., key_id: _Optional[str] = ...) -> None: ...
 
 class CloseSessionRequest(_message.Message):
     __slots__ = ("session_id",)
@@ -116,12 +131,31 @@ class CloseSessionRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ...) -> None: ...
 
 class CloseSessionResponse(_message.Message):
-    __slots__ = ("steps", "chain_hash")
+    __slots__ = ("steps", "chain_hash", "final_hits")
     STEPS_FIELD_NUMBER: _ClassVar[int]
     CHAIN_HASH_FIELD_NUMBER: _ClassVar[int]
+    FINAL_HITS_FIELD_NUMBER: _ClassVar[int]
     steps: int
     chain_hash: bytes
-    def __init__(self, steps: _Optional[int] = ..., chain_hash: _Optional[bytes] = ...) -> None: ...
+    final_hits: _containers.RepeatedCompositeFieldContainer[Reason]
+    def __init__(self, steps: _Optional[int] = ..., chain_hash: _Optional[bytes] = ..., final_hits: _Optional[_Iterable[_Union[Reason, _Mapping]]] = ...) -> None: ...
+
+class ReloadPolicyRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ReloadPolicyResponse(_message.Message):
+    __slots__ = ("policy_digests",)
+    class PolicyDigestsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    POLICY_DIGESTS_FIELD_NUMBER: _ClassVar[int]
+    policy_digests: _containers.ScalarMap[str, str]
+    def __init__(self, policy_digests: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class RingRef(_message.Message):
     __slots__ = ("slot", "row", "seq")
@@ -154,18 +188,26 @@ class StepRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., ring: _Optional[_Union[RingRef, _Mapping]] = ..., inline: _Optional[_Union[InlineLogits, _Mapping]] = ...) -> None: ...
 
 class Reason(_message.Message):
-    __slots__ = ("code", "value", "threshold", "sampler", "detail")
+    __slots__ = ("code", "value", "threshold", "sampler", "detail", "action", "token_id", "span_start", "span_end")
     CODE_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     SAMPLER_FIELD_NUMBER: _ClassVar[int]
     DETAIL_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    SPAN_START_FIELD_NUMBER: _ClassVar[int]
+    SPAN_END_FIELD_NUMBER: _ClassVar[int]
     code: str
     value: float
     threshold: float
     sampler: Sampler
     detail: str
-    def __init__(self, code: _Optional[str] = ..., value: _Optional[float] = ..., threshold: _Optional[float] = ..., sampler: _Optional[_Union[Sampler, str]] = ..., detail: _Optional[str] = ...) -> None: ...
+    action: Action
+    token_id: int
+    span_start: int
+    span_end: int
+    def __init__(self, code: _Optional[str] = ..., value: _Optional[float] = ..., threshold: _Optional[float] = ..., sampler: _Optional[_Union[Sampler, str]] = ..., detail: _Optional[str] = ..., action: _Optional[_Union[Action, str]] = ..., token_id: _Optional[int] = ..., span_start: _Optional[int] = ..., span_end: _Optional[int] = ...) -> None: ...
 
 class TokenMetrics(_message.Message):
     __slots__ = ("entropy_nats", "neg_logprob_nats", "rank", "margin", "selected_prob", "max_prob", "logit_variance", "l2_norm", "varentropy", "running_ppl")
@@ -192,7 +234,7 @@ class TokenMetrics(_message.Message):
     def __init__(self, entropy_nats: _Optional[float] = ..., neg_logprob_nats: _Optional[float] = ..., rank: _Optional[int] = ..., margin: _Optional[float] = ..., selected_prob: _Optional[float] = ..., max_prob: _Optional[float] = ..., logit_variance: _Optional[float] = ..., l2_norm: _Optional[float] = ..., varentropy: _Optional[float] = ..., running_ppl: _Optional[float] = ...) -> None: ...
 
 class Verdict(_message.Message):
-    __slots__ = ("session_id", "step", "decision", "token_id", "sampler", "reasons", "metrics", "band", "prev_chain_hash", "chain_hash", "key_id", "signature")
+    __slots__ = ("session_id", "step", "decision", "token_id", "sampler", "reasons", "metrics", "band", "prev_chain_hash", "chain_hash", "key_id", "signature", "policy_digest")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     DECISION_FIELD_NUMBER: _ClassVar[int]
@@ -205,6 +247,7 @@ class Verdict(_message.Message):
     CHAIN_HASH_FIELD_NUMBER: _ClassVar[int]
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    POLICY_DIGEST_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     step: int
     decision: Decision
@@ -217,7 +260,8 @@ class Verdict(_message.Message):
     chain_hash: bytes
     key_id: str
     signature: bytes
-    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., decision: _Optional[_Union[Decision, str]] = ..., token_id: _Optional[int] = ..., sampler: _Optional[_Union[Sampler, str]] = ..., reasons: _Optional[_Iterable[_Union[Reason, _Mapping]]] = ..., metrics: _Optional[_Union[TokenMetrics, _Mapping]] = ..., band: _Optional[_Union[HealthBand, str]] = ..., prev_chain_hash: _Optional[bytes] = ..., chain_hash: _Optional[bytes] = ..., key_id: _Optional[str] = ..., signature: _Optional[bytes] = ...) -> None: ...
+    policy_digest: str
+    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., decision: _Optional[_Union[Decision, str]] = ..., token_id: _Optional[int] = ..., sampler: _Optional[_Union[Sampler, str]] = ..., reasons: _Optional[_Iterable[_Union[Reason, _Mapping]]] = ..., metrics: _Optional[_Union[TokenMetrics, _Mapping]] = ..., band: _Optional[_Union[HealthBand, str]] = ..., prev_chain_hash: _Optional[bytes] = ..., chain_hash: _Optional[bytes] = ..., key_id: _Optional[str] = ..., signature: _Optional[bytes] = ..., policy_digest: _Optional[str] = ...) -> None: ...
 
 class StepError(_message.Message):
     __slots__ = ("session_id", "step", "code", "message")

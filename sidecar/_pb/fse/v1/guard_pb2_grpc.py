@@ -49,6 +49,11 @@ class GuardServiceStub:
                 request_serializer=sidecar_dot___pb_dot_fse_dot_v1_dot_guard__pb2.CloseSessionRequest.SerializeToString,
                 response_deserializer=sidecar_dot___pb_dot_fse_dot_v1_dot_guard__pb2.CloseSessionResponse.FromString,
                 _registered_method=True)
+        self.ReloadPolicy = channel.unary_unary(
+                '/fse.v1.GuardService/ReloadPolicy',
+                request_serializer=sidecar_dot___pb_dot_fse_dot_v1_dot_guard__pb2.ReloadPolicyRequest.SerializeToString,
+                response_deserializer=sidecar_dot___pb_dot_fse_dot_v1_dot_guard__pb2.ReloadPolicyResponse.FromString,
+                _registered_method=True)
         self.Steps = channel.stream_stream(
                 '/fse.v1.GuardService/Steps',
                 request_serializer=sidecar_dot___pb_dot_fse_dot_v1_dot_guard__pb2.StepRequest.SerializeToString,
@@ -83,6 +88,17 @@ class GuardServiceServicer:
 
     def CloseSession(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReloadPolicy(self, request, context):
+        """Load the sidecar's configuration file again and compile its policies off the step
+        path. New sessions get the new policies; open sessions keep theirs. A file that
+        fails validation leaves the old policies in force: INVALID_ARGUMENT naming the rule
+        and the field. FAILED_PRECONDITION when the sidecar was not started from a file.
+        SIGHUP does the same.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -127,6 +143,11 @@ def add_GuardServiceServicer_to_server(servicer, server):
                     servicer.CloseSession,
                     request_deserializer=sidecar_dot___pb_dot_fse_dot_v1_dot_guard__pb2.CloseSessionRequest.FromString,
                     response_serializer=sidecar_dot___pb_dot_fse_dot_v1_dot_guard__pb2.CloseSessionResponse.SerializeToString,
+            ),
+            'ReloadPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReloadPolicy,
+                    request_deserializer=sidecar_dot___pb_dot_fse_dot_v1_dot_guard__pb2.ReloadPolicyRequest.FromString,
+                    response_serializer=sidecar_dot___pb_dot_fse_dot_v1_dot_guard__pb2.ReloadPolicyResponse.SerializeToString,
             ),
             'Steps': grpc.stream_stream_rpc_method_handler(
                     servicer.Steps,
@@ -225,6 +246,33 @@ class GuardService:
             '/fse.v1.GuardService/CloseSession',
             sidecar_dot___pb_dot_fse_dot_v1_dot_guard__pb2.CloseSessionRequest.SerializeToString,
             sidecar_dot___pb_dot_fse_dot_v1_dot_guard__pb2.CloseSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReloadPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fse.v1.GuardService/ReloadPolicy',
+            sidecar_dot___pb_dot_fse_dot_v1_dot_guard__pb2.ReloadPolicyRequest.SerializeToString,
+            sidecar_dot___pb_dot_fse_dot_v1_dot_guard__pb2.ReloadPolicyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,107 @@
+"""The evaluator seam (DESIGN §9): every check of a candidate has the same interface.
+
+An evaluator belongs to one session. :meth:`Evaluator.check` judges a proposal against
+the committed state without changing it; :meth:`Evaluator.commit` advances that state
+once the step commits that proposal. :func:`sidecar.core.redo.decide` runs the
+evaluators in order and owns the propose / evaluate / commit flow, so adding an
+evaluator (the gate, the loop guard, a drift test) never edits that flow.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from ..config import GuardSet
+from .fse import Cursor, Hit, Matcher, Scan
+from .guards import Sampler, TokenMetrics, Trip, evaluate
+
+
+@dataclass(frozen=True, slots=True)
+class Proposal:
+    """One candidate of one step, with the metrics of the row it was drawn from."""
+
+    token: int
+    sampler: Sampler
+    metrics: TokenMetrics
+    step: int
+    generated: int  # tokens the session committed before this step
+
+
+class Evaluator(Protocol):
+    name: str
+
+    def check(self, p: Proposal) -> Sequence[Trip]:
+        """Trips of ``p`` against the committed state; must not change that state."""
+        ...
+
+    def commit(self, p: Proposal) -> None:
+        """``p`` is the step's committed token: advance the state."""
+        ...
+
+
+class TokenGuards:
+    """Seed 000/001's per-token guards (thresholds on the candidate's metrics)."""
+
+    name = "guards"
+
+    def __init__(self, guards: GuardSet) -> None:
+        self.guards = guards
+
+    def check(self, p: Proposal) -> Sequence[Trip]:
+        return evaluate(p.metrics, self.guards, p.sampler, p.generated)
+
+    def commit(self, p: Proposal) -> None:
+        pass
+
+
+class PolicyRules:
+    """The FSE matcher over the session's emitted text (block, halt and flag rules)."""
+
+    name = "rules"
+
+    def __init__(self, matcher: Matcher, tokens: Sequence[bytes]) -> None:
+        self.matcher = matcher
+        self.tokens = tokens
+        self.cursor: Cursor = matcher.empty
+        self._last: tuple[int, Scan] | None = None  # the last check, reused by its commit
+
+    def _scan(self, token: int) -> Scan:
+        if self._last is not None and self._last[0] == token:
+            return self._last[1]
+        scan = self.matcher.scan(self.cursor, self.tokens[token])
+        self._last = (token, scan)
+        return scan
+
+    def check(self, p: Proposal) -> Sequence[Trip]:
+        # A pending match (ends the text so far) already counts for block and halt: its
+        # last token must not go out. A flag waits until the match is confirmed.
+        return [
+            self._trip(h, p)
+            for h in self._scan(p.token).hits
+            if not (h.pending and self.matcher.rules[h.rule].action.name == "FLAG")
+        ]
+
+    def commit(self, p: Proposal) -> None:
+        self.cursor = self._scan(p.token).cursor
+        self._last = None
+
+    def finish(self) -> list[Trip]:
+        """Flag hits that only the end of the text confirms (at close)."""
+        return [self._trip(h, None) for h in self.matcher.finish(self.cursor)]
+
+    def _trip(self, h: Hit, p: Proposal | None) -> Trip:
+        rule = self.matcher.rules[h.rule]
+        action = rule.action.name.lower()
+        return Trip(
+            code=rule.id,
+            value=1.0,
+            threshold=0.0,
+            sampler=p.sampler if p is not None else Sampler.NORMAL,
+            detail=f"rule {rule.id} ({action}): match at bytes [{h.start}, {h.end})",
+            action=rule.action,
+            token_id=p.token if p is not None else -1,
+            span_start=h.start,
+            span_end=h.end,
+        )
