@@ -224,7 +224,23 @@ class GuardClient:
         if r.key_id != self.verifier.key_id:
             raise VerdictRejected(f"sidecar signs with key {r.key_id}, this adapter trusts {self.verifier.key_id}")
         vocab_size = self._vocab_sizes.get(vocab_digest, ring.layout.vocab_size if ring is not None else 0)
-        return GuardedSession(self, sid, r.session_tag, ring, vocab_size)
+        return GuardedSession(self, sid, r.session_tag, ring, vocab_size, r.policy_digest)
+
+    def reload_policy(self) -> dict[str, str]:
+        """Ask the sidecar to load its configuration file again (ReloadPolicy).
+
+        Returns policy name -> digest now in force for new sessions; raises
+        :class:`StepRefused` with the sidecar's reason (naming the rule and field) when the
+        file is refused, in which case the old policies stay in force.
+        """
+        try:
+            r = self._stub.ReloadPolicy(pb.ReloadPolicyRequest(), timeout=self.rpc_timeout)
+        except grpc.RpcError as exc:
+            code = exc.code()
+            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise _unavailable(exc, "ReloadPolicy") from None
+            raise StepRefused(f"ReloadPolicy refused: {code.name}: {exc.details()}", code.name) from None
+        return dict(r.policy_digests)
 
     def close(self) -> None:
         self._channel.close()
@@ -239,8 +255,11 @@ class GuardClient:
 class GuardedSession:
     """One sequence's step stream. Not thread-safe: one engine thread drives it."""
 
-    def __init__(self, client: GuardClient, session_id: str, tag: int, ring: RingWriter | None, vocab_size: int) -> None:
+    def __init__(
+        self, client: GuardClient, session_id: str, tag: int, ring: RingWriter | None, vocab_size: int, policy_digest: str = ""
+    ) -> None:
         self.client = client
+        self.policy_digest = policy_digest  # the policy the sidecar opened this session under
         self.vocab_size = vocab_size  # 0 when unknown to this client (registered elsewhere)
         self.session_id = session_id
         self.tag = tag
@@ -291,6 +310,8 @@ class GuardedSession:
             raise VerdictRejected(f"step {step}: verdict is for session {v.session_id!r}, not {self.session_id!r}")
         if v.step != step:
             raise VerdictRejected(f"verdict is for step {v.step}, expected step {step} (stale or reordered)")
+        if v.policy_digest != self.policy_digest:
+            raise VerdictRejected(f"step {step}: verdict names policy {v.policy_digest[:12]!r}, the session runs under another")
         if v.prev_chain_hash != self.chain_hash:
             raise VerdictRejected(f"step {step}: verdict does not link to the previous chain hash (replay or gap)")
         frame = chain.frame_bytes(v.session_id, v.step, v.token_id, v.decision, v.sampler, v.reasons)

@@ -21,6 +21,7 @@ class LocalSidecar:
     target: str
     public_key: Path
     log: Path
+    config: Path  # the YAML it was started with (rewrite it, then SIGHUP or ReloadPolicy)
 
     @property
     def socket(self) -> Path:
@@ -70,4 +71,4 @@ def start_local_sidecar(
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
-    return LocalSidecar(proc, f"unix:{sock}", pub, log)
+    return LocalSidecar(proc, f"unix:{sock}", pub, log, cfg_path)

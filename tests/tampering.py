@@ -33,7 +33,11 @@ class TamperingServicer(pb_grpc.GuardServiceServicer):
     def OpenSession(self, request, context):
         s = self.service.open_session(request)
         return pb.OpenSessionResponse(
-            session_id=s.session_id, session_tag=s.tag, genesis_hash=s.chain_hash, key_id=self.claimed_key_id
+            session_id=s.session_id,
+            session_tag=s.tag,
+            genesis_hash=s.chain_hash,
+            key_id=self.claimed_key_id,
+            policy_digest=s.policy.digest,
         )
 
     def CloseSession(self, request, context):
@@ -52,6 +56,8 @@ class TamperingServicer(pb_grpc.GuardServiceServicer):
                     v.session_id = "someone-else"
                 elif self.mode == "stale_step" and self.previous is not None:
                     v = self.previous  # replay the previous, validly signed verdict
+                elif self.mode == "other_policy":
+                    v.policy_digest = "0" * 64  # judged under a policy the session was not opened with
                 elif self.mode == "other_token":
                     v.token_id = (v.token_id + 1) % 1000
                 elif self.mode == "out_of_vocab":
@@ -59,7 +65,7 @@ class TamperingServicer(pb_grpc.GuardServiceServicer):
                     v.token_id = self.service.session(req.session_id).vocab_size
                     frame = chain.frame_bytes(v.session_id, v.step, v.token_id, v.decision, v.sampler, v.reasons)
                     v.chain_hash = chain.chain_next(v.prev_chain_hash, frame)
-                if self.mode in ("wrong_session", "other_token", "out_of_vocab"):
+                if self.mode in ("wrong_session", "other_policy", "other_token", "out_of_vocab"):
                     self.resigner.sign(v)  # properly signed by the trusted key: only binding checks catch it
             self.previous = honest
             yield pb.StepResponse(verdict=v)

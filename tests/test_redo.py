@@ -3,9 +3,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sidecar.config import Guard, GuardSet, Policy
+from sidecar.config import Guard, GuardSet, Policy, RedoBounds, Rule
 from sidecar.core.evaluators import TokenGuards
-from sidecar.core.guards import Sampler, evaluate, health_band
+from sidecar.core.guards import Action, Sampler, evaluate, health_band
 from sidecar.core.metrics import row_stats
 from sidecar.core.policy import CompiledPolicy, compile_policy
 from sidecar.core.redo import Decision, decide, token_metrics
@@ -147,3 +147,86 @@ def test_same_inputs_give_the_same_chain() -> None:
 def test_bad_session_ids_are_rejected() -> None:
     with pytest.raises(SessionError, match="must match"):
         Session(session_id="bad id/with spaces", tag=1, params=SamplingParams(), policy=policy(OFF), tokens=VOCAB[:10])
+
+
+# -- policy rules through the redo ------------------------------------------------------------
+
+WORDS = [b"a", b" bad", b" good", b" fine", b"word", b" ok"]
+
+
+def rules_session(action: str, tokens: list[bytes] = WORDS, pattern: str = "badword", **redo: int) -> Session:
+    rule = Rule(id="no-" + pattern, kind="literal", patterns=[pattern], action=action)
+    pol = compile_policy("p", Policy(guards=OFF, rules=[rule], redo=RedoBounds(**redo)))
+    return Session(session_id="r-1", tag=1, params=SamplingParams(), policy=pol, tokens=tokens)
+
+
+def ranked(*ids: int) -> np.ndarray:
+    """A row whose greedy order is ``ids`` (then everything else)."""
+    row = np.full(len(WORDS), -20.0, np.float32)
+    for rank, i in enumerate(ids):
+        row[i] = 10.0 - rank
+    return row
+
+
+def test_block_excludes_the_completing_token_and_heals_with_the_next_candidate() -> None:
+    s = rules_session("block")
+    s.commit(0, s.judge(ranked(1), 0))  # " bad"
+    out = s.judge(ranked(4, 3), 1)  # "word" would complete " badword"
+    assert out.decision == Decision.HEALED and out.token == 3 and out.sampler == Sampler.NORMAL
+    [r] = out.reasons
+    assert (r.code, r.action, r.token_id, (r.span_start, r.span_end)) == ("no-badword", Action.BLOCK, 4, (1, 8))
+    s.commit(1, out)
+    assert b"".join(WORDS[t] for t in s.history) == b" bad fine"
+
+
+def test_block_falls_back_to_the_strict_sampler_with_the_same_mask_then_aborts_when_nothing_is_left() -> None:
+    s = rules_session("block", tokens=[b"x", b"zx"], pattern="x", max_block_retries=0)
+    out = s.judge(np.array([5.0, 4.0], np.float32), 0)  # every token would complete "x"
+    assert out.decision == Decision.ABORT
+    assert [(r.code, r.token_id, r.sampler) for r in out.reasons] == [
+        ("no-x", 0, Sampler.NORMAL),
+        ("no-x", 1, Sampler.STRICT),
+        ("no_allowed_token", -1, Sampler.STRICT),
+    ]
+
+
+def test_block_gives_up_after_max_proposals() -> None:
+    s = rules_session("block", tokens=[b"x", b"zx", b"zzx", b"y"], pattern="x", max_block_retries=1, max_proposals=2)
+    out = s.judge(np.array([5.0, 4.0, 3.0, 2.0], np.float32), 0)  # "y" is allowed, but third in line
+    assert out.decision == Decision.ABORT
+    assert [(r.code, r.token_id, r.sampler) for r in out.reasons] == [
+        ("no-x", 0, Sampler.NORMAL),
+        ("no-x", 1, Sampler.NORMAL),
+        ("redo_exhausted", -1, Sampler.STRICT),
+    ]
+    roomier = rules_session("block", tokens=[b"x", b"zx", b"zzx", b"y"], pattern="x", max_block_retries=1, max_proposals=4)
+    healed = roomier.judge(np.array([5.0, 4.0, 3.0, 2.0], np.float32), 0)
+    assert (healed.decision, healed.token, healed.sampler) == (Decision.HEALED, 3, Sampler.STRICT)
+
+
+def test_halt_aborts_before_the_completing_token_and_commits_no_text() -> None:
+    s = rules_session("halt")
+    s.commit(0, s.judge(ranked(1), 0))
+    out = s.judge(ranked(4, 3), 1)
+    assert out.decision == Decision.ABORT and out.token == -1
+    assert [(r.code, r.action) for r in out.reasons] == [("no-badword", Action.HALT)]
+    s.commit(1, out)
+    assert s.aborted and s.history == [1]
+
+
+def test_flag_records_the_hit_and_lets_the_token_through() -> None:
+    s = rules_session("flag")
+    s.commit(0, s.judge(ranked(1), 0))
+    out = s.judge(ranked(4), 1)  # pending: confirmed by the next character
+    assert out.decision == Decision.ACCEPT and out.token == 4 and out.reasons == ()
+    s.commit(1, out)
+    out2 = s.judge(ranked(5), 2)
+    assert out2.decision == Decision.ACCEPT
+    assert [(r.code, r.action, r.span_start, r.span_end) for r in out2.reasons] == [("no-badword", Action.FLAG, 1, 8)]
+
+
+def test_flag_at_the_very_end_is_reported_by_finish() -> None:
+    s = rules_session("flag")
+    for step, tok in enumerate((1, 4)):
+        s.commit(step, s.judge(ranked(tok), step))
+    assert [(t.code, t.span_start, t.span_end) for t in s.finish()] == [("no-badword", 1, 8)]

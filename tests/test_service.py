@@ -187,6 +187,7 @@ def test_stopped_sidecar_answers_within_the_step_deadline(sidecar, keys) -> None
         ("other_key", "signature does not verify"),
         ("wrong_session", "for session 'someone-else'"),
         ("stale_step", "stale or reordered"),
+        ("other_policy", "names policy '000000000000', the session runs under another"),
         ("other_token", "chain hash does not match"),
         ("out_of_vocab", "outside the vocabulary"),
     ],

@@ -34,7 +34,9 @@ exactly at the end of the text so far is *pending*: a whole-word rule (or a ``\\
 regex) cannot know yet whether the next character continues the word. ``block`` and
 ``halt`` rules treat a pending match as a hit (the candidate that would complete the text
 is refused, fail closed); ``flag`` rules wait for the confirmation, or for
-:meth:`Matcher.finish` at the end of the text. Confirmed matches over a whole
+:meth:`Matcher.finish` at the end of the text. A match covers whole characters of the
+raw text: a pattern that matches part of one character's fold (``f`` in the ligature
+``ﬁ``, which folds to ``fi``) does not count. Confirmed matches over a whole
 generation, plus ``finish``, are exactly the matches of one scan of the whole text.
 """
 
@@ -238,6 +240,8 @@ class Matcher:
                 end = win.base + e
                 if end < committed_end or (s == 0 and win.base > 0):  # old, or cut by the window
                     continue
+                if (s > 0 and all_starts[s - 1] == all_starts[s]) or (e < len(data) and all_starts[e] == all_starts[e - 1]):
+                    continue  # covers part of a character's fold only ('f' of the ligature 'ﬁ')
                 r = self.rules[rule]
                 if r.whole_word and not _word_bounded(data, s, e, win.base == 0):
                     continue
@@ -313,9 +317,11 @@ def _dedupe(hits: list[Hit]) -> list[Hit]:
 def _regex_width(pattern: str, where: str) -> int:
     """Longest match in characters, from Python's parser; refuses what it cannot bound."""
     try:
-        _lo, hi = re._parser.parse(pattern).getwidth()  # type: ignore[attr-defined]
+        lo, hi = re._parser.parse(pattern).getwidth()  # type: ignore[attr-defined]
     except (re.error, OverflowError, RecursionError) as exc:
         raise ConfigError(f"{where}: not a regular expression this matcher supports: {exc}") from None
+    if lo == 0:
+        raise ConfigError(f"{where}: the regex can match the empty string; every match must hold at least one character")
     if hi > MAX_MATCH_CHARS:
         raise ConfigError(
             f"{where}: the regex can match more than {MAX_MATCH_CHARS} characters "
