@@ -59,6 +59,10 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.suite == "fse":
+        from .bench_fse import run_fse_bench
+
+        return run_fse_bench(args)
     from .bench import run_bench
 
     return run_bench(args)
@@ -92,12 +96,27 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--model", type=Path, help="GGUF file (default: the embedded SmolLM2-135M)")
     d.set_defaults(func=_demo)
 
-    b = sub.add_parser("bench", help="benchmarks: verdict round trip, metrics, guarded tokens/s")
-    b.add_argument("--out", type=Path, default=Path("bench-results/bench.json"), help="JSON results file")
+    b = sub.add_parser(
+        "bench",
+        help="benchmarks: verdict round trip, metrics, guarded tokens/s; 'bench fse': the policy matcher",
+    )
+    b.add_argument(
+        "suite",
+        nargs="?",
+        default="all",
+        choices=["all", "fse"],
+        help="all: transport, metrics, model (default); fse: the streaming matcher against rescanning",
+    )
+    b.add_argument(
+        "--out", type=Path, default=Path("bench-results/bench.json"), help="JSON results file (fse: bench-fse.json beside it)"
+    )
     b.add_argument("--rounds", type=int, default=2000, help="round trips per transport measurement")
     b.add_argument("--tokens", type=int, default=64, help="tokens per generation in the model benchmark")
     b.add_argument("--repeats", type=int, default=5, help="alternating guarded/unguarded generations")
     b.add_argument("--skip-model", action="store_true", help="skip the llama.cpp tokens/s benchmark")
+    b.add_argument("--fse-tokens", type=int, default=2000, help="fse: tokens of text streamed per rule set")
+    b.add_argument("--fse-rounds", type=int, default=5, help="fse: rounds of every rule set in turn")
+    b.add_argument("--rescan-reps", type=int, default=3, help="fse: rescans timed at each text length")
     b.set_defaults(func=_bench)
     return p
 

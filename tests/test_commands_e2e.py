@@ -46,3 +46,26 @@ def test_bench_writes_json_and_prints_tables(tmp_path) -> None:
     assert data["model"]["ed25519_step_latency"]["n"] == data["model"]["hmac_step_latency"]["n"] > 0
     for table in ("verdict round trip", "metrics of one row", "SmolLM2-135M"):
         assert table in r.stdout
+
+
+def test_bench_fse_compares_every_rule_set_with_the_rescan(tmp_path) -> None:
+    out = tmp_path / "bench.json"
+    cmd = ["bench", "fse", "--fse-tokens", "300", "--fse-rounds", "1", "--rescan-reps", "1", "--out", str(out)]
+    r = subprocess.run([sys.executable, "-m", "sidecar", *cmd], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    data = json.loads((tmp_path / "bench-fse.json").read_text())["fse"]
+    assert data["tokens"] == 300 and data["tokenizer"].startswith("SmolLM2")
+    assert [row["rules"] for row in data["rows"]] == [
+        "10 literals",
+        "1000 literals",
+        "10000 literals",
+        "100000 literals",
+        "100000 literals, normalize",
+        "10 regexes",
+        "100 regexes",
+        "1000 regexes",
+    ]
+    for row in data["rows"]:
+        assert row["fse_us_per_token_median"] > 0 and row["fse_over_10_literals_median"] > 0
+        assert set(row["rescan_us_at_token"]) == set(row["fse_us_at_token"]) == {"30", "150", "300"}
+    assert "FSE: check + commit one token" in r.stdout

@@ -65,7 +65,7 @@ MAX_MATCH_CHARS = 1024
 # and \b are ASCII classes; whole_word does the Unicode word test for any rule.
 _HS_FLAGS = hyperscan.HS_FLAG_UTF8 | hyperscan.HS_FLAG_SOM_LEFTMOST
 _ACTIONS = {"block": Action.BLOCK, "halt": Action.HALT, "flag": Action.FLAG}
-_TRIM_SLACK = 256  # let a window outgrow its bound by this much before it is cut
+_TRIM_SLACK = 16  # let a window outgrow its bound by this much before it is cut
 _decode = codecs.utf_8_decode
 
 
