@@ -46,6 +46,14 @@ def _unavailable(exc: grpc.RpcError, what: str) -> GuardUnavailable:
     return GuardUnavailable(f"{what}: sidecar unavailable ({code.name if code else 'error'}: {detail})")
 
 
+def _rpc_error(exc: grpc.RpcError, what: str) -> GuardUnavailable:
+    """Transport trouble (UNAVAILABLE, DEADLINE_EXCEEDED) or a refusal that names its status."""
+    code = exc.code()
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return _unavailable(exc, what)
+    return StepRefused(f"{what} refused: {code.name}: {exc.details()}", code.name)
+
+
 class _Watchdog(threading.Thread):
     """Cancels a call when the step it waits for passes its deadline.
 
@@ -215,10 +223,7 @@ class GuardClient:
         try:
             r = self._stub.OpenSession(req, timeout=self.rpc_timeout)
         except grpc.RpcError as exc:
-            code = exc.code()
-            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                raise _unavailable(exc, "OpenSession") from None
-            raise StepRefused(f"OpenSession refused: {code.name}: {exc.details()}", code.name) from None
+            raise _rpc_error(exc, "OpenSession") from None
         if r.session_id != sid or r.genesis_hash != chain.genesis(sid):
             raise VerdictRejected(f"OpenSession answered for session {r.session_id!r}, asked for {sid!r}")
         if r.key_id != self.verifier.key_id:
@@ -236,10 +241,7 @@ class GuardClient:
         try:
             r = self._stub.ReloadPolicy(pb.ReloadPolicyRequest(), timeout=self.rpc_timeout)
         except grpc.RpcError as exc:
-            code = exc.code()
-            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                raise _unavailable(exc, "ReloadPolicy") from None
-            raise StepRefused(f"ReloadPolicy refused: {code.name}: {exc.details()}", code.name) from None
+            raise _rpc_error(exc, "ReloadPolicy") from None
         return dict(r.policy_digests)
 
     def close(self) -> None:

@@ -15,7 +15,7 @@ from typing import Protocol
 
 from ..config import GuardSet
 from .fse import Cursor, Hit, Matcher, Scan
-from .guards import Sampler, TokenMetrics, Trip, evaluate
+from .guards import Action, Sampler, TokenMetrics, Trip, evaluate
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +80,7 @@ class PolicyRules:
         return [
             self._trip(h, p)
             for h in self._scan(p.token).hits
-            if not (h.pending and self.matcher.rules[h.rule].action.name == "FLAG")
+            if not (h.pending and self.matcher.rules[h.rule].action == Action.FLAG)
         ]
 
     def commit(self, p: Proposal) -> None:
