@@ -2,4 +2,5 @@ import sys
 
 from .cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # multiprocessing's spawn imports the main module again
+    sys.exit(main())

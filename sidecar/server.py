@@ -23,9 +23,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from ._pb.fse.v1 import guard_pb2 as pb
 from ._pb.fse.v1 import guard_pb2_grpc as pb_grpc
-from .config import SidecarConfig, load_config
-from .core.policy import CompiledPolicy, compile_policies
-from .errors import ConfigError, FseError, ListenError
+from .config import SidecarConfig
+from .errors import FseError, ListenError
+from .reload import PolicyReloader
 from .service import GuardService, reason
 from .signing import Signer
 
@@ -36,49 +36,6 @@ MAX_MESSAGE = 64 * 1024 * 1024  # a 1M-token vocabulary registers in one message
 
 def _code(exc: FseError) -> grpc.StatusCode:
     return getattr(grpc.StatusCode, exc.grpc_code, grpc.StatusCode.INTERNAL)
-
-
-class PolicyReloader:
-    """Loads the configuration file again and swaps the service's compiled policies.
-
-    Shared by the ReloadPolicy RPC and SIGHUP. Parsing and compiling (pyahocorasick,
-    Hyperscan: up to seconds for 100k rules) run in a worker thread, so the event loop
-    keeps stepping sessions meanwhile; only the final swap runs on the loop. A file that
-    fails validation changes nothing.
-    """
-
-    def __init__(self, service: GuardService, config_path: Path | None) -> None:
-        self.service = service
-        self.config_path = config_path
-        self._lock = asyncio.Lock()  # one reload at a time; a second waits for the first
-
-    async def reload(self) -> dict[str, str]:
-        """Policy name -> digest now in force; raises ConfigError (old policies kept)."""
-        if self.config_path is None:
-            raise ConfigError("this sidecar was not started from a configuration file; nothing to reload")
-        path = self.config_path
-        async with self._lock:
-            loop = asyncio.get_running_loop()
-            try:
-                # --listen given on the command line stays what it was
-                config, policies = await loop.run_in_executor(None, _load_and_compile, path, self.service.config.listen)
-            except ConfigError as exc:
-                log.error("policy reload refused, the policies in force stay: %s", exc)
-                raise
-            self.service.use_policies(policies)
-            ignored = [
-                f for f in SidecarConfig.model_fields if f != "policies" and getattr(config, f) != getattr(self.service.config, f)
-            ]
-            if ignored:
-                log.warning("reload applies policies only; restart to apply the changed %s", ", ".join(sorted(ignored)))
-            digests = {name: p.digest for name, p in policies.items()}
-            log.info("policies reloaded from %s: %s", path, ", ".join(f"{n}={d[:12]}" for n, d in sorted(digests.items())))
-            return digests
-
-
-def _load_and_compile(path: Path, listen: str) -> tuple[SidecarConfig, dict[str, CompiledPolicy]]:
-    config = load_config(path, overrides={"listen": listen})
-    return config, compile_policies(config.policies)
 
 
 class GuardServicer(pb_grpc.GuardServiceServicer):

@@ -61,6 +61,8 @@ from .guards import Action
 # A regex may match at most this many characters: the window each check rescans is as
 # long as the longest possible match (see the module docstring).
 MAX_MATCH_CHARS = 1024
+# A literal's folded bytes; its length shares the automaton's integer value with the rule.
+MAX_LITERAL_BYTES = (1 << 12) - 1
 # Regexes are UTF-8 aware. Not HS_FLAG_UCP: Hyperscan refuses \b under it, so \w, \d, \s
 # and \b are ASCII classes; whole_word does the Unicode word test for any rule.
 _HS_FLAGS = hyperscan.HS_FLAG_UTF8 | hyperscan.HS_FLAG_SOM_LEFTMOST
@@ -160,19 +162,29 @@ class _View:
 
     def __init__(self, fold: Fold) -> None:
         self.fold = fold
-        self.literals: dict[str, list[tuple[int, int]]] = {}  # key -> [(rule, length in bytes)]
+        self.literals: dict[str, list[int]] = {}  # key (latin-1 of the folded UTF-8) -> rules
         self.regexes: list[tuple[int, int, bytes, int]] = []  # (rule, pattern index, pattern, flags)
         self.width = 0  # longest possible match, in view bytes
         self.ac: Any = None
         self.hs: Any = None
         self.hs_rule: list[int] = []
+        self.shared: list[tuple[int, ...]] = []  # rules of a key that several rules hold
         self._found: list[tuple[int, int, int]] = []
 
     def build(self) -> None:
         if self.literals:
-            self.ac = ahocorasick.Automaton()
-            for key, targets in self.literals.items():
-                self.ac.add_word(key, tuple(targets))
+            # Integers, not Python objects, per word: half the cost of moving the automaton
+            # between processes (a reload) and a quarter off each scan. The value packs
+            # the key's length (12 bits) under the rule index, or under an index into
+            # ``shared`` (low bit set) when several rules hold the same key.
+            self.ac = ahocorasick.Automaton(ahocorasick.STORE_INTS)
+            for key, rules in self.literals.items():
+                if len(rules) == 1:
+                    target = rules[0] << 1
+                else:
+                    target = len(self.shared) << 1 | 1
+                    self.shared.append(tuple(rules))
+                self.ac.add_word(key, target << 12 | len(key))
             self.ac.make_automaton()
         if self.regexes:
             self.hs = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
@@ -184,6 +196,23 @@ class _View:
             )
             self.hs_rule = [r for r, _, _, _ in self.regexes]
         self.window = self.width + 4  # one character of context before a match
+        self.literals = {}  # the automaton holds them now
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Picklable, so a reload can compile in another process: the Hyperscan database
+        travels as its serialised bytes, the automaton as pyahocorasick pickles it."""
+        state = {k: v for k, v in self.__dict__.items() if k not in ("hs", "_found")}
+        state["hs"] = hyperscan.dumpb(self.hs) if self.hs is not None else None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        hs_bytes = state.pop("hs")
+        self.__dict__.update(state)
+        self._found = []
+        self.hs = None
+        if hs_bytes is not None:
+            self.hs = hyperscan.loadb(hs_bytes, hyperscan.HS_MODE_BLOCK)
+            self.hs.scratch = hyperscan.Scratch(self.hs)
 
     def _on_match(self, pid: int, start: int, end: int, flags: int, context: object) -> None:
         self._found.append((self.hs_rule[pid], start, end))
@@ -193,8 +222,10 @@ class _View:
         scans a matcher at a time (the sidecar's event loop)."""
         found: list[tuple[int, int, int]] = []
         if self.ac is not None:
-            for last, targets in self.ac.iter(data.decode("latin-1")):  # one char per byte
-                for rule, n in targets:
+            shared = self.shared
+            for last, value in self.ac.iter(data.decode("latin-1")):  # one char per byte
+                target, n = value >> 12, value & MAX_LITERAL_BYTES
+                for rule in shared[target >> 1] if target & 1 else (target >> 1,):
                     found.append((rule, last + 1 - n, last + 1))
         if self.hs is not None:
             self._found = found
@@ -346,8 +377,12 @@ def compile_rules(rules: Sequence[Rule], where: str = "rules") -> Matcher | None
                 key = fold_text(pattern, fold).encode("utf-8")
                 if not key:
                     raise ConfigError(f"{pat_at}: the pattern is empty once normalized ({pattern!r})")
+                if len(key) > MAX_LITERAL_BYTES:
+                    raise ConfigError(f"{pat_at}: a literal may hold at most {MAX_LITERAL_BYTES} bytes, this one {len(key)}")
                 view = views[fold]
-                view.literals.setdefault(key.decode("latin-1"), []).append((i, len(key)))
+                rules_of_key = view.literals.setdefault(key.decode("latin-1"), [])
+                if i not in rules_of_key:  # the same literal twice in one rule is one pattern
+                    rules_of_key.append(i)
                 view.width = max(view.width, len(key))
             else:
                 view = views[Fold.NORMALIZE if rule.normalize else Fold.EXACT]
