@@ -322,7 +322,7 @@ def run_fse_bench(args: argparse.Namespace) -> int:
     print(
         _table(
             f"step latency on a sidecar while ReloadPolicy compiles {LITERAL_COUNTS[-1]} literals + 1000 regexes "
-            f"({r['reload_s']:.2f} s) in its worker thread, against idle (µs, 32k vocab, inline f32 logits)",
+            f"({r['reload_s']:.2f} s) in a child process, against idle (µs, 32k vocab, inline f32 logits)",
             ["steps", "n", "p50", "p99", "max"],
             [[k, str(r[k]["steps"]), *(f"{r[k][q]:.0f}" for q in ("p50_us", "p99_us", "max_us"))] for k in ("idle", "reloading")],
         )
