@@ -53,7 +53,10 @@ def test_bench_fse_compares_every_rule_set_with_the_rescan(tmp_path) -> None:
     cmd = ["bench", "fse", "--fse-tokens", "300", "--fse-rounds", "1", "--rescan-reps", "1", "--out", str(out)]
     r = subprocess.run([sys.executable, "-m", "sidecar", *cmd], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
-    data = json.loads((tmp_path / "bench-fse.json").read_text())["fse"]
+    everything = json.loads((tmp_path / "bench-fse.json").read_text())
+    data, reload = everything["fse"], everything["reload"]
+    assert reload["reload_s"] > 0 and reload["idle"]["steps"] > 0 and reload["reloading"]["steps"] > 0
+    assert all(reload[k]["max_us"] >= reload[k]["p99_us"] >= reload[k]["p50_us"] > 0 for k in ("idle", "reloading"))
     assert data["tokens"] == 300 and data["tokenizer"].startswith("SmolLM2")
     assert [row["rules"] for row in data["rows"]] == [
         "10 literals",
@@ -68,4 +71,4 @@ def test_bench_fse_compares_every_rule_set_with_the_rescan(tmp_path) -> None:
     for row in data["rows"]:
         assert row["fse_us_per_token_median"] > 0 and row["fse_over_10_literals_median"] > 0
         assert set(row["rescan_us_at_token"]) == set(row["fse_us_at_token"]) == {"30", "150", "300"}
-    assert "FSE: check + commit one token" in r.stdout
+    assert "FSE: check + commit one token" in r.stdout and "while ReloadPolicy compiles" in r.stdout
