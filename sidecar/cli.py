@@ -63,6 +63,10 @@ def _bench(args: argparse.Namespace) -> int:
         from .bench_fse import run_fse_bench
 
         return run_fse_bench(args)
+    if args.suite == "quality":
+        from .bench_quality import run_quality_bench
+
+        return run_quality_bench(args)
     from .bench import run_bench
 
     return run_bench(args)
@@ -104,8 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
         "suite",
         nargs="?",
         default="all",
-        choices=["all", "fse"],
-        help="all: transport, metrics, model (default); fse: the streaming matcher against rescanning",
+        choices=["all", "fse", "quality"],
+        help="all: transport, metrics, model (default); fse: the streaming matcher against rescanning; "
+        "quality: the default policy on healthy, garbage and looping generations",
     )
     b.add_argument(
         "--out", type=Path, default=Path("bench-results/bench.json"), help="JSON results file (fse: bench-fse.json beside it)"
@@ -117,6 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--fse-tokens", type=int, default=2000, help="fse: tokens of text streamed per rule set")
     b.add_argument("--fse-rounds", type=int, default=5, help="fse: rounds of every rule set in turn")
     b.add_argument("--rescan-reps", type=int, default=3, help="fse: rescans timed at each text length")
+    b.add_argument("--max-tokens", type=int, default=64, help="quality: tokens per run")
+    b.add_argument("--healthy", type=int, default=16, help="quality: healthy prompts (of 16)")
+    b.add_argument("--garbage", type=int, default=8, help="quality: prompts sampled hot (of 16)")
+    b.add_argument("--loops", type=int, default=7, help="quality: looping prompts (of 7)")
+    b.add_argument("--config", type=Path, help="quality: a sidecar YAML whose 'default' policy is judged")
     b.set_defaults(func=_bench)
     return p
 

@@ -60,14 +60,18 @@ def _guard(enabled: bool, threshold: float) -> Annotated[Guard, Field()]:
 
 
 class GuardSet(_Strict):
-    """Thresholds from the seeds. Which are on by default was measured on SmolLM2-135M:
-    the per-token signals of seed 000 and max-prob > 0.99 trip on ordinary, healthy text
-    (a confident instruct model), so they are opt-in; PPL, variance and L2 norm (seed 001's
-    recommended defaults plus the collapse sentinel) are on.
+    """Thresholds from the seeds, recalibrated on SmolLM2-135M by ``bench quality``.
+
+    -log p is on at 6.5 nats (seed 000 says 6): a sampled token that unlikely is healed.
+    Measured per token, unguarded: 0.4-1.2% of tokens at temperature 0.7 exceed 6-8
+    nats, 60% at 1.5, 96% at 3.0; the sweep 8 / 7 / 6.5 nats is in the README. Entropy,
+    rank, margin and max-prob > 0.99 trip on ordinary healthy text (a confident instruct
+    model), so they stay opt-in; PPL, variance and L2 norm (seed 001's recommended
+    defaults plus the collapse sentinel) are on.
     """
 
     # seed 000: per-token signals (trip when value > threshold, margin when < threshold)
-    neg_logprob: Guard = _guard(False, 6.0)
+    neg_logprob: Guard = _guard(True, 6.5)
     entropy: Guard = _guard(False, 3.0)
     rank: Guard = _guard(False, 100.0)
     margin: Guard = _guard(False, 0.01)
@@ -111,10 +115,87 @@ class RedoBounds(_Strict):
     max_proposals: int = Field(default=16, ge=2, le=256)
 
 
+class GateEdges(_Strict):
+    """Lower edges of the bands on the risk score (HEALTHY below ``drifting``)."""
+
+    drifting: float = Field(default=0.35, gt=0, lt=1)
+    strict: float = Field(default=0.55, gt=0, lt=1)
+    halt: float = Field(default=0.8, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> GateEdges:
+        if not self.drifting < self.strict < self.halt:
+            raise ValueError(f"edges must rise: drifting {self.drifting} < strict {self.strict} < halt {self.halt}")
+        return self
+
+
+class GateConfig(_Strict):
+    """The windowed risk gate (sidecar.core.gate). The risk score of a token is the
+    weighted mean of three windowed signals, each divided by its scale and clipped to
+    [0, 1]: -log p, entropy and log(1 + rank) of the committed tokens, exponentially
+    weighted over about ``window`` tokens."""
+
+    enabled: bool = True
+    window: int = Field(default=16, ge=1, le=4096)
+    neg_logprob_scale: float = Field(default=5.0, gt=0)  # nats at which that signal saturates
+    entropy_scale: float = Field(default=6.0, gt=0)
+    log_rank_scale: float = Field(default=7.0, gt=0)  # log(1 + rank): 7 ~ rank 1100
+    weights: tuple[float, float, float] = (0.5, 0.2, 0.3)  # -log p, entropy, log rank
+    edges: GateEdges = Field(default_factory=GateEdges)
+    hysteresis: float = Field(default=0.05, ge=0, lt=0.5)
+    # A pending band becomes current after this many consecutive tokens in it ...
+    debounce_tokens: int = Field(default=4, ge=1, le=4096)
+    # ... and, when > 0, after this many seconds of the step timestamps too.
+    debounce_s: float = Field(default=0.0, ge=0)
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
+        if min(v) < 0 or abs(sum(v) - 1.0) > 1e-9:
+            raise ValueError(f"must be three non-negative numbers that sum to 1, got {list(v)}")
+        return v
+
+
+class LoopGuardConfig(_Strict):
+    """Repeated n-grams of generated tokens (sidecar.core.loops)."""
+
+    enabled: bool = True
+    n: int = Field(default=4, ge=1, le=64)
+    window: int = Field(default=256, ge=2, le=1 << 16)  # generated tokens remembered
+    # An n-gram may occur this often in the window; the token that would make it occur
+    # once more is excluded (heal) or ends the session (halt).
+    max_repeats: int = Field(default=2, ge=1, le=1024)
+    action: Literal["heal", "halt"] = "heal"
+    # Steps in the window in which the guard had to exclude a token; one more halts.
+    max_heals: int = Field(default=24, ge=0, le=1 << 16)
+
+
+class DriftConfig(_Strict):
+    """The anytime-valid drift test (sidecar.core.evidence)."""
+
+    enabled: bool = True
+    alpha: float = Field(default=0.01, gt=0, lt=1)
+    # delta: how many nats more surprising than the model itself a healthy sampler may
+    # be per token on average (repetition penalty, rounding); calibrated by bench quality.
+    margin_nats: float = Field(default=0.5, ge=0)
+    # Bet sizes of the mixture (each a fraction of the largest safe bet).
+    bets: tuple[float, ...] = (0.25, 0.5, 0.9)
+
+    @field_validator("bets")
+    @classmethod
+    def _bets(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if not v or any(not 0 < b < 1 for b in v):
+            raise ValueError(f"must be one or more fractions in (0, 1), got {list(v)}")
+        return v
+
+
 class Policy(_Strict):
     guards: GuardSet = Field(default_factory=GuardSet)
     rules: list[Rule] = Field(default_factory=list)
     redo: RedoBounds = Field(default_factory=RedoBounds)
+    gate: GateConfig = Field(default_factory=GateConfig)
+    loop_guard: LoopGuardConfig = Field(default_factory=LoopGuardConfig)
+    drift: DriftConfig = Field(default_factory=DriftConfig)
 
     @model_validator(mode="after")
     def _unique_rule_ids(self) -> Policy:

@@ -35,6 +35,13 @@ DEMO_POLICY = {
 }
 DECISION = {pb.DECISION_ACCEPT: "ACCEPT", pb.DECISION_HEALED: "HEALED", pb.DECISION_ABORT: "ABORT"}
 BAND = {pb.HEALTH_BAND_HEALTHY: "healthy", pb.HEALTH_BAND_DRIFTING: "drifting", pb.HEALTH_BAND_HALT: "HALT"}
+GATE = {
+    pb.GATE_BAND_UNSPECIFIED: "-",
+    pb.GATE_BAND_HEALTHY: "healthy",
+    pb.GATE_BAND_DRIFTING: "drifting",
+    pb.GATE_BAND_STRICT: "STRICT",
+    pb.GATE_BAND_HALT: "HALT",
+}
 SPARK = "▁▂▃▄▅▆▇█"
 
 
@@ -73,7 +80,10 @@ def run_demo(args: argparse.Namespace) -> int:
                     f"sampling: T={sampling.temperature} top_k={sampling.top_k} top_p={sampling.top_p} "
                     f"min_p={sampling.min_p} rep_penalty={sampling.repetition_penalty} seed={sampling.seed}\n"
                 )
-                print(f"{'step':>4}  {'token':<16} {'decision':<8} {'H nats':>7} {'-logp':>7} {'margin':>7} {'PPL':>8}  band")
+                print(
+                    f"{'step':>4}  {'token':<16} {'decision':<8} {'H nats':>7} {'-logp':>7} {'margin':>7} {'PPL':>8}  "
+                    f"{'gate':<8} {'risk':>5} {'e-value':>8}"
+                )
                 tokens = []
                 error: FseError | None = None
                 t0 = time.perf_counter()
@@ -94,9 +104,12 @@ def run_demo(args: argparse.Namespace) -> int:
 
 def _token_line(tok: Any) -> str:
     v, m = tok.verdict, tok.verdict.metrics
+    g = v.stream
+    gate = GATE[g.band] + (f">{GATE[g.pending]}" if g.pending else "")
     line = (
         f"{tok.step:>4}  {tok.text.decode('utf-8', 'replace')!r:<16} {DECISION[v.decision]:<8} "
-        f"{m.entropy_nats:7.3f} {m.neg_logprob_nats:7.3f} {m.margin:7.3f} {m.running_ppl:8.2f}  {BAND[v.band]}"
+        f"{m.entropy_nats:7.3f} {m.neg_logprob_nats:7.3f} {m.margin:7.3f} {m.running_ppl:8.2f}  "
+        f"{gate:<8} {g.risk:5.2f} {g.e_value:8.3g}"
     )
     return line + (f"   <- {', '.join(r.detail for r in v.reasons)}" if v.reasons else "")
 
@@ -110,6 +123,8 @@ def _summary(tokens: list, error: FseError | None, elapsed: float) -> None:
     if tokens:
         print(f"  entropy  {spark(entropy, max(max(entropy), 1e-9))}  max {max(entropy):.2f} nats")
         print(f"  -log p   {spark(nlp, max(max(nlp), 1e-9))}  max {max(nlp):.2f} nats")
+        risks = [t.verdict.stream.risk for t in tokens]
+        print(f"  risk     {spark(risks, 1.0)}  max {max(risks):.2f} (the gate's score, 0 to 1)")
         print(
             "  verdict  "
             + "".join("H" if t.verdict.decision == pb.DECISION_HEALED else "·" for t in tokens)

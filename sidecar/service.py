@@ -197,6 +197,21 @@ class GuardService:
             raise RowError("step request carries no logits (set ring or inline)")
         return self._commit_and_sign(s, req.step, outcome)
 
+    @staticmethod
+    def _stream_state(s: Session) -> pb.StreamState:
+        g = s.gate_view()
+        if g is None:
+            return pb.StreamState(e_value=s.e_value)
+        return pb.StreamState(
+            band=cast(pb.GateBand, int(g.band)),
+            pending=cast(pb.GateBand, int(g.pending or 0)),
+            risk=g.risk,
+            window_neg_logprob_nats=g.signals.nlp,
+            window_entropy_nats=g.signals.ent,
+            window_ppl=g.signals.ppl,
+            e_value=s.e_value,
+        )
+
     def _commit_and_sign(self, s: Session, step: int, o: StepOutcome) -> pb.Verdict:
         prev, chain = s.commit(step, o)
         m = o.metrics
@@ -223,6 +238,7 @@ class GuardService:
             prev_chain_hash=prev,
             chain_hash=chain,
             policy_digest=s.policy.digest,
+            stream=self._stream_state(s),
         )
         self.signer.sign(v)
         return v

@@ -44,10 +44,12 @@ KEYGEN_HINT = "make a key pair with: fse-sidecar keygen --out DIR (then set sign
 
 # u32 band after the ten metrics; rank is the u64 between neg_logprob and margin.
 _METRICS = struct.Struct("<ddQdddddddI")
+# StreamState: u32 band | u32 pending | f64 risk, window -log p, window entropy, window PPL, e-value
+_STREAM = struct.Struct("<IIddddd")
 
 
 def verdict_bytes(v: pb.Verdict) -> bytes:
-    """Canonical encoding of Verdict fields 1-11 and 13 (see proto/fse/v1/VERDICT.md)."""
+    """Canonical encoding of Verdict fields 1-11, 13 and 14 (see proto/fse/v1/VERDICT.md)."""
     m = v.metrics
     parts = [
         b"fse.v1.verdict",
@@ -74,6 +76,15 @@ def verdict_bytes(v: pb.Verdict) -> bytes:
         cb.blob(v.chain_hash),
         cb.string(v.key_id),
         cb.string(v.policy_digest),
+        _STREAM.pack(
+            v.stream.band,
+            v.stream.pending,
+            f(v.stream.risk),
+            f(v.stream.window_neg_logprob_nats),
+            f(v.stream.window_entropy_nats),
+            f(v.stream.window_ppl),
+            f(v.stream.e_value),
+        ),
     ]
     return b"".join(parts)
 

@@ -17,6 +17,7 @@ OFF = GuardSet(
     running_ppl=Guard(enabled=False, threshold=400),
     logit_variance=Guard(enabled=False, threshold=0.1),
     l2_norm=Guard(enabled=False, threshold=1e4),
+    neg_logprob=Guard(enabled=False, threshold=6.5),
 )
 
 
@@ -89,8 +90,11 @@ def test_seed_001_defaults_trip_on_their_failure_modes() -> None:
     assert "l2_norm" in [t.code for t in evaluate(token_metrics(huge, row_stats(huge), 0, 0.0, 0), defaults, Sampler.NORMAL, 0)]
     row = peaked_row()
     m = token_metrics(row, row_stats(row), 999, 0.0, 0)  # a ~e^-10 token: PPL ~ 2e4 > 400
-    assert [t.code for t in evaluate(m, defaults, Sampler.NORMAL, 0)] == ["running_ppl"]
-    assert evaluate(m, defaults.model_copy(update={"ppl_warmup_tokens": 1}), Sampler.NORMAL, 0) == []
+    # and the recalibrated per-token guard: -log p ~ 10 > 6.5
+    assert [t.code for t in evaluate(m, defaults, Sampler.NORMAL, 0)] == ["neg_logprob", "running_ppl"]
+    assert [t.code for t in evaluate(m, defaults.model_copy(update={"ppl_warmup_tokens": 1}), Sampler.NORMAL, 0)] == [
+        "neg_logprob"
+    ]
 
 
 def test_health_bands_follow_the_ppl_thresholds() -> None:
@@ -230,3 +234,59 @@ def test_flag_at_the_very_end_is_reported_by_finish() -> None:
     for step, tok in enumerate((1, 4)):
         s.commit(step, s.judge(ranked(tok), step))
     assert [(t.code, t.span_start, t.span_end) for t in s.finish()] == [("no-badword", 1, 8)]
+
+
+def test_gate_loop_guard_and_drift_test_replay_identically_from_the_same_logits() -> None:
+    """Two independent sessions, the default policy, the same rows: the same decisions,
+    trips, bands, risk and e-values at every step (no hidden state, no clock)."""
+    rng = np.random.default_rng(42)
+    vocab = [f"w{i}".encode() for i in range(500)]
+    rows = []
+    for i in range(120):
+        row = rng.standard_normal(500).astype(np.float32) * (3.0 if i < 60 else 0.5)  # then a flat stretch
+        row[i % 7] += 4.0  # a short cycle the loop guard should see
+        rows.append(row)
+    pol = compile_policy("default", Policy())
+    hot = SamplingParams(temperature=1.3, seed=9)
+
+    def replay() -> list[tuple]:
+        s = Session(session_id="replay", tag=1, params=hot, policy=pol, tokens=vocab)
+        trace = []
+        for step, row in enumerate(rows):
+            out = s.judge(row, step)
+            s.commit(step, out)
+            g = s.gate_view()
+            assert g is not None
+            trace.append((out.decision, out.token, out.reasons, g.band, g.pending, g.risk, s.e_value, s.chain_hash))
+            if out.decision == Decision.ABORT:
+                break
+        return trace
+
+    first, second = replay(), replay()
+    assert first == second
+    assert len({t[3] for t in first}) > 1 or any(t[2] for t in first)  # the stream did move the evaluators
+
+
+def test_a_candidate_drawn_with_tokens_excluded_is_judged_on_the_renormalised_distribution() -> None:
+    """Blocking the word the model is sure of must not make its best alternative look
+    like drift: -log p, rank and margin are those of the distribution over allowed tokens."""
+    row = np.full(6, -10.0, np.float32)
+    row[4], row[3], row[5] = 12.0, 3.0, 2.0  # "word" is near certain; " fine" the best other
+    st = row_stats(row)
+    raw = token_metrics(row, st, 3, 0.0, 0)
+    masked = token_metrics(row, st, 3, 0.0, 0, banned=[4, 4])
+    p = np.exp(row.astype(np.float64) - np.logaddexp.reduce(row.astype(np.float64)))
+    allowed = 1 - p[4]
+    assert raw.neg_logprob > 8.9 and raw.rank == 1
+    assert masked.neg_logprob == pytest.approx(-np.log(p[3] / allowed), rel=1e-6) and masked.neg_logprob < 0.5
+    assert masked.rank == 0 and masked.selected_prob == pytest.approx(p[3] / allowed, rel=1e-6)
+    assert masked.margin == pytest.approx((p[3] - p[5]) / allowed, rel=1e-6)
+    assert (masked.entropy, masked.max_prob) == (raw.entropy, raw.max_prob)  # the model's distribution
+
+    rule = Rule(id="no-badword", kind="literal", patterns=["badword"], action="block")
+    pol = compile_policy("p", Policy(rules=[rule]))  # the default guards: -log p > 6.5 included
+    s = Session(session_id="r-2", tag=1, params=SamplingParams(), policy=pol, tokens=WORDS)
+    s.commit(0, s.judge(ranked(1), 0))
+    out = s.judge(row, 1)
+    assert out.decision == Decision.HEALED and out.token == 3
+    assert [r.code for r in out.reasons] == ["no-badword"]

@@ -43,6 +43,15 @@ def verdict() -> pb.Verdict:
         prev_chain_hash=b"\x01" * 32,
         chain_hash=b"\x02" * 32,
         policy_digest="ab" * 32,
+        stream=pb.StreamState(
+            band=pb.GATE_BAND_STRICT,
+            pending=pb.GATE_BAND_DRIFTING,
+            risk=0.625,
+            window_neg_logprob_nats=4.5,
+            window_entropy_nats=3.25,
+            window_ppl=90.0,
+            e_value=7.5,
+        ),
     )
 
 
@@ -174,5 +183,7 @@ def test_verdict_bytes_follow_the_documented_layout() -> None:
         + b"\x02" * 32
         + s("00112233aabbccdd")
         + s("ab" * 32)
+        + le("II", pb.GATE_BAND_STRICT, pb.GATE_BAND_DRIFTING)
+        + le("ddddd", 0.625, 4.5, 3.25, 90.0, 7.5)
     )
     assert verdict_bytes(v) == expected

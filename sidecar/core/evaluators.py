@@ -27,10 +27,16 @@ class Proposal:
     metrics: TokenMetrics
     step: int
     generated: int  # tokens the session committed before this step
+    attempt: int = 0  # 0 for the step's first proposal, then 1, 2, ... in the redo
+    now_s: float = 0.0  # the step's timestamp (seconds), for time-based debounces
 
 
 class Evaluator(Protocol):
     name: str
+
+    def strict(self) -> bool:
+        """Whether the step must start with the strict sampler (the gate's STRICT band)."""
+        ...
 
     def check(self, p: Proposal) -> Sequence[Trip]:
         """Trips of ``p`` against the committed state; must not change that state."""
@@ -49,6 +55,9 @@ class TokenGuards:
     def __init__(self, guards: GuardSet) -> None:
         self.guards = guards
 
+    def strict(self) -> bool:
+        return False
+
     def check(self, p: Proposal) -> Sequence[Trip]:
         return evaluate(p.metrics, self.guards, p.sampler, p.generated)
 
@@ -66,6 +75,9 @@ class PolicyRules:
         self.tokens = tokens
         self.cursor: Cursor = matcher.empty
         self._last: tuple[int, Scan] | None = None  # the last check, reused by its commit
+
+    def strict(self) -> bool:
+        return False
 
     def _scan(self, token: int) -> Scan:
         if self._last is not None and self._last[0] == token:

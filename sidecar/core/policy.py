@@ -12,7 +12,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from ..config import GuardSet, Policy, RedoBounds
+from ..config import DriftConfig, GateConfig, GuardSet, LoopGuardConfig, Policy, RedoBounds
 from .fse import Matcher, compile_rules
 
 
@@ -23,6 +23,9 @@ class CompiledPolicy:
     guards: GuardSet
     matcher: Matcher | None  # None when the policy has no rules
     redo: RedoBounds
+    gate: GateConfig
+    loop_guard: LoopGuardConfig
+    drift: DriftConfig
 
 
 def policy_digest(policy: Policy) -> str:
@@ -34,7 +37,9 @@ def policy_digest(policy: Policy) -> str:
 def compile_policy(name: str, policy: Policy) -> CompiledPolicy:
     """Raises ConfigError naming ``policies.NAME.rules[i] (id ...)`` and the field."""
     matcher = compile_rules(policy.rules, where=f"policies.{name}.rules")
-    return CompiledPolicy(name, policy_digest(policy), policy.guards, matcher, policy.redo)
+    return CompiledPolicy(
+        name, policy_digest(policy), policy.guards, matcher, policy.redo, policy.gate, policy.loop_guard, policy.drift
+    )
 
 
 def compile_policies(policies: Mapping[str, Policy]) -> dict[str, CompiledPolicy]:

@@ -54,24 +54,49 @@ class StepOutcome:
 _DEFAULT_BOUNDS = RedoBounds()
 
 
-def token_metrics(row: np.ndarray, st: RowStats, token: int, ppl_sum: float, generated: int) -> TokenMetrics:
-    """Metrics of ``token``; the running PPL includes the candidate."""
+def token_metrics(
+    row: np.ndarray, st: RowStats, token: int, ppl_sum: float, generated: int, banned: Sequence[int] = ()
+) -> TokenMetrics:
+    """Metrics of ``token``; the running PPL includes the candidate.
+
+    With ``banned`` tokens (excluded by policy rules in this step), the candidate's own
+    metrics (-log p, probability, rank, margin) are those of the distribution it was
+    drawn from: the row renormalised over the allowed tokens. Otherwise a banned word's
+    only alternative, improbable because the model was sure of the word (" Ray" + "leigh"),
+    would trip the -log p guard although nothing drifted. The distribution's own metrics
+    (entropy, max prob, variance, L2) stay the model's.
+    """
     if not st.finite:
         nan = float("nan")
         return TokenMetrics(token, nan, nan, -1, nan, nan, nan, nan, nan, nan, nan, finite=False)
     c = candidate(row, st, token)
+    nlp, prob, rank, margin = c.neg_logprob, c.selected_prob, c.rank, c.margin
+    if banned:
+        # One float64 pass over the allowed logits (a rare path: a rule excluded a token).
+        # Not 1 - p(banned): that cancels to noise when the banned token held nearly all.
+        ids = np.unique(np.asarray(banned, dtype=np.int64))
+        y = row.astype(np.float64)
+        xc = float(y[token])
+        rank -= int(np.count_nonzero(y[ids] > xc))
+        y[ids] = -np.inf
+        top = float(y.max())
+        allowed_lse = top + math.log(float(np.exp(y - top).sum()))
+        nlp = allowed_lse - xc
+        prob = math.exp(-nlp)
+        y[token] = -np.inf
+        margin = prob - math.exp(float(y.max()) - allowed_lse)
     return TokenMetrics(
         token=token,
         entropy=st.entropy,
-        neg_logprob=c.neg_logprob,
-        rank=c.rank,
-        margin=c.margin,
-        selected_prob=c.selected_prob,
+        neg_logprob=nlp,
+        rank=rank,
+        margin=margin,
+        selected_prob=prob,
         max_prob=st.max_prob,
         logit_variance=st.variance,
         l2_norm=st.l2_norm,
         varentropy=st.varentropy,
-        running_ppl=running_perplexity(ppl_sum + c.neg_logprob, generated + 1),
+        running_ppl=running_perplexity(ppl_sum + nlp, generated + 1),
     )
 
 
@@ -85,8 +110,13 @@ def decide(
     generated: int,
     step: int,
     bounds: RedoBounds = _DEFAULT_BOUNDS,
+    now_s: float = 0.0,
 ) -> StepOutcome:
-    """Judge one step. ``row``: (vocab,) float32; ``stats``: its :func:`row_stats`."""
+    """Judge one step. ``row``: (vocab,) float32; ``stats``: its :func:`row_stats`.
+
+    An evaluator that asks for it (the gate in its STRICT band) makes the first proposal
+    the strict sampler's. ``now_s`` is the step's timestamp, for time debounces.
+    """
     if not stats.finite:
         nan_metrics = token_metrics(row, stats, 0, ppl_sum, generated)
         trip = Trip("non_finite", math.nan, 0.0, Sampler.NORMAL, "logits row holds NaN or Inf", Action.HALT)
@@ -94,10 +124,10 @@ def decide(
 
     reasons: list[Trip] = []
     banned: list[int] = []
-    sampler = Sampler.NORMAL
+    sampler = Sampler.STRICT if any(ev.strict() for ev in evaluators) else Sampler.NORMAL
     normal_tries = 0
     m: TokenMetrics | None = None
-    for _ in range(bounds.max_proposals):
+    for attempt in range(bounds.max_proposals):
         if sampler == Sampler.NORMAL:
             token = sample_normal(row, history, params, step, banned)
             normal_tries += 1
@@ -107,8 +137,8 @@ def decide(
             why = f"every token is excluded by the policy ({len(banned)} blocked in this step)"
             reasons.append(Trip("no_allowed_token", float(len(banned)), 0.0, sampler, why, Action.HALT))
             return StepOutcome(Decision.ABORT, -1, None, m or token_metrics(row, stats, 0, ppl_sum, generated), tuple(reasons))
-        m = token_metrics(row, stats, token, ppl_sum, generated)
-        p = Proposal(token, sampler, m, step, generated)
+        m = token_metrics(row, stats, token, ppl_sum, generated, banned)
+        p = Proposal(token, sampler, m, step, generated, attempt, now_s)
         trips = [t for ev in evaluators for t in ev.check(p)]
         reasons += trips
         actions = {t.action for t in trips if t.rejects}

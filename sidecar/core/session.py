@@ -17,7 +17,10 @@ import numpy as np
 from ..errors import RowError, SessionError
 from . import chain
 from .evaluators import Evaluator, PolicyRules, TokenGuards
+from .evidence import DriftTest
+from .gate import GateView, RiskGate
 from .guards import Trip
+from .loops import LoopGuard
 from .metrics import row_stats
 from .policy import CompiledPolicy
 from .redo import Decision, StepOutcome, decide
@@ -48,9 +51,15 @@ class Session:
             raise SessionError(f"session_id {self.session_id!r} must match {SESSION_ID.pattern}")
         if not self.chain_hash:
             self.chain_hash = chain.genesis(self.session_id)
-        self.evaluators = [TokenGuards(self.policy.guards)]
-        if self.policy.matcher is not None:
-            self.evaluators.append(PolicyRules(self.policy.matcher, self.tokens))
+        # In this order: the order of their trips in a verdict.
+        pol = self.policy
+        self.evaluators = [TokenGuards(pol.guards)]
+        if pol.matcher is not None:
+            self.evaluators.append(PolicyRules(pol.matcher, self.tokens))
+        self.loop_guard = LoopGuard(pol.loop_guard) if pol.loop_guard.enabled else None
+        self.gate = RiskGate(pol.gate) if pol.gate.enabled else None
+        self.drift = DriftTest(pol.drift) if pol.drift.enabled else None
+        self.evaluators += [ev for ev in (self.loop_guard, self.gate, self.drift) if ev is not None]
 
     @property
     def vocab_size(self) -> int:
@@ -62,8 +71,11 @@ class Session:
         if step != self.next_step:
             raise SessionError(f"session {self.session_id}: step {step} is out of order, expected {self.next_step}")
 
-    def judge(self, row: np.ndarray, step: int) -> StepOutcome:
-        """Decide on ``row`` (vocab,) for ``step`` without changing the session."""
+    def judge(self, row: np.ndarray, step: int, now_s: float = 0.0) -> StepOutcome:
+        """Decide on ``row`` (vocab,) for ``step`` without changing the session.
+
+        ``now_s``: the step's timestamp; only a gate with ``debounce_s`` reads it.
+        """
         self.check_step(step)
         if row.ndim != 1 or row.shape[0] != self.vocab_size:
             raise RowError(
@@ -72,7 +84,7 @@ class Session:
             )
         stats = row_stats(row)
         return decide(
-            row, stats, self.history, self.params, self.evaluators, self.ppl_sum, self.generated, step, self.policy.redo
+            row, stats, self.history, self.params, self.evaluators, self.ppl_sum, self.generated, step, self.policy.redo, now_s
         )
 
     def commit(self, step: int, outcome: StepOutcome) -> tuple[bytes, bytes]:
@@ -99,6 +111,13 @@ class Session:
             self.ppl_sum += outcome.metrics.neg_logprob
             self.generated += 1
         return prev, self.chain_hash
+
+    def gate_view(self) -> GateView | None:
+        return self.gate.view() if self.gate is not None else None
+
+    @property
+    def e_value(self) -> float:
+        return self.drift.e_value if self.drift is not None else 1.0
 
     def finish(self) -> list[Trip]:
         """Flag hits that only the end of the text confirms (call at close)."""

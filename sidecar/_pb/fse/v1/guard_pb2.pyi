@@ -21,6 +21,14 @@ class HealthBand(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     HEALTH_BAND_DRIFTING: _ClassVar[HealthBand]
     HEALTH_BAND_HALT: _ClassVar[HealthBand]
 
+class GateBand(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    GATE_BAND_UNSPECIFIED: _ClassVar[GateBand]
+    GATE_BAND_HEALTHY: _ClassVar[GateBand]
+    GATE_BAND_DRIFTING: _ClassVar[GateBand]
+    GATE_BAND_STRICT: _ClassVar[GateBand]
+    GATE_BAND_HALT: _ClassVar[GateBand]
+
 class Action(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     ACTION_UNSPECIFIED: _ClassVar[Action]
@@ -49,6 +57,11 @@ HEALTH_BAND_UNSPECIFIED: HealthBand
 HEALTH_BAND_HEALTHY: HealthBand
 HEALTH_BAND_DRIFTING: HealthBand
 HEALTH_BAND_HALT: HealthBand
+GATE_BAND_UNSPECIFIED: GateBand
+GATE_BAND_HEALTHY: GateBand
+GATE_BAND_DRIFTING: GateBand
+GATE_BAND_STRICT: GateBand
+GATE_BAND_HALT: GateBand
 ACTION_UNSPECIFIED: Action
 ACTION_REDO: Action
 ACTION_BLOCK: Action
@@ -233,8 +246,26 @@ class TokenMetrics(_message.Message):
     running_ppl: float
     def __init__(self, entropy_nats: _Optional[float] = ..., neg_logprob_nats: _Optional[float] = ..., rank: _Optional[int] = ..., margin: _Optional[float] = ..., selected_prob: _Optional[float] = ..., max_prob: _Optional[float] = ..., logit_variance: _Optional[float] = ..., l2_norm: _Optional[float] = ..., varentropy: _Optional[float] = ..., running_ppl: _Optional[float] = ...) -> None: ...
 
+class StreamState(_message.Message):
+    __slots__ = ("band", "pending", "risk", "window_neg_logprob_nats", "window_entropy_nats", "window_ppl", "e_value")
+    BAND_FIELD_NUMBER: _ClassVar[int]
+    PENDING_FIELD_NUMBER: _ClassVar[int]
+    RISK_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_NEG_LOGPROB_NATS_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_ENTROPY_NATS_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_PPL_FIELD_NUMBER: _ClassVar[int]
+    E_VALUE_FIELD_NUMBER: _ClassVar[int]
+    band: GateBand
+    pending: GateBand
+    risk: float
+    window_neg_logprob_nats: float
+    window_entropy_nats: float
+    window_ppl: float
+    e_value: float
+    def __init__(self, band: _Optional[_Union[GateBand, str]] = ..., pending: _Optional[_Union[GateBand, str]] = ..., risk: _Optional[float] = ..., window_neg_logprob_nats: _Optional[float] = ..., window_entropy_nats: _Optional[float] = ..., window_ppl: _Optional[float] = ..., e_value: _Optional[float] = ...) -> None: ...
+
 class Verdict(_message.Message):
-    __slots__ = ("session_id", "step", "decision", "token_id", "sampler", "reasons", "metrics", "band", "prev_chain_hash", "chain_hash", "key_id", "signature", "policy_digest")
+    __slots__ = ("session_id", "step", "decision", "token_id", "sampler", "reasons", "metrics", "band", "prev_chain_hash", "chain_hash", "key_id", "signature", "policy_digest", "stream")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     DECISION_FIELD_NUMBER: _ClassVar[int]
@@ -248,6 +279,7 @@ class Verdict(_message.Message):
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     POLICY_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    STREAM_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     step: int
     decision: Decision
@@ -261,7 +293,8 @@ class Verdict(_message.Message):
     key_id: str
     signature: bytes
     policy_digest: str
-    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., decision: _Optional[_Union[Decision, str]] = ..., token_id: _Optional[int] = ..., sampler: _Optional[_Union[Sampler, str]] = ..., reasons: _Optional[_Iterable[_Union[Reason, _Mapping]]] = ..., metrics: _Optional[_Union[TokenMetrics, _Mapping]] = ..., band: _Optional[_Union[HealthBand, str]] = ..., prev_chain_hash: _Optional[bytes] = ..., chain_hash: _Optional[bytes] = ..., key_id: _Optional[str] = ..., signature: _Optional[bytes] = ..., policy_digest: _Optional[str] = ...) -> None: ...
+    stream: StreamState
+    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., decision: _Optional[_Union[Decision, str]] = ..., token_id: _Optional[int] = ..., sampler: _Optional[_Union[Sampler, str]] = ..., reasons: _Optional[_Iterable[_Union[Reason, _Mapping]]] = ..., metrics: _Optional[_Union[TokenMetrics, _Mapping]] = ..., band: _Optional[_Union[HealthBand, str]] = ..., prev_chain_hash: _Optional[bytes] = ..., chain_hash: _Optional[bytes] = ..., key_id: _Optional[str] = ..., signature: _Optional[bytes] = ..., policy_digest: _Optional[str] = ..., stream: _Optional[_Union[StreamState, _Mapping]] = ...) -> None: ...
 
 class StepError(_message.Message):
     __slots__ = ("session_id", "step", "code", "message")

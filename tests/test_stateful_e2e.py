@@ -1,0 +1,96 @@
+"""The default policy's stream-level evaluators on the real model (SmolLM2-135M, llama.cpp,
+a real sidecar process): the loop guard, the gate and the drift test."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine_adapters.client import GuardClient
+from engine_adapters.llama_cpp import GuardedLlama, unguarded_greedy
+from sidecar._pb.fse.v1 import guard_pb2 as pb
+from sidecar.bench_quality import OFF, distinct_ratio, max_window_mean
+from sidecar.core.sampling import SamplingParams
+from sidecar.errors import GuardAbort
+
+from .conftest import CHAT
+
+pytestmark = pytest.mark.slow
+
+LOOP = CHAT.format("Write the word 'hello' 50 times.")
+HEALTHY = [CHAT.format(p) for p in ("What is photosynthesis?", "Why do we need sleep?", "How does a bicycle work?")]
+
+
+@pytest.fixture
+def guarded(llama, start_sidecar, keys):
+    made = []
+
+    def make(policies: dict | None = None) -> GuardedLlama:
+        sc = start_sidecar({"default": {}, "off": OFF, **(policies or {})})
+        client = GuardClient(sc.target, keys.public, step_timeout=5.0)
+        client.wait_ready()
+        g = GuardedLlama(llama, client)
+        made.append((g, client))
+        return g
+
+    yield make
+    for g, client in made:
+        g.close()
+        client.close()
+
+
+def test_a_greedy_loop_is_caught_and_healed_into_varied_text(llama, guarded) -> None:
+    llama.reset()
+    ids = llama.tokenize(LOOP.encode(), add_bos=True, special=True)
+    unguarded = unguarded_greedy(llama, ids, 64)
+    assert distinct_ratio(unguarded) < 0.2  # it loops: "Hello, hello, hello, ..."
+
+    done = guarded().complete(LOOP, max_tokens=64, sampling=SamplingParams())
+    loop_steps = [t.step for t in done.tokens if any(r.code == "loop" for r in t.verdict.reasons)]
+    if isinstance(done.error, GuardAbort) and any(r.code == "loop" for r in done.error.reasons):
+        loop_steps.append(len(done.tokens))
+    assert loop_steps and loop_steps[0] < 64
+    assert distinct_ratio(done.token_ids) >= 0.5
+    healed = [t for t in done.tokens if any(r.code == "loop" for r in t.verdict.reasons)]
+    assert all(t.verdict.decision == pb.DECISION_HEALED for t in healed)
+    assert all(r.action == pb.ACTION_BLOCK for t in healed for r in t.verdict.reasons if r.code == "loop")
+
+
+def test_a_loop_halts_when_the_policy_says_halt(guarded) -> None:
+    g = guarded({"default": {"loop_guard": {"action": "halt"}}})
+    done = g.complete(LOOP, max_tokens=64, sampling=SamplingParams())
+    assert isinstance(done.error, GuardAbort)
+    assert [r.code for r in done.error.reasons] == ["loop"]
+    assert len(done.tokens) < 64
+
+
+def test_ordinary_greedy_text_is_untouched(llama, guarded) -> None:
+    g = guarded()
+    for prompt in (CHAT.format("What is the capital of France?"), HEALTHY[0]):
+        llama.reset()
+        done = g.complete(prompt, max_tokens=48, sampling=SamplingParams())
+        llama.reset()
+        assert done.error is None
+        assert done.token_ids == unguarded_greedy(llama, llama.tokenize(prompt.encode(), add_bos=True, special=True), 48)
+        assert all(t.verdict.decision == pb.DECISION_ACCEPT for t in done.tokens)
+        assert all(t.verdict.stream.band == pb.GATE_BAND_HEALTHY for t in done.tokens)
+
+
+def test_temperature_3_under_the_default_policy_stays_within_the_healthy_band(guarded) -> None:
+    """The healthy band of windowed surprise, measured here: the highest 16-token mean
+    -log p of unguarded healthy runs (temperature 0.7); the guarded hot runs stay under it."""
+    g = guarded()
+    healthy = [
+        g.complete(p, max_tokens=48, sampling=SamplingParams(temperature=0.7, seed=s), policy="off")
+        for p in HEALTHY
+        for s in (1, 2)
+    ]
+    band = max(max_window_mean([t.verdict.metrics.neg_logprob_nats for t in d.tokens]) for d in healthy)
+    hot = [g.complete(p, max_tokens=48, sampling=SamplingParams(temperature=3.0, seed=5)) for p in HEALTHY]
+    for d in hot:
+        surprise = max_window_mean([t.verdict.metrics.neg_logprob_nats for t in d.tokens])
+        assert surprise <= band, (d.text, surprise, band)
+        assert d.error is None or isinstance(d.error, GuardAbort)
+        acted = [t.step for t in d.tokens if t.verdict.decision == pb.DECISION_HEALED]
+        assert (acted and acted[0] < 16) or (isinstance(d.error, GuardAbort) and len(d.tokens) < 16)
+    unguarded = g.complete(HEALTHY[0], max_tokens=48, sampling=SamplingParams(temperature=3.0, seed=5), policy="off")
+    assert max_window_mean([t.verdict.metrics.neg_logprob_nats for t in unguarded.tokens]) > 2 * band  # it was garbage
