@@ -72,3 +72,18 @@ def test_bench_fse_compares_every_rule_set_with_the_rescan(tmp_path) -> None:
         assert row["fse_us_per_token_median"] > 0 and row["fse_over_10_literals_median"] > 0
         assert set(row["rescan_us_at_token"]) == set(row["fse_us_at_token"]) == {"30", "150", "300"}
     assert "FSE: check + commit one token" in r.stdout and "while ReloadPolicy compiles" in r.stdout
+
+
+def test_bench_quality_reports_every_group_guarded_and_unguarded(tmp_path) -> None:
+    out = tmp_path / "bench.json"
+    cmd = ["bench", "quality", "--healthy", "1", "--garbage", "1", "--loops", "1", "--max-tokens", "24", "--out", str(out)]
+    r = subprocess.run([sys.executable, "-m", "sidecar", *cmd], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    data = json.loads((tmp_path / "bench-quality.json").read_text())
+    assert list(data["groups"]) == ["healthy-greedy", "healthy-t0.7", "garbage-t1.5", "garbage-t3.0", "loop-greedy"]
+    for by in data["groups"].values():
+        assert set(by) == {"guarded", "unguarded"}
+        assert by["unguarded"]["heals_per_100_tokens"] == 0 and by["unguarded"]["aborted"] == 0  # everything off
+    hot = data["groups"]["garbage-t3.0"]
+    assert hot["unguarded"]["max16_nlp_median"] > hot["guarded"]["max16_nlp_median"]
+    assert "quality: SmolLM2-135M" in r.stdout
