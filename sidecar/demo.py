@@ -82,7 +82,7 @@ def run_demo(args: argparse.Namespace) -> int:
                 )
                 print(
                     f"{'step':>4}  {'token':<16} {'decision':<8} {'H nats':>7} {'-logp':>7} {'margin':>7} {'PPL':>8}  "
-                    f"{'gate':<8} {'risk':>5} {'e-value':>8}"
+                    f"{'gate':<17} {'risk':>5} {'e-value':>8}"
                 )
                 tokens = []
                 error: FseError | None = None
@@ -109,7 +109,7 @@ def _token_line(tok: Any) -> str:
     line = (
         f"{tok.step:>4}  {tok.text.decode('utf-8', 'replace')!r:<16} {DECISION[v.decision]:<8} "
         f"{m.entropy_nats:7.3f} {m.neg_logprob_nats:7.3f} {m.margin:7.3f} {m.running_ppl:8.2f}  "
-        f"{gate:<8} {g.risk:5.2f} {g.e_value:8.3g}"
+        f"{gate:<17} {g.risk:5.2f} {g.e_value:8.3g}"
     )
     return line + (f"   <- {', '.join(r.detail for r in v.reasons)}" if v.reasons else "")
 

@@ -60,6 +60,12 @@ def log_e_value(log_wealths: np.ndarray) -> np.ndarray:
     return top + np.log(np.mean(np.exp(log_wealths - top[..., None]), axis=-1))
 
 
+def _log_e_scalar(log_wealths: Sequence[float]) -> float:
+    """:func:`log_e_value` for one stream, without numpy's per-call cost (the step path)."""
+    top = max(log_wealths)
+    return top + math.log(sum(math.exp(w - top) for w in log_wealths) / len(log_wealths))
+
+
 class DriftTest:
     """The e-process as an evaluator. Halts when the e-value reaches 1/alpha."""
 
@@ -67,23 +73,32 @@ class DriftTest:
 
     def __init__(self, cfg: DriftConfig) -> None:
         self.cfg = cfg
-        self.log_wealths = np.zeros(len(cfg.bets))
+        self.log_wealths: tuple[float, ...] = (0.0,) * len(cfg.bets)
         self.crossed = False
         self._log_threshold = math.log(1.0 / cfg.alpha)
-        self._pending: tuple[int, np.ndarray] | None = None  # (step, wealths after its first proposal)
+        # (step, wealths after its first proposal, their log e-value): reused by commit
+        self._pending: tuple[int, tuple[float, ...], float] | None = None
 
     @property
     def e_value(self) -> float:
-        return float(np.exp(min(float(log_e_value(self.log_wealths)), 700.0)))
+        return math.exp(min(_log_e_scalar(self.log_wealths), 700.0))
 
     def strict(self) -> bool:
         return False
 
+    def _factors(self, neg_logprob: float, entropy: float) -> tuple[float, ...]:
+        """:func:`log_factors` for one step, in plain floats (tested equal)."""
+        margin = self.cfg.margin_nats
+        s = neg_logprob - entropy - margin
+        scale = max(entropy + margin, 1.0)
+        return tuple(math.log1p(c / scale * s) for c in self.cfg.bets)
+
     def check(self, p: Proposal) -> Sequence[Trip]:
         if p.attempt == 0 or self._pending is None or self._pending[0] != p.step:  # the step's first proposal
-            m = p.metrics
-            self._pending = (p.step, self.log_wealths + log_factors(m.neg_logprob, m.entropy, self.cfg))
-        log_e = float(log_e_value(self._pending[1]))
+            f = self._factors(p.metrics.neg_logprob, p.metrics.entropy)
+            wealths = tuple(w + x for w, x in zip(self.log_wealths, f, strict=True))
+            self._pending = (p.step, wealths, _log_e_scalar(wealths))
+        log_e = self._pending[2]
         if not (self.crossed or log_e >= self._log_threshold):
             return ()
         e = math.exp(min(log_e, 700.0))
@@ -96,5 +111,5 @@ class DriftTest:
     def commit(self, p: Proposal) -> None:
         if self._pending is not None and self._pending[0] == p.step:
             self.log_wealths = self._pending[1]
-            self.crossed = self.crossed or float(log_e_value(self.log_wealths)) >= self._log_threshold
+            self.crossed = self.crossed or self._pending[2] >= self._log_threshold
         self._pending = None

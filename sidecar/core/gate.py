@@ -146,15 +146,20 @@ class RiskGate:
         self.signals = Signals()
         self.state = GateState()
         self.risk = 0.0
+        self._last: tuple[Proposal, tuple[Signals, float, GateState]] | None = None  # reused by commit
 
     def strict(self) -> bool:
         return self.state.current >= Band.STRICT
 
     def _next(self, p: Proposal) -> tuple[Signals, float, GateState]:
+        if self._last is not None and self._last[0] == p:
+            return self._last[1]
         m = p.metrics
         sig = self.signals.add(m.neg_logprob, m.entropy, m.rank, self.cfg.window)
         score = risk(sig, self.cfg)
-        return sig, score, advance(self.state, score, p.now_s, self.cfg)
+        out = (sig, score, advance(self.state, score, p.now_s, self.cfg))
+        self._last = (p, out)
+        return out
 
     def check(self, p: Proposal) -> Sequence[Trip]:
         _sig, score, nxt = self._next(p)
@@ -166,6 +171,7 @@ class RiskGate:
 
     def commit(self, p: Proposal) -> None:
         self.signals, self.risk, self.state = self._next(p)
+        self._last = None
 
     def view(self) -> GateView:
         return GateView(self.state.current, self.state.pending, self.risk, self.signals)
