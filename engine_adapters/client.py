@@ -224,12 +224,14 @@ class GuardClient:
             r = self._stub.OpenSession(req, timeout=self.rpc_timeout)
         except grpc.RpcError as exc:
             raise _rpc_error(exc, "OpenSession") from None
-        if r.session_id != sid or r.genesis_hash != chain.genesis(sid):
+        if r.session_id != sid:
             raise VerdictRejected(f"OpenSession answered for session {r.session_id!r}, asked for {sid!r}")
+        if len(r.opening_nonce) < 16 or len(r.session_secret) < 32 or r.genesis_hash != chain.genesis(sid, r.opening_nonce):
+            raise VerdictRejected(f"OpenSession for {sid!r}: the genesis does not bind a fresh opening nonce")
         if r.key_id != self.verifier.key_id:
             raise VerdictRejected(f"sidecar signs with key {r.key_id}, this adapter trusts {self.verifier.key_id}")
         vocab_size = self._vocab_sizes.get(vocab_digest, ring.layout.vocab_size if ring is not None else 0)
-        return GuardedSession(self, sid, r.session_tag, ring, vocab_size, r.policy_digest)
+        return GuardedSession(self, sid, r.session_tag, ring, vocab_size, r.policy_digest, r.genesis_hash, r.session_secret)
 
     def reload_policy(self) -> dict[str, str]:
         """Ask the sidecar to load its configuration file again (ReloadPolicy).
@@ -258,16 +260,25 @@ class GuardedSession:
     """One sequence's step stream. Not thread-safe: one engine thread drives it."""
 
     def __init__(
-        self, client: GuardClient, session_id: str, tag: int, ring: RingWriter | None, vocab_size: int, policy_digest: str = ""
+        self,
+        client: GuardClient,
+        session_id: str,
+        tag: int,
+        ring: RingWriter | None,
+        vocab_size: int,
+        policy_digest: str,
+        genesis: bytes,
+        secret: bytes,
     ) -> None:
         self.client = client
+        self._secret = secret  # sent with every step and the close; never logged
         self.policy_digest = policy_digest  # the policy the sidecar opened this session under
         self.vocab_size = vocab_size  # 0 when unknown to this client (registered elsewhere)
         self.session_id = session_id
         self.tag = tag
         self.ring = ring
         self.next_step = 0
-        self.chain_hash = chain.genesis(session_id)
+        self.chain_hash = genesis
         self.dead: Exception | None = None
         self._stream = StreamCall(client._stub.Steps)
 
@@ -290,10 +301,20 @@ class GuardedSession:
                 slot = self.ring.acquire()
                 with self.ring.frame(slot) as f:
                     row = f.write_row(self.tag, step, logits)
-                req = pb.StepRequest(session_id=self.session_id, step=step, ring=pb.RingRef(slot=slot, row=row, seq=f.seq))
+                req = pb.StepRequest(
+                    session_id=self.session_id,
+                    session_secret=self._secret,
+                    step=step,
+                    ring=pb.RingRef(slot=slot, row=row, seq=f.seq),
+                )
             else:
                 data = np.ascontiguousarray(logits, dtype="<f4").tobytes()
-                req = pb.StepRequest(session_id=self.session_id, step=step, inline=pb.InlineLogits(data=data, dtype=pb.DTYPE_F32))
+                req = pb.StepRequest(
+                    session_id=self.session_id,
+                    session_secret=self._secret,
+                    step=step,
+                    inline=pb.InlineLogits(data=data, dtype=pb.DTYPE_F32),
+                )
             resp = self._stream.roundtrip(req, self.client.step_timeout, f"step {step}")
         finally:
             if slot is not None:
@@ -340,7 +361,8 @@ class GuardedSession:
         self._shutdown()
         try:
             return self.client._stub.CloseSession(
-                pb.CloseSessionRequest(session_id=self.session_id), timeout=self.client.rpc_timeout
+                pb.CloseSessionRequest(session_id=self.session_id, session_secret=self._secret),
+                timeout=self.client.rpc_timeout,
             )
         except grpc.RpcError:
             return None

@@ -8,6 +8,8 @@
     ├── VocabularyError        unknown or malformed vocabulary
     ├── RowError               a logits row that cannot be judged (wrong size, dtype)
     ├── SessionError           unknown/duplicate session, step out of order
+    │   ├── InvalidSessionId   an id that breaks [A-Za-z0-9._:-]{1,128}
+    │   └── NotSessionOwner    a request without the session's secret
     ├── RingError              shared-memory ring problems
     │   ├── RingLayoutError    header does not describe a ring we can read
     │   └── TornFrameError     seqlock says the frame is being written or was replaced
@@ -69,6 +71,18 @@ class UnknownSession(SessionError):
 
 class DuplicateSession(SessionError):
     grpc_code = "ALREADY_EXISTS"
+
+
+class InvalidSessionId(SessionError, ValueError):
+    """A session id that breaks the id rule (the message never echoes it)."""
+
+    grpc_code = "INVALID_ARGUMENT"
+
+
+class NotSessionOwner(SessionError):
+    """The request did not carry the session's secret: only its opener may step or close it."""
+
+    grpc_code = "PERMISSION_DENIED"
 
 
 class TooManySessions(SessionError):

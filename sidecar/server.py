@@ -24,7 +24,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from ._pb.fse.v1 import guard_pb2 as pb
 from ._pb.fse.v1 import guard_pb2_grpc as pb_grpc
 from .config import SidecarConfig
-from .errors import FseError, ListenError
+from .core.session import SESSION_ID
+from .errors import FseError, InvalidSessionId, ListenError
 from .reload import PolicyReloader
 from .service import GuardService, reason
 from .signing import Signer
@@ -36,6 +37,23 @@ MAX_MESSAGE = 64 * 1024 * 1024  # a 1M-token vocabulary registers in one message
 
 def _code(exc: FseError) -> grpc.StatusCode:
     return getattr(grpc.StatusCode, exc.grpc_code, grpc.StatusCode.INTERNAL)
+
+
+def _checked_id(session_id: str) -> str:
+    """``session_id`` if well formed; else a SessionError that names the rule, not the id.
+
+    Validated here, at the edge, before anything logs or echoes it: a newline in an id
+    would forge a log line, and a 4 MB id echoed in an error's details turns every refusal
+    into RESOURCE_EXHAUSTED on the trailing metadata.
+    """
+    if SESSION_ID.fullmatch(session_id):
+        return session_id
+    raise InvalidSessionId(f"session_id must match {SESSION_ID.pattern} (got {len(session_id.encode())} bytes)")
+
+
+def _shown(value: str, limit: int = 64) -> str:
+    """A client's string as it may appear in a log line: escaped, bounded."""
+    return repr(value[:limit]) + (f"... ({len(value)} chars)" if len(value) > limit else "")
 
 
 class GuardServicer(pb_grpc.GuardServiceServicer):
@@ -54,24 +72,29 @@ class GuardServicer(pb_grpc.GuardServiceServicer):
 
     async def OpenSession(self, request: pb.OpenSessionRequest, context: grpc.aio.ServicerContext) -> pb.OpenSessionResponse:
         try:
+            if request.session_id:
+                _checked_id(request.session_id)
             s = self.service.open_session(request)
         except FseError as exc:
             await context.abort(_code(exc), str(exc))
-        log.info("session %s opened (tag %d, ring %r)", s.session_id, s.tag, s.ring_name)
+        # Session ids at DEBUG only: with the secret they are what steps a session.
+        log.debug("session %s opened (tag %d, ring %s)", s.session_id, s.tag, _shown(s.ring_name))
         return pb.OpenSessionResponse(
             session_id=s.session_id,
             session_tag=s.tag,
             genesis_hash=s.chain_hash,
+            opening_nonce=s.opening_nonce,
+            session_secret=s.secret,
             key_id=self.service.signer.key_id,
             policy_digest=s.policy.digest,
         )
 
     async def CloseSession(self, request: pb.CloseSessionRequest, context: grpc.aio.ServicerContext) -> pb.CloseSessionResponse:
         try:
-            s = self.service.close_session(request.session_id)
+            s = self.service.close_session(_checked_id(request.session_id), request.session_secret)
         except FseError as exc:
             await context.abort(_code(exc), str(exc))
-        log.info("session %s closed after %d steps", s.session_id, s.next_step)
+        log.debug("session %s closed after %d steps", s.session_id, s.next_step)
         final = [] if s.aborted else s.finish()
         return pb.CloseSessionResponse(steps=s.next_step, chain_hash=s.chain_hash, final_hits=[reason(t) for t in final])
 
@@ -87,13 +110,13 @@ class GuardServicer(pb_grpc.GuardServiceServicer):
         return self._step(request)
 
     def _step(self, req: pb.StepRequest) -> pb.StepResponse:
+        sid = req.session_id if SESSION_ID.fullmatch(req.session_id) else ""  # echoed back only when well formed
         try:
+            _checked_id(req.session_id)
             return pb.StepResponse(verdict=self.service.step(req))
         except FseError as exc:
-            log.warning("step %s/%d refused: %s", req.session_id, req.step, exc)
-            return pb.StepResponse(
-                error=pb.StepError(session_id=req.session_id, step=req.step, code=_code(exc).value[0], message=str(exc))
-            )
+            log.debug("step %s/%d refused: %s", _shown(req.session_id), req.step, exc)
+            return pb.StepResponse(error=pb.StepError(session_id=sid, step=req.step, code=_code(exc).value[0], message=str(exc)))
 
     async def Steps(
         self, request_iterator: AsyncIterator[pb.StepRequest], context: grpc.aio.ServicerContext
@@ -168,7 +191,8 @@ async def _reap_idle_sessions(service: GuardService) -> None:
     while True:
         await asyncio.sleep(period)
         for sid in service.reap_idle(time.monotonic()):
-            log.warning("session %s closed after %.0f s without a step", sid, service.config.session_idle_timeout_s)
+            log.info("a session was closed after %.0f s without a step", service.config.session_idle_timeout_s)
+            log.debug("idle session closed: %s", sid)
 
 
 async def serve(

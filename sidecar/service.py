@@ -7,7 +7,9 @@ which the gRPC layer maps to status codes. No gRPC here, so it is tested directl
 
 from __future__ import annotations
 
+import hmac
 import itertools
+import secrets
 import time
 import uuid
 from collections.abc import Sequence
@@ -24,7 +26,15 @@ from .core.redo import StepOutcome
 from .core.sampling import SamplingParams
 from .core.session import Session
 from .core.vocab import Vocabulary
-from .errors import DuplicateSession, RowError, TooManySessions, UnknownPolicy, UnknownSession, UnknownVocabulary
+from .errors import (
+    DuplicateSession,
+    NotSessionOwner,
+    RowError,
+    TooManySessions,
+    UnknownPolicy,
+    UnknownSession,
+    UnknownVocabulary,
+)
 from .ring import RingReader
 from .signing import Signer
 
@@ -113,6 +123,8 @@ class GuardService:
             history=prompt,
             ring_name=req.ring_name,
             last_active=time.monotonic(),
+            opening_nonce=secrets.token_bytes(16),
+            secret=secrets.token_bytes(32),
         )
         if req.ring_name:
             use = self._rings.get(req.ring_name)
@@ -136,7 +148,19 @@ class GuardService:
         except KeyError:
             raise UnknownSession(f"session {session_id!r} is not open") from None
 
-    def close_session(self, session_id: str) -> Session:
+    def owned_session(self, session_id: str, secret: bytes) -> Session:
+        """The session, if ``secret`` is its opener's (constant-time comparison)."""
+        s = self.session(session_id)
+        if not hmac.compare_digest(secret, s.secret):
+            raise NotSessionOwner(f"session {session_id}: the request does not carry this session's secret")
+        return s
+
+    def close_session(self, session_id: str, secret: bytes) -> Session:
+        """Close on the opener's request (its secret)."""
+        self.owned_session(session_id, secret)
+        return self._drop(session_id)
+
+    def _drop(self, session_id: str) -> Session:
         s = self._sessions.pop(session_id, None)
         if s is None:
             raise UnknownSession(f"session {session_id!r} is not open")
@@ -150,7 +174,7 @@ class GuardService:
 
     def close(self) -> None:
         for sid in list(self._sessions):
-            self.close_session(sid)
+            self._drop(sid)
 
     def use_policies(self, policies: dict[str, CompiledPolicy]) -> None:
         """New sessions get ``policies``; open sessions keep the policy they opened with."""
@@ -163,13 +187,13 @@ class GuardService:
         cutoff = now - self.config.session_idle_timeout_s
         idle = [sid for sid, s in self._sessions.items() if s.last_active < cutoff]
         for sid in idle:
-            self.close_session(sid)
+            self._drop(sid)
         return idle
 
     # -- steps ------------------------------------------------------------------------------
     def step(self, req: pb.StepRequest) -> pb.Verdict:
         """Judge, commit and sign one step. Raises on a step that cannot be judged."""
-        s = self.session(req.session_id)
+        s = self.owned_session(req.session_id, req.session_secret)
         s.last_active = time.monotonic()
         s.check_step(req.step)
         which = req.WhichOneof("logits")

@@ -36,12 +36,14 @@ class TamperingServicer(pb_grpc.GuardServiceServicer):
             session_id=s.session_id,
             session_tag=s.tag,
             genesis_hash=s.chain_hash,
+            opening_nonce=s.opening_nonce,
+            session_secret=s.secret,
             key_id=self.claimed_key_id,
             policy_digest=s.policy.digest,
         )
 
     def CloseSession(self, request, context):
-        s = self.service.close_session(request.session_id)
+        s = self.service.close_session(request.session_id, request.session_secret)
         return pb.CloseSessionResponse(steps=s.next_step, chain_hash=s.chain_hash)
 
     def Steps(self, request_iterator, context):

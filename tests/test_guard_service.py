@@ -19,8 +19,9 @@ def service(keys) -> GuardService:
     return GuardService(SidecarConfig(max_sessions=2, max_vocab_size=1000), Signer.from_file(keys.private))
 
 
-def inline(session_id: str, step: int, x: np.ndarray, dtype: int = pb.DTYPE_F32) -> pb.StepRequest:
-    return pb.StepRequest(session_id=session_id, step=step, inline=pb.InlineLogits(data=x.tobytes(), dtype=dtype))
+def inline(s, step: int, x: np.ndarray, dtype: int = pb.DTYPE_F32) -> pb.StepRequest:
+    logits = pb.InlineLogits(data=x.tobytes(), dtype=dtype)
+    return pb.StepRequest(session_id=s.session_id, session_secret=s.secret, step=step, inline=logits)
 
 
 def test_vocabulary_limits_are_enforced(service: GuardService) -> None:
@@ -48,12 +49,12 @@ def test_float16_inline_rows_are_judged_and_prompt_ids_are_checked(service: Guar
     s = service.open_session(pb.OpenSessionRequest(vocab_digest=d, session_id="half"))
     x = np.zeros(V, np.float16)
     x[33] = 9.0
-    v = service.step(inline(s.session_id, 0, x, pb.DTYPE_F16))
+    v = service.step(inline(s, 0, x, pb.DTYPE_F16))
     assert v.token_id == 33 and Verifier.from_file(keys.public).verify(v)
     with pytest.raises(RowError, match="dtype 0 is not supported"):
-        service.step(inline(s.session_id, 1, x, pb.DTYPE_UNSPECIFIED))
+        service.step(inline(s, 1, x, pb.DTYPE_UNSPECIFIED))
     with pytest.raises(RowError, match="carries no logits"):
-        service.step(pb.StepRequest(session_id=s.session_id, step=1))
+        service.step(pb.StepRequest(session_id=s.session_id, session_secret=s.secret, step=1))
 
 
 def test_idle_sessions_are_reaped_and_release_their_slot(keys) -> None:

@@ -128,24 +128,27 @@ def test_unary_step_gives_the_same_signed_verdict_as_the_stream(sidecar, client)
     digest = client.register_vocabulary(VOCAB)
     stub = pb_grpc.GuardServiceStub(grpc.insecure_channel(sidecar.target))
     data = peaked(42).tobytes()
-    for sid in ("unary", "stream"):
-        stub.OpenSession(pb.OpenSessionRequest(vocab_digest=digest, session_id=sid), timeout=5)
-    req = pb.StepRequest(session_id="unary", step=0, inline=pb.InlineLogits(data=data, dtype=pb.DTYPE_F32))
+    secrets = {
+        sid: stub.OpenSession(pb.OpenSessionRequest(vocab_digest=digest, session_id=sid), timeout=5).session_secret
+        for sid in ("unary", "stream")
+    }
+    logits = pb.InlineLogits(data=data, dtype=pb.DTYPE_F32)
+    req = pb.StepRequest(session_id="unary", session_secret=secrets["unary"], step=0, inline=logits)
     unary = stub.Step(req, timeout=5).verdict
-    req.session_id = "stream"
+    req.session_id, req.session_secret = "stream", secrets["stream"]
     stream = next(iter(stub.Steps(iter([req]), timeout=5))).verdict
     assert unary.token_id == stream.token_id == 42
     assert client.verifier.verify(unary) and client.verifier.verify(stream)
-    refused = stub.Step(pb.StepRequest(session_id="unary", step=5), timeout=5)
+    refused = stub.Step(pb.StepRequest(session_id="unary", session_secret=secrets["unary"], step=5), timeout=5)
     assert refused.error.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
 
 
 def test_out_of_order_step_is_refused(sidecar, client) -> None:
     digest = client.register_vocabulary(VOCAB)
     stub = pb_grpc.GuardServiceStub(grpc.insecure_channel(sidecar.target))
-    stub.OpenSession(pb.OpenSessionRequest(vocab_digest=digest, session_id="order"), timeout=5)
-    data = peaked().tobytes()
-    reqs = [pb.StepRequest(session_id="order", step=s, inline=pb.InlineLogits(data=data, dtype=pb.DTYPE_F32)) for s in (0, 0, 2)]
+    secret = stub.OpenSession(pb.OpenSessionRequest(vocab_digest=digest, session_id="order"), timeout=5).session_secret
+    logits = pb.InlineLogits(data=peaked().tobytes(), dtype=pb.DTYPE_F32)
+    reqs = [pb.StepRequest(session_id="order", session_secret=secret, step=s, inline=logits) for s in (0, 0, 2)]
     out = list(stub.Steps(iter(reqs), timeout=5))
     assert out[0].HasField("verdict")
     assert out[1].error.code == grpc.StatusCode.FAILED_PRECONDITION.value[0] and "expected 1" in out[1].error.message

@@ -108,8 +108,18 @@ def test_missing_or_wrong_key_files_say_how_to_make_one(tmp_path) -> None:
         Signer.from_file(tmp_path / "junk.key")
 
 
+def test_genesis_follows_the_documented_bytes_and_differs_per_opening() -> None:
+    import hashlib
+    import struct
+
+    nonce = bytes(range(16))
+    expected = hashlib.sha256(b"fse.v1.genesis" + struct.pack("<I", 1) + b"s" + struct.pack("<I", 16) + nonce).digest()
+    assert chain.genesis("s", nonce) == expected
+    assert chain.genesis("s", bytes(16)) != expected  # the same id opened again: another chain
+
+
 def test_chain_links_each_frame_to_the_previous_hash() -> None:
-    g = chain.genesis("s")
+    g = chain.genesis("s", bytes(16))
     f1 = chain.frame_bytes("s", 0, 5, 1, 1, [])
     h1 = chain.chain_next(g, f1)
     h2 = chain.chain_next(h1, chain.frame_bytes("s", 1, 6, 1, 1, []))

@@ -1,7 +1,7 @@
 """The audit hash chain (pure): canonical frame bytes and the chain step.
 
 chain_hash(step) = SHA-256(chain_hash(step - 1) || frame_bytes(step)), starting from
-genesis(session_id). Frame bytes hold only deterministic fields (no timestamp), so the
+genesis(session_id, opening_nonce). Frame bytes hold only deterministic fields (no timestamp), so the
 same logits, config and seed give the same chain; the canonical encoding is written up
 in proto/fse/v1/VERDICT.md.
 """
@@ -38,8 +38,10 @@ class ReasonLike(Protocol):
     def span_end(self) -> int: ...
 
 
-def genesis(session_id: str) -> bytes:
-    return hashlib.sha256(b"fse.v1.genesis" + session_id.encode("utf-8")).digest()
+def genesis(session_id: str, opening_nonce: bytes) -> bytes:
+    """SHA-256("fse.v1.genesis" | str session_id | blob opening_nonce): unique per opening,
+    so a verdict of an earlier opening of the same id never links to this one."""
+    return hashlib.sha256(b"fse.v1.genesis" + cb.string(session_id) + cb.blob(opening_nonce)).digest()
 
 
 def reason_bytes(r: ReasonLike) -> bytes:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import RowError, SessionError
+from ..errors import InvalidSessionId, RowError, SessionError
 from . import chain
 from .evaluators import Evaluator, PolicyRules, TokenGuards
 from .evidence import DriftTest
@@ -44,13 +44,16 @@ class Session:
     aborted: bool = False
     ring_name: str = ""
     last_active: float = 0.0  # monotonic seconds of the last open/step (set by the service)
+    opening_nonce: bytes = b""  # fresh per opening (the service draws it): in the genesis
+    secret: bytes = field(default=b"", repr=False)  # the opener's credential (the service draws it)
     evaluators: list[Evaluator] = field(init=False)
 
     def __post_init__(self) -> None:
         if not SESSION_ID.fullmatch(self.session_id):
-            raise SessionError(f"session_id {self.session_id!r} must match {SESSION_ID.pattern}")
+            # the id itself is not echoed: it may be huge or hold control characters
+            raise InvalidSessionId(f"session_id must match {SESSION_ID.pattern} (got {len(self.session_id.encode())} bytes)")
         if not self.chain_hash:
-            self.chain_hash = chain.genesis(self.session_id)
+            self.chain_hash = chain.genesis(self.session_id, self.opening_nonce)
         # In this order: the order of their trips in a verdict.
         pol = self.policy
         self.evaluators = [TokenGuards(pol.guards)]

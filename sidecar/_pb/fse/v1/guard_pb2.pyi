@@ -124,24 +124,30 @@ class OpenSessionRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., vocab_digest: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., policy: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., ring_name: _Optional[str] = ...) -> None: ...
 
 class OpenSessionResponse(_message.Message):
-    __slots__ = ("session_id", "policy_digest", "session_tag", "genesis_hash", "key_id")
+    __slots__ = ("session_id", "opening_nonce", "session_secret", "policy_digest", "session_tag", "genesis_hash", "key_id")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    OPENING_NONCE_FIELD_NUMBER: _ClassVar[int]
+    SESSION_SECRET_FIELD_NUMBER: _ClassVar[int]
     POLICY_DIGEST_FIELD_NUMBER: _ClassVar[int]
     SESSION_TAG_FIELD_NUMBER: _ClassVar[int]
     GENESIS_HASH_FIELD_NUMBER: _ClassVar[int]
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     session_id: str
+    opening_nonce: bytes
+    session_secret: bytes
     policy_digest: str
     session_tag: int
     genesis_hash: bytes
     key_id: str
-    def __init__(self, session_id: _Optional[str] = ..., policy_digest: _Optional[str] = ..., session_tag: _Optional[int] = ..., genesis_hash: _Optional[bytes] = ..., key_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, session_id: _Optional[str] = ..., opening_nonce: _Optional[bytes] = ..., session_secret: _Optional[bytes] = ..., policy_digest: _Optional[str] = ..., session_tag: _Optional[int] = ..., genesis_hash: _Optional[bytes] = ..., key_id: _Optional[str] = ...) -> None: ...
 
 class CloseSessionRequest(_message.Message):
-    __slots__ = ("session_id",)
+    __slots__ = ("session_id", "session_secret")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_SECRET_FIELD_NUMBER: _ClassVar[int]
     session_id: str
-    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+    session_secret: bytes
+    def __init__(self, session_id: _Optional[str] = ..., session_secret: _Optional[bytes] = ...) -> None: ...
 
 class CloseSessionResponse(_message.Message):
     __slots__ = ("steps", "chain_hash", "final_hits")
@@ -189,16 +195,18 @@ class InlineLogits(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("session_id", "step", "ring", "inline")
+    __slots__ = ("session_id", "session_secret", "step", "ring", "inline")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_SECRET_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     RING_FIELD_NUMBER: _ClassVar[int]
     INLINE_FIELD_NUMBER: _ClassVar[int]
     session_id: str
+    session_secret: bytes
     step: int
     ring: RingRef
     inline: InlineLogits
-    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., ring: _Optional[_Union[RingRef, _Mapping]] = ..., inline: _Optional[_Union[InlineLogits, _Mapping]] = ...) -> None: ...
+    def __init__(self, session_id: _Optional[str] = ..., session_secret: _Optional[bytes] = ..., step: _Optional[int] = ..., ring: _Optional[_Union[RingRef, _Mapping]] = ..., inline: _Optional[_Union[InlineLogits, _Mapping]] = ...) -> None: ...
 
 class Reason(_message.Message):
     __slots__ = ("code", "value", "threshold", "sampler", "detail", "action", "token_id", "span_start", "span_end")

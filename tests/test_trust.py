@@ -1,0 +1,144 @@
+"""Trust boundaries between the clients of one sidecar (issue 8), each attack reproduced
+against a real sidecar process: it must fail safely while the victim keeps its session."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+from engine_adapters.client import GuardClient
+from sidecar._pb.fse.v1 import guard_pb2 as pb
+from sidecar._pb.fse.v1 import guard_pb2_grpc as pb_grpc
+from sidecar.core.sampling import SamplingParams
+from sidecar.errors import VerdictRejected
+from sidecar.ring import RingWriter
+
+V = 1000
+VOCAB = [f"t{i}".encode() for i in range(V)]
+
+
+def peaked(top: int) -> np.ndarray:
+    x = np.random.default_rng(top).standard_normal(V).astype(np.float32)
+    x[top] = 12.0
+    return x
+
+
+@pytest.fixture
+def debug_sidecar(start_sidecar):
+    """A sidecar that logs at DEBUG, so that what it logs of client input is all visible."""
+    sc = start_sidecar()
+    cfg = sc.config.read_text()
+    sc.stop()
+    sc.config.write_text(cfg + "log_level: debug\n")
+    import subprocess
+    import sys
+
+    with sc.log.open("ab") as out:
+        sc.proc = subprocess.Popen(
+            [sys.executable, "-m", "sidecar", "serve", "--config", str(sc.config)], stdout=out, stderr=subprocess.STDOUT
+        )
+    deadline = time.monotonic() + 30
+    while not sc.socket.exists():
+        assert sc.proc.poll() is None and time.monotonic() < deadline, sc.log_text()
+        time.sleep(0.02)
+    return sc
+
+
+def test_another_client_cannot_step_or_close_a_session_it_did_not_open(start_sidecar, keys) -> None:
+    sc = start_sidecar()
+    victim = GuardClient(sc.target, keys.public)
+    victim.wait_ready()
+    digest = victim.register_vocabulary(VOCAB)
+    with RingWriter.create(slots=2, vocab_size=V) as ring:
+        s = victim.open_session(digest, SamplingParams(), ring=ring)
+        assert s.step(peaked(10)).token_id == 10
+
+        # the attacker knows the id (ids used to be logged at INFO), not the secret
+        attacker = pb_grpc.GuardServiceStub(grpc.insecure_channel(sc.target))
+        own = pb.InlineLogits(data=peaked(666).tobytes(), dtype=pb.DTYPE_F32)
+        for secret in (b"", b"\0" * 32, s._secret[:-1] + bytes([s._secret[-1] ^ 1])):
+            hijack = pb.StepRequest(session_id=s.session_id, session_secret=secret, step=1, inline=own)
+            r = attacker.Step(hijack, timeout=5)
+            assert not r.HasField("verdict")
+            assert r.error.code == grpc.StatusCode.PERMISSION_DENIED.value[0] and "secret" in r.error.message
+            with pytest.raises(grpc.RpcError) as err:
+                attacker.CloseSession(pb.CloseSessionRequest(session_id=s.session_id, session_secret=secret), timeout=5)
+            assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+        # the victim's session is intact: its next step is step 1, from its own logits
+        v = s.step(peaked(20))
+        assert (v.step, v.token_id) == (1, 20)
+        assert s.close() is not None
+
+
+def test_a_verdict_from_an_earlier_opening_of_the_same_id_does_not_link(start_sidecar, keys) -> None:
+    sc = start_sidecar()
+    c = GuardClient(sc.target, keys.public)
+    c.wait_ready()
+    digest = c.register_vocabulary(VOCAB)
+    first = c.open_session(digest, SamplingParams(), session_id="reused")
+    recorded = first.step(peaked(10))
+    first.close()
+    second = c.open_session(digest, SamplingParams(), session_id="reused")
+    assert second.chain_hash != first.chain_hash or second.next_step == 0
+    assert recorded.prev_chain_hash != second.chain_hash  # a fresh nonce in the genesis
+    with pytest.raises(VerdictRejected, match="does not link"):
+        second._verify(0, pb.StepResponse(verdict=recorded))  # replayed into the new opening
+    assert second.step(peaked(10)).token_id == 10  # the real one does
+
+
+def test_a_newline_in_a_session_id_forges_no_log_line_and_ids_are_not_logged_at_info(debug_sidecar, keys) -> None:
+    sc = debug_sidecar
+    c = GuardClient(sc.target, keys.public)
+    c.wait_ready()
+    stub = pb_grpc.GuardServiceStub(grpc.insecure_channel(sc.target))
+    forged = "x\n2026-01-01 00:00:00,000 fse.server ERROR FORGED"
+    r = stub.Step(pb.StepRequest(session_id=forged, step=0), timeout=5)
+    assert r.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and r.error.session_id == ""
+    assert "FORGED" not in r.error.message
+    digest = c.register_vocabulary(VOCAB)
+    s = c.open_session(digest, SamplingParams())
+    s.step(peaked(3))
+    s.close()
+    time.sleep(0.3)
+    lines = sc.log_text().splitlines()
+    assert not any(line.startswith("2026-01-01 00:00:00,000") for line in lines)  # no forged line
+    assert any("\\n2026-01-01" in line for line in lines)  # it is there, escaped, on one line
+    assert not any(s.session_id in line and " INFO " in line for line in lines)
+    assert any(s.session_id in line and " DEBUG " in line for line in lines)
+
+
+def test_a_huge_session_id_is_refused_cheaply_without_echo(start_sidecar, keys) -> None:
+    sc = start_sidecar()
+    c = GuardClient(sc.target, keys.public)
+    c.wait_ready()
+    digest = c.register_vocabulary(VOCAB)
+    stub = pb_grpc.GuardServiceStub(grpc.insecure_channel(sc.target, options=[("grpc.max_send_message_length", 16 << 20)]))
+    huge = "a" * (4 << 20)
+    before = len(sc.log_text())
+    r = stub.Step(pb.StepRequest(session_id=huge, step=0), timeout=10)
+    assert r.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert r.ByteSize() < 1000  # the answer does not carry the id back
+    for call, req in (
+        (stub.OpenSession, pb.OpenSessionRequest(vocab_digest=digest, session_id=huge)),
+        (stub.CloseSession, pb.CloseSessionRequest(session_id=huge)),
+    ):
+        with pytest.raises(grpc.RpcError) as err:
+            call(req, timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # not RESOURCE_EXHAUSTED on metadata
+        assert len(err.value.details()) < 200
+    assert len(sc.log_text()) - before < 10_000
+    s = c.open_session(digest, SamplingParams())  # the sidecar serves on
+    assert s.step(peaked(7)).token_id == 7
+
+
+def test_the_sidecar_logger_escapes_what_it_shows() -> None:
+    from sidecar.server import _shown
+
+    assert _shown("a\nb") == "'a\\nb'"
+    assert _shown("x" * 1000).endswith("... (1000 chars)") and len(_shown("x" * 1000)) < 100
+    logging.getLogger("fse.server").debug("%s", _shown("a\nb"))  # one line whatever the input
