@@ -15,6 +15,7 @@ It never returns a token without a valid verdict; after any error the session is
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -292,6 +293,8 @@ class GuardedSession:
         except Exception as exc:
             self.dead = exc
             self._shutdown()
+            if not isinstance(exc, GuardUnavailable) or isinstance(exc, StepRefused):
+                self._release()  # the sidecar is there: free the session's slot now, not at the idle reaper
             raise
 
     def _step(self, step: int, logits: np.ndarray) -> pb.Verdict:
@@ -353,6 +356,13 @@ class GuardedSession:
 
     def _shutdown(self) -> None:
         self._stream.close()
+
+    def _release(self) -> None:
+        """Best-effort CloseSession after a fault, with a short deadline: it must not hold
+        up the error the caller is about to get."""
+        with contextlib.suppress(grpc.RpcError):
+            req = pb.CloseSessionRequest(session_id=self.session_id, session_secret=self._secret)
+            self.client._stub.CloseSession(req, timeout=min(self.client.rpc_timeout, 1.0))
 
     def close(self) -> pb.CloseSessionResponse | None:
         """End the stream and close the session on the sidecar (best effort once dead)."""

@@ -218,6 +218,10 @@ class SidecarConfig(_Strict):
     # CloseSession would otherwise hold its slot and its ring mapping forever).
     session_idle_timeout_s: float = Field(default=300.0, gt=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # The Unix socket's mode and group: the owner only by default; give a group (and
+    # 0o660) when the engine runs as another user that shares it.
+    unix_socket_mode: int = Field(default=0o600, ge=0, le=0o770)
+    unix_socket_group: str | None = None
 
     @field_validator("listen")
     @classmethod

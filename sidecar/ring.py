@@ -10,13 +10,15 @@ A reader that finds any other value, before or after using the row, raises
 
 from __future__ import annotations
 
+import _posixshmem  # the shm_open behind multiprocessing.shared_memory (POSIX only)
 import contextlib
+import mmap
 import os
 import re
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
-from multiprocessing import resource_tracker, shared_memory
+from multiprocessing import shared_memory
 
 import numpy as np
 
@@ -228,26 +230,35 @@ class RingReader:
     def __init__(self, name: str) -> None:
         if not RING_NAME.fullmatch(name):
             raise RingLayoutError(f"ring name {name!r} must match {RING_NAME.pattern}")
+        # Not multiprocessing's SharedMemory: on Python < 3.13 it registers the segment with
+        # the resource tracker (which unlinks it when this process exits, SIGKILL included),
+        # unlinks it itself when mmap fails, and raises a bare ValueError on an empty one.
+        # The sidecar never owns a ring: open it read-only, check the size, map it read-only.
+        shm_name = name if name.startswith("/") else "/" + name
         try:
-            shm = shared_memory.SharedMemory(name=name, create=False)
+            fd = _posixshmem.shm_open(shm_name, os.O_RDONLY, 0)
         except FileNotFoundError:
             raise RingError(f"no shared-memory ring named {name!r} (is the engine's ring in the same /dev/shm?)") from None
         except OSError as exc:
             raise RingError(f"cannot open shared-memory ring {name!r}: {exc.strerror}") from None
-        self._shm: shared_memory.SharedMemory | None = shm
-        self.name = name
-        buf = shm.buf
-        assert buf is not None  # a fresh mapping
         try:
-            self.layout, owner = self._parse_header(buf, shm.size)
+            size = os.fstat(fd).st_size
+            if size < HEADER_SIZE:
+                raise RingLayoutError(f"ring {name!r} holds {size} bytes, less than the {HEADER_SIZE}-byte ring header")
+            try:
+                self._map: mmap.mmap | None = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+            except OSError as exc:
+                raise RingError(f"cannot map shared-memory ring {name!r}: {exc.strerror}") from None
+        finally:
+            os.close(fd)  # the mapping keeps the segment; the engine unlinks it
+        self.name = name
+        buf = memoryview(self._map)
+        try:
+            self.layout, _owner = self._parse_header(buf, size)
         except RingLayoutError:
-            shm.close()
+            buf.release()
+            self.close()
             raise
-        if owner != os.getpid():
-            # Python < 3.13 registers attached segments with the resource tracker, which
-            # would unlink the engine's ring when this process exits: the owner unlinks.
-            with contextlib.suppress(Exception):
-                resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
         self._seq, self._n_rows, self._tags, self._rows = _slot_views(buf, self.layout)
 
     @staticmethod
@@ -255,8 +266,8 @@ class RingReader:
         if size < HEADER_SIZE:
             raise RingLayoutError(f"segment of {size} bytes is smaller than the {HEADER_SIZE}-byte ring header")
         magic, ver, hdr, slots, rows, vocab, dtype, stride, rows_off, pid = _HEADER.unpack_from(buf, 0)
-        if magic != MAGIC:
-            raise RingLayoutError(f"bad ring magic {magic!r}, expected {MAGIC!r}")
+        if magic != MAGIC:  # someone else's segment: say nothing of what it holds
+            raise RingLayoutError(f"the segment is not an fse ring (no {MAGIC!r} magic)")
         if ver != LAYOUT_VERSION:
             raise RingLayoutError(f"ring layout version {ver} is not supported (this sidecar reads {LAYOUT_VERSION})")
         if hdr != HEADER_SIZE:
@@ -309,10 +320,11 @@ class RingReader:
             raise TornFrameError(f"ring {self.name} slot {slot}: frame {seq} is torn: the slot is {state} (seq={now})")
 
     def close(self) -> None:
-        shm = getattr(self, "_shm", None)
-        if shm is None:
+        m = getattr(self, "_map", None)
+        if m is None:
             return
-        del self._seq, self._n_rows, self._tags, self._rows
-        self._shm = None
+        for view in ("_seq", "_n_rows", "_tags", "_rows"):
+            self.__dict__.pop(view, None)
+        self._map = None
         with contextlib.suppress(BufferError):
-            shm.close()
+            m.close()

@@ -10,10 +10,12 @@ kernels; a hop would cost every step more than it could save the others. Revisit
 from __future__ import annotations
 
 import asyncio
+import grp
 import logging
 import os
 import signal
 import socket
+import stat
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -133,10 +135,12 @@ class GuardServicer(pb_grpc.GuardServiceServicer):
 
 def _claim_unix_socket(path: Path) -> None:
     """Remove a stale socket left by a crashed sidecar, but never a live one."""
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         if not path.parent.is_dir():
             raise ListenError(f"cannot listen on {path}: directory {path.parent} does not exist")
         return
+    if not stat.S_ISSOCK(path.lstat().st_mode):
+        raise ListenError(f"cannot listen on {path}: it exists and is not a socket; not replacing it")
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
         try:
             probe.connect(str(path))
@@ -146,6 +150,16 @@ def _claim_unix_socket(path: Path) -> None:
         except OSError as exc:
             raise ListenError(f"cannot listen on {path}: {exc.strerror}") from None
     raise ListenError(f"another process is already listening on {path}")
+
+
+def _set_socket_access(path: Path, config: SidecarConfig) -> None:
+    if config.unix_socket_group is not None:
+        try:
+            gid = grp.getgrnam(config.unix_socket_group).gr_gid
+            os.chown(path, -1, gid)
+        except (KeyError, OSError) as exc:
+            raise ListenError(f"unix_socket_group {config.unix_socket_group!r}: {exc}") from None
+    os.chmod(path, config.unix_socket_mode)
 
 
 def create_server(
@@ -168,9 +182,18 @@ def create_server(
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     address = config.grpc_address()
-    if address.startswith("unix:"):
-        _claim_unix_socket(Path(address[len("unix:") :]))
-    port = server.add_insecure_port(address)
+    sock = Path(address[len("unix:") :]) if address.startswith("unix:") else None
+    if sock is not None:
+        _claim_unix_socket(sock)
+        old = os.umask(0o177)  # the socket is born owner-only: no window where the umask decides
+        try:
+            port = server.add_insecure_port(address)
+        finally:
+            os.umask(old)
+        if port:
+            _set_socket_access(sock, config)
+    else:
+        port = server.add_insecure_port(address)
     if port == 0:
         raise ListenError(f"cannot listen on {config.listen}")
     bound = address if address.startswith("unix:") else f"{address.rpartition(':')[0]}:{port}"

@@ -34,3 +34,17 @@ def test_keygen_writes_keys_and_refuses_to_overwrite(tmp_path) -> None:
 def test_unknown_command_is_a_usage_error() -> None:
     r = fse("frobnicate")
     assert r.returncode == 2 and "invalid choice" in r.stderr
+
+
+def test_keygen_force_replaces_the_key_file_instead_of_writing_into_it(tmp_path) -> None:
+    """An old key file with a loose mode is not reused: the new key is born 0600 in a new file."""
+    import os
+
+    assert fse("keygen", "--out", str(tmp_path)).returncode == 0
+    key = tmp_path / "fse_signing.key"
+    os.chmod(key, 0o644)
+    before = key.stat().st_ino
+    r = fse("keygen", "--out", str(tmp_path), "--force")
+    assert r.returncode == 0
+    assert key.stat().st_ino != before and stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert not list(tmp_path.glob(".*.tmp"))

@@ -3,7 +3,9 @@ against a real sidecar process: it must fail safely while the victim keeps its s
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import time
 
 import grpc
@@ -142,3 +144,85 @@ def test_the_sidecar_logger_escapes_what_it_shows() -> None:
     assert _shown("a\nb") == "'a\\nb'"
     assert _shown("x" * 1000).endswith("... (1000 chars)") and len(_shown("x" * 1000)) < 100
     logging.getLogger("fse.server").debug("%s", _shown("a\nb"))  # one line whatever the input
+
+
+def _foreign_segment(name: str, data: bytes) -> None:
+    fd = os.open(f"/dev/shm/{name}", os.O_CREAT | os.O_RDWR | os.O_EXCL, 0o600)
+    os.write(fd, data)
+    os.close(fd)
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
+def test_a_foreign_or_empty_segment_is_refused_and_survives_the_sidecar(start_sidecar, keys, how: str) -> None:
+    import uuid
+
+    sc = start_sidecar()
+    c = GuardClient(sc.target, keys.public)
+    c.wait_ready()
+    digest = c.register_vocabulary(VOCAB)
+    stub = pb_grpc.GuardServiceStub(grpc.insecure_channel(sc.target))
+    foreign, empty = f"other-app-{uuid.uuid4().hex[:8]}", f"empty-{uuid.uuid4().hex[:8]}"
+    _foreign_segment(foreign, b"SECRETHEADER" + b"\x07" * 500)
+    _foreign_segment(empty, b"")
+    try:
+        for name, expect in ((foreign, "not an fse ring"), (empty, "holds 0 bytes")):
+            with pytest.raises(grpc.RpcError) as err:
+                stub.OpenSession(pb.OpenSessionRequest(vocab_digest=digest, ring_name=name), timeout=5)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # not UNKNOWN
+            assert expect in err.value.details() and "SECRETHEADER" not in err.value.details()
+        assert c.open_session(digest, SamplingParams()).step(peaked(4)).token_id == 4  # serving on
+        if how == "SIGKILL":
+            sc.kill()
+        else:
+            sc.stop()
+        time.sleep(0.5)  # the resource tracker (were one involved) unlinks at exit
+        assert os.path.exists(f"/dev/shm/{foreign}") and os.path.exists(f"/dev/shm/{empty}")
+    finally:
+        for name in (foreign, empty):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"/dev/shm/{name}")
+
+
+def test_the_socket_is_owner_only_whatever_the_umask(tmp_path, keys) -> None:
+    from sidecar.launch import start_local_sidecar
+
+    old = os.umask(0)  # the sidecar inherits it: before, its socket came out 0777
+    try:
+        sc = start_local_sidecar(tmp_path, None, (keys.private, keys.public))
+    finally:
+        os.umask(old)
+    try:
+        sc.wait_started()
+        assert oct(os.stat(sc.socket).st_mode & 0o777) == oct(0o600)
+    finally:
+        sc.stop()
+
+
+def test_serve_does_not_delete_a_regular_file_at_the_socket_path(tmp_path, keys) -> None:
+    import subprocess
+    import sys
+
+    import yaml
+
+    victim = tmp_path / "important.txt"
+    victim.write_text("not a socket")
+    cfg = tmp_path / "sidecar.yaml"
+    cfg.write_text(yaml.safe_dump({"listen": f"unix://{victim}", "signing_key_file": str(keys.private)}))
+    r = subprocess.run(
+        [sys.executable, "-m", "sidecar", "serve", "--config", str(cfg)], capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 2 and "is not a socket" in r.stderr
+    assert victim.read_text() == "not a socket"
+
+
+def test_a_session_that_dies_on_a_fault_gives_its_slot_back(start_sidecar, keys) -> None:
+    sc = start_sidecar(policies={"default": {"guards": {"entropy": {"enabled": True, "threshold": 0.01}}}})
+    c = GuardClient(sc.target, keys.public)
+    c.wait_ready()
+    digest = c.register_vocabulary(VOCAB)
+    stub = pb_grpc.GuardServiceStub(grpc.insecure_channel(sc.target))
+    s = c.open_session(digest, SamplingParams(), session_id="doomed")
+    with pytest.raises(Exception, match="entropy"):
+        s.step(peaked(5))  # ABORT: nobody calls close()
+    # the slot is free again: the same id opens (it would be ALREADY_EXISTS while held)
+    stub.OpenSession(pb.OpenSessionRequest(vocab_digest=digest, session_id="doomed"), timeout=5)
