@@ -21,6 +21,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -143,8 +144,26 @@ class StreamCall:
         self._call.cancel()
 
 
+@dataclass(frozen=True)
+class ClientTls:
+    """mTLS toward a sidecar on TCP: the CA that signed the sidecar's certificate, and
+    this engine's certificate and key (signed by the CA the sidecar trusts)."""
+
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(
+            root_certificates=Path(self.ca_file).read_bytes(),
+            private_key=Path(self.key_file).read_bytes(),
+            certificate_chain=Path(self.cert_file).read_bytes(),
+        )
+
+
 class GuardClient:
-    """A connection to one sidecar. ``target``: ``unix:/path.sock`` or ``host:port``."""
+    """A connection to one sidecar. ``target``: ``unix:/path.sock`` or ``host:port``
+    (with ``tls`` for a sidecar that serves mTLS)."""
 
     def __init__(
         self,
@@ -153,6 +172,7 @@ class GuardClient:
         *,
         step_timeout: float = 2.0,
         rpc_timeout: float = 10.0,
+        tls: ClientTls | None = None,
     ) -> None:
         if step_timeout <= 0 or rpc_timeout <= 0:
             raise ValueError("step_timeout and rpc_timeout must be > 0 seconds")
@@ -161,10 +181,11 @@ class GuardClient:
         self.verifier = verify_key if isinstance(verify_key, Verifier) else Verifier.from_file(verify_key)
         self.step_timeout = step_timeout
         self.rpc_timeout = rpc_timeout
-        self._channel = grpc.insecure_channel(
-            target,
-            options=[("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)],
-        )
+        options = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
+        if tls is not None:
+            self._channel = grpc.secure_channel(target, tls.credentials(), options=options)
+        else:
+            self._channel = grpc.insecure_channel(target, options=options)
         self._stub = pb_grpc.GuardServiceStub(self._channel)
         self._vocab_sizes: dict[str, int] = {}
 

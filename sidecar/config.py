@@ -30,6 +30,7 @@ Example file (every field optional except ``signing_key_file`` for ``serve``)::
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -207,6 +208,25 @@ class Policy(_Strict):
         return self
 
 
+class TlsConfig(_Strict):
+    """mTLS for a TCP listener: the sidecar's certificate and key, and the CA whose
+    client certificates it accepts (a client without one is refused at the handshake)."""
+
+    cert_file: Path
+    key_file: Path
+    client_ca_file: Path
+
+
+def _is_loopback(host: str) -> bool:
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class SidecarConfig(_Strict):
     listen: str = "unix:///tmp/fse-sidecar.sock"
     signing_key_file: Path | None = None
@@ -222,6 +242,9 @@ class SidecarConfig(_Strict):
     # 0o660) when the engine runs as another user that shares it.
     unix_socket_mode: int = Field(default=0o600, ge=0, le=0o770)
     unix_socket_group: str | None = None
+    # TCP: mutual TLS. Required for any non-loopback address unless allow_insecure_tcp.
+    tls: TlsConfig | None = None
+    allow_insecure_tcp: bool = False
 
     @field_validator("listen")
     @classmethod
@@ -238,6 +261,20 @@ class SidecarConfig(_Strict):
     def _default_policy(self) -> SidecarConfig:
         if "default" not in self.policies:
             raise ValueError("policies must define 'default'")
+        return self
+
+    @model_validator(mode="after")
+    def _transport_security(self) -> SidecarConfig:
+        if self.listen.startswith("unix://"):
+            if self.tls is not None:
+                raise ValueError("tls applies to tcp:// listeners; a Unix socket is guarded by its mode and group")
+            return self
+        host = self.listen[len("tcp://") :].rpartition(":")[0]
+        if self.tls is None and not self.allow_insecure_tcp and not _is_loopback(host):
+            raise ValueError(
+                f"listen {self.listen}: a non-loopback address serves prompts and verdicts in clear without tls "
+                "(cert_file, key_file, client_ca_file); set allow_insecure_tcp: true to accept that"
+            )
         return self
 
     def grpc_address(self) -> str:

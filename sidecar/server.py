@@ -27,7 +27,7 @@ from ._pb.fse.v1 import guard_pb2 as pb
 from ._pb.fse.v1 import guard_pb2_grpc as pb_grpc
 from .config import SidecarConfig
 from .core.session import SESSION_ID
-from .errors import FseError, InvalidSessionId, ListenError
+from .errors import ConfigError, FseError, InvalidSessionId, ListenError
 from .reload import PolicyReloader
 from .service import GuardService, reason
 from .signing import Signer
@@ -152,6 +152,22 @@ def _claim_unix_socket(path: Path) -> None:
     raise ListenError(f"another process is already listening on {path}")
 
 
+def _server_credentials(config: SidecarConfig) -> grpc.ServerCredentials:
+    """mTLS: the sidecar's pair, and the CA its clients' certificates must chain to."""
+    tls = config.tls
+    assert tls is not None
+    files = {}
+    for field in ("cert_file", "key_file", "client_ca_file"):
+        path = getattr(tls, field)
+        try:
+            files[field] = path.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"tls.{field}: cannot read {path}: {exc.strerror}") from None
+    return grpc.ssl_server_credentials(
+        [(files["key_file"], files["cert_file"])], root_certificates=files["client_ca_file"], require_client_auth=True
+    )
+
+
 def _set_socket_access(path: Path, config: SidecarConfig) -> None:
     if config.unix_socket_group is not None:
         try:
@@ -192,6 +208,8 @@ def create_server(
             os.umask(old)
         if port:
             _set_socket_access(sock, config)
+    elif config.tls is not None:
+        port = server.add_secure_port(address, _server_credentials(config))
     else:
         port = server.add_insecure_port(address)
     if port == 0:
