@@ -62,7 +62,6 @@ def pki(tmp_path_factory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("pki")
     ca_key, other_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
     ca = _cert("fse test CA", ca_key, "fse test CA", ca_key, True)
-    other = _cert("someone else's CA", other_key, "someone else's CA", other_key, True)
     out = {"ca": d / "ca.crt"}
     out["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     for name, issuer, ikey, san in (
@@ -72,7 +71,6 @@ def pki(tmp_path_factory) -> dict[str, Path]:
     ):
         key = ec.generate_private_key(ec.SECP256R1())
         out[f"{name}_crt"], out[f"{name}_key"] = _write(d, name, _cert(name, key, issuer, ikey, False, san), key)
-    del other
     return out
 
 
