@@ -58,6 +58,13 @@ class TamperingServicer(pb_grpc.GuardServiceServicer):
                     v.session_id = "someone-else"
                 elif self.mode == "stale_step" and self.previous is not None:
                     v = self.previous  # replay the previous, validly signed verdict
+                elif self.mode == "bad_signature":
+                    v.signature = bytes(len(v.signature))  # the trusted key id, a signature of zeros
+                elif self.mode == "bad_decision":
+                    # an undefined decision in a consistent, properly signed verdict
+                    v.decision = 7  # type: ignore[assignment]
+                    frame = chain.frame_bytes(v.session_id, v.step, v.token_id, v.decision, v.sampler, v.reasons)
+                    v.chain_hash = chain.chain_next(v.prev_chain_hash, frame)
                 elif self.mode == "other_policy":
                     v.policy_digest = "0" * 64  # judged under a policy the session was not opened with
                 elif self.mode == "other_token":
@@ -67,7 +74,7 @@ class TamperingServicer(pb_grpc.GuardServiceServicer):
                     v.token_id = self.service.session(req.session_id).vocab_size
                     frame = chain.frame_bytes(v.session_id, v.step, v.token_id, v.decision, v.sampler, v.reasons)
                     v.chain_hash = chain.chain_next(v.prev_chain_hash, frame)
-                if self.mode in ("wrong_session", "other_policy", "other_token", "out_of_vocab"):
+                if self.mode in ("wrong_session", "other_policy", "other_token", "out_of_vocab", "bad_decision"):
                     self.resigner.sign(v)  # properly signed by the trusted key: only binding checks catch it
             self.previous = honest
             yield pb.StepResponse(verdict=v)

@@ -64,3 +64,34 @@ def test_idle_sessions_are_reaped_and_release_their_slot(keys) -> None:
     assert svc.reap_idle(s.last_active + 29) == []
     assert svc.reap_idle(s.last_active + 31) == ["sleepy"]
     svc.open_session(pb.OpenSessionRequest(vocab_digest=d))  # the slot is free again
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16"])
+def test_a_frame_torn_while_the_sidecar_judges_it_gives_no_verdict(service: GuardService, monkeypatch, dtype: str) -> None:
+    """The engine rewrites the slot after the sidecar read the row and before its verdict:
+    the seqlock re-validation must refuse the step, and nothing is committed."""
+    from sidecar.core.session import Session
+    from sidecar.errors import TornFrameError
+    from sidecar.ring import RingWriter
+
+    d = service.register_vocabulary([bytes([i]) for i in range(V)]).digest
+    with RingWriter.create(slots=1, vocab_size=V, dtype=dtype) as ring:
+        s = service.open_session(pb.OpenSessionRequest(vocab_digest=d, ring_name=ring.name))
+        x = np.zeros(V, np.float32)
+        x[7] = 9.0
+        with ring.frame(0) as f:
+            row = f.write_row(s.tag, 0, x)
+        judge = Session.judge
+
+        def judge_then_tear(self, *args, **kwargs):
+            out = judge(self, *args, **kwargs)
+            ring.begin_raw(0)  # the engine starts the next frame in this slot: odd seqlock
+            return out
+
+        monkeypatch.setattr(Session, "judge", judge_then_tear)
+        req = pb.StepRequest(
+            session_id=s.session_id, session_secret=s.secret, step=0, ring=pb.RingRef(slot=0, row=row, seq=f.seq)
+        )
+        with pytest.raises(TornFrameError, match="torn"):
+            service.step(req)
+        assert s.next_step == 0 and s.history == []  # nothing committed

@@ -188,6 +188,8 @@ def test_stopped_sidecar_answers_within_the_step_deadline(sidecar, keys) -> None
     "mode, message",
     [
         ("other_key", "signature does not verify"),
+        ("bad_signature", "signature does not verify"),
+        ("bad_decision", "decision 7, not ACCEPT/HEALED/ABORT"),
         ("wrong_session", "for session 'someone-else'"),
         ("stale_step", "stale or reordered"),
         ("other_policy", "names policy '000000000000', the session runs under another"),
