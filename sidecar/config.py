@@ -234,6 +234,8 @@ class SidecarConfig(_Strict):
     # Largest vocabulary accepted; bounds memory per registered vocabulary and ring row.
     max_vocab_size: int = Field(default=1 << 20, gt=1)
     max_sessions: int = Field(default=4096, gt=0)
+    # Longest prompt an OpenSession may carry (only its last repetition_window ids are kept).
+    max_prompt_tokens: int = Field(default=1 << 20, gt=0)
     # A session with no step for this long is closed (an engine that died without
     # CloseSession would otherwise hold its slot and its ring mapping forever).
     session_idle_timeout_s: float = Field(default=300.0, gt=0)

@@ -110,10 +110,14 @@ class GuardService:
             repetition_window=p.repetition_window if p.HasField("repetition_window") else 64,
             seed=p.seed,
         )
-        prompt = list(req.prompt_token_ids)
-        bad = [t for t in prompt if t >= vocab.size]
-        if bad:
-            raise RowError(f"prompt token ids {bad[:5]} are outside the vocabulary of {vocab.size}")
+        n_prompt = len(req.prompt_token_ids)
+        if n_prompt > self.config.max_prompt_tokens:
+            raise RowError(f"a prompt of {n_prompt} tokens exceeds max_prompt_tokens ({self.config.max_prompt_tokens})")
+        ids = np.asarray(req.prompt_token_ids, dtype=np.int64)  # one C pass, no list of Python ints
+        bad = ids[ids >= vocab.size]
+        if bad.size:
+            raise RowError(f"prompt token ids {bad[:5].tolist()} are outside the vocabulary of {vocab.size}")
+        prompt = ids[-params.repetition_window :].tolist() if params.repetition_window else []
         session = Session(
             session_id=sid,
             tag=next(self._tags),

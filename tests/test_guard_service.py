@@ -95,3 +95,30 @@ def test_a_frame_torn_while_the_sidecar_judges_it_gives_no_verdict(service: Guar
         with pytest.raises(TornFrameError, match="torn"):
             service.step(req)
         assert s.next_step == 0 and s.history == []  # nothing committed
+
+
+def test_a_long_session_keeps_only_the_history_its_samplers_read(service: GuardService) -> None:
+    d = service.register_vocabulary([bytes([i]) for i in range(V)]).digest
+    prompt = list(range(V)) * 30  # 3 000 prompt ids
+    req = pb.OpenSessionRequest(vocab_digest=d, prompt_token_ids=prompt, sampling=pb.SamplingParams(repetition_window=16))
+    s = service.open_session(req)
+    assert s.history == prompt[-16:]
+    stream: list[int] = []
+    tokens = np.random.default_rng(5).integers(0, V, 2000)  # no n-gram loop for the loop guard
+    for step, t in enumerate(tokens):
+        x = np.zeros(V, np.float32)
+        x[t] = 9.0
+        v = service.step(inline(s, step, x))
+        assert v.decision != pb.DECISION_ABORT
+        stream.append(v.token_id)
+        assert len(s.history) <= 2 * 16 + 64
+        assert s.history[-16:] == (prompt + stream)[-16:]  # what the repetition penalty reads
+
+
+def test_a_prompt_over_the_limit_is_refused_naming_it(keys) -> None:
+    svc = GuardService(SidecarConfig(max_prompt_tokens=1000), Signer.from_file(keys.private))
+    d = svc.register_vocabulary([bytes([i]) for i in range(V)]).digest
+    with pytest.raises(RowError, match=r"a prompt of 5000 tokens exceeds max_prompt_tokens \(1000\)") as err:
+        svc.open_session(pb.OpenSessionRequest(vocab_digest=d, prompt_token_ids=[1] * 5000))
+    assert err.value.grpc_code == "INVALID_ARGUMENT"
+    assert svc.open_session(pb.OpenSessionRequest(vocab_digest=d, prompt_token_ids=[1] * 1000)).history == [1] * 64

@@ -36,7 +36,10 @@ class Session:
     params: SamplingParams
     policy: CompiledPolicy
     tokens: Sequence[bytes]  # the registered vocabulary: id -> bytes
-    history: list[int] = field(default_factory=list)  # prompt + committed tokens
+    # The tail of prompt + committed tokens that the samplers read: the repetition
+    # penalty's window. Trimmed as it grows, so a session's memory does not grow with its
+    # length (the loop guard keeps its own bounded window).
+    history: list[int] = field(default_factory=list)
     next_step: int = 0
     ppl_sum: float = 0.0
     generated: int = 0
@@ -56,6 +59,7 @@ class Session:
             self.chain_hash = chain.genesis(self.session_id, self.opening_nonce)
         # In this order: the order of their trips in a verdict.
         pol = self.policy
+        self._trim_history()
         self.evaluators = [TokenGuards(pol.guards)]
         if pol.matcher is not None:
             self.evaluators.append(PolicyRules(pol.matcher, self.tokens))
@@ -111,9 +115,15 @@ class Session:
             for ev in self.evaluators:
                 ev.commit(outcome.proposal)
             self.history.append(outcome.token)
+            self._trim_history()
             self.ppl_sum += outcome.metrics.neg_logprob
             self.generated += 1
         return prev, self.chain_hash
+
+    def _trim_history(self) -> None:
+        keep = self.params.repetition_window
+        if len(self.history) > 2 * keep + 64:  # amortised: cut once in a while, keep the window
+            del self.history[: len(self.history) - keep]
 
     def gate_view(self) -> GateView | None:
         return self.gate.view() if self.gate is not None else None
