@@ -233,6 +233,9 @@ class SidecarConfig(_Strict):
     policies: dict[str, Policy] = Field(default_factory=lambda: {"default": Policy()})
     # Largest vocabulary accepted; bounds memory per registered vocabulary and ring row.
     max_vocab_size: int = Field(default=1 << 20, gt=1)
+    # Registered vocabularies kept; past it the least recently used one that no open
+    # session uses is dropped (a client registers it again when it needs it).
+    max_vocabularies: int = Field(default=16, gt=0)
     max_sessions: int = Field(default=4096, gt=0)
     # Longest prompt an OpenSession may carry (only its last repetition_window ids are kept).
     max_prompt_tokens: int = Field(default=1 << 20, gt=0)

@@ -5,7 +5,7 @@
     │   └── UnknownPolicy      a session asked for a policy that is not configured
     ├── ListenError            the configured address cannot be bound (or is in use)
     ├── SigningKeyError        missing/unreadable/wrong-type key file
-    ├── VocabularyError        unknown or malformed vocabulary
+    ├── VocabularyError        unknown or malformed vocabulary, or too many of them
     ├── RowError               a logits row that cannot be judged (wrong size, dtype)
     ├── SessionError           unknown/duplicate session, step out of order
     │   ├── InvalidSessionId   an id that breaks [A-Za-z0-9._:-]{1,128}
@@ -55,6 +55,10 @@ class VocabularyError(FseError, ValueError):
 
 class UnknownVocabulary(VocabularyError):
     grpc_code = "NOT_FOUND"
+
+
+class TooManyVocabularies(VocabularyError):
+    grpc_code = "RESOURCE_EXHAUSTED"
 
 
 class RowError(FseError, ValueError):

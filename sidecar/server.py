@@ -67,7 +67,7 @@ class GuardServicer(pb_grpc.GuardServiceServicer):
         self, request: pb.RegisterVocabularyRequest, context: grpc.aio.ServicerContext
     ) -> pb.RegisterVocabularyResponse:
         try:
-            v = self.service.register_vocabulary(list(request.tokens))
+            v = self.service.register_vocabulary(request.tokens)  # sized before it is copied
         except FseError as exc:
             await context.abort(_code(exc), str(exc))
         return pb.RegisterVocabularyResponse(vocab_digest=v.digest, vocab_size=v.size)

@@ -12,6 +12,7 @@ import itertools
 import secrets
 import time
 import uuid
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import cast
@@ -31,6 +32,7 @@ from .errors import (
     NotSessionOwner,
     RowError,
     TooManySessions,
+    TooManyVocabularies,
     UnknownPolicy,
     UnknownSession,
     UnknownVocabulary,
@@ -68,21 +70,37 @@ class GuardService:
         # Compiled once here (start-up: a bad rule stops the sidecar before it listens)
         # and swapped whole by :meth:`use_policies` on a reload.
         self.policies = policies if policies is not None else compile_policies(config.policies)
-        self._vocabs: dict[str, Vocabulary] = {}
+        self._vocabs: OrderedDict[str, Vocabulary] = OrderedDict()  # least recently used first
+        self._vocab_users: Counter[str] = Counter()  # open sessions per vocabulary digest
+        self._session_vocab: dict[str, str] = {}
         self._sessions: dict[str, Session] = {}
         self._rings: dict[str, _RingUse] = {}
         self._tags = itertools.count(1)
 
     # -- vocabularies -------------------------------------------------------------------
     def register_vocabulary(self, tokens: Sequence[bytes]) -> Vocabulary:
+        """``tokens`` may be the request's repeated field: its size is checked before any copy."""
         vocab = Vocabulary.build(tokens, self.config.max_vocab_size)
-        return self._vocabs.setdefault(vocab.digest, vocab)
+        if vocab.digest in self._vocabs:
+            self._vocabs.move_to_end(vocab.digest)
+            return self._vocabs[vocab.digest]
+        if len(self._vocabs) >= self.config.max_vocabularies:
+            unused = next((d for d in self._vocabs if not self._vocab_users[d]), None)
+            if unused is None:
+                raise TooManyVocabularies(
+                    f"max_vocabularies ({self.config.max_vocabularies}) are registered and each is used by an open session"
+                )
+            del self._vocabs[unused]
+        self._vocabs[vocab.digest] = vocab
+        return vocab
 
     def vocabulary(self, digest: str) -> Vocabulary:
         try:
-            return self._vocabs[digest]
+            vocab = self._vocabs[digest]
         except KeyError:
             raise UnknownVocabulary(f"vocabulary {digest!r} is not registered; call RegisterVocabulary first") from None
+        self._vocabs.move_to_end(digest)
+        return vocab
 
     # -- sessions -------------------------------------------------------------------------
     @property
@@ -144,6 +162,8 @@ class GuardService:
             use.sessions += 1
             self._rings[req.ring_name] = use
         self._sessions[sid] = session
+        self._session_vocab[sid] = vocab.digest
+        self._vocab_users[vocab.digest] += 1
         return session
 
     def session(self, session_id: str) -> Session:
@@ -168,6 +188,7 @@ class GuardService:
         s = self._sessions.pop(session_id, None)
         if s is None:
             raise UnknownSession(f"session {session_id!r} is not open")
+        self._vocab_users[self._session_vocab.pop(session_id)] -= 1
         if s.ring_name:
             use = self._rings[s.ring_name]
             use.sessions -= 1

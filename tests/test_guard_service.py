@@ -122,3 +122,32 @@ def test_a_prompt_over_the_limit_is_refused_naming_it(keys) -> None:
         svc.open_session(pb.OpenSessionRequest(vocab_digest=d, prompt_token_ids=[1] * 5000))
     assert err.value.grpc_code == "INVALID_ARGUMENT"
     assert svc.open_session(pb.OpenSessionRequest(vocab_digest=d, prompt_token_ids=[1] * 1000)).history == [1] * 64
+
+
+def test_vocabularies_are_bounded_and_the_least_recently_used_unused_one_is_dropped(keys) -> None:
+    from sidecar.errors import TooManyVocabularies
+
+    svc = GuardService(SidecarConfig(max_vocabularies=2, max_vocab_size=1000), Signer.from_file(keys.private))
+    a = svc.register_vocabulary([b"a", b"b"])
+    b = svc.register_vocabulary([b"c", b"d"])
+    s = svc.open_session(pb.OpenSessionRequest(vocab_digest=a.digest))  # a is in use (and recently used)
+    c = svc.register_vocabulary([b"e", b"f"])  # b is dropped: least recently used, unused
+    with pytest.raises(UnknownVocabulary):
+        svc.vocabulary(b.digest)
+    assert svc.vocabulary(a.digest) is a and svc.vocabulary(c.digest) is c
+    svc.open_session(pb.OpenSessionRequest(vocab_digest=c.digest))
+    with pytest.raises(TooManyVocabularies, match=r"max_vocabularies \(2\)") as err:
+        svc.register_vocabulary([b"g", b"h"])  # both in use: refused, nothing dropped
+    assert err.value.grpc_code == "RESOURCE_EXHAUSTED"
+    svc.close_session(s.session_id, s.secret)
+    svc.register_vocabulary([b"g", b"h"])  # a is free again: it goes
+    with pytest.raises(UnknownVocabulary):
+        svc.vocabulary(a.digest)
+
+
+def test_an_oversized_vocabulary_is_refused_from_the_request_field(service: GuardService) -> None:
+    req = pb.RegisterVocabularyRequest(tokens=[b"x"] * 1001)
+    with pytest.raises(VocabularyError, match="exceeds max_vocab_size 1000"):
+        service.register_vocabulary(req.tokens)
+    ok = service.register_vocabulary(pb.RegisterVocabularyRequest(tokens=[bytes([i]) for i in range(V)]).tokens)
+    assert ok.size == V and ok.tokens[7] == b"\x07"
