@@ -29,7 +29,7 @@ from .config import SidecarConfig
 from .core.session import SESSION_ID
 from .errors import ConfigError, FseError, InvalidSessionId, ListenError
 from .reload import PolicyReloader
-from .service import GuardService, reason
+from .service import GuardService, reason, session_opened
 from .signing import Signer
 
 log = logging.getLogger("fse.server")
@@ -81,15 +81,7 @@ class GuardServicer(pb_grpc.GuardServiceServicer):
             await context.abort(_code(exc), str(exc))
         # Session ids at DEBUG only: with the secret they are what steps a session.
         log.debug("session %s opened (tag %d, ring %s)", s.session_id, s.tag, _shown(s.ring_name))
-        return pb.OpenSessionResponse(
-            session_id=s.session_id,
-            session_tag=s.tag,
-            genesis_hash=s.chain_hash,
-            opening_nonce=s.opening_nonce,
-            session_secret=s.secret,
-            key_id=self.service.signer.key_id,
-            policy_digest=s.policy.digest,
-        )
+        return session_opened(s, self.service.signer.key_id)
 
     async def CloseSession(self, request: pb.CloseSessionRequest, context: grpc.aio.ServicerContext) -> pb.CloseSessionResponse:
         try:

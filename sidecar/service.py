@@ -63,6 +63,19 @@ def reason(t: Trip) -> pb.Reason:
     )
 
 
+def session_opened(s: Session, key_id: str) -> pb.OpenSessionResponse:
+    """OpenSession's answer for ``s``: what the engine needs to step and verify it."""
+    return pb.OpenSessionResponse(
+        session_id=s.session_id,
+        session_tag=s.tag,
+        genesis_hash=s.chain_hash,
+        opening_nonce=s.opening_nonce,
+        session_secret=s.secret,
+        key_id=key_id,
+        policy_digest=s.policy.digest,
+    )
+
+
 class GuardService:
     def __init__(self, config: SidecarConfig, signer: Signer, policies: dict[str, CompiledPolicy] | None = None) -> None:
         self.config = config

@@ -15,7 +15,7 @@ from sidecar._pb.fse.v1 import guard_pb2 as pb
 from sidecar._pb.fse.v1 import guard_pb2_grpc as pb_grpc
 from sidecar.config import SidecarConfig
 from sidecar.core import chain
-from sidecar.service import GuardService
+from sidecar.service import GuardService, session_opened
 from sidecar.signing import Signer
 
 
@@ -32,15 +32,7 @@ class TamperingServicer(pb_grpc.GuardServiceServicer):
 
     def OpenSession(self, request, context):
         s = self.service.open_session(request)
-        return pb.OpenSessionResponse(
-            session_id=s.session_id,
-            session_tag=s.tag,
-            genesis_hash=s.chain_hash,
-            opening_nonce=s.opening_nonce,
-            session_secret=s.secret,
-            key_id=self.claimed_key_id,
-            policy_digest=s.policy.digest,
-        )
+        return session_opened(s, self.claimed_key_id)
 
     def CloseSession(self, request, context):
         s = self.service.close_session(request.session_id, request.session_secret)
