@@ -15,7 +15,6 @@ It never returns a token without a valid verdict; after any error the session is
 
 from __future__ import annotations
 
-import contextlib
 import queue
 import threading
 import time
@@ -378,22 +377,21 @@ class GuardedSession:
     def _shutdown(self) -> None:
         self._stream.close()
 
+    def _close_rpc(self, timeout: float) -> pb.CloseSessionResponse | None:
+        try:
+            req = pb.CloseSessionRequest(session_id=self.session_id, session_secret=self._secret)
+            return self.client._stub.CloseSession(req, timeout=timeout)
+        except grpc.RpcError:
+            return None
+
     def _release(self) -> None:
         """Best-effort CloseSession after a fault, with a short deadline: it must not hold
         up the error the caller is about to get."""
-        with contextlib.suppress(grpc.RpcError):
-            req = pb.CloseSessionRequest(session_id=self.session_id, session_secret=self._secret)
-            self.client._stub.CloseSession(req, timeout=min(self.client.rpc_timeout, 1.0))
+        self._close_rpc(min(self.client.rpc_timeout, 1.0))
 
     def close(self) -> pb.CloseSessionResponse | None:
         """End the stream and close the session on the sidecar (best effort once dead)."""
         if self.dead is None:
             self.dead = GuardUnavailable("session closed")
         self._shutdown()
-        try:
-            return self.client._stub.CloseSession(
-                pb.CloseSessionRequest(session_id=self.session_id, session_secret=self._secret),
-                timeout=self.client.rpc_timeout,
-            )
-        except grpc.RpcError:
-            return None
+        return self._close_rpc(self.client.rpc_timeout)

@@ -104,11 +104,11 @@ class GuardServicer(pb_grpc.GuardServiceServicer):
         return self._step(request)
 
     def _step(self, req: pb.StepRequest) -> pb.StepResponse:
-        sid = req.session_id if SESSION_ID.fullmatch(req.session_id) else ""  # echoed back only when well formed
         try:
             _checked_id(req.session_id)
             return pb.StepResponse(verdict=self.service.step(req))
         except FseError as exc:
+            sid = req.session_id if SESSION_ID.fullmatch(req.session_id) else ""  # echoed back only when well formed
             log.debug("step %s/%d refused: %s", _shown(req.session_id), req.step, exc)
             return pb.StepResponse(error=pb.StepError(session_id=sid, step=req.step, code=_code(exc).value[0], message=str(exc)))
 
