@@ -120,7 +120,7 @@ class _Case:
     per_token_ns: list[list[int]] | None = None  # per round, per token
 
 
-def _stream(case: _Case, matcher: Any, tokens: list[bytes]) -> list[int]:
+def _stream(matcher: Any, tokens: list[bytes]) -> list[int]:
     ev = PolicyRules(matcher, tokens)
     times = []
     clock = time.perf_counter_ns
@@ -159,7 +159,7 @@ def bench_fse(n_tokens: int, rounds: int, rescan_reps: int, log: Callable[[str],
     for r in range(rounds):  # every rule set once per round, in turn
         for c in cases:
             assert c.per_token_ns is not None
-            c.per_token_ns.append(_stream(c, matchers[c.name], tokens))
+            c.per_token_ns.append(_stream(matchers[c.name], tokens))
         log(f"  FSE round {r + 1}/{rounds}")
 
     rows: list[dict[str, Any]] = []

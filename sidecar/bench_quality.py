@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from .bench import _table
+from .config import Guard, GuardSet
 from .core.sampling import SamplingParams
 
 CHAT = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
@@ -63,20 +64,10 @@ LOOPS = [  # each loops under greedy decoding, unguarded (distinct-4-gram ratio 
     "Keep saying 'go go go go go'.",
     "Write 'no' 30 times: no no no no",
 ]
+# Every guard of the GuardSet (whatever it holds), the gate, the loop guard and the drift
+# test disabled: the same sampler, unguarded.
 OFF = {
-    "guards": {
-        name: {"enabled": False, "threshold": t}
-        for name, t in (
-            ("running_ppl", 400),
-            ("logit_variance", 0.1),
-            ("l2_norm", 1e4),
-            ("neg_logprob", 6.0),
-            ("entropy", 3.0),
-            ("rank", 100),
-            ("margin", 0.01),
-            ("max_prob", 0.99),
-        )
-    },
+    "guards": {name: {"enabled": False, "threshold": g.threshold} for name, g in GuardSet() if isinstance(g, Guard)},
     "gate": {"enabled": False},
     "loop_guard": {"enabled": False},
     "drift": {"enabled": False},

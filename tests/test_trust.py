@@ -30,24 +30,14 @@ def peaked(top: int) -> np.ndarray:
 
 
 @pytest.fixture
-def debug_sidecar(start_sidecar):
+def debug_sidecar(tmp_path, keys):
     """A sidecar that logs at DEBUG, so that what it logs of client input is all visible."""
-    sc = start_sidecar()
-    cfg = sc.config.read_text()
-    sc.stop()
-    sc.config.write_text(cfg + "log_level: debug\n")
-    import subprocess
-    import sys
+    from sidecar.launch import start_local_sidecar
 
-    with sc.log.open("ab") as out:
-        sc.proc = subprocess.Popen(
-            [sys.executable, "-m", "sidecar", "serve", "--config", str(sc.config)], stdout=out, stderr=subprocess.STDOUT
-        )
-    deadline = time.monotonic() + 30
-    while not sc.socket.exists():
-        assert sc.proc.poll() is None and time.monotonic() < deadline, sc.log_text()
-        time.sleep(0.02)
-    return sc
+    sc = start_local_sidecar(tmp_path, {"log_level": "debug"}, (keys.private, keys.public))
+    sc.wait_started()
+    yield sc
+    sc.stop()
 
 
 def test_another_client_cannot_step_or_close_a_session_it_did_not_open(start_sidecar, keys) -> None:
