@@ -63,6 +63,10 @@ def _bench(args: argparse.Namespace) -> int:
         from .bench_fse import run_fse_bench
 
         return run_fse_bench(args)
+    if args.suite == "ring":
+        from .bench_ring import run_ring_bench
+
+        return run_ring_bench(args)
     if args.suite == "quality":
         from .bench_quality import run_quality_bench
 
@@ -108,9 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
         "suite",
         nargs="?",
         default="all",
-        choices=["all", "fse", "quality"],
+        choices=["all", "fse", "quality", "ring"],
         help="all: transport, metrics, model (default); fse: the streaming matcher against rescanning; "
-        "quality: the default policy on healthy, garbage and looping generations",
+        "quality: the default policy on healthy, garbage and looping generations; "
+        "ring: reading a row by pread against a view of a mapping",
     )
     b.add_argument(
         "--out", type=Path, default=Path("bench-results/bench.json"), help="JSON results file (fse: bench-fse.json beside it)"
@@ -127,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--garbage", type=int, default=8, help="quality: prompts sampled hot (of 16)")
     b.add_argument("--loops", type=int, default=7, help="quality: looping prompts (of 7)")
     b.add_argument("--config", type=Path, help="quality: a sidecar YAML whose 'default' policy is judged")
+    b.add_argument("--ring-rounds", type=int, default=200, help="ring: rounds of each reader in turn")
     b.set_defaults(func=_bench)
     return p
 

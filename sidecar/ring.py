@@ -1,11 +1,17 @@
-"""Shared-memory logits ring (layout: proto/fse/v1/RING.md).
+"""Shared-memory logits ring, layout version 2 (normative text: proto/fse/v1/RING.md).
 
-The engine owns the ring (:class:`RingWriter` creates and unlinks it); the sidecar
-attaches read-only (:class:`RingReader`) and reads rows in place: no copy of the logits
-crosses the process boundary. Each slot carries a seqlock counter: the writer makes it
-odd before writing and even (+2) after, and publishes the even value in its StepRequest.
-A reader that finds any other value, before or after using the row, raises
-:class:`TornFrameError`: a torn or replaced frame is an error, never a guess.
+The engine owns the ring: :class:`RingWriter` creates, maps, writes and unlinks it. The
+sidecar never maps an engine's memory. :class:`RingReader` keeps a read-only descriptor
+and copies each row it judges out with ``pread`` into a buffer of its own, between two
+reads of the slot's seqlock counter. Why a copy and not a view: reading a mapping whose
+file its owner truncated raises SIGBUS and kills the reading process, and with it every
+other engine's session; ``pread`` returns a short read instead, which refuses one step of
+one session. The copy also cannot change while it is judged, so one seqlock check after
+the copy is the whole torn-frame test (``fse-sidecar bench ring`` measures what it costs
+against a view of a mapping).
+
+A reader identifies a ring by the segment (device and inode of its descriptor), never by
+its name: a name the engine re-creates is another ring.
 """
 
 from __future__ import annotations
@@ -25,15 +31,22 @@ import numpy as np
 from .errors import RingError, RingLayoutError, RowError, TornFrameError
 
 MAGIC = b"FSERING\x00"
-LAYOUT_VERSION = 1
-HEADER_SIZE = 128
-SLOT_HEADER = 16  # u64 seq, u32 kind, u32 n_rows
-TAG_SIZE = 16  # u64 session_tag, u64 step
+LAYOUT_VERSION = 2
+HEADER_SIZE = 256
+SLOT_HEAD = 16  # u64 seq, u32 n_rows, u32 reserved
 ALIGN = 64
-KIND_FULL = 1
-KIND_COMPACT = 2  # reserved in layout v1
 
-# dtype code -> (numpy dtype of the stored element, name)
+KIND_FULL = 1
+KIND_COMPACT = 2
+KIND_NAMES = {KIND_FULL: "FULL", KIND_COMPACT: "COMPACT"}
+MOMENTS = ("log_sum_exp", "entropy", "varentropy", "mean", "variance", "l2_norm", "max", "reserved")
+COMPACT_HEAD = 8 * len(MOMENTS)  # f64 moments, then k f32 logits, then k u32 token ids
+
+FLAG_LANE = 1  # slots carry a fast-lane request record and verdict area
+LANE_REQUEST = 64
+LANE_VERDICT_HEAD = 16
+
+# dtype code -> (numpy dtype of a stored FULL-row element, name)
 DTYPES: dict[int, tuple[np.dtype, str]] = {
     1: (np.dtype("<f4"), "f32"),
     2: (np.dtype("<f2"), "f16"),
@@ -41,11 +54,31 @@ DTYPES: dict[int, tuple[np.dtype, str]] = {
 }
 DTYPE_CODES = {name: code for code, (_, name) in DTYPES.items()}
 RING_NAME = re.compile(r"/?[A-Za-z0-9._-]{1,200}")
-_HEADER = struct.Struct("<8sIIIIIIQQI")  # magic ver hdr slots rows vocab dtype stride rows_off pid
+
+# magic ver hdr slots rows vocab dtype topk flags | slot_stride heap_off heap_size lane_off | vcap pid | ring_id
+_HEADER = struct.Struct("<8sIIIIIIIIQQQQII16s")
+DESCRIPTOR = np.dtype(
+    [
+        ("session_tag", "<u8"),
+        ("step", "<u8"),
+        ("kind", "<u4"),
+        ("count", "<u4"),
+        ("offset", "<u8"),
+        ("size", "<u8"),
+        ("reserved", "<u8"),
+    ]
+)
+_DESC = struct.Struct("<QQIIQQQ")
+assert DESCRIPTOR.itemsize == _DESC.size == 48
 
 
 def _align(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def compact_size(k: int) -> int:
+    """Bytes of a COMPACT row's payload holding ``k`` entries."""
+    return COMPACT_HEAD + 8 * k
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +87,10 @@ class RingLayout:
     row_capacity: int
     vocab_size: int
     dtype_code: int
+    topk_capacity: int = 0  # the largest k of a COMPACT row; 0: FULL rows only
+    lane: bool = False
+    verdict_capacity: int = 0  # bytes per row of the lane's verdict area
+    heap_size: int = 0  # 0: room for row_capacity of the largest row
 
     def __post_init__(self) -> None:
         if self.dtype_code not in DTYPES:
@@ -61,48 +98,47 @@ class RingLayout:
         for name in ("slot_count", "row_capacity", "vocab_size"):
             if getattr(self, name) < 1:
                 raise RingLayoutError(f"ring {name} must be >= 1, got {getattr(self, name)}")
+        if self.topk_capacity < 0 or self.topk_capacity > self.vocab_size:
+            raise RingLayoutError(f"ring topk_capacity must be in [0, vocab_size], got {self.topk_capacity}")
+        if self.lane != (self.verdict_capacity > 0) or self.verdict_capacity % 8:
+            raise RingLayoutError("a lane ring needs a verdict_capacity that is a positive multiple of 8 (and only a lane ring)")
+        if self.heap_size == 0:
+            object.__setattr__(self, "heap_size", self.row_capacity * _align(self.max_row_size))
+        if self.heap_size % ALIGN:
+            raise RingLayoutError(f"ring heap_size must be a multiple of {ALIGN}, got {self.heap_size}")
 
     @property
     def itemsize(self) -> int:
         return DTYPES[self.dtype_code][0].itemsize
 
     @property
-    def row_stride(self) -> int:
-        return _align(self.vocab_size * self.itemsize)
+    def full_size(self) -> int:
+        return self.vocab_size * self.itemsize
 
     @property
-    def rows_offset(self) -> int:
-        return _align(SLOT_HEADER + TAG_SIZE * self.row_capacity)
+    def max_row_size(self) -> int:
+        return max(self.full_size, compact_size(self.topk_capacity) if self.topk_capacity else 0)
+
+    @property
+    def heap_offset(self) -> int:
+        return _align(SLOT_HEAD + DESCRIPTOR.itemsize * self.row_capacity)
+
+    @property
+    def lane_offset(self) -> int:
+        return _align(self.heap_offset + self.heap_size) if self.lane else 0
 
     @property
     def slot_stride(self) -> int:
-        return _align(self.rows_offset + self.row_capacity * self.row_stride)
+        if not self.lane:
+            return _align(self.heap_offset + self.heap_size)
+        return _align(self.lane_offset + LANE_REQUEST + LANE_VERDICT_HEAD + self.row_capacity * self.verdict_capacity)
 
     @property
     def total_size(self) -> int:
         return HEADER_SIZE + self.slot_count * self.slot_stride
 
-
-def _slot_views(buf: memoryview, lay: RingLayout) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(seq[slots], n_rows[slots], tags[slots, rows, 2], rows[slots, rows, vocab]) views of ``buf``."""
-    s = lay.slot_stride
-    seq = np.ndarray((lay.slot_count,), dtype="<u8", buffer=buf, offset=HEADER_SIZE, strides=(s,))
-    n_rows = np.ndarray((lay.slot_count,), dtype="<u4", buffer=buf, offset=HEADER_SIZE + 12, strides=(s,))
-    tags = np.ndarray(
-        (lay.slot_count, lay.row_capacity, 2),
-        dtype="<u8",
-        buffer=buf,
-        offset=HEADER_SIZE + SLOT_HEADER,
-        strides=(s, TAG_SIZE, 8),
-    )
-    rows = np.ndarray(
-        (lay.slot_count, lay.row_capacity, lay.vocab_size),
-        dtype=DTYPES[lay.dtype_code][0],
-        buffer=buf,
-        offset=HEADER_SIZE + lay.rows_offset,
-        strides=(s, lay.row_stride, lay.itemsize),
-    )
-    return seq, n_rows, tags, rows
+    def slot_offset(self, slot: int) -> int:
+        return HEADER_SIZE + slot * self.slot_stride
 
 
 class RingWriter:
@@ -116,6 +152,7 @@ class RingWriter:
             raise RingError(f"shared memory {name!r} already exists") from None
         self._shm: shared_memory.SharedMemory | None = shm
         self.name = shm.name
+        self.ring_id = os.urandom(16)
         buf = shm.buf
         assert buf is not None  # a fresh mapping
         buf[:HEADER_SIZE] = bytes(HEADER_SIZE)
@@ -129,23 +166,54 @@ class RingWriter:
             layout.row_capacity,
             layout.vocab_size,
             layout.dtype_code,
+            layout.topk_capacity,
+            FLAG_LANE if layout.lane else 0,
             layout.slot_stride,
-            layout.rows_offset,
+            layout.heap_offset,
+            layout.heap_size,
+            layout.lane_offset,
+            layout.verdict_capacity,
             os.getpid(),
+            self.ring_id,
         )
-        self._seq, self._n_rows, self._tags, self._rows = _slot_views(buf, layout)
-        self._kind = np.ndarray(
-            (layout.slot_count,), dtype="<u4", buffer=buf, offset=HEADER_SIZE + 8, strides=(layout.slot_stride,)
+        s = layout.slot_stride
+        self._seq = np.ndarray((layout.slot_count,), dtype="<u8", buffer=buf, offset=HEADER_SIZE, strides=(s,))
+        self._n_rows = np.ndarray((layout.slot_count,), dtype="<u4", buffer=buf, offset=HEADER_SIZE + 8, strides=(s,))
+        self._desc = np.ndarray(
+            (layout.slot_count, layout.row_capacity),
+            dtype=DESCRIPTOR,
+            buffer=buf,
+            offset=HEADER_SIZE + SLOT_HEAD,
+            strides=(s, DESCRIPTOR.itemsize),
+        )
+        self._heap = np.ndarray(
+            (layout.slot_count, layout.heap_size),
+            dtype=np.uint8,
+            buffer=buf,
+            offset=HEADER_SIZE + layout.heap_offset,
+            strides=(s, 1),
         )
         self._free = list(range(layout.slot_count - 1, -1, -1))
 
     @classmethod
-    def create(cls, name: str | None = None, *, slots: int = 4, rows: int = 1, vocab_size: int, dtype: str = "f32") -> RingWriter:
+    def create(
+        cls,
+        name: str | None = None,
+        *,
+        slots: int = 4,
+        rows: int = 1,
+        vocab_size: int,
+        dtype: str = "f32",
+        topk: int = 0,
+        verdict_capacity: int = 0,
+    ) -> RingWriter:
+        """A new ring; ``topk`` > 0 makes room for COMPACT rows, ``verdict_capacity`` > 0 for the fast lane."""
         if dtype not in DTYPE_CODES:
             raise RingLayoutError(f"ring dtype must be one of {sorted(DTYPE_CODES)}, got {dtype!r}")
         if name is None:
             name = f"fse-ring-{os.getpid()}-{os.urandom(4).hex()}"
-        return cls(name, RingLayout(slots, rows, vocab_size, DTYPE_CODES[dtype]))
+        lay = RingLayout(slots, rows, vocab_size, DTYPE_CODES[dtype], topk, verdict_capacity > 0, verdict_capacity)
+        return cls(name, lay)
 
     def acquire(self) -> int:
         """A slot with no frame in flight; release it once its verdicts are back."""
@@ -160,7 +228,7 @@ class RingWriter:
 
     @contextlib.contextmanager
     def frame(self, slot: int) -> Iterator[FrameWriter]:
-        """Write one FULL frame into ``slot``; the seqlock is odd for the duration.
+        """Write one frame into ``slot``; the seqlock is odd for the duration.
 
         Yields a :class:`FrameWriter`; after the block, ``.seq`` holds the even value to
         publish. If the block raises, the slot is left odd (torn), which readers detect.
@@ -171,7 +239,6 @@ class RingWriter:
         self._seq[slot] = seq + 1
         fw = FrameWriter(self, slot)
         yield fw
-        self._kind[slot] = KIND_FULL
         self._n_rows[slot] = fw.n_rows
         self._seq[slot] = seq + 2
         fw.seq = seq + 2
@@ -184,7 +251,7 @@ class RingWriter:
         shm = getattr(self, "_shm", None)
         if shm is None:
             return
-        del self._seq, self._n_rows, self._tags, self._rows, self._kind
+        del self._seq, self._n_rows, self._desc, self._heap
         self._shm = None
         shm.close()
         with contextlib.suppress(FileNotFoundError):
@@ -198,42 +265,76 @@ class RingWriter:
 
 
 class FrameWriter:
+    """Rows of one frame, each placed at the next 64-byte boundary of the slot's heap."""
+
     def __init__(self, ring: RingWriter, slot: int) -> None:
         self._ring = ring
         self.slot = slot
         self.n_rows = 0
         self.seq = -1
+        self._used = 0
 
-    def write_row(self, session_tag: int, step: int, logits: np.ndarray) -> int:
-        """Copy one logits row (any strides, converted to the ring dtype); returns its row index."""
-        lay = self._ring.layout
+    def _place(self, session_tag: int, step: int, kind: int, count: int, size: int) -> tuple[int, np.ndarray]:
+        ring, lay = self._ring, self._ring.layout
         if self.n_rows >= lay.row_capacity:
             raise RingError(f"frame already holds {lay.row_capacity} rows (the ring's row capacity)")
+        off = _align(self._used)
+        if off + size > lay.heap_size:
+            raise RingError(
+                f"a {size}-byte row does not fit the slot's heap ({lay.heap_size - off} of {lay.heap_size} bytes left)"
+            )
+        r = self.n_rows
+        ring._desc[self.slot, r] = (session_tag, step, kind, count, off, size, 0)
+        self._used = off + size
+        self.n_rows = r + 1
+        return r, ring._heap[self.slot, off : off + size]
+
+    def write_row(self, session_tag: int, step: int, logits: np.ndarray) -> int:
+        """One FULL row (any strides, converted to the ring dtype); returns its row index."""
+        lay = self._ring.layout
         x = np.asarray(logits)
         if x.shape != (lay.vocab_size,):
             raise RowError(f"logits row has shape {x.shape}, the ring holds rows of {lay.vocab_size}")
-        r = self.n_rows
-        dst = self._ring._rows[self.slot, r]
+        r, dst_bytes = self._place(session_tag, step, KIND_FULL, lay.vocab_size, lay.full_size)
+        dst = dst_bytes.view(DTYPES[lay.dtype_code][0])
         if lay.dtype_code == 3:  # bf16: keep the top 16 bits of f32 (round to nearest even)
             u = x.astype(np.float32).view(np.uint32)
             dst[...] = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
         else:
             np.copyto(dst, x, casting="same_kind")
-        self._ring._tags[self.slot, r] = (session_tag, step)
-        self.n_rows = r + 1
+        return r
+
+    def write_compact(self, session_tag: int, step: int, moments: np.ndarray, top_logits: np.ndarray, top_ids: np.ndarray) -> int:
+        """One COMPACT row: the full-vocabulary ``moments`` (in :data:`MOMENTS` order) and the
+        top-k logits, highest first, with their token ids; returns its row index."""
+        lay = self._ring.layout
+        m = np.asarray(moments, dtype="<f8")
+        vals = np.asarray(top_logits, dtype="<f4")
+        ids = np.asarray(top_ids, dtype="<u4")
+        k = vals.shape[0]
+        if m.shape != (len(MOMENTS),) or vals.shape != (k,) or ids.shape != (k,):
+            raise RowError(f"a COMPACT row needs {len(MOMENTS)} moments and k logits with k ids")
+        if not 1 <= k <= lay.topk_capacity:
+            raise RowError(f"a COMPACT row holds 1..{lay.topk_capacity} entries (the ring's topk_capacity), got {k}")
+        r, dst = self._place(session_tag, step, KIND_COMPACT, k, compact_size(k))
+        dst[:COMPACT_HEAD] = m.view(np.uint8)
+        dst[COMPACT_HEAD : COMPACT_HEAD + 4 * k] = vals.view(np.uint8)
+        dst[COMPACT_HEAD + 4 * k :] = ids.view(np.uint8)
         return r
 
 
 class RingReader:
-    """Sidecar side: attaches to an existing ring by name and reads rows in place."""
+    """Sidecar side: a read-only descriptor on an engine's ring; rows are copied out with pread.
+
+    :meth:`row` returns a view of this reader's own buffer, valid until its next call.
+    """
 
     def __init__(self, name: str) -> None:
         if not RING_NAME.fullmatch(name):
             raise RingLayoutError(f"ring name {name!r} must match {RING_NAME.pattern}")
         # Not multiprocessing's SharedMemory: on Python < 3.13 it registers the segment with
-        # the resource tracker (which unlinks it when this process exits, SIGKILL included),
-        # unlinks it itself when mmap fails, and raises a bare ValueError on an empty one.
-        # The sidecar never owns a ring: open it read-only, check the size, map it read-only.
+        # the resource tracker (which unlinks it when this process exits, SIGKILL included)
+        # and unlinks it itself when mmap fails. The sidecar never owns a ring.
         shm_name = name if name.startswith("/") else "/" + name
         try:
             fd = _posixshmem.shm_open(shm_name, os.O_RDONLY, 0)
@@ -241,90 +342,125 @@ class RingReader:
             raise RingError(f"no shared-memory ring named {name!r} (is the engine's ring in the same /dev/shm?)") from None
         except OSError as exc:
             raise RingError(f"cannot open shared-memory ring {name!r}: {exc.strerror}") from None
-        try:
-            size = os.fstat(fd).st_size
-            if size < HEADER_SIZE:
-                raise RingLayoutError(f"ring {name!r} holds {size} bytes, less than the {HEADER_SIZE}-byte ring header")
-            try:
-                self._map: mmap.mmap | None = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
-            except OSError as exc:
-                raise RingError(f"cannot map shared-memory ring {name!r}: {exc.strerror}") from None
-        finally:
-            os.close(fd)  # the mapping keeps the segment; the engine unlinks it
+        self._fd: int | None = fd
         self.name = name
-        buf = memoryview(self._map)
         try:
-            self.layout, _owner = self._parse_header(buf, size)
-        except RingLayoutError:
-            buf.release()
+            st = os.fstat(fd)
+            self.identity = (st.st_dev, st.st_ino)
+            header = bytearray(HEADER_SIZE)
+            if st.st_size < HEADER_SIZE or self._pread(memoryview(header), 0) < HEADER_SIZE:
+                raise RingLayoutError(f"ring {name!r} holds {st.st_size} bytes, less than the {HEADER_SIZE}-byte ring header")
+            self.layout = self._parse_header(header, st.st_size)
+        except BaseException:
             self.close()
             raise
-        self._seq, self._n_rows, self._tags, self._rows = _slot_views(buf, self.layout)
+        lay = self.layout
+        self._head = bytearray(SLOT_HEAD + DESCRIPTOR.itemsize * lay.row_capacity)
+        self._seq_now = bytearray(8)
+        self._raw = np.empty(lay.full_size, dtype=np.uint8)
+        self._raw_view = self._raw.data
+        self._wide = np.empty(lay.vocab_size, dtype=np.uint32)  # f16/bf16 widened to f32 bits
 
     @staticmethod
-    def _parse_header(buf: memoryview, size: int) -> tuple[RingLayout, int]:
-        if size < HEADER_SIZE:
-            raise RingLayoutError(f"segment of {size} bytes is smaller than the {HEADER_SIZE}-byte ring header")
-        magic, ver, hdr, slots, rows, vocab, dtype, stride, rows_off, pid = _HEADER.unpack_from(buf, 0)
+    def _parse_header(buf: bytearray, size: int) -> RingLayout:
+        (magic, ver, hdr, slots, rows, vocab, dtype, topk, flags, stride, heap_off, heap_size, lane_off, vcap, _pid, _id) = (
+            _HEADER.unpack_from(buf, 0)
+        )
         if magic != MAGIC:  # someone else's segment: say nothing of what it holds
             raise RingLayoutError(f"the segment is not an fse ring (no {MAGIC!r} magic)")
         if ver != LAYOUT_VERSION:
             raise RingLayoutError(f"ring layout version {ver} is not supported (this sidecar reads {LAYOUT_VERSION})")
         if hdr != HEADER_SIZE:
             raise RingLayoutError(f"ring header size {hdr}, expected {HEADER_SIZE}")
-        lay = RingLayout(slots, rows, vocab, dtype)
-        if stride != lay.slot_stride or rows_off != lay.rows_offset:
-            raise RingLayoutError(
-                f"ring slot stride/rows offset {stride}/{rows_off} disagree with the layout ({lay.slot_stride}/{lay.rows_offset})"
-            )
+        if flags & ~FLAG_LANE:
+            raise RingLayoutError(f"ring flags {flags:#x} hold bits this sidecar does not know")
+        lay = RingLayout(slots, rows, vocab, dtype, topk, bool(flags & FLAG_LANE), vcap, heap_size)
+        got = (stride, heap_off, lane_off)
+        want = (lay.slot_stride, lay.heap_offset, lay.lane_offset)
+        if got != want:
+            raise RingLayoutError(f"ring slot stride/heap offset/lane offset {got} disagree with the layout {want}")
         if size < lay.total_size:
             raise RingLayoutError(f"segment of {size} bytes is smaller than the layout's {lay.total_size}")
-        return lay, pid
+        return lay
+
+    def _pread(self, buf: memoryview, offset: int) -> int:
+        assert self._fd is not None, "reader is closed"
+        try:
+            return os.preadv(self._fd, [buf], offset)
+        except OSError as exc:
+            raise RingError(f"ring {self.name}: read failed: {exc.strerror}") from None
+
+    def _read_exact(self, buf: memoryview, offset: int) -> None:
+        want = buf.nbytes
+        got = self._pread(buf, offset)
+        if got != want:
+            # The engine truncated or replaced its ring under an open session.
+            raise RingError(f"ring {self.name} was truncated: {got} of {want} bytes at offset {offset} could be read")
+
+    def _check_seq(self, slot: int, seq: int, now: int) -> None:
+        if now != seq:
+            state = "being written (odd seqlock)" if now % 2 else "replaced by a newer frame"
+            raise TornFrameError(f"ring {self.name} slot {slot}: frame {seq} is torn: the slot is {state} (seq={now})")
 
     def row(self, slot: int, row: int, seq: int, session_tag: int, step: int) -> np.ndarray:
-        """The row's logits as float32 (a zero-copy view for f32 rings).
+        """A copy of the row's logits as float32, taken whole under the published ``seq``.
 
-        Raises TornFrameError if the frame is not the published ``seq``; call
-        :meth:`validate` after using a zero-copy view, before trusting what was computed.
+        Raises TornFrameError if the frame was not ``seq`` before or after the copy.
         """
         lay = self.layout
         if not 0 <= slot < lay.slot_count:
             raise RowError(f"slot {slot} is out of range: ring {self.name} has {lay.slot_count} slots")
+        if not 0 <= row < lay.row_capacity:
+            raise RowError(f"row {row} is out of range: ring {self.name} holds {lay.row_capacity} rows per frame")
         if seq % 2 or seq == 0:
             raise RowError(f"published seq {seq} must be even and non-zero")
-        self.validate(slot, seq)
-        n = int(self._n_rows[slot])
-        if not 0 <= row < min(n, lay.row_capacity):
+        base = lay.slot_offset(slot)
+        head = memoryview(self._head)[: SLOT_HEAD + DESCRIPTOR.itemsize * (row + 1)]
+        self._read_exact(head, base)
+        now, n = struct.unpack_from("<QI", head)
+        self._check_seq(slot, seq, now)  # not being written, not replaced
+        if row >= n:
             raise RowError(f"row {row} is out of range: slot {slot} holds {n} rows")
-        tag, tstep = (int(t) for t in self._tags[slot, row])
+        tag, tstep, kind, count, off, size, _ = _DESC.unpack_from(head, SLOT_HEAD + DESCRIPTOR.itemsize * row)
         if tag != session_tag or tstep != step:
             raise RowError(
                 f"slot {slot} row {row} is tagged (session_tag={tag}, step={tstep}), "
                 f"the request is for (session_tag={session_tag}, step={step})"
             )
-        x = self._rows[slot, row]
+        if kind != KIND_FULL:
+            what = f"{KIND_NAMES[kind]} rows are" if kind in KIND_NAMES else f"row kind {kind} is"
+            raise RowError(f"slot {slot} row {row}: {what} not implemented by this sidecar")
+        if count != lay.vocab_size or size != lay.full_size or off + size > lay.heap_size:
+            raise RowError(
+                f"slot {slot} row {row}: a FULL row of {count} logits, {size} bytes at heap offset {off}, breaks the layout"
+            )
+        raw = self._raw
+        self._read_exact(self._raw_view, base + lay.heap_offset + off)
+        self._read_exact(memoryview(self._seq_now), base)
+        self._check_seq(slot, seq, int.from_bytes(self._seq_now, "little"))  # whole, or refused
         if lay.dtype_code == 1:
-            out = x
-        elif lay.dtype_code == 2:
-            out = x.astype(np.float32)
+            return raw.view(np.float32)
+        wide = self._wide
+        if lay.dtype_code == 2:
+            np.copyto(wide.view(np.float32), raw.view(np.float16))
         else:
-            out = (x.astype(np.uint32) << 16).view(np.float32)
-        if lay.dtype_code != 1:
-            self.validate(slot, seq)  # the copy is ours now; make sure it was whole
-        return out
-
-    def validate(self, slot: int, seq: int) -> None:
-        now = int(self._seq[slot])
-        if now != seq:
-            state = "being written (odd seqlock)" if now % 2 else "replaced by a newer frame"
-            raise TornFrameError(f"ring {self.name} slot {slot}: frame {seq} is torn: the slot is {state} (seq={now})")
+            np.copyto(wide, raw.view(np.uint16))
+            np.left_shift(wide, 16, out=wide)
+        return wide.view(np.float32)
 
     def close(self) -> None:
-        m = getattr(self, "_map", None)
-        if m is None:
-            return
-        for view in ("_seq", "_n_rows", "_tags", "_rows"):
-            self.__dict__.pop(view, None)
-        self._map = None
-        with contextlib.suppress(BufferError):
-            m.close()
+        fd, self._fd = getattr(self, "_fd", None), None
+        if fd is not None:
+            os.close(fd)  # the engine unlinks the ring; this only lets go of it
+
+
+def mapped_view(name: str) -> tuple[mmap.mmap, RingLayout]:
+    """A read-only mapping of a ring and its layout: what the reader did before layout 2,
+    kept for ``fse-sidecar bench ring`` to measure the copy against."""
+    fd = _posixshmem.shm_open(name if name.startswith("/") else "/" + name, os.O_RDONLY, 0)
+    try:
+        size = os.fstat(fd).st_size
+        m = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+    finally:
+        os.close(fd)
+    return m, RingReader._parse_header(bytearray(m[:HEADER_SIZE]), size)

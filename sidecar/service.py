@@ -87,7 +87,8 @@ class GuardService:
         self._vocab_users: Counter[str] = Counter()  # open sessions per vocabulary digest
         self._session_vocab: dict[str, str] = {}
         self._sessions: dict[str, Session] = {}
-        self._rings: dict[str, _RingUse] = {}
+        self._rings: dict[tuple[int, int], _RingUse] = {}  # by the segment (dev, inode), not its name
+        self._session_ring: dict[str, tuple[int, int]] = {}
         self._tags = itertools.count(1)
 
     # -- vocabularies -------------------------------------------------------------------
@@ -162,9 +163,14 @@ class GuardService:
             secret=secrets.token_bytes(32),
         )
         if req.ring_name:
-            use = self._rings.get(req.ring_name)
+            # Opened anew each time: a name the engine re-created is another segment, and
+            # the session must read the one the name means now (issue 8, item 5).
+            reader = RingReader(req.ring_name)
+            use = self._rings.get(reader.identity)
             if use is None:
-                use = _RingUse(RingReader(req.ring_name))
+                use = _RingUse(reader)
+            else:
+                reader.close()
             if use.reader.layout.vocab_size != vocab.size:
                 if use.sessions == 0:
                     use.reader.close()
@@ -173,7 +179,8 @@ class GuardService:
                     f"the vocabulary has {vocab.size} tokens"
                 )
             use.sessions += 1
-            self._rings[req.ring_name] = use
+            self._rings[use.reader.identity] = use
+            self._session_ring[sid] = use.reader.identity
         self._sessions[sid] = session
         self._session_vocab[sid] = vocab.digest
         self._vocab_users[vocab.digest] += 1
@@ -202,11 +209,12 @@ class GuardService:
         if s is None:
             raise UnknownSession(f"session {session_id!r} is not open")
         self._vocab_users[self._session_vocab.pop(session_id)] -= 1
-        if s.ring_name:
-            use = self._rings[s.ring_name]
+        ring = self._session_ring.pop(session_id, None)
+        if ring is not None:
+            use = self._rings[ring]
             use.sessions -= 1
             if use.sessions == 0:
-                del self._rings[s.ring_name]
+                del self._rings[ring]
                 use.reader.close()
         return s
 
@@ -236,13 +244,12 @@ class GuardService:
         s.check_step(req.step)
         which = req.WhichOneof("logits")
         if which == "ring":
-            if not s.ring_name:
+            ring = self._session_ring.get(s.session_id)
+            if ring is None:
                 raise RowError(f"session {s.session_id} was opened without a ring; send inline logits")
-            reader = self._rings[s.ring_name].reader
             ref = req.ring
-            row = reader.row(ref.slot, ref.row, ref.seq, s.tag, req.step)
+            row = self._rings[ring].reader.row(ref.slot, ref.row, ref.seq, s.tag, req.step)  # a whole copy, or refused
             outcome = s.judge(row, req.step)
-            reader.validate(ref.slot, ref.seq)  # judged a zero-copy view: was it whole?
         elif which == "inline":
             dt = _INLINE_DTYPES.get(req.inline.dtype)
             if dt is None:

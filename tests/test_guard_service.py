@@ -66,13 +66,14 @@ def test_idle_sessions_are_reaped_and_release_their_slot(keys) -> None:
     svc.open_session(pb.OpenSessionRequest(vocab_digest=d))  # the slot is free again
 
 
-@pytest.mark.parametrize("dtype", ["f32", "f16"])
-def test_a_frame_torn_while_the_sidecar_judges_it_gives_no_verdict(service: GuardService, monkeypatch, dtype: str) -> None:
-    """The engine rewrites the slot after the sidecar read the row and before its verdict:
-    the seqlock re-validation must refuse the step, and nothing is committed."""
+@pytest.mark.parametrize("dtype", ["f32", "f16", "bf16"])
+def test_a_frame_torn_while_the_sidecar_copies_it_gives_no_verdict(service: GuardService, monkeypatch, dtype: str) -> None:
+    """The engine starts the next frame in the slot just after the sidecar copied the row:
+    the seqlock check after the copy refuses the step, and nothing is committed. A frame
+    rewritten later, while the copy is being judged, changes nothing: the copy is judged."""
     from sidecar.core.session import Session
     from sidecar.errors import TornFrameError
-    from sidecar.ring import RingWriter
+    from sidecar.ring import RingReader, RingWriter
 
     d = service.register_vocabulary([bytes([i]) for i in range(V)]).digest
     with RingWriter.create(slots=1, vocab_size=V, dtype=dtype) as ring:
@@ -81,20 +82,36 @@ def test_a_frame_torn_while_the_sidecar_judges_it_gives_no_verdict(service: Guar
         x[7] = 9.0
         with ring.frame(0) as f:
             row = f.write_row(s.tag, 0, x)
-        judge = Session.judge
-
-        def judge_then_tear(self, *args, **kwargs):
-            out = judge(self, *args, **kwargs)
-            ring.begin_raw(0)  # the engine starts the next frame in this slot: odd seqlock
-            return out
-
-        monkeypatch.setattr(Session, "judge", judge_then_tear)
         req = pb.StepRequest(
             session_id=s.session_id, session_secret=s.secret, step=0, ring=pb.RingRef(slot=0, row=row, seq=f.seq)
         )
-        with pytest.raises(TornFrameError, match="torn"):
-            service.step(req)
+        read = RingReader._read_exact
+        reads: list[int] = []
+
+        def read_then_tear(self, buf, offset):
+            read(self, buf, offset)
+            reads.append(offset)
+            if len(reads) == 2:  # the slot head, then the logits: the engine strikes now
+                ring.begin_raw(0)
+
+        with monkeypatch.context() as m:
+            m.setattr(RingReader, "_read_exact", read_then_tear)
+            with pytest.raises(TornFrameError, match="torn"):
+                service.step(req)
         assert s.next_step == 0 and s.history == []  # nothing committed
+
+        with ring.frame(0) as f:
+            row = f.write_row(s.tag, 0, x)
+        judge = Session.judge
+
+        def judge_then_rewrite(self, *args, **kwargs):
+            with ring.frame(0) as g:  # under the judge: the sidecar's copy does not change
+                g.write_row(s.tag, 0, -x)
+            return judge(self, *args, **kwargs)
+
+        monkeypatch.setattr(Session, "judge", judge_then_rewrite)
+        req.ring.seq = f.seq
+        assert service.step(req).token_id == 7
 
 
 def test_a_long_session_keeps_only_the_history_its_samplers_read(service: GuardService) -> None:

@@ -64,10 +64,22 @@ MUTANTS = [
         ("tests/test_trust.py::test_a_verdict_from_an_earlier_opening_of_the_same_id_does_not_link",),
     ),
     Mutant(
-        "sidecar-does-not-revalidate-the-seqlock-after-judging",
-        "sidecar/service.py",
-        (("            reader.validate(ref.slot, ref.seq)  # judged a zero-copy view: was it whole?\n", ""),),
-        ("tests/test_guard_service.py::test_a_frame_torn_while_the_sidecar_judges_it_gives_no_verdict",),
+        "sidecar-does-not-check-the-seqlock-after-copying-a-row",
+        "sidecar/ring.py",
+        (('        self._check_seq(slot, seq, int.from_bytes(self._seq_now, "little"))  # whole, or refused\n', ""),),
+        ("tests/test_guard_service.py::test_a_frame_torn_while_the_sidecar_copies_it_gives_no_verdict",),
+    ),
+    Mutant(
+        "sidecar-does-not-check-the-seqlock-before-copying-a-row",
+        "sidecar/ring.py",
+        (("        self._check_seq(slot, seq, now)  # not being written, not replaced\n", ""),),
+        ("tests/test_ring.py::test_a_frame_published_before_it_was_whole_is_refused",),
+    ),
+    Mutant(
+        "sidecar-reads-rows-of-a-kind-it-does-not-implement",
+        "sidecar/ring.py",
+        (("        if kind != KIND_FULL:", "        if False:"),),
+        ("tests/test_ring.py::test_a_compact_row_is_refused_until_compact_frames_are_implemented",),
     ),
     Mutant(
         "sidecar-does-not-check-the-session-owner",

@@ -1,13 +1,14 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 from multiprocessing import shared_memory
 
 import numpy as np
 import pytest
 
 from sidecar.errors import RingError, RingLayoutError, RowError, TornFrameError
-from sidecar.ring import RingReader, RingWriter
+from sidecar.ring import RingLayout, RingReader, RingWriter
 
 
 @pytest.fixture
@@ -16,7 +17,7 @@ def ring():
         yield w
 
 
-def test_rows_round_trip_zero_copy(ring: RingWriter) -> None:
+def test_rows_round_trip_as_copies_the_engine_cannot_change(ring: RingWriter) -> None:
     x = np.random.default_rng(0).standard_normal((3, 1000)).astype(np.float32)
     slot = ring.acquire()
     with ring.frame(slot) as f:
@@ -26,10 +27,10 @@ def test_rows_round_trip_zero_copy(ring: RingWriter) -> None:
         for i, r in enumerate(rows):
             got = reader.row(slot, r, f.seq, 7 + i, 40 + i)
             np.testing.assert_array_equal(got, x[i])
-            assert not got.flags.owndata  # a view into shared memory, not a copy
-        reader.validate(slot, f.seq)
+        with ring.frame(slot) as g:  # the engine rewrites the slot: the sidecar's copy stays
+            g.write_row(7, 41, np.zeros(1000, np.float32))
+        np.testing.assert_array_equal(got, x[2])
     finally:
-        del got
         reader.close()
 
 
@@ -67,16 +68,55 @@ def test_frame_left_half_written_is_detected_as_torn(ring: RingWriter) -> None:
     reader.close()
 
 
-def test_frame_replaced_while_being_read_is_detected(ring: RingWriter) -> None:
-    with ring.frame(0) as f:
-        f.write_row(1, 0, np.ones(1000, np.float32))
+def _tear_after_the_copy(reader: RingReader, monkeypatch, tear) -> None:
+    """Run ``tear`` right after the reader copies a row's logits (the third read of a step)."""
+    read = reader._read_exact
+    calls = []
+
+    def read_then_tear(buf, offset):
+        read(buf, offset)
+        calls.append(offset)
+        if len(calls) == 2:  # head + descriptors, then the logits: the engine strikes now
+            tear()
+
+    monkeypatch.setattr(reader, "_read_exact", read_then_tear)
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16", "bf16"])
+@pytest.mark.parametrize("how", ["replaced", "being written"])
+def test_frame_rewritten_while_it_is_copied_is_refused(monkeypatch, dtype: str, how: str) -> None:
+    with RingWriter.create(slots=1, vocab_size=1000, dtype=dtype) as w:
+        with w.frame(0) as f:
+            f.write_row(1, 0, np.ones(1000, np.float32))
+        reader = RingReader(w.name)
+
+        def tear() -> None:
+            if how == "replaced":
+                with w.frame(0) as g:
+                    g.write_row(1, 0, np.zeros(1000, np.float32))
+            else:
+                w.begin_raw(0)
+
+        _tear_after_the_copy(reader, monkeypatch, tear)
+        want = "replaced by a newer frame" if how == "replaced" else "being written"
+        with pytest.raises(TornFrameError, match=want):
+            reader.row(0, 0, f.seq, 1, 0)
+        reader.close()
+
+
+def test_a_frame_published_before_it_was_whole_is_refused(ring: RingWriter, monkeypatch) -> None:
+    """An engine that sends a step for a frame it is still writing: the slot's counter is
+    odd when the copy starts and reaches the published value only after it."""
+    frame = ring.frame(0)
+    f = frame.__enter__()
+    f.write_row(1, 0, np.ones(1000, np.float32))
+    published = int(ring._seq[0]) + 1
     reader = RingReader(ring.name)
-    view = reader.row(0, 0, f.seq, 1, 0)
-    with ring.frame(0) as f2:  # the writer reuses the slot under the reader
-        f2.write_row(1, 1, np.zeros(1000, np.float32))
-    with pytest.raises(TornFrameError, match="replaced by a newer frame"):
-        reader.validate(0, f.seq)
-    del view
+    _tear_after_the_copy(reader, monkeypatch, lambda: frame.__exit__(None, None, None))
+    with pytest.raises(TornFrameError, match="being written"):
+        reader.row(0, 0, published, 1, 0)
+    if int(ring._seq[0]) % 2:
+        frame.__exit__(None, None, None)  # refused before the copy: finish the frame now
     reader.close()
 
 
@@ -158,3 +198,90 @@ def test_another_process_writes_and_this_one_reads() -> None:
         p.join(30)
     with pytest.raises(RingError):
         RingReader(name)  # the owner unlinked it
+
+
+@pytest.mark.parametrize("size", [0, 100, 300, 4096])
+def test_a_ring_truncated_under_the_reader_is_refused_not_read_past_its_end(size: int) -> None:
+    with RingWriter.create(slots=2, vocab_size=1000) as w:
+        with w.frame(1) as f:
+            f.write_row(1, 0, np.ones(1000, np.float32))
+        reader = RingReader(w.name)
+        os.truncate(f"/dev/shm/{w.name.lstrip('/')}", size)  # a mapping would SIGBUS here
+        with pytest.raises(RingError, match="truncated"):
+            reader.row(1, 0, f.seq, 1, 0)
+        reader.close()
+
+
+def test_a_compact_row_is_refused_until_compact_frames_are_implemented() -> None:
+    with RingWriter.create(slots=1, rows=2, vocab_size=1000, topk=8) as w:
+        with w.frame(0) as f:
+            f.write_compact(1, 0, np.zeros(8), np.arange(8, 0, -1), np.arange(8))
+            f.write_row(1, 0, np.ones(1000, np.float32))
+        reader = RingReader(w.name)
+        with pytest.raises(RowError, match="COMPACT rows are not implemented"):
+            reader.row(0, 0, f.seq, 1, 0)
+        np.testing.assert_array_equal(reader.row(0, 1, f.seq, 1, 0), np.ones(1000, np.float32))  # mixed frame
+        w._desc[0, 1]["kind"] = 7
+        with pytest.raises(RowError, match="row kind 7 is not implemented"):
+            reader.row(0, 1, f.seq, 1, 0)
+        reader.close()
+
+
+def test_a_row_descriptor_pointing_outside_the_heap_is_refused(ring: RingWriter) -> None:
+    with ring.frame(0) as f:
+        f.write_row(1, 0, np.ones(1000, np.float32))
+    ring._desc[0, 0]["offset"] = ring.layout.heap_size - 64
+    reader = RingReader(ring.name)
+    with pytest.raises(RowError, match="breaks the layout"):
+        reader.row(0, 0, f.seq, 1, 0)
+    reader.close()
+
+
+@pytest.mark.parametrize(
+    ("offset", "value", "match"),
+    [(8, 1, "layout version 1 is not supported"), (36, 6, "flags 0x6"), (40, 64, "disagree with the layout")],
+)
+def test_a_header_this_reader_does_not_implement_is_refused(offset: int, value: int, match: str) -> None:
+    with RingWriter.create(slots=1, vocab_size=1000) as w:
+        buf = w._shm.buf
+        width = 8 if offset == 40 else 4
+        buf[offset : offset + width] = value.to_bytes(width, "little")
+        with pytest.raises(RingLayoutError, match=match):
+            RingReader(w.name)
+
+
+def test_a_re_created_name_is_another_ring() -> None:
+    name = f"fse-test-reuse-{os.getpid()}"
+    with RingWriter.create(name, slots=1, vocab_size=10) as first:
+        a = RingReader(name)
+        shared_memory.SharedMemory(name=name).unlink()  # the engine drops the name, keeps its mapping
+        with RingWriter.create(name, slots=1, vocab_size=10):
+            b = RingReader(name)
+            assert a.identity != b.identity
+            b.close()
+        a.close()
+        first._shm = None  # already unlinked
+
+
+def test_lane_and_compact_room_are_laid_out_as_documented() -> None:
+    lay = RingLayout(
+        slot_count=2, row_capacity=3, vocab_size=1000, dtype_code=2, topk_capacity=600, lane=True, verdict_capacity=512
+    )
+    assert lay.heap_offset == 192  # align(16 + 3 * 48)
+    assert lay.heap_size == 3 * 4864  # 3 x align(max(2000, 64 + 8 * 600))
+    assert lay.lane_offset == 192 + 3 * 4864
+    assert lay.slot_stride == 16448  # align(lane_offset + 64 + 16 + 3 * 512)
+    with RingWriter.create(slots=2, rows=3, vocab_size=1000, dtype="f16", topk=600, verdict_capacity=512) as w:
+        r = RingReader(w.name)
+        assert r.layout == lay
+        r.close()
+
+
+def test_bench_ring_times_both_readers_on_the_same_rows() -> None:
+    from sidecar.bench_ring import bench_ring
+
+    rows = bench_ring(rounds=2, reps=1)
+    assert [(r["vocab"], r["dtype"]) for r in rows] == [(49_152, "f32"), (49_152, "f16"), (128_256, "f32"), (128_256, "f16")]
+    for r in rows:
+        assert r["row_bytes"] == r["vocab"] * (4 if r["dtype"] == "f32" else 2)
+        assert r["pread_us_p50"] > 0 and r["view_us_p50"] > 0 and r["row_stats_us_p50"] > 0

@@ -216,3 +216,72 @@ def test_a_session_that_dies_on_a_fault_gives_its_slot_back(start_sidecar, keys)
         s.step(peaked(5))  # ABORT: nobody calls close()
     # the slot is free again: the same id opens (it would be ALREADY_EXISTS while held)
     stub.OpenSession(pb.OpenSessionRequest(vocab_digest=digest, session_id="doomed"), timeout=5)
+
+
+@pytest.mark.parametrize("size", [0, 4096])
+def test_an_engine_that_truncates_its_ring_cannot_kill_the_sidecar(start_sidecar, keys, size: int) -> None:
+    """Item 1: reading a mapping of a truncated file is SIGBUS; the sidecar must refuse the
+    step of the engine that did it and keep serving everyone else within their deadlines."""
+    sc = start_sidecar()
+    victim = GuardClient(sc.target, keys.public)
+    victim.wait_ready()
+    digest = victim.register_vocabulary(VOCAB)
+    attacker = GuardClient(sc.target, keys.public)
+    stub = pb_grpc.GuardServiceStub(grpc.insecure_channel(sc.target))
+    with RingWriter.create(slots=2, vocab_size=V) as vring, RingWriter.create(slots=2, vocab_size=V) as aring:
+        v = victim.open_session(digest, SamplingParams(), ring=vring)
+        a = attacker.open_session(digest, SamplingParams(), ring=aring)
+        assert v.step(peaked(10)).token_id == 10
+        with aring.frame(1) as f:  # a whole frame, published; then the ring shrinks under it
+            row = f.write_row(a.tag, 0, peaked(3))
+        os.truncate(f"/dev/shm/{aring.name.lstrip('/')}", size)
+        req = pb.StepRequest(
+            session_id=a.session_id, session_secret=a._secret, step=0, ring=pb.RingRef(slot=1, row=row, seq=f.seq)
+        )
+        r = stub.Step(req, timeout=5)
+        assert r.error.code == grpc.StatusCode.FAILED_PRECONDITION.value[0] and "truncated" in r.error.message
+        assert sc.proc.poll() is None  # alive
+        for i in range(1, 4):
+            assert v.step(peaked(20 + i)).token_id == 20 + i
+        assert v.close() is not None
+
+
+def test_a_re_created_ring_name_feeds_the_new_session_from_the_new_segment(start_sidecar, keys) -> None:
+    """Item 5: the engine unlinks its ring while a session on it is open and creates the
+    name anew; a process still holding the old mapping must not feed the new session."""
+    from multiprocessing import shared_memory
+
+    sc = start_sidecar()
+    c = GuardClient(sc.target, keys.public)
+    c.wait_ready()
+    digest = c.register_vocabulary(VOCAB)
+    name = f"fse-test-reused-{os.getpid()}"
+    with RingWriter.create(name, slots=1, vocab_size=V) as old:
+        first = c.open_session(digest, SamplingParams(), ring=old)
+        assert first.step(peaked(1)).token_id == 1
+        shared_memory.SharedMemory(name=name).unlink()  # the name goes; the old mapping stays
+        try:
+            with RingWriter.create(name, slots=1, vocab_size=V) as new:
+                second = c.open_session(digest, SamplingParams(), ring=new)
+                # Both segments publish a frame for the new session's step 0 in slot 0 at the
+                # same seq: the old one says token 5, the new one token 9.
+                with old.frame(0) as f_old:
+                    f_old.write_row(second.tag, 0, peaked(5))
+                with new.frame(0) as f_new:
+                    f_new.write_row(second.tag, 0, peaked(9))
+                stub = pb_grpc.GuardServiceStub(grpc.insecure_channel(sc.target))
+                for seq in (f_old.seq, f_new.seq):
+                    req = pb.StepRequest(
+                        session_id=second.session_id,
+                        session_secret=second._secret,
+                        step=0,
+                        ring=pb.RingRef(slot=0, row=0, seq=seq),
+                    )
+                    r = stub.Step(req, timeout=5)
+                    if seq == f_new.seq:
+                        assert r.verdict.token_id == 9
+                    else:
+                        assert r.error.code == grpc.StatusCode.ABORTED.value[0]  # not the new segment's frame
+                assert first.step(peaked(2)).token_id == 2  # the first session still reads the old one
+        finally:
+            old._shm = None  # its name is already gone
