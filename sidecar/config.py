@@ -236,7 +236,13 @@ class SidecarConfig(_Strict):
     # Registered vocabularies kept; past it the least recently used one that no open
     # session uses is dropped (a client registers it again when it needs it).
     max_vocabularies: int = Field(default=16, gt=0)
+    # Total bytes of a RegisterVocabulary message (token bytes plus framing): refused
+    # before it is parsed (Llama 3's 128k vocabulary is ~1 MB, a 1M-token one ~12 MB).
+    max_vocab_bytes: int = Field(default=32 << 20, ge=1 << 16, le=1 << 30)
     max_sessions: int = Field(default=4096, gt=0)
+    # Sessions open at once from one client: a TCP connection, or with mTLS one client
+    # certificate. gRPC does not tell Unix-socket clients apart: there, max_sessions only.
+    max_sessions_per_client: int = Field(default=1024, gt=0)
     # Longest prompt an OpenSession may carry (only its last repetition_window ids are kept).
     max_prompt_tokens: int = Field(default=1 << 20, gt=0)
     # A session with no step for this long is closed (an engine that died without

@@ -9,7 +9,10 @@
     ├── RowError               a logits row that cannot be judged (wrong size, dtype)
     ├── SessionError           unknown/duplicate session, step out of order
     │   ├── InvalidSessionId   an id that breaks [A-Za-z0-9._:-]{1,128}
-    │   └── NotSessionOwner    a request without the session's secret
+    │   ├── NotSessionOwner    a request without the session's secret
+    │   └── TooManySessions    max_sessions or max_sessions_per_client reached
+    ├── MessageTooLarge        a request over its RPC's size limit (not parsed)
+    ├── MalformedMessage       bytes that do not parse as the RPC's request
     ├── RingError              shared-memory ring problems
     │   ├── RingLayoutError    header does not describe a ring we can read
     │   └── TornFrameError     seqlock says the frame is being written or was replaced
@@ -27,6 +30,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
+
+
+def shown(value: str, limit: int = 64) -> str:
+    """A client's string as it may appear in a log line or an error: escaped, bounded."""
+    return repr(value[:limit]) + (f"... ({len(value)} chars)" if len(value) > limit else "")
 
 
 class FseError(Exception):
@@ -91,6 +99,16 @@ class NotSessionOwner(SessionError):
 
 class TooManySessions(SessionError):
     grpc_code = "RESOURCE_EXHAUSTED"
+
+
+class MessageTooLarge(FseError):
+    """A request over its RPC's size limit, refused before it is parsed."""
+
+    grpc_code = "RESOURCE_EXHAUSTED"
+
+
+class MalformedMessage(FseError, ValueError):
+    grpc_code = "INVALID_ARGUMENT"
 
 
 class RingError(FseError):

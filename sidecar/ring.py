@@ -28,7 +28,7 @@ from multiprocessing import shared_memory
 
 import numpy as np
 
-from .errors import RingError, RingLayoutError, RowError, TornFrameError
+from .errors import RingError, RingLayoutError, RowError, TornFrameError, shown
 
 MAGIC = b"FSERING\x00"
 LAYOUT_VERSION = 2
@@ -331,7 +331,7 @@ class RingReader:
 
     def __init__(self, name: str) -> None:
         if not RING_NAME.fullmatch(name):
-            raise RingLayoutError(f"ring name {name!r} must match {RING_NAME.pattern}")
+            raise RingLayoutError(f"ring name {shown(name)} must match {RING_NAME.pattern}")
         # Not multiprocessing's SharedMemory: on Python < 3.13 it registers the segment with
         # the resource tracker (which unlinks it when this process exits, SIGKILL included)
         # and unlinks it itself when mmap fails. The sidecar never owns a ring.

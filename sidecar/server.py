@@ -5,6 +5,10 @@ the metrics take ~60 µs inline and ~100 µs through ``run_in_executor`` (the ho
 ~30-40 µs), and the GIL lets another session's Python work overlap only inside numpy
 kernels; a hop would cost every step more than it could save the others. Revisit for
 128k+ vocabularies with many concurrent sessions (``fse-sidecar bench`` has the figures).
+
+What a client sends is bounded per RPC and refused before it is parsed
+(:func:`message_limits`); requests over 1 MiB (a big vocabulary, a long prompt) are
+parsed and converted in a worker thread, so the loop keeps stepping the other sessions.
 """
 
 from __future__ import annotations
@@ -19,22 +23,26 @@ import stat
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
+import numpy as np
+from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from ._pb.fse.v1 import guard_pb2 as pb
-from ._pb.fse.v1 import guard_pb2_grpc as pb_grpc
 from .config import SidecarConfig
 from .core.session import SESSION_ID
-from .errors import ConfigError, FseError, InvalidSessionId, ListenError
+from .core.vocab import Vocabulary
+from .errors import ConfigError, FseError, InvalidSessionId, ListenError, MalformedMessage, MessageTooLarge, shown
 from .reload import PolicyReloader
 from .service import GuardService, reason, session_opened
 from .signing import Signer
 
 log = logging.getLogger("fse.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GuardService"].full_name
-MAX_MESSAGE = 64 * 1024 * 1024  # a 1M-token vocabulary registers in one message
+MAX_SEND = 4 * 1024 * 1024  # answers are small: verdicts, digests, receipts
+_M = TypeVar("_M", bound=Message)
 
 
 def _code(exc: FseError) -> grpc.StatusCode:
@@ -53,38 +61,105 @@ def _checked_id(session_id: str) -> str:
     raise InvalidSessionId(f"session_id must match {SESSION_ID.pattern} (got {len(session_id.encode())} bytes)")
 
 
-def _shown(value: str, limit: int = 64) -> str:
-    """A client's string as it may appear in a log line: escaped, bounded."""
-    return repr(value[:limit]) + (f"... ({len(value)} chars)" if len(value) > limit else "")
+_SLACK = 64 * 1024  # ids, names, sampling parameters: everything but the bulk field
+OFFLOAD_BYTES = 1 << 20  # requests bigger than this are parsed in a worker thread
 
 
-class GuardServicer(pb_grpc.GuardServiceServicer):
+def message_limits(config: SidecarConfig) -> dict[str, tuple[int, str]]:
+    """Per RPC: the largest request accepted and the rule it follows from.
+
+    A request over its limit is refused (RESOURCE_EXHAUSTED, naming the limit) before it
+    is parsed; gRPC's own cap, the largest of these, refuses bigger ones before they are
+    even buffered.
+    """
+    step = (_SLACK + 4 * config.max_vocab_size, "4 bytes x max_vocab_size + 64 KiB: one inline f32 row")
+    return {
+        "RegisterVocabulary": (config.max_vocab_bytes, "max_vocab_bytes"),
+        "OpenSession": (_SLACK + 5 * config.max_prompt_tokens, "5 bytes x max_prompt_tokens + 64 KiB"),
+        "Step": step,
+        "Steps": step,
+        "Echo": step,
+        "CloseSession": (_SLACK, "64 KiB"),
+        "ReloadPolicy": (_SLACK, "64 KiB"),
+    }
+
+
+def _client(context: grpc.aio.ServicerContext) -> str | None:
+    """Who opens a session, for max_sessions_per_client: the client certificate's name
+    under mTLS, else the TCP connection; None on a Unix socket (gRPC shows every Unix
+    client as the same peer, so only max_sessions bounds them there)."""
+    names = context.auth_context().get("x509_common_name")
+    if names:
+        return "x509:" + b",".join(names).decode(errors="replace")
+    peer = context.peer()
+    return peer if peer.startswith(("ipv4:", "ipv6:")) else None
+
+
+def _identity(raw: bytes) -> bytes:
+    return raw
+
+
+class GuardServicer:
+    """fse.v1.GuardService over raw request bytes: each RPC checks its own size limit
+    before parsing, and parses big requests off the event loop."""
+
     def __init__(self, service: GuardService, reloader: PolicyReloader) -> None:
         self.service = service
         self.reloader = reloader
+        self.limits = message_limits(service.config)
 
-    async def RegisterVocabulary(
-        self, request: pb.RegisterVocabularyRequest, context: grpc.aio.ServicerContext
-    ) -> pb.RegisterVocabularyResponse:
+    def _check_size(self, method: str, raw: bytes) -> None:
+        limit, rule = self.limits[method]
+        if len(raw) > limit:
+            raise MessageTooLarge(f"{method}: a request of {len(raw)} bytes exceeds its limit of {limit} bytes ({rule})")
+
+    @staticmethod
+    def _parse(message: type[_M], raw: bytes) -> _M:
         try:
-            v = self.service.register_vocabulary(request.tokens)  # sized before it is copied
+            return message.FromString(raw)
+        except DecodeError:
+            raise MalformedMessage(f"the request does not parse as {message.DESCRIPTOR.full_name}") from None
+
+    async def _request(self, method: str, message: type[_M], raw: bytes) -> _M:
+        self._check_size(method, raw)
+        if len(raw) > OFFLOAD_BYTES:
+            return await asyncio.to_thread(self._parse, message, raw)
+        return self._parse(message, raw)
+
+    async def RegisterVocabulary(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.RegisterVocabularyResponse:
+        max_size = self.service.config.max_vocab_size
+
+        def build() -> Vocabulary:  # parse, size, copy and hash: seconds for a 1M-token vocabulary
+            return Vocabulary.build(self._parse(pb.RegisterVocabularyRequest, raw).tokens, max_size)
+
+        try:
+            self._check_size("RegisterVocabulary", raw)
+            vocab = await asyncio.to_thread(build) if len(raw) > OFFLOAD_BYTES else build()
+            v = self.service.add_vocabulary(vocab)
         except FseError as exc:
             await context.abort(_code(exc), str(exc))
         return pb.RegisterVocabularyResponse(vocab_digest=v.digest, vocab_size=v.size)
 
-    async def OpenSession(self, request: pb.OpenSessionRequest, context: grpc.aio.ServicerContext) -> pb.OpenSessionResponse:
+    async def OpenSession(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.OpenSessionResponse:
+        def parse() -> tuple[pb.OpenSessionRequest, np.ndarray]:
+            req = self._parse(pb.OpenSessionRequest, raw)
+            return req, np.asarray(req.prompt_token_ids, dtype=np.int64)
+
         try:
+            self._check_size("OpenSession", raw)
+            request, ids = await asyncio.to_thread(parse) if len(raw) > OFFLOAD_BYTES else parse()
             if request.session_id:
                 _checked_id(request.session_id)
-            s = self.service.open_session(request)
+            s = self.service.open_session(request, client=_client(context), prompt_ids=ids)
         except FseError as exc:
             await context.abort(_code(exc), str(exc))
         # Session ids at DEBUG only: with the secret they are what steps a session.
-        log.debug("session %s opened (tag %d, ring %s)", s.session_id, s.tag, _shown(s.ring_name))
+        log.debug("session %s opened (tag %d, ring %s)", s.session_id, s.tag, shown(s.ring_name))
         return session_opened(s, self.service.signer.key_id)
 
-    async def CloseSession(self, request: pb.CloseSessionRequest, context: grpc.aio.ServicerContext) -> pb.CloseSessionResponse:
+    async def CloseSession(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.CloseSessionResponse:
         try:
+            request = await self._request("CloseSession", pb.CloseSessionRequest, raw)
             s = self.service.close_session(_checked_id(request.session_id), request.session_secret)
         except FseError as exc:
             await context.abort(_code(exc), str(exc))
@@ -92,16 +167,30 @@ class GuardServicer(pb_grpc.GuardServiceServicer):
         final = [] if s.aborted else s.finish()
         return pb.CloseSessionResponse(steps=s.next_step, chain_hash=s.chain_hash, final_hits=[reason(t) for t in final])
 
-    async def ReloadPolicy(self, request: pb.ReloadPolicyRequest, context: grpc.aio.ServicerContext) -> pb.ReloadPolicyResponse:
+    async def ReloadPolicy(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.ReloadPolicyResponse:
         try:
+            await self._request("ReloadPolicy", pb.ReloadPolicyRequest, raw)
             digests = await self.reloader.reload()
         except FseError as exc:
-            code = grpc.StatusCode.FAILED_PRECONDITION if self.reloader.config_path is None else _code(exc)
-            await context.abort(code, str(exc))
+            missing = self.reloader.config_path is None and not isinstance(exc, (MessageTooLarge, MalformedMessage))
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION if missing else _code(exc), str(exc))
         return pb.ReloadPolicyResponse(policy_digests=digests)
 
-    async def Step(self, request: pb.StepRequest, context: grpc.aio.ServicerContext) -> pb.StepResponse:
-        return self._step(request)
+    async def Step(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.StepResponse:
+        return await self._step_raw("Step", raw)
+
+    async def Steps(
+        self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.StepResponse]:
+        async for raw in request_iterator:
+            yield await self._step_raw("Steps", raw)
+
+    async def _step_raw(self, method: str, raw: bytes) -> pb.StepResponse:
+        try:
+            req = await self._request(method, pb.StepRequest, raw)
+        except FseError as exc:  # nothing of the request is known: answer on the stream, keep it open
+            return pb.StepResponse(error=pb.StepError(code=_code(exc).value[0], message=str(exc)))
+        return self._step(req)
 
     def _step(self, req: pb.StepRequest) -> pb.StepResponse:
         try:
@@ -109,20 +198,32 @@ class GuardServicer(pb_grpc.GuardServiceServicer):
             return pb.StepResponse(verdict=self.service.step(req))
         except FseError as exc:
             sid = req.session_id if SESSION_ID.fullmatch(req.session_id) else ""  # echoed back only when well formed
-            log.debug("step %s/%d refused: %s", _shown(req.session_id), req.step, exc)
+            log.debug("step %s/%d refused: %s", shown(req.session_id), req.step, exc)
             return pb.StepResponse(error=pb.StepError(session_id=sid, step=req.step, code=_code(exc).value[0], message=str(exc)))
 
-    async def Steps(
-        self, request_iterator: AsyncIterator[pb.StepRequest], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.StepResponse]:
-        async for req in request_iterator:
-            yield self._step(req)
-
     async def Echo(
-        self, request_iterator: AsyncIterator[pb.EchoMessage], context: grpc.aio.ServicerContext
+        self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.EchoMessage]:
-        async for msg in request_iterator:
-            yield msg
+        async for raw in request_iterator:
+            try:
+                yield await self._request("Echo", pb.EchoMessage, raw)
+            except FseError as exc:
+                await context.abort(_code(exc), str(exc))
+
+    def handlers(self) -> grpc.GenericRpcHandler:
+        unary, stream = grpc.unary_unary_rpc_method_handler, grpc.stream_stream_rpc_method_handler
+        out = {
+            "RegisterVocabulary": unary(self.RegisterVocabulary, _identity, pb.RegisterVocabularyResponse.SerializeToString),
+            "OpenSession": unary(self.OpenSession, _identity, pb.OpenSessionResponse.SerializeToString),
+            "CloseSession": unary(self.CloseSession, _identity, pb.CloseSessionResponse.SerializeToString),
+            "ReloadPolicy": unary(self.ReloadPolicy, _identity, pb.ReloadPolicyResponse.SerializeToString),
+            "Step": unary(self.Step, _identity, pb.StepResponse.SerializeToString),
+            "Steps": stream(self.Steps, _identity, pb.StepResponse.SerializeToString),
+            "Echo": stream(self.Echo, _identity, pb.EchoMessage.SerializeToString),
+        }
+        methods = set(pb.DESCRIPTOR.services_by_name["GuardService"].methods_by_name)
+        assert set(out) == methods, f"handlers {sorted(out)} != proto methods {sorted(methods)}"
+        return grpc.method_handlers_generic_handler(SERVICE_NAME, out)
 
 
 def _claim_unix_socket(path: Path) -> None:
@@ -180,13 +281,14 @@ def create_server(
     service = GuardService(config, signer)
     server = grpc.aio.server(
         options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE),
-            ("grpc.max_send_message_length", MAX_MESSAGE),
+            # the largest per-RPC limit: gRPC refuses bigger requests before buffering them
+            ("grpc.max_receive_message_length", max(limit for limit, _ in message_limits(config).values())),
+            ("grpc.max_send_message_length", MAX_SEND),
             ("grpc.so_reuseport", 0),
         ]
     )
     reloader = PolicyReloader(service, config_path)
-    pb_grpc.add_GuardServiceServicer_to_server(GuardServicer(service, reloader), server)
+    server.add_generic_rpc_handlers((GuardServicer(service, reloader).handlers(),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     address = config.grpc_address()

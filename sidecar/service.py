@@ -36,6 +36,8 @@ from .errors import (
     UnknownPolicy,
     UnknownSession,
     UnknownVocabulary,
+    VocabularyError,
+    shown,
 )
 from .ring import RingReader
 from .signing import Signer
@@ -89,12 +91,19 @@ class GuardService:
         self._sessions: dict[str, Session] = {}
         self._rings: dict[tuple[int, int], _RingUse] = {}  # by the segment (dev, inode), not its name
         self._session_ring: dict[str, tuple[int, int]] = {}
+        self._client_sessions: Counter[str] = Counter()
+        self._session_client: dict[str, str] = {}
         self._tags = itertools.count(1)
 
     # -- vocabularies -------------------------------------------------------------------
     def register_vocabulary(self, tokens: Sequence[bytes]) -> Vocabulary:
         """``tokens`` may be the request's repeated field: its size is checked before any copy."""
-        vocab = Vocabulary.build(tokens, self.config.max_vocab_size)
+        return self.add_vocabulary(Vocabulary.build(tokens, self.config.max_vocab_size))
+
+    def add_vocabulary(self, vocab: Vocabulary) -> Vocabulary:
+        """Register a built vocabulary (the server builds big ones off the event loop)."""
+        if vocab.size > self.config.max_vocab_size:
+            raise VocabularyError(f"vocabulary of {vocab.size} tokens exceeds max_vocab_size {self.config.max_vocab_size}")
         if vocab.digest in self._vocabs:
             self._vocabs.move_to_end(vocab.digest)
             return self._vocabs[vocab.digest]
@@ -112,7 +121,7 @@ class GuardService:
         try:
             vocab = self._vocabs[digest]
         except KeyError:
-            raise UnknownVocabulary(f"vocabulary {digest!r} is not registered; call RegisterVocabulary first") from None
+            raise UnknownVocabulary(f"vocabulary {shown(digest)} is not registered; call RegisterVocabulary first") from None
         self._vocabs.move_to_end(digest)
         return vocab
 
@@ -121,17 +130,27 @@ class GuardService:
     def live_sessions(self) -> int:
         return len(self._sessions)
 
-    def open_session(self, req: pb.OpenSessionRequest) -> Session:
+    def open_session(
+        self, req: pb.OpenSessionRequest, client: str | None = None, prompt_ids: np.ndarray | None = None
+    ) -> Session:
+        """Open ``req``'s session for ``client`` (the connection or certificate it came
+        over; None where the transport cannot tell clients apart). ``prompt_ids`` is the
+        request's prompt already converted (the server does that off the event loop)."""
         vocab = self.vocabulary(req.vocab_digest)
         policy_name = req.policy or "default"
         policy = self.policies.get(policy_name)
         if policy is None:
-            raise UnknownPolicy(f"policy {policy_name!r} is not configured (known: {sorted(self.policies)})")
+            raise UnknownPolicy(f"policy {shown(policy_name)} is not configured (known: {sorted(self.policies)})")
         sid = req.session_id or uuid.uuid4().hex
         if sid in self._sessions:
             raise DuplicateSession(f"session {sid!r} is already open")
         if len(self._sessions) >= self.config.max_sessions:
             raise TooManySessions(f"max_sessions ({self.config.max_sessions}) sessions are open; close one first")
+        if client is not None and self._client_sessions[client] >= self.config.max_sessions_per_client:
+            raise TooManySessions(
+                f"max_sessions_per_client ({self.config.max_sessions_per_client}) sessions are open "
+                "from this client; close one first"
+            )
         p = req.sampling
         params = SamplingParams(
             temperature=p.temperature,
@@ -145,7 +164,7 @@ class GuardService:
         n_prompt = len(req.prompt_token_ids)
         if n_prompt > self.config.max_prompt_tokens:
             raise RowError(f"a prompt of {n_prompt} tokens exceeds max_prompt_tokens ({self.config.max_prompt_tokens})")
-        ids = np.asarray(req.prompt_token_ids, dtype=np.int64)  # one C pass, no list of Python ints
+        ids = np.asarray(req.prompt_token_ids if prompt_ids is None else prompt_ids, dtype=np.int64)  # one C pass
         bad = ids[ids >= vocab.size]
         if bad.size:
             raise RowError(f"prompt token ids {bad[:5].tolist()} are outside the vocabulary of {vocab.size}")
@@ -175,13 +194,16 @@ class GuardService:
                 if use.sessions == 0:
                     use.reader.close()
                 raise RowError(
-                    f"ring {req.ring_name!r} holds rows of {use.reader.layout.vocab_size} logits, "
+                    f"ring {shown(req.ring_name)} holds rows of {use.reader.layout.vocab_size} logits, "
                     f"the vocabulary has {vocab.size} tokens"
                 )
             use.sessions += 1
             self._rings[use.reader.identity] = use
             self._session_ring[sid] = use.reader.identity
         self._sessions[sid] = session
+        if client is not None:
+            self._client_sessions[client] += 1
+            self._session_client[sid] = client
         self._session_vocab[sid] = vocab.digest
         self._vocab_users[vocab.digest] += 1
         return session
@@ -209,6 +231,11 @@ class GuardService:
         if s is None:
             raise UnknownSession(f"session {session_id!r} is not open")
         self._vocab_users[self._session_vocab.pop(session_id)] -= 1
+        client = self._session_client.pop(session_id, None)
+        if client is not None:
+            self._client_sessions[client] -= 1
+            if not self._client_sessions[client]:
+                del self._client_sessions[client]
         ring = self._session_ring.pop(session_id, None)
         if ring is not None:
             use = self._rings[ring]

@@ -35,11 +35,13 @@ def start_sidecar(tmp_path: Path, keys: Keys) -> Iterator:
     """Start ``python -m sidecar serve`` in its own process, as deployed."""
     started: list[LocalSidecar] = []
 
-    def start(policies: dict | None = None, signing: Keys | None = None) -> LocalSidecar:
+    def start(policies: dict | None = None, signing: Keys | None = None, **config: object) -> LocalSidecar:
         d = tmp_path / f"sidecar{len(started)}"
         d.mkdir()
         k = signing or keys
-        sc = start_local_sidecar(d, {"policies": policies} if policies else None, (k.private, k.public))
+        if policies:
+            config["policies"] = policies
+        sc = start_local_sidecar(d, config or None, (k.private, k.public))
         started.append(sc)
         sc.wait_started()
         return sc

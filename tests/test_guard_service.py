@@ -168,3 +168,16 @@ def test_an_oversized_vocabulary_is_refused_from_the_request_field(service: Guar
         service.register_vocabulary(req.tokens)
     ok = service.register_vocabulary(pb.RegisterVocabularyRequest(tokens=[bytes([i]) for i in range(V)]).tokens)
     assert ok.size == V and ok.tokens[7] == b"\x07"
+
+
+def test_sessions_per_client_are_counted_only_where_the_transport_names_the_client(keys) -> None:
+    svc = GuardService(SidecarConfig(max_sessions=10, max_sessions_per_client=2), Signer.from_file(keys.private))
+    d = svc.register_vocabulary([bytes([i]) for i in range(V)]).digest
+    a = [svc.open_session(pb.OpenSessionRequest(vocab_digest=d), client="ipv4:127.0.0.1:1") for _ in range(2)]
+    with pytest.raises(TooManySessions, match=r"max_sessions_per_client \(2\)"):
+        svc.open_session(pb.OpenSessionRequest(vocab_digest=d), client="ipv4:127.0.0.1:1")
+    svc.open_session(pb.OpenSessionRequest(vocab_digest=d), client="x509:engine-b")
+    for _ in range(3):
+        svc.open_session(pb.OpenSessionRequest(vocab_digest=d), client=None)  # a Unix socket: max_sessions only
+    svc.close_session(a[0].session_id, a[0].secret)
+    svc.open_session(pb.OpenSessionRequest(vocab_digest=d), client="ipv4:127.0.0.1:1")

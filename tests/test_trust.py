@@ -115,21 +115,22 @@ def test_a_huge_session_id_is_refused_cheaply_without_echo(start_sidecar, keys) 
     r = stub.Step(pb.StepRequest(session_id=huge, step=0), timeout=10)
     assert r.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     assert r.ByteSize() < 1000  # the answer does not carry the id back
-    for call, req in (
-        (stub.OpenSession, pb.OpenSessionRequest(vocab_digest=digest, session_id=huge)),
-        (stub.CloseSession, pb.CloseSessionRequest(session_id=huge)),
+    for call, req, code in (
+        (stub.OpenSession, pb.OpenSessionRequest(vocab_digest=digest, session_id=huge), grpc.StatusCode.INVALID_ARGUMENT),
+        # over CloseSession's own 64 KiB limit: refused unparsed, the limit named (not an echo on metadata)
+        (stub.CloseSession, pb.CloseSessionRequest(session_id=huge), grpc.StatusCode.RESOURCE_EXHAUSTED),
     ):
         with pytest.raises(grpc.RpcError) as err:
             call(req, timeout=10)
-        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # not RESOURCE_EXHAUSTED on metadata
-        assert len(err.value.details()) < 200
+        assert err.value.code() == code
+        assert len(err.value.details()) < 200 and "aaaa" not in err.value.details()
     assert len(sc.log_text()) - before < 10_000
     s = c.open_session(digest, SamplingParams())  # the sidecar serves on
     assert s.step(peaked(7)).token_id == 7
 
 
 def test_the_sidecar_logger_escapes_what_it_shows() -> None:
-    from sidecar.server import _shown
+    from sidecar.errors import shown as _shown
 
     assert _shown("a\nb") == "'a\\nb'"
     assert _shown("x" * 1000).endswith("... (1000 chars)") and len(_shown("x" * 1000)) < 100
@@ -285,3 +286,122 @@ def test_a_re_created_ring_name_feeds_the_new_session_from_the_new_segment(start
                 assert first.step(peaked(2)).token_id == 2  # the first session still reads the old one
         finally:
             old._shm = None  # its name is already gone
+
+
+def _rss_kib(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def _raw(channel: grpc.Channel, method: str):
+    """A call that sends bytes as they are: requests no well-behaved client would build."""
+    return channel.unary_unary(f"/fse.v1.GuardService/{method}", request_serializer=None, response_deserializer=None)
+
+
+def _packed(field: int, n: int) -> bytes:
+    """A packed repeated-uint32 field of ``n`` ones, built without a list of n ints."""
+    body = b"\x01" * n
+    size, length = len(body), b""
+    while True:
+        byte = size & 0x7F
+        size >>= 7
+        length += bytes([byte | (0x80 if size else 0)])
+        if not size:
+            return bytes([field << 3 | 2]) + length + body
+
+
+def test_oversized_requests_are_refused_before_parsing_while_other_sessions_keep_their_deadlines(start_sidecar, keys) -> None:
+    """Item 2: a 20 M-id prompt and a 10 M-token vocabulary used to stall the event loop
+    for seconds and keep hundreds of MB; each RPC now has its own limit, checked before
+    parsing, and the victim's steps (deadline 1 s) go on throughout."""
+    import threading
+
+    # limits: RegisterVocabulary 256 KiB, OpenSession 564 KB (gRPC's cap: the largest), Step 68 KB
+    sc = start_sidecar(max_vocab_bytes=256 << 10, max_prompt_tokens=100_000, max_vocab_size=V)
+    victim = GuardClient(sc.target, keys.public, step_timeout=1.0)
+    victim.wait_ready()
+    digest = victim.register_vocabulary(VOCAB)
+    session = victim.open_session(digest, SamplingParams())
+    done, failures, steps = threading.Event(), [], [0]
+
+    def keep_stepping() -> None:
+        while not done.is_set():
+            try:
+                want = steps[0] % 900
+                assert session.step(peaked(want)).token_id == want
+                steps[0] += 1
+            except Exception as exc:  # noqa: BLE001 - reported below
+                failures.append(exc)
+                return
+
+    t = threading.Thread(target=keep_stepping)
+    t.start()
+    rss_before = _rss_kib(sc.proc.pid)
+    ch = grpc.insecure_channel(sc.target)
+    attacks = {
+        # method: (request bytes, what the refusal names)
+        "RegisterVocabulary": (b"\x0a\x01a" * 10_000_000, "Received message larger than max"),  # 30 MB: gRPC's own cap
+        "OpenSession": (b"\x12\x02ab" + _packed(5, 20_000_000), "Received message larger than max"),
+    }
+    try:
+        for method, (data, names) in attacks.items():
+            with pytest.raises(grpc.RpcError) as err:
+                _raw(ch, method)(data, timeout=30)
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and names in err.value.details()
+        # under gRPC's cap, over the RPC's own limit: refused unparsed, naming the limit
+        over = {
+            "RegisterVocabulary": (b"\x0a\x01a" * 130_000, "max_vocab_bytes"),
+            "OpenSession": (b"\x12\x02ab" + _packed(5, 700_000), "larger than max"),  # the largest limit is gRPC's cap
+            "CloseSession": (b"\x0a\x01a" * 30_000, "64 KiB"),
+        }
+        for method, (data, names) in over.items():
+            with pytest.raises(grpc.RpcError) as err:
+                _raw(ch, method)(data, timeout=30)
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and names in err.value.details(), err.value.details()
+        with pytest.raises(grpc.RpcError) as err:
+            _raw(ch, "OpenSession")(b"\xff\xff\xff", timeout=5)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "does not parse" in err.value.details()
+        step = pb.StepResponse.FromString(_raw(ch, "Step")(b"\x0a\x01a" * 100_000, timeout=5))  # 300 KB, limit 68 KB
+        assert step.error.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0] and "max_vocab_size" in step.error.message
+        time.sleep(0.5)
+    finally:
+        done.set()
+        t.join(10)
+    assert failures == [] and steps[0] > 0
+    assert _rss_kib(sc.proc.pid) - rss_before < 64 * 1024  # it used to keep +580 MB per refused vocabulary
+
+
+def test_sessions_are_bounded_per_client_connection(start_sidecar, keys) -> None:
+    """Item 2: one client cannot take every session slot (TCP: per connection)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    sc = start_sidecar(max_sessions_per_client=3)
+    sc.config.write_text(sc.config.read_text().replace(f"unix://{sc.socket}", f"tcp://127.0.0.1:{port}"))
+    sc.stop()
+    import subprocess
+    import sys
+
+    from sidecar.launch import LocalSidecar
+
+    proc = subprocess.Popen([sys.executable, "-m", "sidecar", "serve", "--config", str(sc.config)], stderr=subprocess.DEVNULL)
+    tcp = LocalSidecar(proc, f"127.0.0.1:{port}", sc.public_key, sc.log, sc.config)
+    try:
+        own = [("grpc.use_local_subchannel_pool", 1)]  # a connection of its own per client
+        first, second = (pb_grpc.GuardServiceStub(grpc.insecure_channel(tcp.target, options=own)) for _ in range(2))
+        GuardClient(tcp.target, keys.public).wait_ready()
+        digest = first.RegisterVocabulary(pb.RegisterVocabularyRequest(tokens=VOCAB), timeout=5).vocab_digest
+        opened = [first.OpenSession(pb.OpenSessionRequest(vocab_digest=digest), timeout=5) for _ in range(3)]
+        with pytest.raises(grpc.RpcError) as err:
+            first.OpenSession(pb.OpenSessionRequest(vocab_digest=digest), timeout=5)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_sessions_per_client (3)" in err.value.details()
+        second.OpenSession(pb.OpenSessionRequest(vocab_digest=digest), timeout=5)  # another client is not refused
+        r = opened[0]
+        first.CloseSession(pb.CloseSessionRequest(session_id=r.session_id, session_secret=r.session_secret), timeout=5)
+        first.OpenSession(pb.OpenSessionRequest(vocab_digest=digest), timeout=5)  # a closed one frees its place
+    finally:
+        tcp.stop()
