@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import pytest
 
 from engine_adapters.client import GuardClient
@@ -72,6 +73,7 @@ def test_tripping_guard_heals_to_the_strict_sampler_and_changes_the_text(llama, 
     hot = SamplingParams(temperature=1.5, top_k=100, seed=11, repetition_penalty=1.0)
     free, _ = guarded(policy())
     sampled = free.complete(PROMPTS[1], max_tokens=32, sampling=hot)
+    assert sampled.error is None and len(sampled.tokens) == 32  # the free run is whole, not cut short
     strict, _ = guarded(policy(rank=0))  # any token that is not the model's top choice trips
     llama.reset()
     healed = strict.complete(PROMPTS[1], max_tokens=32, sampling=hot)
@@ -153,11 +155,27 @@ def test_llama_cpp_swallows_processor_exceptions_and_the_boundary_still_refuses(
     run = _Run(session)
     with pytest.raises(VerdictRejected, match="without a verdict; not emitted"):
         run.admit(0, int(token))
+
+    def one_token() -> int:
+        gen = llama.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0, logits_processor=LogitsProcessorList([run.processor]))
+        t = next(gen)
+        gen.close()
+        return int(t)
+
+    forced = one_token()
+    assert run.failure is None
+    allowed = run.verdicts[0].token_id
+    assert forced == allowed  # the processor forced the verdict's token
+    # With a verified verdict in hand, a token other than the one it allows is refused too
+    # (what a processor that failed to force would let llama.cpp emit).
+    with pytest.raises(VerdictRejected, match=f"the verdict allows {allowed}; not emitted"):
+        run.admit(0, (allowed + 1) % len(g.vocab))
+    again = one_token()
+    assert run.admit(1, again).token_id == again  # the forced token passes the boundary
     session.close()
 
 
 def test_processor_failure_is_recorded_and_blanks_the_scores(guarded) -> None:
-    import numpy as np
 
     g, sc = guarded()
     session = g.client.open_session(g.vocab_digest, GREEDY, ring=g.ring)
