@@ -35,7 +35,8 @@ from sidecar.core.sampling import SamplingParams
 from sidecar.core.vocab import vocab_digest
 from sidecar.errors import GuardAbort, GuardUnavailable, StepRefused, VerdictRejected
 from sidecar.ring import RingWriter
-from sidecar.signing import Verifier
+from sidecar.signing import TrustedKeys, Verifier
+from sidecar.wire import params_from_pb, params_to_pb
 
 _CLOSED = object()
 _CODE_NAMES = {c.value[0]: c.name for c in grpc.StatusCode}
@@ -167,7 +168,7 @@ class GuardClient:
     def __init__(
         self,
         target: str,
-        verify_key: Verifier | str | Path,
+        verify_key: Verifier | str | Path | Sequence[Verifier | str | Path],
         *,
         step_timeout: float = 2.0,
         rpc_timeout: float = 10.0,
@@ -176,8 +177,9 @@ class GuardClient:
         if step_timeout <= 0 or rpc_timeout <= 0:
             raise ValueError("step_timeout and rpc_timeout must be > 0 seconds")
         self.target = target
-        # The Ed25519 public key file, or the shared HMAC secret file (see sidecar.signing).
-        self.verifier = verify_key if isinstance(verify_key, Verifier) else Verifier.from_file(verify_key)
+        # Ed25519 public key files or shared HMAC secret files (see sidecar.signing): more
+        # than one while the sidecar's signing key is being rotated.
+        self.trusted = TrustedKeys.load(verify_key)
         self.step_timeout = step_timeout
         self.rpc_timeout = rpc_timeout
         options = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
@@ -223,23 +225,17 @@ class GuardClient:
         prompt_token_ids: Sequence[int] = (),
         policy: str = "",
         session_id: str | None = None,
+        model_id: str = "",
     ) -> GuardedSession:
         sid = session_id or uuid.uuid4().hex
         req = pb.OpenSessionRequest(
             session_id=sid,
             vocab_digest=vocab_digest,
-            sampling=pb.SamplingParams(
-                temperature=sampling.temperature,
-                top_k=sampling.top_k,
-                top_p=sampling.top_p,
-                min_p=sampling.min_p,
-                repetition_penalty=sampling.repetition_penalty,
-                repetition_window=sampling.repetition_window,
-                seed=sampling.seed,
-            ),
+            sampling=params_to_pb(sampling),
             policy=policy,
             prompt_token_ids=list(prompt_token_ids),
             ring_name=ring.name if ring is not None else "",
+            model_id=model_id,
         )
         try:
             r = self._stub.OpenSession(req, timeout=self.rpc_timeout)
@@ -247,10 +243,23 @@ class GuardClient:
             raise _rpc_error(exc, "OpenSession") from None
         if r.session_id != sid:
             raise VerdictRejected(f"OpenSession answered for session {r.session_id!r}, asked for {sid!r}")
-        if len(r.opening_nonce) < 16 or len(r.session_secret) < 32 or r.genesis_hash != chain.genesis(sid, r.opening_nonce):
-            raise VerdictRejected(f"OpenSession for {sid!r}: the genesis does not bind a fresh opening nonce")
-        if r.key_id != self.verifier.key_id:
-            raise VerdictRejected(f"sidecar signs with key {r.key_id}, this adapter trusts {self.verifier.key_id}")
+        if not self.trusted.trusts(r.key_id):
+            raise VerdictRejected(f"sidecar signs with key {r.key_id}, this adapter trusts {', '.join(self.trusted.key_ids)}")
+        # The genesis must bind what this adapter asked for: its id, sampling, vocabulary and
+        # model, a fresh nonce, the policy the sidecar names and the key it signs with.
+        opening = chain.Opening(
+            sid,
+            r.opening_nonce,
+            params_from_pb(req.sampling).canonical_bytes(),
+            r.policy_digest,
+            vocab_digest,
+            model_id,
+            r.key_id,
+        )
+        if len(r.opening_nonce) < 16 or len(r.session_secret) < 32 or r.genesis_hash != opening.genesis():
+            raise VerdictRejected(
+                f"OpenSession for {sid!r}: the genesis does not bind this opening (nonce, sampling, digests, model, key)"
+            )
         vocab_size = self._vocab_sizes.get(vocab_digest, ring.layout.vocab_size if ring is not None else 0)
         return GuardedSession(self, sid, r.session_tag, ring, vocab_size, r.policy_digest, r.genesis_hash, r.session_secret)
 
@@ -299,7 +308,9 @@ class GuardedSession:
         self.tag = tag
         self.ring = ring
         self.next_step = 0
+        self.genesis = genesis
         self.chain_hash = genesis
+        self.receipt: pb.Receipt | None = None  # set by a clean close()
         self.dead: Exception | None = None
         self._stream = StreamCall(client._stub.Steps)
 
@@ -350,8 +361,8 @@ class GuardedSession:
             name = _CODE_NAMES.get(e.code, grpc.StatusCode.UNKNOWN.name)
             raise StepRefused(f"step {step} refused by the sidecar: {name}: {e.message}", name)
         v = resp.verdict
-        if v.key_id != self.client.verifier.key_id or not self.client.verifier.verify(v):
-            raise VerdictRejected(f"step {step}: verdict signature does not verify with key {self.client.verifier.key_id}")
+        if not self.client.trusted.verify(v):
+            raise VerdictRejected(f"step {step}: verdict signature does not verify with a trusted key (it names key {v.key_id})")
         if v.session_id != self.session_id:
             raise VerdictRejected(f"step {step}: verdict is for session {v.session_id!r}, not {self.session_id!r}")
         if v.step != step:
@@ -360,7 +371,7 @@ class GuardedSession:
             raise VerdictRejected(f"step {step}: verdict names policy {v.policy_digest[:12]!r}, the session runs under another")
         if v.prev_chain_hash != self.chain_hash:
             raise VerdictRejected(f"step {step}: verdict does not link to the previous chain hash (replay or gap)")
-        frame = chain.frame_bytes(v.session_id, v.step, v.token_id, v.decision, v.sampler, v.reasons)
+        frame = chain.frame_bytes(v.session_id, v.step, v.token_id, v.decision, v.sampler, v.proposals, v.reasons)
         if v.chain_hash != chain.chain_next(self.chain_hash, frame):
             raise VerdictRejected(f"step {step}: verdict chain hash does not match its contents")
         self.chain_hash = v.chain_hash
@@ -390,8 +401,24 @@ class GuardedSession:
         self._close_rpc(min(self.client.rpc_timeout, 1.0))
 
     def close(self) -> pb.CloseSessionResponse | None:
-        """End the stream and close the session on the sidecar (best effort once dead)."""
+        """End the stream and close the session on the sidecar (best effort once dead).
+
+        After a run that ended cleanly (or on the sidecar's ABORT), the receipt must be
+        signed by a trusted key and hold this session's genesis, chain head and step count:
+        it is kept in ``.receipt``; one that does not raises VerdictRejected."""
+        was = self.dead
         if self.dead is None:
             self.dead = GuardUnavailable("session closed")
         self._shutdown()
-        return self._close_rpc(self.client.rpc_timeout)
+        r = self._close_rpc(self.client.rpc_timeout)
+        if r is not None and (was is None or isinstance(was, GuardAbort)):
+            self.receipt = self._checked_receipt(r.receipt)
+        return r
+
+    def _checked_receipt(self, rc: pb.Receipt) -> pb.Receipt:
+        if not self.client.trusted.verify_receipt(rc):
+            raise VerdictRejected(f"session {self.session_id}: the receipt's signature does not verify (key {rc.key_id})")
+        got = (rc.session_id, rc.genesis_hash, rc.chain_hash, rc.steps)
+        if got != (self.session_id, self.genesis, self.chain_hash, self.next_step):
+            raise VerdictRejected(f"session {self.session_id}: the receipt does not match the verdicts this adapter verified")
+        return rc

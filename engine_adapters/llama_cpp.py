@@ -166,6 +166,9 @@ class GuardedLlama:
         self.vocab = vocabulary_of(llama)
         self.vocab_digest = client.register_vocabulary(self.vocab)
         self.ring = RingWriter.create(slots=ring_slots, rows=1, vocab_size=len(self.vocab), dtype="f32")
+        # Bound into each session's genesis and written in its audit file.
+        self.model_id = f"llama.cpp:{Path(getattr(llama, 'model_path', '') or 'model').name}:{len(self.vocab)}"
+        self.last_receipt: pb.Receipt | None = None  # the receipt of the last generation that closed cleanly
 
     def generate(
         self,
@@ -185,8 +188,15 @@ class GuardedLlama:
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
         ids = self.llama.tokenize(prompt.encode("utf-8"), add_bos=True, special=True) if isinstance(prompt, str) else list(prompt)
+        self.last_receipt = None
         session = self.client.open_session(
-            self.vocab_digest, sampling, ring=self.ring, prompt_token_ids=ids, policy=policy, session_id=session_id
+            self.vocab_digest,
+            sampling,
+            ring=self.ring,
+            prompt_token_ids=ids,
+            policy=policy,
+            session_id=session_id,
+            model_id=self.model_id,
         )
         run = _Run(session)
         # llama.cpp's own sampler only ever sees one finite logit: greedy picks it.
@@ -214,7 +224,8 @@ class GuardedLlama:
             raise GuardError("llama.cpp stopped generating without a guard decision")
         finally:
             gen.close()
-            session.close()
+            session.close()  # verifies the receipt after a clean run (raises if it does not)
+            self.last_receipt = session.receipt
 
     def complete(self, prompt: str | Sequence[int], **kwargs: Any) -> GuardedCompletion:
         """Run :meth:`generate` to the end, keeping what was emitted and how it ended."""
@@ -225,7 +236,7 @@ class GuardedLlama:
                 tokens.append(t)
         except GuardError as exc:
             error = exc
-        return GuardedCompletion(tokens, error)
+        return GuardedCompletion(tokens, error, self.last_receipt)
 
     def close(self) -> None:
         self.ring.close()
@@ -241,6 +252,7 @@ class GuardedLlama:
 class GuardedCompletion:
     tokens: list[GuardedToken]
     error: FseError | None
+    receipt: pb.Receipt | None = None  # the session's signed receipt (verified), when it closed cleanly
 
     @property
     def text(self) -> str:

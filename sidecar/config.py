@@ -217,6 +217,19 @@ class TlsConfig(_Strict):
     client_ca_file: Path
 
 
+class AuditConfig(_Strict):
+    """Audit files (one per session opening) and when they reach the disk."""
+
+    # None: no audit files (the chain still runs inside the verdicts).
+    dir: Path | None = None
+    # every_frame: fsync each frame as soon as the syncer thread gets to it; interval:
+    # every fsync_every_frames frames or fsync_interval_ms, whichever comes first; close:
+    # only when the session closes. Never on the step path; closing always syncs.
+    fsync: Literal["every_frame", "interval", "close"] = "interval"
+    fsync_every_frames: int = Field(default=64, ge=1)
+    fsync_interval_ms: float = Field(default=200.0, gt=0)
+
+
 def _is_loopback(host: str) -> bool:
     host = host.strip("[]")
     if host == "localhost":
@@ -256,6 +269,7 @@ class SidecarConfig(_Strict):
     # TCP: mutual TLS. Required for any non-loopback address unless allow_insecure_tcp.
     tls: TlsConfig | None = None
     allow_insecure_tcp: bool = False
+    audit: AuditConfig = Field(default_factory=AuditConfig)
 
     @field_validator("listen")
     @classmethod

@@ -74,7 +74,8 @@ def run_demo(args: argparse.Namespace) -> int:
             llama = load_llama(args.model)
             with GuardedLlama(llama, client) as guarded:
                 model = Path(llama.model_path).name
-                print(f"model: {model}  vocab {len(guarded.vocab)}  sidecar pid {sc.proc.pid}  key {client.verifier.key_id}")
+                keys = ", ".join(client.trusted.key_ids)
+                print(f"model: {model}  vocab {len(guarded.vocab)}  sidecar pid {sc.proc.pid}  key {keys}")
                 print(f"prompt: {args.prompt!r}")
                 print(
                     f"sampling: T={sampling.temperature} top_k={sampling.top_k} top_p={sampling.top_p} "

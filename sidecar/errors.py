@@ -13,6 +13,7 @@
     │   └── TooManySessions    max_sessions or max_sessions_per_client reached
     ├── MessageTooLarge        a request over its RPC's size limit (not parsed)
     ├── MalformedMessage       bytes that do not parse as the RPC's request
+    ├── AuditError             an audit file cannot be created or written
     ├── RingError              shared-memory ring problems
     │   ├── RingLayoutError    header does not describe a ring we can read
     │   └── TornFrameError     seqlock says the frame is being written or was replaced
@@ -121,6 +122,12 @@ class RingLayoutError(RingError, ValueError):
 
 class TornFrameError(RingError):
     grpc_code = "ABORTED"
+
+
+class AuditError(FseError):
+    """An audit file could not be created or written: no step goes unaudited."""
+
+    grpc_code = "UNAVAILABLE"
 
 
 class GuardError(FseError):

@@ -1,4 +1,5 @@
-"""Policy reload: read the configuration file again, compile it elsewhere, swap it in.
+"""Policy reload: read the configuration file again, compile it elsewhere, swap it in;
+read the signing key file again (key rotation).
 
 Used by the ReloadPolicy RPC and SIGHUP (``sidecar.server``).
 """
@@ -14,7 +15,8 @@ from typing import TYPE_CHECKING
 
 from .config import SidecarConfig, load_config
 from .core.policy import CompiledPolicy, compile_policies
-from .errors import ConfigError, FseError
+from .errors import ConfigError, FseError, SigningKeyError
+from .signing import Signer
 
 if TYPE_CHECKING:  # the child process that compiles imports this module: keep it light
     from .service import GuardService
@@ -62,12 +64,28 @@ class PolicyReloader:
             except Exception as exc:  # the child died (out of memory, killed): keep serving the old ones
                 log.error("policy reload failed, the policies in force stay: %s: %s", type(exc).__name__, exc)
                 raise FseError(f"policy reload failed in its worker process: {type(exc).__name__}: {exc}") from None
+            try:
+                signer = Signer.from_file(config.signing_key_file)  # a rotated key file, or another path
+            except SigningKeyError as exc:
+                log.error("reload refused, the policies and key in force stay: %s", exc)
+                raise ConfigError(f"signing_key_file: {exc}") from None
             self.service.use_policies(policies)
+            if signer.key_id != self.service.signer.key_id:
+                log.info(
+                    "signing key rotated: %s -> %s (open sessions go on under the new key)",
+                    self.service.signer.key_id,
+                    signer.key_id,
+                )
+                self.service.signer = signer
+            self.service.config = self.service.config.model_copy(update={"signing_key_file": config.signing_key_file})
             ignored = [
                 f for f in SidecarConfig.model_fields if f != "policies" and getattr(config, f) != getattr(self.service.config, f)
             ]
             if ignored:
-                log.warning("reload applies policies only; restart to apply the changed %s", ", ".join(sorted(ignored)))
+                log.warning(
+                    "reload applies policies and the signing key only; restart to apply the changed %s",
+                    ", ".join(sorted(ignored)),
+                )
             digests = {name: p.digest for name, p in policies.items()}
             log.info("policies reloaded from %s: %s", path, ", ".join(f"{n}={d[:12]}" for n, d in sorted(digests.items())))
             return digests

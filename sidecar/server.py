@@ -36,8 +36,9 @@ from .core.session import SESSION_ID
 from .core.vocab import Vocabulary
 from .errors import ConfigError, FseError, InvalidSessionId, ListenError, MalformedMessage, MessageTooLarge, shown
 from .reload import PolicyReloader
-from .service import GuardService, reason, session_opened
+from .service import GuardService, session_opened
 from .signing import Signer
+from .wire import reason
 
 log = logging.getLogger("fse.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GuardService"].full_name
@@ -160,12 +161,17 @@ class GuardServicer:
     async def CloseSession(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.CloseSessionResponse:
         try:
             request = await self._request("CloseSession", pb.CloseSessionRequest, raw)
-            s = self.service.close_session(_checked_id(request.session_id), request.session_secret)
+            closed = self.service.close_session(_checked_id(request.session_id), request.session_secret)
         except FseError as exc:
             await context.abort(_code(exc), str(exc))
+        s = closed.session
+        if closed.audit is not None:
+            await asyncio.to_thread(closed.audit.close)  # durable before the receipt is handed out
         log.debug("session %s closed after %d steps", s.session_id, s.next_step)
         final = [] if s.aborted else s.finish()
-        return pb.CloseSessionResponse(steps=s.next_step, chain_hash=s.chain_hash, final_hits=[reason(t) for t in final])
+        return pb.CloseSessionResponse(
+            steps=s.next_step, chain_hash=s.chain_hash, final_hits=[reason(t) for t in final], receipt=closed.receipt
+        )
 
     async def ReloadPolicy(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.ReloadPolicyResponse:
         try:

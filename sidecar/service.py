@@ -7,8 +7,10 @@ which the gRPC layer maps to status codes. No gRPC here, so it is tested directl
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import itertools
+import math
 import secrets
 import time
 import uuid
@@ -20,15 +22,19 @@ from typing import cast
 import numpy as np
 
 from ._pb.fse.v1 import guard_pb2 as pb
+from .audit import AuditDir, SessionAudit
 from .config import SidecarConfig
-from .core.guards import Trip, health_band
+from .core import ledger
+from .core.chain import Opening
+from .core.guards import Action, Sampler, Trip, health_band
 from .core.policy import CompiledPolicy, compile_policies
 from .core.redo import StepOutcome
-from .core.sampling import SamplingParams
 from .core.session import Session
 from .core.vocab import Vocabulary
 from .errors import (
+    AuditError,
     DuplicateSession,
+    MalformedMessage,
     NotSessionOwner,
     RowError,
     TooManySessions,
@@ -41,8 +47,12 @@ from .errors import (
 )
 from .ring import RingReader
 from .signing import Signer
+from .wire import params_from_pb, proposal, reason
 
 _INLINE_DTYPES: dict[int, np.dtype] = {pb.DTYPE_F32: np.dtype("<f4"), pb.DTYPE_F16: np.dtype("<f2")}
+
+
+MAX_MODEL_ID_BYTES = 256
 
 
 @dataclass
@@ -51,18 +61,13 @@ class _RingUse:
     sessions: int = 0
 
 
-def reason(t: Trip) -> pb.Reason:
-    return pb.Reason(
-        code=t.code,
-        value=t.value,
-        threshold=t.threshold,
-        sampler=cast(pb.Sampler, int(t.sampler)),
-        detail=t.detail,
-        action=cast(pb.Action, int(t.action)),
-        token_id=t.token_id,
-        span_start=t.span_start,
-        span_end=t.span_end,
-    )
+@dataclass(frozen=True)
+class Closed:
+    """A closed session, its signed receipt, and its audit file still to sync and close."""
+
+    session: Session
+    receipt: pb.Receipt
+    audit: SessionAudit | None
 
 
 def session_opened(s: Session, key_id: str) -> pb.OpenSessionResponse:
@@ -70,8 +75,8 @@ def session_opened(s: Session, key_id: str) -> pb.OpenSessionResponse:
     return pb.OpenSessionResponse(
         session_id=s.session_id,
         session_tag=s.tag,
-        genesis_hash=s.chain_hash,
-        opening_nonce=s.opening_nonce,
+        genesis_hash=s.genesis_hash,
+        opening_nonce=s.opening.opening_nonce if s.opening else b"",
         session_secret=s.secret,
         key_id=key_id,
         policy_digest=s.policy.digest,
@@ -94,6 +99,8 @@ class GuardService:
         self._client_sessions: Counter[str] = Counter()
         self._session_client: dict[str, str] = {}
         self._tags = itertools.count(1)
+        self.audit = AuditDir(config.audit) if config.audit.dir is not None else None
+        self._audits: dict[str, SessionAudit] = {}
 
     # -- vocabularies -------------------------------------------------------------------
     def register_vocabulary(self, tokens: Sequence[bytes]) -> Vocabulary:
@@ -151,16 +158,9 @@ class GuardService:
                 f"max_sessions_per_client ({self.config.max_sessions_per_client}) sessions are open "
                 "from this client; close one first"
             )
-        p = req.sampling
-        params = SamplingParams(
-            temperature=p.temperature,
-            top_k=p.top_k,
-            top_p=p.top_p if p.HasField("top_p") else 1.0,
-            min_p=p.min_p,
-            repetition_penalty=p.repetition_penalty if p.HasField("repetition_penalty") else 1.0,
-            repetition_window=p.repetition_window if p.HasField("repetition_window") else 64,
-            seed=p.seed,
-        )
+        if len(req.model_id.encode()) > MAX_MODEL_ID_BYTES:
+            raise MalformedMessage(f"model_id must be at most {MAX_MODEL_ID_BYTES} bytes, got {len(req.model_id.encode())}")
+        params = params_from_pb(req.sampling)
         n_prompt = len(req.prompt_token_ids)
         if n_prompt > self.config.max_prompt_tokens:
             raise RowError(f"a prompt of {n_prompt} tokens exceeds max_prompt_tokens ({self.config.max_prompt_tokens})")
@@ -178,7 +178,15 @@ class GuardService:
             history=prompt,
             ring_name=req.ring_name,
             last_active=time.monotonic(),
-            opening_nonce=secrets.token_bytes(16),
+            opening=Opening(
+                sid,
+                secrets.token_bytes(16),
+                params.canonical_bytes(),
+                policy.digest,
+                vocab.digest,
+                req.model_id,
+                self.signer.key_id,
+            ),
             secret=secrets.token_bytes(32),
         )
         if req.ring_name:
@@ -200,6 +208,14 @@ class GuardService:
             use.sessions += 1
             self._rings[use.reader.identity] = use
             self._session_ring[sid] = use.reader.identity
+        if self.audit is not None:
+            assert session.opening is not None
+            genesis = ledger.genesis_record(session.opening, params, policy_name, self.signer.algorithm, time.time_ns())
+            try:
+                self._audits[sid] = self.audit.open(sid, session.opening.opening_nonce, genesis)
+            except AuditError:
+                self._release_ring(sid)
+                raise
         self._sessions[sid] = session
         if client is not None:
             self._client_sessions[client] += 1
@@ -221,21 +237,50 @@ class GuardService:
             raise NotSessionOwner(f"session {session_id}: the request does not carry this session's secret")
         return s
 
-    def close_session(self, session_id: str, secret: bytes) -> Session:
-        """Close on the opener's request (its secret)."""
-        self.owned_session(session_id, secret)
-        return self._drop(session_id)
+    def close_session(self, session_id: str, secret: bytes) -> Closed:
+        """Close on the opener's request (its secret): the signed receipt, written as the
+        audit file's close record. The caller syncs and closes the file (off the loop)."""
+        s = self.owned_session(session_id, secret)
+        receipt = pb.Receipt(
+            session_id=s.session_id,
+            genesis_hash=s.genesis_hash,
+            chain_hash=s.chain_hash,
+            steps=s.tally.steps,
+            accepted=s.tally.accepted,
+            healed=s.tally.healed,
+            aborted=s.tally.aborted,
+            first_timestamp_ns=s.tally.first_timestamp_ns,
+            last_timestamp_ns=s.tally.last_timestamp_ns,
+            policy_digest=s.policy.digest,
+        )
+        self.signer.sign_receipt(receipt)
+        log = self._audits.pop(session_id, None)
+        if log is not None:
+            record = ledger.receipt_record(
+                s.session_id, s.genesis_hash, s.chain_hash, s.tally, s.policy.digest, receipt.key_id, receipt.signature
+            )
+            with contextlib.suppress(AuditError):  # the frames are all there; verify says "not closed"
+                log.append({"kind": "close", "session": s.session_id, "receipt": record, "timestamp_ns": time.time_ns()})
+        self._drop(session_id)
+        return Closed(s, receipt, log)
 
     def _drop(self, session_id: str) -> Session:
         s = self._sessions.pop(session_id, None)
         if s is None:
             raise UnknownSession(f"session {session_id!r} is not open")
         self._vocab_users[self._session_vocab.pop(session_id)] -= 1
+        self._release_ring(session_id)
+        log = self._audits.pop(session_id, None)
+        if log is not None:  # reaped or dropped at shutdown: no receipt; verify says "not closed"
+            log.close()
         client = self._session_client.pop(session_id, None)
         if client is not None:
             self._client_sessions[client] -= 1
             if not self._client_sessions[client]:
                 del self._client_sessions[client]
+        return s
+
+    def _release_ring(self, session_id: str) -> None:
         ring = self._session_ring.pop(session_id, None)
         if ring is not None:
             use = self._rings[ring]
@@ -243,11 +288,12 @@ class GuardService:
             if use.sessions == 0:
                 del self._rings[ring]
                 use.reader.close()
-        return s
 
     def close(self) -> None:
         for sid in list(self._sessions):
             self._drop(sid)
+        if self.audit is not None:
+            self.audit.close()
 
     def use_policies(self, policies: dict[str, CompiledPolicy]) -> None:
         """New sessions get ``policies``; open sessions keep the policy they opened with."""
@@ -291,7 +337,26 @@ class GuardService:
             outcome = s.judge(row if dt.itemsize == 4 else row.astype(np.float32), req.step)
         else:
             raise RowError("step request carries no logits (set ring or inline)")
-        return self._commit_and_sign(s, req.step, outcome)
+        ts = time.time_ns()
+        return self._commit_and_sign(s, req.step, self._audited(s, req.step, outcome, ts), ts)
+
+    def _audited(self, s: Session, step: int, o: StepOutcome, timestamp_ns: int) -> StepOutcome:
+        """Write the step's frame before anything else sees the outcome; an outcome that
+        cannot be written becomes an ABORT that names the audit (no unaudited token)."""
+        log = self._audits.get(s.session_id)
+        if log is None:
+            return o
+        record = ledger.frame_record(
+            s.session_id, step, o, s.chain_hash, s.next_chain_hash(step, o), timestamp_ns, self.signer.key_id
+        )
+        try:
+            log.append(record)
+        except AuditError as exc:
+            trip = Trip(
+                "audit", math.nan, 0.0, o.sampler or Sampler.NORMAL, f"the step's audit frame was not written: {exc}", Action.HALT
+            )
+            return o.aborted(trip)
+        return o
 
     @staticmethod
     def _stream_state(s: Session) -> pb.StreamState:
@@ -308,8 +373,8 @@ class GuardService:
             e_value=s.e_value,
         )
 
-    def _commit_and_sign(self, s: Session, step: int, o: StepOutcome) -> pb.Verdict:
-        prev, chain = s.commit(step, o)
+    def _commit_and_sign(self, s: Session, step: int, o: StepOutcome, timestamp_ns: int) -> pb.Verdict:
+        prev, chain = s.commit(step, o, timestamp_ns)
         m = o.metrics
         v = pb.Verdict(
             session_id=s.session_id,
@@ -335,6 +400,7 @@ class GuardService:
             chain_hash=chain,
             policy_digest=s.policy.digest,
             stream=self._stream_state(s),
+            proposals=[proposal(p) for p in o.proposals],
         )
         self.signer.sign(v)
         return v

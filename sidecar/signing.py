@@ -23,6 +23,7 @@ import os
 import secrets
 import struct
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
@@ -31,7 +32,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from ._pb.fse.v1 import guard_pb2 as pb
 from .core import canonical as cb
-from .core.chain import reason_bytes
+from .core.chain import Tally, proposals_bytes, reason_bytes, receipt_bytes
 from .errors import SigningKeyError
 
 ALGORITHMS = ("ed25519", "hmac-sha256")
@@ -85,8 +86,17 @@ def verdict_bytes(v: pb.Verdict) -> bytes:
             f(v.stream.window_ppl),
             f(v.stream.e_value),
         ),
+        proposals_bytes(v.proposals),
     ]
     return b"".join(parts)
+
+
+def receipt_signed_bytes(r: pb.Receipt) -> bytes:
+    """Canonical encoding of Receipt fields 1-11 (VERDICT.md, "Receipt")."""
+    tally = Tally(r.accepted, r.healed, r.aborted, r.first_timestamp_ns, r.last_timestamp_ns)
+    if tally.steps != r.steps:
+        raise ValueError(f"receipt steps {r.steps} is not accepted + healed + aborted ({tally.steps})")
+    return receipt_bytes(r.session_id, r.genesis_hash, r.chain_hash, tally, r.policy_digest, r.key_id)
 
 
 class Signer(ABC):
@@ -101,6 +111,13 @@ class Signer(ABC):
     def sign(self, v: pb.Verdict) -> None:
         v.key_id = self.key_id
         v.signature = self._tag(verdict_bytes(v))
+
+    def sign_receipt(self, r: pb.Receipt) -> None:
+        r.key_id = self.key_id
+        r.signature = self._tag(receipt_signed_bytes(r))
+
+    def sign_bytes(self, data: bytes) -> bytes:
+        return self._tag(data)
 
     @staticmethod
     def from_file(path: str | os.PathLike[str] | None) -> Signer:
@@ -131,6 +148,15 @@ class Verifier(ABC):
     def verify(self, v: pb.Verdict) -> bool:
         return self._check(verdict_bytes(v), v.signature)
 
+    def verify_receipt(self, r: pb.Receipt) -> bool:
+        try:
+            return self._check(receipt_signed_bytes(r), r.signature)
+        except ValueError:
+            return False
+
+    def verify_bytes(self, data: bytes, signature: bytes) -> bool:
+        return self._check(data, signature)
+
     @staticmethod
     def from_file(path: str | os.PathLike[str]) -> Verifier:
         """The verifier for a key file: an Ed25519 PEM public key or an HMAC secret."""
@@ -144,6 +170,42 @@ class Verifier(ABC):
         if not isinstance(key, Ed25519PublicKey):
             raise SigningKeyError(f"{p} holds a {type(key).__name__}, an Ed25519 public key is required")
         return Ed25519Verifier(key)
+
+
+class TrustedKeys:
+    """The keys an adapter trusts, by key id: the sidecar's signing key can be rotated
+    (sign with B while adapters trust A and B, then drop A) without dropping sessions."""
+
+    def __init__(self, verifiers: Sequence[Verifier]) -> None:
+        if not verifiers:
+            raise SigningKeyError("no verification key given")
+        self.by_id = {v.key_id: v for v in verifiers}
+
+    @classmethod
+    def load(cls, keys: Verifier | str | os.PathLike[str] | Sequence[Verifier | str | os.PathLike[str]]) -> TrustedKeys:
+        items = [keys] if isinstance(keys, (Verifier, str, os.PathLike)) else list(keys)
+        return cls([k if isinstance(k, Verifier) else Verifier.from_file(k) for k in items])
+
+    @property
+    def key_ids(self) -> list[str]:
+        return sorted(self.by_id)
+
+    def trusts(self, key_id: str) -> bool:
+        return key_id in self.by_id
+
+    def verify(self, v: pb.Verdict) -> bool:
+        """The verdict's signature checks out under the trusted key it names."""
+        k = self.by_id.get(v.key_id)
+        return k is not None and k.verify(v)
+
+    def verify_receipt(self, r: pb.Receipt) -> bool:
+        k = self.by_id.get(r.key_id)
+        return k is not None and k.verify_receipt(r)
+
+    def check(self, key_id: str, data: bytes, signature: bytes) -> bool | None:
+        """For ledger.verify: None when no trusted key has that id."""
+        k = self.by_id.get(key_id)
+        return None if k is None else k.verify_bytes(data, signature)
 
 
 def ed25519_key_id(public: Ed25519PublicKey) -> str:

@@ -35,8 +35,10 @@ class TamperingServicer(pb_grpc.GuardServiceServicer):
         return session_opened(s, self.claimed_key_id)
 
     def CloseSession(self, request, context):
-        s = self.service.close_session(request.session_id, request.session_secret)
-        return pb.CloseSessionResponse(steps=s.next_step, chain_hash=s.chain_hash)
+        closed = self.service.close_session(request.session_id, request.session_secret)
+        return pb.CloseSessionResponse(
+            steps=closed.session.next_step, chain_hash=closed.session.chain_hash, receipt=closed.receipt
+        )
 
     def Steps(self, request_iterator, context):
         for req in request_iterator:
@@ -55,7 +57,7 @@ class TamperingServicer(pb_grpc.GuardServiceServicer):
                 elif self.mode == "bad_decision":
                     # an undefined decision in a consistent, properly signed verdict
                     v.decision = 7  # type: ignore[assignment]
-                    frame = chain.frame_bytes(v.session_id, v.step, v.token_id, v.decision, v.sampler, v.reasons)
+                    frame = chain.frame_bytes(v.session_id, v.step, v.token_id, v.decision, v.sampler, v.proposals, v.reasons)
                     v.chain_hash = chain.chain_next(v.prev_chain_hash, frame)
                 elif self.mode == "other_policy":
                     v.policy_digest = "0" * 64  # judged under a policy the session was not opened with
@@ -64,7 +66,7 @@ class TamperingServicer(pb_grpc.GuardServiceServicer):
                 elif self.mode == "out_of_vocab":
                     # a consistent chain and a valid signature around an impossible token
                     v.token_id = self.service.session(req.session_id).vocab_size
-                    frame = chain.frame_bytes(v.session_id, v.step, v.token_id, v.decision, v.sampler, v.reasons)
+                    frame = chain.frame_bytes(v.session_id, v.step, v.token_id, v.decision, v.sampler, v.proposals, v.reasons)
                     v.chain_hash = chain.chain_next(v.prev_chain_hash, frame)
                 if self.mode in ("wrong_session", "other_policy", "other_token", "out_of_vocab", "bad_decision"):
                     self.resigner.sign(v)  # properly signed by the trusted key: only binding checks catch it

@@ -138,7 +138,7 @@ def test_unary_step_gives_the_same_signed_verdict_as_the_stream(sidecar, client)
     req.session_id, req.session_secret = "stream", secrets["stream"]
     stream = next(iter(stub.Steps(iter([req]), timeout=5))).verdict
     assert unary.token_id == stream.token_id == 42
-    assert client.verifier.verify(unary) and client.verifier.verify(stream)
+    assert client.trusted.verify(unary) and client.trusted.verify(stream)
     refused = stub.Step(pb.StepRequest(session_id="unary", session_secret=secrets["unary"], step=5), timeout=5)
     assert refused.error.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
 

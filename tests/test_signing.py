@@ -6,6 +6,7 @@ import pytest
 
 from sidecar._pb.fse.v1 import guard_pb2 as pb
 from sidecar.core import chain
+from sidecar.core.sampling import SamplingParams
 from sidecar.errors import SigningKeyError
 from sidecar.signing import HmacSigner, Signer, Verifier, generate_hmac_key, generate_keypair, verdict_bytes
 
@@ -108,23 +109,41 @@ def test_missing_or_wrong_key_files_say_how_to_make_one(tmp_path) -> None:
         Signer.from_file(tmp_path / "junk.key")
 
 
-def test_genesis_follows_the_documented_bytes_and_differs_per_opening() -> None:
+def test_genesis_follows_the_documented_bytes_and_binds_every_field_of_the_opening() -> None:
+    import dataclasses
     import hashlib
     import struct
 
+    def s(v: bytes) -> bytes:
+        return struct.pack("<I", len(v)) + v
+
     nonce = bytes(range(16))
-    expected = hashlib.sha256(b"fse.v1.genesis" + struct.pack("<I", 1) + b"s" + struct.pack("<I", 16) + nonce).digest()
-    assert chain.genesis("s", nonce) == expected
-    assert chain.genesis("s", bytes(16)) != expected  # the same id opened again: another chain
+    sampling = SamplingParams(temperature=0.7, top_k=40, seed=3).canonical_bytes()
+    assert sampling == struct.pack("<dIdddIQ", 0.7, 40, 1.0, 0.0, 1.0, 64, 3)
+    o = chain.Opening("s", nonce, sampling, "p" * 64, "v" * 64, "llama.cpp:m.gguf", "k1")
+    expected = hashlib.sha256(
+        b"fse.v1.genesis" + s(b"s") + s(nonce) + s(sampling) + s(b"p" * 64) + s(b"v" * 64) + s(b"llama.cpp:m.gguf") + s(b"k1")
+    ).digest()
+    assert o.genesis() == expected
+    other_sampling = SamplingParams(temperature=0.7, top_k=41, seed=3).canonical_bytes()
+    for change in ({"opening_nonce": bytes(16)}, {"sampling": other_sampling}, {"policy_digest": "q"}, {"vocab_digest": "w"},
+                   {"model_id": "other"}, {"key_id": "k2"}):  # fmt: skip
+        assert dataclasses.replace(o, **change).genesis() != expected, change
 
 
-def test_chain_links_each_frame_to_the_previous_hash() -> None:
-    g = chain.genesis("s", bytes(16))
-    f1 = chain.frame_bytes("s", 0, 5, 1, 1, [])
+def test_chain_links_each_frame_to_the_previous_hash_and_binds_the_proposals() -> None:
+    from sidecar.core.guards import Sampler
+    from sidecar.core.redo import ProposalRecord
+
+    g = chain.Opening("s", bytes(16), b"", "", "", "", "").genesis()
+    normal = [ProposalRecord(5, Sampler.NORMAL, 0)]
+    f1 = chain.frame_bytes("s", 0, 5, 1, 1, normal, [])
     h1 = chain.chain_next(g, f1)
-    h2 = chain.chain_next(h1, chain.frame_bytes("s", 1, 6, 1, 1, []))
+    h2 = chain.chain_next(h1, chain.frame_bytes("s", 1, 6, 1, 1, [ProposalRecord(6, Sampler.NORMAL, 0)], []))
     assert len({g, h1, h2}) == 3
-    assert chain.chain_next(g, chain.frame_bytes("s", 0, 6, 1, 1, [])) != h1
+    assert chain.chain_next(g, chain.frame_bytes("s", 0, 6, 1, 1, normal, [])) != h1
+    redo = [ProposalRecord(9, Sampler.NORMAL, 0), ProposalRecord(5, Sampler.STRICT, 0)]
+    assert chain.chain_next(g, chain.frame_bytes("s", 0, 5, 1, 1, redo, [])) != h1  # the same token after another proposal
     with pytest.raises(ValueError, match="32 bytes"):
         chain.chain_next(b"short", f1)
 
@@ -195,5 +214,10 @@ def test_verdict_bytes_follow_the_documented_layout() -> None:
         + s("ab" * 32)
         + le("II", pb.GATE_BAND_STRICT, pb.GATE_BAND_DRIFTING)
         + le("ddddd", 0.625, 4.5, 3.25, 90.0, 7.5)
+        + le("I", 2)  # proposals: token, sampler, how many of the reasons it tripped
+        + le("qII", 33, pb.SAMPLER_NORMAL, 1)
+        + le("qII", 34, pb.SAMPLER_NORMAL, 1)
     )
+    v.proposals.add(token_id=33, sampler=pb.SAMPLER_NORMAL, reasons=1)
+    v.proposals.add(token_id=34, sampler=pb.SAMPLER_NORMAL, reasons=1)
     assert verdict_bytes(v) == expected

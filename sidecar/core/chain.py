@@ -1,15 +1,16 @@
-"""The audit hash chain (pure): canonical frame bytes and the chain step.
+"""The audit hash chain (pure): canonical genesis, frame and receipt bytes.
 
-chain_hash(step) = SHA-256(chain_hash(step - 1) || frame_bytes(step)), starting from
-genesis(session_id, opening_nonce). Frame bytes hold only deterministic fields (no timestamp), so the
-same logits, config and seed give the same chain; the canonical encoding is written up
-in proto/fse/v1/VERDICT.md.
+chain_hash(step) = SHA-256(chain_hash(step - 1) || frame_bytes(step)), starting from the
+genesis hash, which binds everything the session was opened with. Frame bytes hold only
+deterministic fields (no timestamp), so the same logits, config and seed give the same
+chain; the canonical encoding is written up in proto/fse/v1/VERDICT.md.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Protocol
 
 from . import canonical as cb
@@ -38,10 +39,43 @@ class ReasonLike(Protocol):
     def span_end(self) -> int: ...
 
 
-def genesis(session_id: str, opening_nonce: bytes) -> bytes:
-    """SHA-256("fse.v1.genesis" | str session_id | blob opening_nonce): unique per opening,
-    so a verdict of an earlier opening of the same id never links to this one."""
-    return hashlib.sha256(b"fse.v1.genesis" + cb.string(session_id) + cb.blob(opening_nonce)).digest()
+class ProposalLike(Protocol):
+    """A :class:`~sidecar.core.redo.ProposalRecord` or an ``fse.v1.Proposal``."""
+
+    @property
+    def token_id(self) -> int: ...
+    @property
+    def sampler(self) -> int: ...
+    @property
+    def reasons(self) -> int: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Opening:
+    """What a session was opened with: the genesis hash binds all of it."""
+
+    session_id: str
+    opening_nonce: bytes
+    sampling: bytes  # SamplingParams.canonical_bytes() of the effective parameters
+    policy_digest: str
+    vocab_digest: str
+    model_id: str
+    key_id: str
+
+    def genesis(self) -> bytes:
+        """SHA-256("fse.v1.genesis" | str session_id | blob opening_nonce | blob sampling
+        | str policy_digest | str vocab_digest | str model_id | str key_id): unique per
+        opening, so a verdict of an earlier opening of the same id never links here."""
+        return hashlib.sha256(
+            b"fse.v1.genesis"
+            + cb.string(self.session_id)
+            + cb.blob(self.opening_nonce)
+            + cb.blob(self.sampling)
+            + cb.string(self.policy_digest)
+            + cb.string(self.vocab_digest)
+            + cb.string(self.model_id)
+            + cb.string(self.key_id)
+        ).digest()
 
 
 def reason_bytes(r: ReasonLike) -> bytes:
@@ -67,7 +101,27 @@ def reasons_bytes(reasons: Iterable[ReasonLike]) -> bytes:
     return cb.u32(len(items)) + b"".join(reason_bytes(r) for r in items)
 
 
-def frame_bytes(session_id: str, step: int, token: int, decision: int, sampler: int, reasons: Iterable[ReasonLike]) -> bytes:
+def reasons_digest(reasons: Iterable[ReasonLike]) -> bytes:
+    return hashlib.sha256(reasons_bytes(reasons)).digest()
+
+
+def proposals_bytes(proposals: Iterable[ProposalLike]) -> bytes:
+    """u32 count, then i64 token_id | u32 sampler | u32 reasons of each proposal in order."""
+    items = list(proposals)
+    return cb.u32(len(items)) + b"".join(cb.i64(p.token_id) + cb.u32(int(p.sampler)) + cb.u32(p.reasons) for p in items)
+
+
+def frame_bytes(
+    session_id: str,
+    step: int,
+    token: int,
+    decision: int,
+    sampler: int,
+    proposals: Iterable[ProposalLike],
+    reasons: Iterable[ReasonLike],
+) -> bytes:
+    """ "fse.v1.frame" | str session_id | u64 step | i64 token_id | u32 decision | u32 sampler
+    | proposals_bytes | SHA-256(reasons_bytes) (VERDICT.md)."""
     return b"".join(
         [
             b"fse.v1.frame",
@@ -76,7 +130,8 @@ def frame_bytes(session_id: str, step: int, token: int, decision: int, sampler: 
             cb.i64(token),
             cb.u32(decision),
             cb.u32(sampler),
-            hashlib.sha256(reasons_bytes(reasons)).digest(),
+            proposals_bytes(proposals),
+            reasons_digest(reasons),
         ]
     )
 
@@ -85,3 +140,44 @@ def chain_next(prev: bytes, frame: bytes) -> bytes:
     if len(prev) != 32:
         raise ValueError(f"previous chain hash must be 32 bytes, got {len(prev)}")
     return hashlib.sha256(prev + frame).digest()
+
+
+@dataclass(frozen=True, slots=True)
+class Tally:
+    """The decisions of a session's steps, and the wall-clock span they took."""
+
+    accepted: int = 0
+    healed: int = 0
+    aborted: int = 0
+    first_timestamp_ns: int = 0
+    last_timestamp_ns: int = 0
+
+    @property
+    def steps(self) -> int:
+        return self.accepted + self.healed + self.aborted
+
+    def add(self, decision: int, timestamp_ns: int) -> Tally:
+        counts = [self.accepted, self.healed, self.aborted]
+        counts[decision - 1] += 1  # fse.v1.Decision: 1 ACCEPT, 2 HEALED, 3 ABORT
+        first = self.first_timestamp_ns or timestamp_ns
+        return Tally(counts[0], counts[1], counts[2], first, timestamp_ns)
+
+
+def receipt_bytes(
+    session_id: str, genesis_hash: bytes, chain_hash: bytes, tally: Tally, policy_digest: str, key_id: str
+) -> bytes:
+    """ "fse.v1.receipt" | str session_id | blob genesis_hash | blob chain_hash | u64 steps
+    | u64 accepted | u64 healed | u64 aborted | u64 first_timestamp_ns
+    | u64 last_timestamp_ns | str policy_digest | str key_id (VERDICT.md)."""
+    t = tally
+    return b"".join(
+        [
+            b"fse.v1.receipt",
+            cb.string(session_id),
+            cb.blob(genesis_hash),
+            cb.blob(chain_hash),
+            *(cb.u64(n) for n in (t.steps, t.accepted, t.healed, t.aborted, t.first_timestamp_ns, t.last_timestamp_ns)),
+            cb.string(policy_digest),
+            cb.string(key_id),
+        ]
+    )

@@ -42,13 +42,28 @@ class Decision(IntEnum):
 
 
 @dataclass(frozen=True, slots=True)
+class ProposalRecord:
+    """One candidate the redo proposed (the audit's record of it; fse.v1.Proposal)."""
+
+    token_id: int  # -1: the sampler had no allowed token left
+    sampler: Sampler
+    reasons: int  # how many of the outcome's reasons, in order, this proposal tripped
+
+
+@dataclass(frozen=True, slots=True)
 class StepOutcome:
     decision: Decision
     token: int  # -1 on ABORT
     sampler: Sampler | None  # which attempt is committed; None on ABORT
     metrics: TokenMetrics  # of the committed candidate (of the last attempt on ABORT)
-    reasons: tuple[Trip, ...]
+    reasons: tuple[Trip, ...]  # each proposal's trips in proposal order, then the step's own
     proposal: Proposal | None = None  # the committed proposal; None on ABORT
+    proposals: tuple[ProposalRecord, ...] = ()  # every proposal, in the order made
+
+    def aborted(self, trip: Trip) -> StepOutcome:
+        """This outcome turned into an ABORT for ``trip`` (a step-wide reason, e.g. the
+        audit could not record it): its proposals stay on record, nothing is committed."""
+        return StepOutcome(Decision.ABORT, -1, None, self.metrics, (*self.reasons, trip), None, self.proposals)
 
 
 _DEFAULT_BOUNDS = RedoBounds()
@@ -123,6 +138,7 @@ def decide(
         return StepOutcome(Decision.ABORT, -1, None, nan_metrics, (trip,))
 
     reasons: list[Trip] = []
+    made: list[ProposalRecord] = []
     banned: list[int] = []
     sampler = Sampler.STRICT if any(ev.strict() for ev in evaluators) else Sampler.NORMAL
     normal_tries = 0
@@ -136,17 +152,20 @@ def decide(
         if token < 0:
             why = f"every token is excluded by the policy ({len(banned)} blocked in this step)"
             reasons.append(Trip("no_allowed_token", float(len(banned)), 0.0, sampler, why, Action.HALT))
-            return StepOutcome(Decision.ABORT, -1, None, m or token_metrics(row, stats, 0, ppl_sum, generated), tuple(reasons))
+            made.append(ProposalRecord(-1, sampler, 1))
+            m = m or token_metrics(row, stats, 0, ppl_sum, generated)
+            return StepOutcome(Decision.ABORT, -1, None, m, tuple(reasons), None, tuple(made))
         m = token_metrics(row, stats, token, ppl_sum, generated, banned)
         p = Proposal(token, sampler, m, step, generated, attempt, now_s)
         trips = [t for ev in evaluators for t in ev.check(p)]
         reasons += trips
+        made.append(ProposalRecord(token, sampler, len(trips)))
         actions = {t.action for t in trips if t.rejects}
         if not actions:
             healed = any(t.rejects for t in reasons)
-            return StepOutcome(Decision.HEALED if healed else Decision.ACCEPT, token, sampler, m, tuple(reasons), p)
+            return StepOutcome(Decision.HEALED if healed else Decision.ACCEPT, token, sampler, m, tuple(reasons), p, tuple(made))
         if Action.HALT in actions or (Action.REDO in actions and sampler == Sampler.STRICT):
-            return StepOutcome(Decision.ABORT, -1, None, m, tuple(reasons))
+            return StepOutcome(Decision.ABORT, -1, None, m, tuple(reasons), None, tuple(made))
         if Action.BLOCK in actions:
             banned.append(token)
         if Action.REDO in actions or normal_tries > bounds.max_block_retries:
@@ -154,4 +173,4 @@ def decide(
     why = f"no allowed token within max_proposals ({bounds.max_proposals})"
     reasons.append(Trip("redo_exhausted", float(bounds.max_proposals), 0.0, sampler, why, Action.HALT))
     assert m is not None
-    return StepOutcome(Decision.ABORT, -1, None, m, tuple(reasons))
+    return StepOutcome(Decision.ABORT, -1, None, m, tuple(reasons), None, tuple(made))

@@ -60,6 +60,20 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature <= 0.0
 
+    def canonical_bytes(self) -> bytes:
+        """f64 temperature | u32 top_k | f64 top_p | f64 min_p | f64 repetition_penalty
+        | u32 repetition_window | u64 seed: the effective values (VERDICT.md, genesis)."""
+        return struct.pack(
+            "<dIdddIQ",
+            self.temperature,
+            self.top_k,
+            self.top_p,
+            self.min_p,
+            self.repetition_penalty,
+            self.repetition_window,
+            self.seed,
+        )
+
 
 def uniform(seed: int, step: int) -> float:
     """The step's uniform draw in [0, 1): the top 53 bits of SHA-256("fse.v1.rng"|seed|step)."""

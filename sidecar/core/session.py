@@ -47,16 +47,23 @@ class Session:
     aborted: bool = False
     ring_name: str = ""
     last_active: float = 0.0  # monotonic seconds of the last open/step (set by the service)
-    opening_nonce: bytes = b""  # fresh per opening (the service draws it): in the genesis
+    # What it was opened with (the service fills it: a fresh nonce, the digests, the
+    # model and key ids); the genesis hash binds it. None: a bare session (tests).
+    opening: chain.Opening | None = None
     secret: bytes = field(default=b"", repr=False)  # the opener's credential (the service draws it)
     evaluators: list[Evaluator] = field(init=False)
+    genesis_hash: bytes = field(init=False, default=b"")
+    tally: chain.Tally = field(init=False, default_factory=chain.Tally)
 
     def __post_init__(self) -> None:
         if not SESSION_ID.fullmatch(self.session_id):
             # the id itself is not echoed: it may be huge or hold control characters
             raise InvalidSessionId(f"session_id must match {SESSION_ID.pattern} (got {len(self.session_id.encode())} bytes)")
+        if self.opening is None:
+            self.opening = chain.Opening(self.session_id, b"", self.params.canonical_bytes(), self.policy.digest, "", "", "")
+        self.genesis_hash = self.opening.genesis()
         if not self.chain_hash:
-            self.chain_hash = chain.genesis(self.session_id, self.opening_nonce)
+            self.chain_hash = self.genesis_hash
         # In this order: the order of their trips in a verdict.
         pol = self.policy
         self._trim_history()
@@ -94,19 +101,28 @@ class Session:
             row, stats, self.history, self.params, self.evaluators, self.ppl_sum, self.generated, step, self.policy.redo, now_s
         )
 
-    def commit(self, step: int, outcome: StepOutcome) -> tuple[bytes, bytes]:
-        """Apply ``outcome``; returns (previous chain hash, new chain hash)."""
-        self.check_step(step)
-        prev = self.chain_hash
+    def next_chain_hash(self, step: int, outcome: StepOutcome) -> bytes:
+        """The chain hash that committing ``outcome`` at ``step`` would give (nothing changes)."""
         frame = chain.frame_bytes(
             self.session_id,
             step,
             outcome.token,
             int(outcome.decision),
             int(outcome.sampler or 0),
+            outcome.proposals,
             outcome.reasons,
         )
-        self.chain_hash = chain.chain_next(prev, frame)
+        return chain.chain_next(self.chain_hash, frame)
+
+    def commit(self, step: int, outcome: StepOutcome, timestamp_ns: int = 0) -> tuple[bytes, bytes]:
+        """Apply ``outcome``; returns (previous chain hash, new chain hash).
+
+        ``timestamp_ns``: the step's wall-clock time, for the receipt's tally only (it
+        never enters the chain)."""
+        self.check_step(step)
+        prev = self.chain_hash
+        self.chain_hash = self.next_chain_hash(step, outcome)
+        self.tally = self.tally.add(int(outcome.decision), timestamp_ns)
         self.next_step = step + 1
         if outcome.decision == Decision.ABORT:
             self.aborted = True

@@ -108,20 +108,22 @@ class RegisterVocabularyResponse(_message.Message):
     def __init__(self, vocab_digest: _Optional[str] = ..., vocab_size: _Optional[int] = ...) -> None: ...
 
 class OpenSessionRequest(_message.Message):
-    __slots__ = ("session_id", "vocab_digest", "sampling", "policy", "prompt_token_ids", "ring_name")
+    __slots__ = ("session_id", "vocab_digest", "sampling", "policy", "prompt_token_ids", "ring_name", "model_id")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     VOCAB_DIGEST_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     RING_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     vocab_digest: str
     sampling: SamplingParams
     policy: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     ring_name: str
-    def __init__(self, session_id: _Optional[str] = ..., vocab_digest: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., policy: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., ring_name: _Optional[str] = ...) -> None: ...
+    model_id: str
+    def __init__(self, session_id: _Optional[str] = ..., vocab_digest: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., policy: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., ring_name: _Optional[str] = ..., model_id: _Optional[str] = ...) -> None: ...
 
 class OpenSessionResponse(_message.Message):
     __slots__ = ("session_id", "opening_nonce", "session_secret", "policy_digest", "session_tag", "genesis_hash", "key_id")
@@ -150,14 +152,44 @@ class CloseSessionRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., session_secret: _Optional[bytes] = ...) -> None: ...
 
 class CloseSessionResponse(_message.Message):
-    __slots__ = ("steps", "chain_hash", "final_hits")
+    __slots__ = ("steps", "chain_hash", "final_hits", "receipt")
     STEPS_FIELD_NUMBER: _ClassVar[int]
     CHAIN_HASH_FIELD_NUMBER: _ClassVar[int]
     FINAL_HITS_FIELD_NUMBER: _ClassVar[int]
+    RECEIPT_FIELD_NUMBER: _ClassVar[int]
     steps: int
     chain_hash: bytes
     final_hits: _containers.RepeatedCompositeFieldContainer[Reason]
-    def __init__(self, steps: _Optional[int] = ..., chain_hash: _Optional[bytes] = ..., final_hits: _Optional[_Iterable[_Union[Reason, _Mapping]]] = ...) -> None: ...
+    receipt: Receipt
+    def __init__(self, steps: _Optional[int] = ..., chain_hash: _Optional[bytes] = ..., final_hits: _Optional[_Iterable[_Union[Reason, _Mapping]]] = ..., receipt: _Optional[_Union[Receipt, _Mapping]] = ...) -> None: ...
+
+class Receipt(_message.Message):
+    __slots__ = ("session_id", "genesis_hash", "chain_hash", "steps", "accepted", "healed", "aborted", "first_timestamp_ns", "last_timestamp_ns", "policy_digest", "key_id", "signature")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    GENESIS_HASH_FIELD_NUMBER: _ClassVar[int]
+    CHAIN_HASH_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    HEALED_FIELD_NUMBER: _ClassVar[int]
+    ABORTED_FIELD_NUMBER: _ClassVar[int]
+    FIRST_TIMESTAMP_NS_FIELD_NUMBER: _ClassVar[int]
+    LAST_TIMESTAMP_NS_FIELD_NUMBER: _ClassVar[int]
+    POLICY_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    genesis_hash: bytes
+    chain_hash: bytes
+    steps: int
+    accepted: int
+    healed: int
+    aborted: int
+    first_timestamp_ns: int
+    last_timestamp_ns: int
+    policy_digest: str
+    key_id: str
+    signature: bytes
+    def __init__(self, session_id: _Optional[str] = ..., genesis_hash: _Optional[bytes] = ..., chain_hash: _Optional[bytes] = ..., steps: _Optional[int] = ..., accepted: _Optional[int] = ..., healed: _Optional[int] = ..., aborted: _Optional[int] = ..., first_timestamp_ns: _Optional[int] = ..., last_timestamp_ns: _Optional[int] = ..., policy_digest: _Optional[str] = ..., key_id: _Optional[str] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class ReloadPolicyRequest(_message.Message):
     __slots__ = ()
@@ -273,7 +305,7 @@ class StreamState(_message.Message):
     def __init__(self, band: _Optional[_Union[GateBand, str]] = ..., pending: _Optional[_Union[GateBand, str]] = ..., risk: _Optional[float] = ..., window_neg_logprob_nats: _Optional[float] = ..., window_entropy_nats: _Optional[float] = ..., window_ppl: _Optional[float] = ..., e_value: _Optional[float] = ...) -> None: ...
 
 class Verdict(_message.Message):
-    __slots__ = ("session_id", "step", "decision", "token_id", "sampler", "reasons", "metrics", "band", "prev_chain_hash", "chain_hash", "key_id", "signature", "policy_digest", "stream")
+    __slots__ = ("session_id", "step", "decision", "token_id", "sampler", "reasons", "metrics", "band", "prev_chain_hash", "chain_hash", "key_id", "signature", "policy_digest", "stream", "proposals")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     DECISION_FIELD_NUMBER: _ClassVar[int]
@@ -288,6 +320,7 @@ class Verdict(_message.Message):
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     POLICY_DIGEST_FIELD_NUMBER: _ClassVar[int]
     STREAM_FIELD_NUMBER: _ClassVar[int]
+    PROPOSALS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     step: int
     decision: Decision
@@ -302,7 +335,18 @@ class Verdict(_message.Message):
     signature: bytes
     policy_digest: str
     stream: StreamState
-    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., decision: _Optional[_Union[Decision, str]] = ..., token_id: _Optional[int] = ..., sampler: _Optional[_Union[Sampler, str]] = ..., reasons: _Optional[_Iterable[_Union[Reason, _Mapping]]] = ..., metrics: _Optional[_Union[TokenMetrics, _Mapping]] = ..., band: _Optional[_Union[HealthBand, str]] = ..., prev_chain_hash: _Optional[bytes] = ..., chain_hash: _Optional[bytes] = ..., key_id: _Optional[str] = ..., signature: _Optional[bytes] = ..., policy_digest: _Optional[str] = ..., stream: _Optional[_Union[StreamState, _Mapping]] = ...) -> None: ...
+    proposals: _containers.RepeatedCompositeFieldContainer[Proposal]
+    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., decision: _Optional[_Union[Decision, str]] = ..., token_id: _Optional[int] = ..., sampler: _Optional[_Union[Sampler, str]] = ..., reasons: _Optional[_Iterable[_Union[Reason, _Mapping]]] = ..., metrics: _Optional[_Union[TokenMetrics, _Mapping]] = ..., band: _Optional[_Union[HealthBand, str]] = ..., prev_chain_hash: _Optional[bytes] = ..., chain_hash: _Optional[bytes] = ..., key_id: _Optional[str] = ..., signature: _Optional[bytes] = ..., policy_digest: _Optional[str] = ..., stream: _Optional[_Union[StreamState, _Mapping]] = ..., proposals: _Optional[_Iterable[_Union[Proposal, _Mapping]]] = ...) -> None: ...
+
+class Proposal(_message.Message):
+    __slots__ = ("token_id", "sampler", "reasons")
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    SAMPLER_FIELD_NUMBER: _ClassVar[int]
+    REASONS_FIELD_NUMBER: _ClassVar[int]
+    token_id: int
+    sampler: Sampler
+    reasons: int
+    def __init__(self, token_id: _Optional[int] = ..., sampler: _Optional[_Union[Sampler, str]] = ..., reasons: _Optional[int] = ...) -> None: ...
 
 class StepError(_message.Message):
     __slots__ = ("session_id", "step", "code", "message")

@@ -1,0 +1,53 @@
+"""Conversions between fse.v1 messages and the pure core's types (both sides use them)."""
+
+from __future__ import annotations
+
+from typing import cast
+
+from ._pb.fse.v1 import guard_pb2 as pb
+from .core.chain import ReasonLike
+from .core.redo import ProposalRecord
+from .core.sampling import SamplingParams
+
+
+def params_from_pb(p: pb.SamplingParams) -> SamplingParams:
+    """The effective sampling parameters of a request (unset fields take their defaults)."""
+    return SamplingParams(
+        temperature=p.temperature,
+        top_k=p.top_k,
+        top_p=p.top_p if p.HasField("top_p") else 1.0,
+        min_p=p.min_p,
+        repetition_penalty=p.repetition_penalty if p.HasField("repetition_penalty") else 1.0,
+        repetition_window=p.repetition_window if p.HasField("repetition_window") else 64,
+        seed=p.seed,
+    )
+
+
+def params_to_pb(p: SamplingParams) -> pb.SamplingParams:
+    return pb.SamplingParams(
+        temperature=p.temperature,
+        top_k=p.top_k,
+        top_p=p.top_p,
+        min_p=p.min_p,
+        repetition_penalty=p.repetition_penalty,
+        repetition_window=p.repetition_window,
+        seed=p.seed,
+    )
+
+
+def reason(t: ReasonLike) -> pb.Reason:
+    return pb.Reason(
+        code=t.code,
+        value=t.value,
+        threshold=t.threshold,
+        sampler=cast(pb.Sampler, int(t.sampler)),
+        detail=t.detail,
+        action=cast(pb.Action, int(t.action)),
+        token_id=t.token_id,
+        span_start=t.span_start,
+        span_end=t.span_end,
+    )
+
+
+def proposal(p: ProposalRecord) -> pb.Proposal:
+    return pb.Proposal(token_id=p.token_id, sampler=cast(pb.Sampler, int(p.sampler)), reasons=p.reasons)
