@@ -1,4 +1,4 @@
-"""``fse-sidecar`` command line: serve, demo, bench, keygen (also ``python -m sidecar``)."""
+"""``fse-sidecar`` command line: serve, demo, bench, keygen, audit (also ``python -m sidecar``)."""
 
 from __future__ import annotations
 
@@ -49,6 +49,38 @@ def _keygen(args: argparse.Namespace) -> int:
     print(f"private key: {priv} (mode 0600; give it to the sidecar as signing_key_file)")
     print(f"public key:  {pub} (give it to the engine adapters)")
     print(f"key id:      {Verifier.from_file(pub).key_id}")
+    return 0
+
+
+def _audit_verify(args: argparse.Namespace) -> int:
+    """Exit 0: intact (closed, or an unclosed prefix, said so); 1: the first bad record named."""
+    import json
+
+    from .core import ledger
+    from .signing import TrustedKeys
+
+    try:
+        lines = args.file.read_bytes().splitlines(keepends=True)
+        receipt = json.loads(args.receipt.read_text()) if args.receipt else None
+    except OSError as exc:
+        raise FseError(f"cannot read {exc.filename}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise FseError(f"--receipt {args.receipt} is not a JSON receipt: {exc}") from None
+    if receipt is not None and not isinstance(receipt, dict):
+        raise FseError(f"--receipt {args.receipt} is not a JSON object")
+    check = TrustedKeys.load(args.public_key).check if args.public_key else None
+    rep = ledger.verify(lines, receipt, check)
+    t = rep.tally
+    counts = f"{t.accepted} accepted, {t.healed} healed, {t.aborted} aborted"
+    if not rep.ok:
+        print(f"{args.file}: BROKEN at line {rep.bad_line}: {rep.error}")
+        print(f"intact before it: session {rep.session_id or '?'}, {rep.frames} frames ({counts})")
+        return 1
+    state = "closed, receipt matches" if rep.closed else "NOT CLOSED (the sidecar stopped before CloseSession): intact prefix"
+    print(f"{args.file}: intact: session {rep.session_id}, {rep.frames} frames ({counts}), {state}")
+    print(f"chain head {rep.chain_hash}")
+    for note in rep.notes:
+        print(f"note: {note}")
     return 0
 
 
@@ -103,6 +135,19 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--config", type=Path, help="sidecar YAML (default: the built-in demo policy)")
     d.add_argument("--model", type=Path, help="GGUF file (default: the embedded SmolLM2-135M)")
     d.set_defaults(func=_demo)
+
+    a = sub.add_parser("audit", help="audit files: 'audit verify FILE'")
+    asub = a.add_subparsers(dest="audit_command", required=True, metavar="SUBCOMMAND")
+    av = asub.add_parser("verify", help="check an .audit file's chain, genesis and receipt; exit 1 at the first bad frame")
+    av.add_argument("file", type=Path, help="the .audit file")
+    av.add_argument("--receipt", type=Path, help="a receipt the adapter kept (JSON): the file must match it")
+    av.add_argument(
+        "--public-key",
+        type=Path,
+        action="append",
+        help="a key that may have signed the receipt (repeat during a key rotation); without one, signatures are not checked",
+    )
+    av.set_defaults(func=_audit_verify)
 
     b = sub.add_parser(
         "bench",

@@ -51,3 +51,22 @@ def reason(t: ReasonLike) -> pb.Reason:
 
 def proposal(p: ProposalRecord) -> pb.Proposal:
     return pb.Proposal(token_id=p.token_id, sampler=cast(pb.Sampler, int(p.sampler)), reasons=p.reasons)
+
+
+def receipt_json(r: pb.Receipt) -> dict[str, object]:
+    """A receipt as ``fse-sidecar audit verify --receipt`` reads it (and as the audit
+    file's close record holds it): bytes in hex."""
+    return {
+        "session_id": r.session_id,
+        "genesis_hash": r.genesis_hash.hex(),
+        "chain_hash": r.chain_hash.hex(),
+        "steps": r.steps,
+        "accepted": r.accepted,
+        "healed": r.healed,
+        "aborted": r.aborted,
+        "first_timestamp_ns": r.first_timestamp_ns,
+        "last_timestamp_ns": r.last_timestamp_ns,
+        "policy_digest": r.policy_digest,
+        "key_id": r.key_id,
+        "signature": r.signature.hex(),
+    }
