@@ -134,6 +134,53 @@ def bench_transport(ed: LocalSidecar, hm: LocalSidecar, rounds: int, paced_round
     return rows
 
 
+AUDIT_MODES = ("off", "close", "interval", "every_frame")
+
+
+def bench_audit(workdir: Path, rounds: int) -> dict[str, Any]:
+    """Step latency with the audit off and on under each fsync policy: one sidecar each,
+    the same rows, stepped in turn round after round (49k ids, the embedded model's)."""
+    from engine_adapters.client import GuardClient
+
+    from .ring import RingWriter
+
+    vocab = 49152
+    tokens = [i.to_bytes(4, "little") for i in range(vocab)]
+    rng = np.random.default_rng(2)
+    pool = [(rng.standard_normal(vocab) * 3).astype(np.float32) for _ in range(8)]
+    sidecars, clients, rings, sessions = {}, {}, {}, {}
+    try:
+        for mode in AUDIT_MODES:
+            d = workdir / f"audit-{mode}"
+            d.mkdir()
+            audit = {} if mode == "off" else {"audit": {"dir": str(d / "files"), "fsync": mode}}
+            sidecars[mode] = start_local_sidecar(d, {**BENCH_CONFIG, **audit})
+        for mode, sc in sidecars.items():
+            clients[mode] = GuardClient(sc.target, sc.public_key, step_timeout=5.0)
+            clients[mode].wait_ready(30)
+            digest = clients[mode].register_vocabulary(tokens)
+            rings[mode] = RingWriter.create(slots=2, vocab_size=vocab)
+            sessions[mode] = clients[mode].open_session(digest, SAMPLING, ring=rings[mode], policy=SYNTHETIC)
+        t = _interleave(_transport_calls({}, sessions, pool), rounds, 0.0)
+        files = {
+            mode: sum(f.stat().st_size for f in (workdir / f"audit-{mode}" / "files").glob("*.audit")) for mode in AUDIT_MODES[1:]
+        }
+    finally:
+        for s in sessions.values():
+            s.close()
+        for r in rings.values():
+            r.close()
+        for c in clients.values():
+            c.close()
+        for sc in sidecars.values():
+            sc.stop()
+    out: dict[str, Any] = {"vocab": vocab, "rounds": rounds, **{m: _summ(t[m]) for m in AUDIT_MODES}}
+    for m in AUDIT_MODES[1:]:
+        out[f"{m}_over_off_median"] = _median_ratio(t[m], t["off"])
+        out[f"{m}_bytes_per_frame"] = files[m] / max(len(t[m]) + 50, 1)  # + the warm-up steps
+    return out
+
+
 def bench_metrics(reps: int) -> list[dict[str, Any]]:
     """Row statistics plus one candidate's metrics, for the top-1 token (greedy and most
     samples: the rank needs no pass) and for another token (the rank counts a pass)."""
@@ -306,6 +353,8 @@ def run_bench(args: argparse.Namespace) -> int:
             result["transport"] = bench_transport(ed, hm, args.rounds, max(args.rounds // 10, 50))
             print("metrics ...", file=sys.stderr)
             result["metrics"] = bench_metrics(args.rounds)
+            print("audit ...", file=sys.stderr)
+            result["audit"] = bench_audit(Path(tmp), args.rounds)
             if not args.skip_model:
                 print("model ...", file=sys.stderr)
                 result["model"] = bench_model(ed, hm, args.tokens, args.repeats)
@@ -347,6 +396,23 @@ def run_bench(args: argparse.Namespace) -> int:
                     f"{r['partition_top2_us']:.1f}",
                 ]
                 for r in result["metrics"]
+            ],
+        )
+    )
+    a = result["audit"]
+    print()
+    print(
+        _table(
+            f"step latency with the audit file (µs, p50 / p99; {a['vocab']} ids; ratio = median of per-round ratios to off)",
+            ["audit", "step", "ratio", "bytes/frame"],
+            [
+                [
+                    m if m == "off" else f"on, fsync {m}",
+                    f"{a[m]['p50_us']:.0f} / {a[m]['p99_us']:.0f}",
+                    "1.00x" if m == "off" else f"{a[m + '_over_off_median']:.2f}x",
+                    "" if m == "off" else f"{a[m + '_bytes_per_frame']:.0f}",
+                ]
+                for m in AUDIT_MODES
             ],
         )
     )

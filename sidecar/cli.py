@@ -1,4 +1,4 @@
-"""``fse-sidecar`` command line: serve, demo, bench, keygen, audit (also ``python -m sidecar``)."""
+"""``fse-sidecar`` command line: serve, demo, bench, keygen, audit, replay (also ``python -m sidecar``)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,12 @@ def _serve(args: argparse.Namespace) -> int:
     from .server import serve
     from .signing import Signer
 
-    config = load_config(args.config, overrides={"listen": args.listen} if args.listen else None)
+    overrides: dict[str, object] = {}
+    if args.listen:
+        overrides["listen"] = args.listen
+    if args.record:
+        overrides["record_dir"] = str(args.record)
+    config = load_config(args.config, overrides=overrides or None)
     signer = Signer.from_file(config.signing_key_file)  # refuses to start without a key
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
@@ -84,6 +89,12 @@ def _audit_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _replay(args: argparse.Namespace) -> int:
+    from .replay import run_replay
+
+    return run_replay(args)
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -115,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="run the sidecar (gRPC on a Unix socket by default)")
     s.add_argument("--config", required=True, type=Path, help="YAML configuration file")
     s.add_argument("--listen", help="override listen (unix:///path.sock or tcp://host:port)")
+    s.add_argument("--record", type=Path, help="record every session (opening, rows, ledger) under DIR for 'replay'")
     s.set_defaults(func=_serve)
 
     k = sub.add_parser("keygen", help="write a key for signing verdicts (Ed25519 pair by default)")
@@ -135,6 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--config", type=Path, help="sidecar YAML (default: the built-in demo policy)")
     d.add_argument("--model", type=Path, help="GGUF file (default: the embedded SmolLM2-135M)")
     d.set_defaults(func=_demo)
+
+    r = sub.add_parser("replay", help="judge a recording (serve --record DIR) again; exit 1 if any decision differs")
+    r.add_argument("dir", type=Path, help="the recording directory")
+    r.add_argument("--config", type=Path, help="judge with this file's policies instead of the recorded ones")
+    r.set_defaults(func=_replay)
 
     a = sub.add_parser("audit", help="audit files: 'audit verify FILE'")
     asub = a.add_subparsers(dest="audit_command", required=True, metavar="SUBCOMMAND")

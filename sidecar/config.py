@@ -270,6 +270,8 @@ class SidecarConfig(_Strict):
     tls: TlsConfig | None = None
     allow_insecure_tcp: bool = False
     audit: AuditConfig = Field(default_factory=AuditConfig)
+    # serve --record DIR: every session's opening, rows and ledger, for `fse-sidecar replay`.
+    record_dir: Path | None = None
 
     @field_validator("listen")
     @classmethod

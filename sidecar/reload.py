@@ -54,8 +54,10 @@ class PolicyReloader:
             try:
                 pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
                 try:
-                    # --listen given on the command line stays what it was
-                    config, policies = await loop.run_in_executor(pool, _load_and_compile, path, self.service.config.listen)
+                    # --listen and --record given on the command line stay what they were
+                    config, policies = await loop.run_in_executor(
+                        pool, _load_and_compile, path, self.service.config.listen, self.service.config.record_dir
+                    )
                 finally:
                     pool.shutdown(wait=False)  # joining the child here would block the loop
             except ConfigError as exc:
@@ -91,8 +93,8 @@ class PolicyReloader:
             return digests
 
 
-def _load_and_compile(path: Path, listen: str) -> tuple[SidecarConfig, dict[str, CompiledPolicy]]:
+def _load_and_compile(path: Path, listen: str, record_dir: Path | None) -> tuple[SidecarConfig, dict[str, CompiledPolicy]]:
     """In the child: the compiled policies, and the rest of the configuration without its
     rules (unpickling 100k rule objects in the sidecar would cost it what the child saves)."""
-    config = load_config(path, overrides={"listen": listen})
+    config = load_config(path, overrides={"listen": listen, "record_dir": str(record_dir) if record_dir else None})
     return config.model_copy(update={"policies": {}}), compile_policies(config.policies)

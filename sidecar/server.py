@@ -364,6 +364,8 @@ async def serve(
         await server.wait_for_termination()
     finally:
         reaper.cancel()
-        await hs.enter_graceful_shutdown()
-        await server.stop(grace=2.0)
-        service.close()
+        try:
+            await hs.enter_graceful_shutdown()
+            await server.stop(grace=2.0)
+        finally:  # even when the stop is cut short: audit files synced, recordings flushed
+            service.close()

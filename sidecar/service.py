@@ -45,6 +45,7 @@ from .errors import (
     VocabularyError,
     shown,
 )
+from .record import Recorder
 from .ring import RingReader
 from .signing import Signer
 from .wire import params_from_pb, proposal, reason
@@ -100,6 +101,7 @@ class GuardService:
         self._session_client: dict[str, str] = {}
         self._tags = itertools.count(1)
         self.audit = AuditDir(config.audit) if config.audit.dir is not None else None
+        self.recorder = Recorder(config.record_dir) if config.record_dir is not None else None
         self._audits: dict[str, SessionAudit] = {}
 
     # -- vocabularies -------------------------------------------------------------------
@@ -217,6 +219,8 @@ class GuardService:
                 self._release_ring(sid)
                 raise
         self._sessions[sid] = session
+        if self.recorder is not None:
+            self.recorder.open(session, vocab.digest, vocab.tokens)
         if client is not None:
             self._client_sessions[client] += 1
             self._session_client[sid] = client
@@ -270,6 +274,8 @@ class GuardService:
             raise UnknownSession(f"session {session_id!r} is not open")
         self._vocab_users[self._session_vocab.pop(session_id)] -= 1
         self._release_ring(session_id)
+        if self.recorder is not None:
+            self.recorder.close(session_id)
         log = self._audits.pop(session_id, None)
         if log is not None:  # reaped or dropped at shutdown: no receipt; verify says "not closed"
             log.close()
@@ -294,6 +300,8 @@ class GuardService:
             self._drop(sid)
         if self.audit is not None:
             self.audit.close()
+        if self.recorder is not None:
+            self.recorder.stop()
 
     def use_policies(self, policies: dict[str, CompiledPolicy]) -> None:
         """New sessions get ``policies``; open sessions keep the policy they opened with."""
@@ -334,28 +342,38 @@ class GuardService:
                     f"expected {s.vocab_size} x {dt.itemsize} for the registered vocabulary"
                 )
             row = np.frombuffer(data, dtype=dt)
-            outcome = s.judge(row if dt.itemsize == 4 else row.astype(np.float32), req.step)
+            if dt.itemsize != 4:
+                row = row.astype(np.float32)
+            outcome = s.judge(row, req.step)
         else:
             raise RowError("step request carries no logits (set ring or inline)")
         ts = time.time_ns()
+        if self.recorder is not None:
+            self.recorder.row(s.session_id, req.step, row)
         return self._commit_and_sign(s, req.step, self._audited(s, req.step, outcome, ts), ts)
 
     def _audited(self, s: Session, step: int, o: StepOutcome, timestamp_ns: int) -> StepOutcome:
         """Write the step's frame before anything else sees the outcome; an outcome that
         cannot be written becomes an ABORT that names the audit (no unaudited token)."""
         log = self._audits.get(s.session_id)
-        if log is None:
+        if log is None and self.recorder is None:
             return o
         record = ledger.frame_record(
             s.session_id, step, o, s.chain_hash, s.next_chain_hash(step, o), timestamp_ns, self.signer.key_id
         )
         try:
-            log.append(record)
+            if log is not None:
+                log.append(record)
         except AuditError as exc:
             trip = Trip(
                 "audit", math.nan, 0.0, o.sampler or Sampler.NORMAL, f"the step's audit frame was not written: {exc}", Action.HALT
             )
-            return o.aborted(trip)
+            o = o.aborted(trip)
+            record = ledger.frame_record(
+                s.session_id, step, o, s.chain_hash, s.next_chain_hash(step, o), timestamp_ns, self.signer.key_id
+            )
+        if self.recorder is not None:
+            self.recorder.frame(s.session_id, record)
         return o
 
     @staticmethod

@@ -26,20 +26,25 @@ class CompiledPolicy:
     gate: GateConfig
     loop_guard: LoopGuardConfig
     drift: DriftConfig
+    source_json: str = ""  # the canonical JSON the digest is over (a recording keeps it)
+
+
+def policy_json(policy: Policy) -> str:
+    """The policy as JSON with sorted keys, no spaces, defaults written out."""
+    return json.dumps(policy.model_dump(mode="json"), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
 def policy_digest(policy: Policy) -> str:
-    """SHA-256 over the policy as JSON with sorted keys, no spaces, defaults written out."""
-    text = json.dumps(policy.model_dump(mode="json"), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+    """SHA-256 over :func:`policy_json`."""
+    return hashlib.sha256(policy_json(policy).encode("utf-8")).hexdigest()
 
 
 def compile_policy(name: str, policy: Policy) -> CompiledPolicy:
     """Raises ConfigError naming ``policies.NAME.rules[i] (id ...)`` and the field."""
     matcher = compile_rules(policy.rules, where=f"policies.{name}.rules")
-    return CompiledPolicy(
-        name, policy_digest(policy), policy.guards, matcher, policy.redo, policy.gate, policy.loop_guard, policy.drift
-    )
+    text = policy_json(policy)
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return CompiledPolicy(name, digest, policy.guards, matcher, policy.redo, policy.gate, policy.loop_guard, policy.drift, text)
 
 
 def compile_policies(policies: Mapping[str, Policy]) -> dict[str, CompiledPolicy]:

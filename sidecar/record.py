@@ -1,0 +1,149 @@
+"""``serve --record DIR``: keep what the sidecar saw, so that ``replay`` can judge it again.
+
+Per session opening, a directory ``DIR/<session>.<nonce>/`` holding:
+
+- ``open.json``: the opening (id, nonce, key id, model id, vocabulary digest, the
+  effective sampling parameters, the repetition history it starts from, the policy's
+  name and its full canonical JSON);
+- ``rows.bin``: every logits row judged, in step order: ``u64 step | u32 n | n bytes``
+  of zlib-compressed little-endian f32;
+- ``ledger.jsonl``: the frame each step committed (the audit record, core/ledger.py).
+
+Vocabularies go once each to ``DIR/vocab-<digest>.bin`` (``u32 count``, then ``u32
+length | bytes`` per token). Compression runs in a writer thread (zlib releases the GIL),
+fed through a bounded queue: a recorder that cannot keep up slows the steps down rather
+than dropping a row, since a recording with a hole could not be replayed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import struct
+import threading
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .core import ledger
+from .core.session import Session
+from .errors import FseError
+
+log = logging.getLogger("fse.record")
+_ROW = struct.Struct("<QI")
+
+
+def vocab_file(root: Path, digest: str) -> Path:
+    return root / f"vocab-{digest}.bin"
+
+
+def write_vocab(path: Path, tokens: tuple[bytes, ...]) -> None:
+    parts = [struct.pack("<I", len(tokens))]
+    parts += [struct.pack("<I", len(t)) + t for t in tokens]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(b"".join(parts))
+    tmp.replace(path)
+
+
+def read_vocab(path: Path) -> list[bytes]:
+    data = path.read_bytes()
+    (n,) = struct.unpack_from("<I", data, 0)
+    out, off = [], 4
+    for _ in range(n):
+        (size,) = struct.unpack_from("<I", data, off)
+        out.append(data[off + 4 : off + 4 + size])
+        off += 4 + size
+    return out
+
+
+class Recorder:
+    """Writes recordings from one thread; the step path only copies a row and enqueues it."""
+
+    def __init__(self, root: Path, depth: int = 256) -> None:
+        self.root = root
+        try:
+            root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as exc:
+            raise FseError(f"--record {root}: {exc.strerror}") from None
+        self._dirs: dict[str, Path] = {}
+        self._q: queue.Queue[tuple[str, Any] | None] = queue.Queue(maxsize=depth)
+        self._thread = threading.Thread(target=self._run, name="fse-record", daemon=True)
+        self._thread.start()
+        self.failed = ""
+
+    def open(self, s: Session, vocab_digest: str, vocab: tuple[bytes, ...]) -> None:
+        assert s.opening is not None
+        d = self.root / f"{s.session_id}.{s.opening.opening_nonce.hex()[:16]}"
+        self._dirs[s.session_id] = d
+        p = s.params
+        meta = {
+            "session_id": s.session_id,
+            "opening_nonce": s.opening.opening_nonce.hex(),
+            "key_id": s.opening.key_id,
+            "model_id": s.opening.model_id,
+            "vocab_digest": vocab_digest,
+            "sampling": ledger.sampling_record(p),
+            "history": list(s.history),
+            "policy": s.policy.name,
+            "policy_json": s.policy.source_json,
+            "policy_digest": s.policy.digest,
+        }
+        self._q.put(("open", (d, meta, vocab_file(self.root, vocab_digest), vocab)))
+
+    def row(self, session_id: str, step: int, row: np.ndarray) -> None:
+        d = self._dirs.get(session_id)
+        if d is not None:  # the row is the reader's buffer: copy it before the next step reuses it
+            self._q.put(("row", (d, step, np.array(row, dtype="<f4", copy=True))))
+
+    def frame(self, session_id: str, record: dict[str, Any]) -> None:
+        d = self._dirs.get(session_id)
+        if d is not None:
+            self._q.put(("frame", (d, record)))
+
+    def close(self, session_id: str) -> None:
+        self._dirs.pop(session_id, None)
+
+    def _run(self) -> None:
+        while True:
+            item = self._q.get()
+            if item is None:
+                return
+            kind, args = item
+            try:
+                if kind == "open":
+                    d, meta, vpath, vocab = args
+                    d.mkdir(exist_ok=True)
+                    (d / "open.json").write_text(json.dumps(meta, sort_keys=True, indent=1) + "\n")
+                    if not vpath.exists():
+                        write_vocab(vpath, vocab)
+                elif kind == "row":
+                    d, step, row = args
+                    packed = zlib.compress(row.tobytes(), 1)
+                    with (d / "rows.bin").open("ab") as f:
+                        f.write(_ROW.pack(step, len(packed)) + packed)
+                else:
+                    d, record = args
+                    with (d / "ledger.jsonl").open("ab") as f:
+                        f.write(ledger.encode(record))
+            except OSError as exc:  # the recording is incomplete; serving goes on, the log says so
+                if not self.failed:
+                    self.failed = f"{exc.filename}: {exc.strerror}"
+                    log.error("recording stopped being complete: %s", self.failed)
+
+    def stop(self) -> None:
+        self._q.put(None)
+        self._thread.join(30)
+
+
+def read_rows(path: Path) -> dict[int, np.ndarray]:
+    data = path.read_bytes() if path.exists() else b""
+    out, off = {}, 0
+    while off < len(data):
+        step, n = _ROW.unpack_from(data, off)
+        off += _ROW.size
+        out[step] = np.frombuffer(zlib.decompress(data[off : off + n]), dtype="<f4")
+        off += n
+    return out
