@@ -129,7 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--record", type=Path, help="record every session (opening, rows, ledger) under DIR for 'replay'")
     s.set_defaults(func=_serve)
 
-    k = sub.add_parser("keygen", help="write a key for signing verdicts (Ed25519 pair by default)")
+    k = sub.add_parser(
+        "keygen",
+        help="write a key for signing verdicts (Ed25519 pair by default)",
+        description="Rotation: keygen --out NEWDIR; give the adapters both public keys; point signing_key_file at "
+        "NEWDIR's private key and send the sidecar SIGHUP (or ReloadPolicy): open sessions continue under the new key; "
+        "then drop the old public key from the adapters.",
+    )
     k.add_argument("--out", required=True, type=Path, help="directory for fse_signing.key / fse_signing.pub (or fse_hmac.key)")
     k.add_argument("--algorithm", choices=["ed25519", "hmac-sha256"], default="ed25519", help="default: ed25519")
     k.add_argument("--force", action="store_true", help="replace an existing key pair")
@@ -146,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=7)
     d.add_argument("--config", type=Path, help="sidecar YAML (default: the built-in demo policy)")
     d.add_argument("--model", type=Path, help="GGUF file (default: the embedded SmolLM2-135M)")
+    d.add_argument("--audit-dir", type=Path, help="keep the session's .audit file here (default: a temporary directory)")
     d.set_defaults(func=_demo)
 
     r = sub.add_parser("replay", help="judge a recording (serve --record DIR) again; exit 1 if any decision differs")

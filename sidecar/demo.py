@@ -63,6 +63,8 @@ def run_demo(args: argparse.Namespace) -> int:
     )
     config = yaml.safe_load(args.config.read_text()) if args.config else {"policies": DEMO_POLICY}
     with tempfile.TemporaryDirectory(prefix="fse-demo-") as tmp:
+        audit_dir = args.audit_dir or Path(tmp) / "audit"
+        config = {**config, "audit": {**config.get("audit", {}), "dir": str(audit_dir)}}
         sc = start_local_sidecar(Path(tmp), config)
         try:
             client = GuardClient(sc.target, sc.public_key, step_timeout=2.0)
@@ -99,8 +101,28 @@ def run_demo(args: argparse.Namespace) -> int:
         finally:
             sc.stop()
         _summary(tokens, error, elapsed)
+        _audit_summary(audit_dir, guarded.last_receipt, sc.public_key, kept=args.audit_dir is not None)
     # A guard ABORT is the product working; no verdict at all (unavailable, rejected) is not.
     return 1 if error is not None and not isinstance(error, GuardAbort) else 0
+
+
+def _audit_summary(audit_dir: Path, receipt: pb.Receipt | None, public_key: Path, kept: bool) -> None:
+    """The session's audit file, checked as `fse-sidecar audit verify` would."""
+    from .core import ledger
+    from .signing import TrustedKeys
+    from .wire import receipt_json
+
+    files = sorted(audit_dir.glob("*.audit"), key=lambda p: p.stat().st_mtime)
+    if not files:
+        print("audit: no file written")
+        return
+    f = files[-1]
+    rep = ledger.verify(
+        f.read_bytes().splitlines(keepends=True), receipt_json(receipt) if receipt else None, TrustedKeys.load(public_key).check
+    )
+    state = "intact, receipt signature and chain verified" if rep.ok and rep.closed else (rep.error or "NOT CLOSED")
+    where = f" (kept: fse-sidecar audit verify {f})" if kept else " (use --audit-dir DIR to keep it)"
+    print(f"audit file: {rep.frames} frames, {state}{where}")
 
 
 def _token_line(tok: Any) -> str:

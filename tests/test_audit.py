@@ -331,3 +331,34 @@ def test_the_signing_key_rotates_without_dropping_the_session(tmp_path, keys) ->
         assert s.close() is not None and s.receipt is not None and s.receipt.key_id == v.key_id
     finally:
         sc.stop()
+
+
+def test_the_adapter_refuses_a_receipt_that_does_not_match_its_verdicts(tmp_path, keys, other_keys) -> None:
+    from sidecar.signing import Signer
+
+    sc = _start(tmp_path, keys, {})
+    try:
+        c = GuardClient(sc.target, keys.public)
+        c.wait_ready()
+        s = c.open_session(c.register_vocabulary(VOCAB), SamplingParams())
+        for i in range(3):
+            s.step(peaked(i))
+        s.close()
+        good = s.receipt
+        assert good is not None and good.steps == 3 and good.accepted == 3 and good.chain_hash == s.chain_hash
+        assert good.first_timestamp_ns <= good.last_timestamp_ns
+        for change in ({"steps": 2, "accepted": 2}, {"chain_hash": bytes(32)}, {"session_id": "other"}):
+            bad = pb.Receipt()
+            bad.CopyFrom(good)
+            for k, v in change.items():
+                setattr(bad, k, v)
+            Signer.from_file(keys.private).sign_receipt(bad)  # validly signed, but not this session's
+            with pytest.raises(VerdictRejected, match="does not match the verdicts"):
+                s._checked_receipt(bad)
+        forged = pb.Receipt()
+        forged.CopyFrom(good)
+        Signer.from_file(other_keys.private).sign_receipt(forged)
+        with pytest.raises(VerdictRejected, match="signature does not verify"):
+            s._checked_receipt(forged)
+    finally:
+        sc.stop()

@@ -13,7 +13,7 @@ def fse(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "sidecar", *args], capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.parametrize("command", ["serve", "demo", "bench", "keygen"])
+@pytest.mark.parametrize("command", ["serve", "demo", "bench", "keygen", "audit", "replay"])
 def test_every_command_has_help(command: str, capsys) -> None:
     with pytest.raises(SystemExit) as exit_:
         main([command, "--help"])

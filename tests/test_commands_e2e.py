@@ -25,6 +25,7 @@ def test_demo_prints_verdicts_ecg_and_summary() -> None:
     assert any(ln.strip().startswith("entropy") for ln in lines)  # the ECG
     assert any(ln.startswith("summary:") and "tokens" in ln for ln in lines)
     assert any(ln.startswith("audit chain head: ") for ln in lines)
+    assert any(ln.startswith("audit file: ") and "intact, receipt signature and chain verified" in ln for ln in lines)
 
 
 def test_bench_writes_json_and_prints_tables(tmp_path) -> None:
@@ -42,9 +43,12 @@ def test_bench_writes_json_and_prints_tables(tmp_path) -> None:
         assert all(row[k]["p50_us"] > 0 for k in ("echo", "ring", "inline", "echo_hmac", "ring_hmac"))
         assert row["ring_hmac_over_echo_hmac_median"] > 0
     assert [row["vocab"] for row in data["metrics"]] == [32768, 49152, 131072]
+    audit = data["audit"]
+    assert all(audit[m]["p50_us"] > 0 for m in ("off", "close", "interval", "every_frame"))
+    assert all(300 < audit[f"{m}_bytes_per_frame"] < 5000 for m in ("close", "interval", "every_frame"))  # frames were written
     assert data["model"]["identical_greedy_output"] is True
     assert data["model"]["ed25519_step_latency"]["n"] == data["model"]["hmac_step_latency"]["n"] > 0
-    for table in ("verdict round trip", "metrics of one row", "SmolLM2-135M"):
+    for table in ("verdict round trip", "metrics of one row", "step latency with the audit file", "SmolLM2-135M"):
         assert table in r.stdout
 
 

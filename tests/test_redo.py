@@ -192,6 +192,12 @@ def test_block_falls_back_to_the_strict_sampler_with_the_same_mask_then_aborts_w
         ("no-x", 1, Sampler.STRICT),
         ("no_allowed_token", -1, Sampler.STRICT),
     ]
+    # one record per proposal, in order, each owning its trips: the sampler with nothing left too
+    assert [(p.token_id, p.sampler, p.reasons) for p in out.proposals] == [
+        (0, Sampler.NORMAL, 1),
+        (1, Sampler.STRICT, 1),
+        (-1, Sampler.STRICT, 1),
+    ]
 
 
 def test_block_gives_up_after_max_proposals() -> None:
@@ -203,9 +209,17 @@ def test_block_gives_up_after_max_proposals() -> None:
         ("no-x", 1, Sampler.NORMAL),
         ("redo_exhausted", -1, Sampler.STRICT),
     ]
+    # two proposals with a trip each; the exhaustion is the step's own trip, after them
+    assert [(p.token_id, p.reasons) for p in out.proposals] == [(0, 1), (1, 1)]
     roomier = rules_session("block", tokens=[b"x", b"zx", b"zzx", b"y"], pattern="x", max_block_retries=1, max_proposals=4)
     healed = roomier.judge(np.array([5.0, 4.0, 3.0, 2.0], np.float32), 0)
     assert (healed.decision, healed.token, healed.sampler) == (Decision.HEALED, 3, Sampler.STRICT)
+    assert [(p.token_id, p.sampler, p.reasons) for p in healed.proposals] == [
+        (0, Sampler.NORMAL, 1),
+        (1, Sampler.NORMAL, 1),
+        (2, Sampler.STRICT, 1),
+        (3, Sampler.STRICT, 0),  # the committed one, last
+    ]
 
 
 def test_halt_aborts_before_the_completing_token_and_commits_no_text() -> None:
