@@ -38,6 +38,8 @@ from sidecar.ring import RingWriter
 from sidecar.signing import TrustedKeys, Verifier
 from sidecar.wire import params_from_pb, params_to_pb
 
+from .lane import LaneChannel
+
 _CLOSED = object()
 _CODE_NAMES = {c.value[0]: c.name for c in grpc.StatusCode}
 
@@ -226,7 +228,16 @@ class GuardClient:
         policy: str = "",
         session_id: str | None = None,
         model_id: str = "",
+        lane: str = "grpc",
     ) -> GuardedSession:
+        """``lane``: "grpc" (any engine, the default) or "shm" (co-located: the step and the
+        verdict go through ``ring``, which needs a verdict area, and two eventfds)."""
+        if lane not in ("grpc", "shm"):
+            raise ValueError(f"lane must be 'grpc' or 'shm', got {lane!r}")
+        if lane == "shm" and (ring is None or not ring.layout.lane):
+            raise ValueError(
+                "the shm lane needs a ring made with a verdict capacity (RingWriter.create(..., verdict_capacity=...))"
+            )
         sid = session_id or uuid.uuid4().hex
         req = pb.OpenSessionRequest(
             session_id=sid,
@@ -236,6 +247,7 @@ class GuardClient:
             prompt_token_ids=list(prompt_token_ids),
             ring_name=ring.name if ring is not None else "",
             model_id=model_id,
+            fast_lane=lane == "shm",
         )
         try:
             r = self._stub.OpenSession(req, timeout=self.rpc_timeout)
@@ -261,7 +273,15 @@ class GuardClient:
                 f"OpenSession for {sid!r}: the genesis does not bind this opening (nonce, sampling, digests, model, key)"
             )
         vocab_size = self._vocab_sizes.get(vocab_digest, ring.layout.vocab_size if ring is not None else 0)
-        return GuardedSession(self, sid, r.session_tag, ring, vocab_size, r.policy_digest, r.genesis_hash, r.session_secret)
+        session = GuardedSession(self, sid, r.session_tag, ring, vocab_size, r.policy_digest, r.genesis_hash, r.session_secret)
+        if lane == "shm":
+            assert ring is not None
+            try:
+                session.lane = LaneChannel(r.lane_socket, r.lane_token, ring, self.rpc_timeout)
+            except GuardUnavailable:
+                session.close()
+                raise
+        return session
 
     def reload_policy(self) -> dict[str, str]:
         """Ask the sidecar to load its configuration file again (ReloadPolicy).
@@ -311,6 +331,7 @@ class GuardedSession:
         self.genesis = genesis
         self.chain_hash = genesis
         self.receipt: pb.Receipt | None = None  # set by a clean close()
+        self.lane: LaneChannel | None = None  # the fast lane, when opened with lane="shm"
         self.dead: Exception | None = None
         self._stream = StreamCall(client._stub.Steps)
 
@@ -335,6 +356,9 @@ class GuardedSession:
                 slot = self.ring.acquire()
                 with self.ring.frame(slot) as f:
                     row = f.write_row(self.tag, step, logits)
+                if self.lane is not None:
+                    resp = self.lane.roundtrip(slot, f.seq, self.client.step_timeout, f"step {step}")
+                    return self._verify(step, resp)
                 req = pb.StepRequest(
                     session_id=self.session_id,
                     session_secret=self._secret,
@@ -387,6 +411,8 @@ class GuardedSession:
 
     def _shutdown(self) -> None:
         self._stream.close()
+        if self.lane is not None:
+            self.lane.close()
 
     def _close_rpc(self, timeout: float) -> pb.CloseSessionResponse | None:
         try:
@@ -409,8 +435,8 @@ class GuardedSession:
         was = self.dead
         if self.dead is None:
             self.dead = GuardUnavailable("session closed")
+        r = self._close_rpc(self.client.rpc_timeout)  # before the lane's hang-up, which drops the session
         self._shutdown()
-        r = self._close_rpc(self.client.rpc_timeout)
         if r is not None and (was is None or isinstance(was, GuardAbort)):
             self.receipt = self._checked_receipt(r.receipt)
         return r

@@ -230,6 +230,12 @@ class AuditConfig(_Strict):
     fsync_interval_ms: float = Field(default=200.0, gt=0)
 
 
+class LaneConfig(_Strict):
+    """The fast lane (a Unix socket beside the gRPC one, `<socket>.lane`)."""
+
+    enabled: bool = True
+
+
 def _is_loopback(host: str) -> bool:
     host = host.strip("[]")
     if host == "localhost":
@@ -270,6 +276,7 @@ class SidecarConfig(_Strict):
     tls: TlsConfig | None = None
     allow_insecure_tcp: bool = False
     audit: AuditConfig = Field(default_factory=AuditConfig)
+    lane: LaneConfig = Field(default_factory=LaneConfig)
     # serve --record DIR: every session's opening, rows and ledger, for `fse-sidecar replay`.
     record_dir: Path | None = None
 

@@ -69,6 +69,7 @@ DESCRIPTOR = np.dtype(
     ]
 )
 _DESC = struct.Struct("<QQIIQQQ")
+_REQUEST = struct.Struct("<QQII")  # frame_seq, deadline (CLOCK_MONOTONIC ns), n_rows, flags
 assert DESCRIPTOR.itemsize == _DESC.size == 48
 
 
@@ -247,12 +248,45 @@ class RingWriter:
         """Make the slot's counter odd without finishing (tests use this to tear a frame)."""
         self._seq[slot] = int(self._seq[slot]) | 1
 
+    # -- the fast lane (layout flag LANE) ------------------------------------------------------
+    def _lane(self, slot: int) -> memoryview:
+        lay = self.layout
+        if not lay.lane:
+            raise RingError("this ring has no fast-lane area (create it with verdict_capacity > 0)")
+        assert self._shm is not None and self._shm.buf is not None
+        start = lay.slot_offset(slot) + lay.lane_offset
+        return self._shm.buf[start : start + LANE_REQUEST + LANE_VERDICT_HEAD + lay.row_capacity * lay.verdict_capacity]
+
+    def submit(self, slot: int, frame_seq: int, n_rows: int, deadline_ns: int) -> None:
+        """Write the slot's request record: the sidecar judges frame ``frame_seq`` when rung."""
+        _REQUEST.pack_into(self._lane(slot), 0, frame_seq, deadline_ns, n_rows, 0)
+
+    def verdicts(self, slot: int, frame_seq: int) -> list[bytes] | None:
+        """The answers the sidecar wrote for ``frame_seq``, or None when they are not (all)
+        there yet or were torn while read (the verdict area's own seqlock)."""
+        lane = self._lane(slot)
+        head = LANE_REQUEST
+        if int.from_bytes(lane[head : head + 8], "little") != frame_seq:
+            return None
+        n = int.from_bytes(lane[head + 8 : head + 12], "little")
+        cap = self.layout.verdict_capacity
+        out = []
+        for r in range(min(n, self.layout.row_capacity)):
+            base = head + LANE_VERDICT_HEAD + r * cap
+            size = int.from_bytes(lane[base : base + 4], "little")
+            if size > cap - 4:
+                return None
+            out.append(bytes(lane[base + 4 : base + 4 + size]))
+        if int.from_bytes(lane[head : head + 8], "little") != frame_seq:
+            return None
+        return out
+
     def close(self) -> None:
         shm = getattr(self, "_shm", None)
         if shm is None:
             return
         del self._seq, self._n_rows, self._desc, self._heap
-        self._shm = None
+        self._shm = None  # (a lane view still held by a caller would keep the mapping; none is kept)
         shm.close()
         with contextlib.suppress(FileNotFoundError):
             shm.unlink()
@@ -448,10 +482,56 @@ class RingReader:
             np.left_shift(wide, 16, out=wide)
         return wide.view(np.float32)
 
+    # -- the fast lane ------------------------------------------------------------------------
+    def open_lane(self) -> None:
+        """A read-write descriptor on the same segment, for writing verdicts (never mapped)."""
+        if not self.layout.lane:
+            raise RingLayoutError(f"ring {self.name} has no fast-lane area (its layout has no LANE flag)")
+        shm_name = self.name if self.name.startswith("/") else "/" + self.name
+        try:
+            fd = _posixshmem.shm_open(shm_name, os.O_RDWR, 0)
+        except OSError as exc:
+            raise RingError(f"cannot open ring {self.name} for the fast lane: {exc.strerror}") from None
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != self.identity:
+            os.close(fd)
+            raise RingError(f"ring {self.name} was replaced since the session opened; open a new session")
+        self._wfd: int | None = fd
+
+    def request(self, slot: int) -> tuple[int, int, int]:
+        """(frame_seq, deadline_ns, n_rows) of the slot's request record."""
+        buf = bytearray(_REQUEST.size)
+        self._read_exact(memoryview(buf), self.layout.slot_offset(slot) + self.layout.lane_offset)
+        frame_seq, deadline, n_rows, _ = _REQUEST.unpack(buf)
+        return frame_seq, deadline, n_rows
+
+    def write_verdicts(self, slot: int, frame_seq: int, answers: list[bytes]) -> None:
+        """Publish ``answers`` (serialized StepResponses) for ``frame_seq`` under the verdict
+        area's seqlock: odd while writing, then ``frame_seq`` itself."""
+        lay = self.layout
+        fd = getattr(self, "_wfd", None)
+        assert fd is not None, "open_lane() first"
+        head = lay.slot_offset(slot) + lay.lane_offset + LANE_REQUEST
+        body = bytearray()
+        for a in answers:
+            if len(a) > lay.verdict_capacity - 4:
+                raise RingError(f"an answer of {len(a)} bytes exceeds the ring's verdict capacity ({lay.verdict_capacity - 4})")
+            body += struct.pack("<I", len(a)) + a + bytes(lay.verdict_capacity - 4 - len(a))
+        try:  # pwrite extends a file its owner shrank; it never faults like a mapping would
+            os.pwrite(fd, struct.pack("<Q", frame_seq - 1), head)
+            os.pwrite(fd, bytes(body), head + LANE_VERDICT_HEAD)
+            os.pwrite(fd, struct.pack("<I", len(answers)), head + 8)
+            os.pwrite(fd, struct.pack("<Q", frame_seq), head)
+        except OSError as exc:
+            raise RingError(f"ring {self.name}: cannot write verdicts: {exc.strerror}") from None
+
     def close(self) -> None:
         fd, self._fd = getattr(self, "_fd", None), None
         if fd is not None:
             os.close(fd)  # the engine unlinks the ring; this only lets go of it
+        wfd, self._wfd = getattr(self, "_wfd", None), None
+        if wfd is not None:
+            os.close(wfd)
 
 
 def mapped_view(name: str) -> tuple[mmap.mmap, RingLayout]:

@@ -35,6 +35,7 @@ from .config import SidecarConfig
 from .core.session import SESSION_ID
 from .core.vocab import Vocabulary
 from .errors import ConfigError, FseError, InvalidSessionId, ListenError, MalformedMessage, MessageTooLarge, shown
+from .lane import LaneServer
 from .reload import PolicyReloader
 from .service import GuardService, session_opened
 from .signing import Signer
@@ -60,6 +61,17 @@ def _checked_id(session_id: str) -> str:
     if SESSION_ID.fullmatch(session_id):
         return session_id
     raise InvalidSessionId(f"session_id must match {SESSION_ID.pattern} (got {len(session_id.encode())} bytes)")
+
+
+def answer_step(service: GuardService, req: pb.StepRequest) -> pb.StepResponse:
+    """A step's answer on either lane: its verdict, or the error that refused it."""
+    try:
+        _checked_id(req.session_id)
+        return pb.StepResponse(verdict=service.step(req))
+    except FseError as exc:
+        sid = req.session_id if SESSION_ID.fullmatch(req.session_id) else ""  # echoed back only when well formed
+        log.debug("step %s/%d refused: %s", shown(req.session_id), req.step, exc)
+        return pb.StepResponse(error=pb.StepError(session_id=sid, step=req.step, code=_code(exc).value[0], message=str(exc)))
 
 
 _SLACK = 64 * 1024  # ids, names, sampling parameters: everything but the bulk field
@@ -104,9 +116,10 @@ class GuardServicer:
     """fse.v1.GuardService over raw request bytes: each RPC checks its own size limit
     before parsing, and parses big requests off the event loop."""
 
-    def __init__(self, service: GuardService, reloader: PolicyReloader) -> None:
+    def __init__(self, service: GuardService, reloader: PolicyReloader, lanes: LaneServer | None = None) -> None:
         self.service = service
         self.reloader = reloader
+        self.lanes = lanes
         self.limits = message_limits(service.config)
 
     def _check_size(self, method: str, raw: bytes) -> None:
@@ -156,7 +169,17 @@ class GuardServicer:
             await context.abort(_code(exc), str(exc))
         # Session ids at DEBUG only: with the secret they are what steps a session.
         log.debug("session %s opened (tag %d, ring %s)", s.session_id, s.tag, shown(s.ring_name))
-        return session_opened(s, self.service.signer.key_id)
+        opened = session_opened(s, self.service.signer.key_id)
+        lanes = self.lanes
+        if request.fast_lane and lanes is None:
+            self.service.drop_session(s.session_id)
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION, "this sidecar serves no fast lane (lane.enabled, a Unix socket)"
+            )
+        elif request.fast_lane and lanes is not None:
+            opened.lane_socket = str(lanes.path)
+            opened.lane_token = lanes.token_for(s.session_id)
+        return opened
 
     async def CloseSession(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.CloseSessionResponse:
         try:
@@ -199,13 +222,7 @@ class GuardServicer:
         return self._step(req)
 
     def _step(self, req: pb.StepRequest) -> pb.StepResponse:
-        try:
-            _checked_id(req.session_id)
-            return pb.StepResponse(verdict=self.service.step(req))
-        except FseError as exc:
-            sid = req.session_id if SESSION_ID.fullmatch(req.session_id) else ""  # echoed back only when well formed
-            log.debug("step %s/%d refused: %s", shown(req.session_id), req.step, exc)
-            return pb.StepResponse(error=pb.StepError(session_id=sid, step=req.step, code=_code(exc).value[0], message=str(exc)))
+        return answer_step(self.service, req)
 
     async def Echo(
         self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext
@@ -230,6 +247,14 @@ class GuardServicer:
         methods = set(pb.DESCRIPTOR.services_by_name["GuardService"].methods_by_name)
         assert set(out) == methods, f"handlers {sorted(out)} != proto methods {sorted(methods)}"
         return grpc.method_handlers_generic_handler(SERVICE_NAME, out)
+
+
+def _lane_path(config: SidecarConfig) -> Path | None:
+    """The fast lane's socket, beside the gRPC one: co-located engines only."""
+    address = config.grpc_address()
+    if not config.lane.enabled or not address.startswith("unix:"):
+        return None
+    return Path(address[len("unix:") :] + ".lane")
 
 
 def _claim_unix_socket(path: Path) -> None:
@@ -294,7 +319,11 @@ def create_server(
         ]
     )
     reloader = PolicyReloader(service, config_path)
-    server.add_generic_rpc_handlers((GuardServicer(service, reloader).handlers(),))
+    lanes = None
+    if sock_path_for_lane := _lane_path(config):
+        lanes = LaneServer(service, sock_path_for_lane, lambda req: answer_step(service, req), config.unix_socket_mode)
+        service.on_drop.append(lanes.forget)
+    server.add_generic_rpc_handlers((GuardServicer(service, reloader, lanes).handlers(),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     address = config.grpc_address()
@@ -317,6 +346,7 @@ def create_server(
     bound = address if address.startswith("unix:") else f"{address.rpartition(':')[0]}:{port}"
     server._fse_health = health_servicer  # type: ignore[attr-defined]
     server._fse_reloader = reloader  # type: ignore[attr-defined]
+    server._fse_lanes = lanes  # type: ignore[attr-defined]
     return server, service, bound
 
 
@@ -352,6 +382,9 @@ async def serve(
     if config_path is not None:
         loop.add_signal_handler(signal.SIGHUP, on_sighup)
     await server.start()
+    lanes: LaneServer | None = server._fse_lanes  # type: ignore[attr-defined]
+    if lanes is not None:
+        lanes.start(loop)
     hs = server._fse_health  # type: ignore[attr-defined]
     await hs.set("", health_pb2.HealthCheckResponse.SERVING)
     await hs.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
@@ -368,4 +401,6 @@ async def serve(
             await hs.enter_graceful_shutdown()
             await server.stop(grace=2.0)
         finally:  # even when the stop is cut short: audit files synced, recordings flushed
+            if lanes is not None:
+                lanes.close()
             service.close()

@@ -15,7 +15,7 @@ import secrets
 import time
 import uuid
 from collections import Counter, OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -102,6 +102,7 @@ class GuardService:
         self._tags = itertools.count(1)
         self.audit = AuditDir(config.audit) if config.audit.dir is not None else None
         self.recorder = Recorder(config.record_dir) if config.record_dir is not None else None
+        self.on_drop: list[Callable[[str], None]] = []  # told of every session that goes (the fast lane)
         self._audits: dict[str, SessionAudit] = {}
 
     # -- vocabularies -------------------------------------------------------------------
@@ -160,6 +161,8 @@ class GuardService:
                 f"max_sessions_per_client ({self.config.max_sessions_per_client}) sessions are open "
                 "from this client; close one first"
             )
+        if req.fast_lane and not req.ring_name:
+            raise RowError("the fast lane goes through a ring: name one (ring_name) with a fast-lane area")
         if len(req.model_id.encode()) > MAX_MODEL_ID_BYTES:
             raise MalformedMessage(f"model_id must be at most {MAX_MODEL_ID_BYTES} bytes, got {len(req.model_id.encode())}")
         params = params_from_pb(req.sampling)
@@ -200,6 +203,10 @@ class GuardService:
                 use = _RingUse(reader)
             else:
                 reader.close()
+            if req.fast_lane and not use.reader.layout.lane:
+                if use.sessions == 0:
+                    use.reader.close()
+                raise RowError(f"ring {shown(req.ring_name)} has no fast-lane area: create it with a verdict capacity (RING.md)")
             if use.reader.layout.vocab_size != vocab.size:
                 if use.sessions == 0:
                     use.reader.close()
@@ -268,10 +275,23 @@ class GuardService:
         self._drop(session_id)
         return Closed(s, receipt, log)
 
+    def drop_session(self, session_id: str) -> None:
+        """Close a session whose engine went away (no receipt: nobody is there to take it)."""
+        if session_id in self._sessions:
+            self._drop(session_id)
+
+    def ring_reader(self, session_id: str) -> RingReader:
+        ring = self._session_ring.get(session_id)
+        if ring is None:
+            raise RowError(f"session {session_id} was opened without a ring")
+        return self._rings[ring].reader
+
     def _drop(self, session_id: str) -> Session:
         s = self._sessions.pop(session_id, None)
         if s is None:
             raise UnknownSession(f"session {session_id!r} is not open")
+        for hook in self.on_drop:
+            hook(session_id)
         self._vocab_users[self._session_vocab.pop(session_id)] -= 1
         self._release_ring(session_id)
         if self.recorder is not None:

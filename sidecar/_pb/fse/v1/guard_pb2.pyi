@@ -108,7 +108,7 @@ class RegisterVocabularyResponse(_message.Message):
     def __init__(self, vocab_digest: _Optional[str] = ..., vocab_size: _Optional[int] = ...) -> None: ...
 
 class OpenSessionRequest(_message.Message):
-    __slots__ = ("session_id", "vocab_digest", "sampling", "policy", "prompt_token_ids", "ring_name", "model_id")
+    __slots__ = ("session_id", "vocab_digest", "sampling", "policy", "prompt_token_ids", "ring_name", "model_id", "fast_lane")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     VOCAB_DIGEST_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
@@ -116,6 +116,7 @@ class OpenSessionRequest(_message.Message):
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     RING_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    FAST_LANE_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     vocab_digest: str
     sampling: SamplingParams
@@ -123,10 +124,11 @@ class OpenSessionRequest(_message.Message):
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     ring_name: str
     model_id: str
-    def __init__(self, session_id: _Optional[str] = ..., vocab_digest: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., policy: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., ring_name: _Optional[str] = ..., model_id: _Optional[str] = ...) -> None: ...
+    fast_lane: bool
+    def __init__(self, session_id: _Optional[str] = ..., vocab_digest: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., policy: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., ring_name: _Optional[str] = ..., model_id: _Optional[str] = ..., fast_lane: _Optional[bool] = ...) -> None: ...
 
 class OpenSessionResponse(_message.Message):
-    __slots__ = ("session_id", "opening_nonce", "session_secret", "policy_digest", "session_tag", "genesis_hash", "key_id")
+    __slots__ = ("session_id", "opening_nonce", "session_secret", "policy_digest", "session_tag", "genesis_hash", "key_id", "lane_socket", "lane_token")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     OPENING_NONCE_FIELD_NUMBER: _ClassVar[int]
     SESSION_SECRET_FIELD_NUMBER: _ClassVar[int]
@@ -134,6 +136,8 @@ class OpenSessionResponse(_message.Message):
     SESSION_TAG_FIELD_NUMBER: _ClassVar[int]
     GENESIS_HASH_FIELD_NUMBER: _ClassVar[int]
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    LANE_SOCKET_FIELD_NUMBER: _ClassVar[int]
+    LANE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     opening_nonce: bytes
     session_secret: bytes
@@ -141,7 +145,9 @@ class OpenSessionResponse(_message.Message):
     session_tag: int
     genesis_hash: bytes
     key_id: str
-    def __init__(self, session_id: _Optional[str] = ..., opening_nonce: _Optional[bytes] = ..., session_secret: _Optional[bytes] = ..., policy_digest: _Optional[str] = ..., session_tag: _Optional[int] = ..., genesis_hash: _Optional[bytes] = ..., key_id: _Optional[str] = ...) -> None: ...
+    lane_socket: str
+    lane_token: bytes
+    def __init__(self, session_id: _Optional[str] = ..., opening_nonce: _Optional[bytes] = ..., session_secret: _Optional[bytes] = ..., policy_digest: _Optional[str] = ..., session_tag: _Optional[int] = ..., genesis_hash: _Optional[bytes] = ..., key_id: _Optional[str] = ..., lane_socket: _Optional[str] = ..., lane_token: _Optional[bytes] = ...) -> None: ...
 
 class CloseSessionRequest(_message.Message):
     __slots__ = ("session_id", "session_secret")
