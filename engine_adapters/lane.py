@@ -19,7 +19,7 @@ import time
 
 from sidecar._pb.fse.v1 import guard_pb2 as pb
 from sidecar.errors import GuardUnavailable, VerdictRejected
-from sidecar.ring import RingWriter
+from sidecar.ring import REQUEST_PING, RingWriter
 
 
 class LaneChannel:
@@ -44,20 +44,26 @@ class LaneChannel:
         self._poll.register(self.answer_fd, select.POLLIN)
         self._poll.register(self.sock.fileno(), select.POLLIN | select.POLLHUP | select.POLLERR)
 
-    def roundtrip(self, slot: int, frame_seq: int, timeout: float, what: str) -> pb.StepResponse:
+    def roundtrip(self, slot: int, frame_seq: int, timeout: float, what: str, flags: int = 0) -> pb.StepResponse:
         deadline = time.monotonic() + timeout
-        self.ring.submit(slot, frame_seq, 1, time.clock_gettime_ns(time.CLOCK_MONOTONIC) + int(timeout * 1e9))
+        self.ring.submit(slot, frame_seq, 1, time.clock_gettime_ns(time.CLOCK_MONOTONIC) + int(timeout * 1e9), flags)
         os.eventfd_write(self.request_fd, 1)
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise GuardUnavailable(f"{what}: no verdict on the fast lane within {timeout:.3f}s")
+            rung = False
             for fd, ev in self._poll.poll(left * 1e3):
                 if fd == self.sock.fileno():
                     raise GuardUnavailable(f"{what}: the sidecar closed the fast lane (it stopped or dropped the session)")
                 if ev & select.POLLIN:
                     with contextlib.suppress(BlockingIOError):
                         os.eventfd_read(self.answer_fd)
+                        rung = True
+            if flags & REQUEST_PING:
+                if rung:
+                    return pb.StepResponse()
+                continue
             answers = self.ring.verdicts(slot, frame_seq)
             if answers is not None:
                 if len(answers) != 1:

@@ -38,6 +38,10 @@ from sidecar.ring import RingWriter
 
 from .client import GuardClient, GuardedSession
 
+# Bytes per row of the fast lane's verdict area: a verdict with a dozen reasons is ~1-2 KB;
+# one that does not fit comes back as an error, never cut.
+LANE_VERDICT_CAPACITY = 8192
+
 NEG_INF = np.float32(-np.inf)
 
 
@@ -160,12 +164,19 @@ class GuardedLlama:
     instance, and one ``Llama``, per concurrent sequence.
     """
 
-    def __init__(self, llama: Any, client: GuardClient, *, ring_slots: int = 2) -> None:
+    def __init__(self, llama: Any, client: GuardClient, *, ring_slots: int = 2, lane: str = "grpc") -> None:
+        """``lane``: "grpc" (the default) or "shm": the fast lane for a sidecar on this host."""
+        if lane not in ("grpc", "shm"):
+            raise ValueError(f"lane must be 'grpc' or 'shm', got {lane!r}")
         self.llama = llama
         self.client = client
+        self.lane = lane
         self.vocab = vocabulary_of(llama)
         self.vocab_digest = client.register_vocabulary(self.vocab)
-        self.ring = RingWriter.create(slots=ring_slots, rows=1, vocab_size=len(self.vocab), dtype="f32")
+        capacity = LANE_VERDICT_CAPACITY if lane == "shm" else 0
+        self.ring = RingWriter.create(
+            slots=ring_slots, rows=1, vocab_size=len(self.vocab), dtype="f32", verdict_capacity=capacity
+        )
         # Bound into each session's genesis and written in its audit file.
         self.model_id = f"llama.cpp:{Path(getattr(llama, 'model_path', '') or 'model').name}:{len(self.vocab)}"
         self.last_receipt: pb.Receipt | None = None  # the receipt of the last generation that closed cleanly
@@ -197,6 +208,7 @@ class GuardedLlama:
             policy=policy,
             session_id=session_id,
             model_id=self.model_id,
+            lane=self.lane,
         )
         run = _Run(session)
         # llama.cpp's own sampler only ever sees one finite logit: greedy picks it.

@@ -152,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=7)
     d.add_argument("--config", type=Path, help="sidecar YAML (default: the built-in demo policy)")
     d.add_argument("--model", type=Path, help="GGUF file (default: the embedded SmolLM2-135M)")
+    d.add_argument(
+        "--lane", choices=["grpc", "shm"], default="grpc", help="verdicts over gRPC (default) or the shared-memory fast lane"
+    )
     d.add_argument("--audit-dir", type=Path, help="keep the session's .audit file here (default: a temporary directory)")
     d.set_defaults(func=_demo)
 

@@ -74,10 +74,11 @@ def run_demo(args: argparse.Namespace) -> int:
                 print(sc.log_text(), file=sys.stderr)
                 raise
             llama = load_llama(args.model)
-            with GuardedLlama(llama, client) as guarded:
+            with GuardedLlama(llama, client, lane=args.lane) as guarded:
                 model = Path(llama.model_path).name
                 keys = ", ".join(client.trusted.key_ids)
-                print(f"model: {model}  vocab {len(guarded.vocab)}  sidecar pid {sc.proc.pid}  key {keys}")
+                lane = "fast lane (shared memory + eventfds)" if args.lane == "shm" else "gRPC stream"
+                print(f"model: {model}  vocab {len(guarded.vocab)}  sidecar pid {sc.proc.pid}  key {keys}  lane: {lane}")
                 print(f"prompt: {args.prompt!r}")
                 print(
                     f"sampling: T={sampling.temperature} top_k={sampling.top_k} top_p={sampling.top_p} "

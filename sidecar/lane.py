@@ -33,6 +33,7 @@ from pathlib import Path
 
 from ._pb.fse.v1 import guard_pb2 as pb
 from .errors import FseError, ListenError
+from .ring import REQUEST_ECHO, REQUEST_PING
 from .service import GuardService
 
 log = logging.getLogger("fse.lane")
@@ -67,7 +68,7 @@ class _Lane:
             return
         for slot in range(self.reader.layout.slot_count):
             try:
-                frame_seq, _deadline, n_rows = self.reader.request(slot)
+                frame_seq, _deadline, n_rows, flags = self.reader.request(slot)
             except FseError as exc:
                 log.debug("lane %s: %s", self.session_id, exc)
                 self.close()
@@ -75,6 +76,13 @@ class _Lane:
             if frame_seq <= self.done[slot]:
                 continue
             self.done[slot] = frame_seq
+            if flags & REQUEST_PING:
+                os.eventfd_write(self.answer_fd, 1)
+                continue
+            if flags & REQUEST_ECHO:
+                self.reader.write_verdicts(slot, frame_seq, [b""])
+                os.eventfd_write(self.answer_fd, 1)
+                continue
             answers = []
             for row in range(max(1, min(n_rows, self.reader.layout.row_capacity))):
                 req = pb.StepRequest(
@@ -83,7 +91,13 @@ class _Lane:
                     step=s.next_step,
                     ring=pb.RingRef(slot=slot, row=row, seq=frame_seq),
                 )
-                answers.append(self.server.answer(req).SerializeToString(deterministic=True))
+                data = self.server.answer(req).SerializeToString(deterministic=True)
+                room = self.reader.layout.verdict_capacity - 4
+                if len(data) > room:  # never cut a verdict: refuse it whole (the engine fails closed)
+                    why = f"the verdict of {len(data)} bytes exceeds the ring's verdict capacity ({room})"
+                    err = pb.StepError(session_id=s.session_id, step=req.step, code=8, message=why)  # RESOURCE_EXHAUSTED
+                    data = pb.StepResponse(error=err).SerializeToString(deterministic=True)
+                answers.append(data)
             try:
                 self.reader.write_verdicts(slot, frame_seq, answers)
             except FseError as exc:  # no verdict in the ring: the engine's deadline fails it closed

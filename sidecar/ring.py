@@ -45,6 +45,8 @@ COMPACT_HEAD = 8 * len(MOMENTS)  # f64 moments, then k f32 logits, then k u32 to
 FLAG_LANE = 1  # slots carry a fast-lane request record and verdict area
 LANE_REQUEST = 64
 LANE_VERDICT_HEAD = 16
+REQUEST_ECHO = 1  # answer with an empty StepResponse, judge nothing (the lane's own cost)
+REQUEST_PING = 2  # ring back only (the doorbells' cost)
 
 # dtype code -> (numpy dtype of a stored FULL-row element, name)
 DTYPES: dict[int, tuple[np.dtype, str]] = {
@@ -257,9 +259,10 @@ class RingWriter:
         start = lay.slot_offset(slot) + lay.lane_offset
         return self._shm.buf[start : start + LANE_REQUEST + LANE_VERDICT_HEAD + lay.row_capacity * lay.verdict_capacity]
 
-    def submit(self, slot: int, frame_seq: int, n_rows: int, deadline_ns: int) -> None:
-        """Write the slot's request record: the sidecar judges frame ``frame_seq`` when rung."""
-        _REQUEST.pack_into(self._lane(slot), 0, frame_seq, deadline_ns, n_rows, 0)
+    def submit(self, slot: int, frame_seq: int, n_rows: int, deadline_ns: int, flags: int = 0) -> None:
+        """Write the slot's request record: the sidecar judges frame ``frame_seq`` when rung
+        (``flags``: REQUEST_ECHO / REQUEST_PING, the benchmark's floors)."""
+        _REQUEST.pack_into(self._lane(slot), 0, frame_seq, deadline_ns, n_rows, flags)
 
     def verdicts(self, slot: int, frame_seq: int) -> list[bytes] | None:
         """The answers the sidecar wrote for ``frame_seq``, or None when they are not (all)
@@ -498,12 +501,12 @@ class RingReader:
             raise RingError(f"ring {self.name} was replaced since the session opened; open a new session")
         self._wfd: int | None = fd
 
-    def request(self, slot: int) -> tuple[int, int, int]:
-        """(frame_seq, deadline_ns, n_rows) of the slot's request record."""
+    def request(self, slot: int) -> tuple[int, int, int, int]:
+        """(frame_seq, deadline_ns, n_rows, flags) of the slot's request record."""
         buf = bytearray(_REQUEST.size)
         self._read_exact(memoryview(buf), self.layout.slot_offset(slot) + self.layout.lane_offset)
-        frame_seq, deadline, n_rows, _ = _REQUEST.unpack(buf)
-        return frame_seq, deadline, n_rows
+        frame_seq, deadline, n_rows, flags = _REQUEST.unpack(buf)
+        return frame_seq, deadline, n_rows, flags
 
     def write_verdicts(self, slot: int, frame_seq: int, answers: list[bytes]) -> None:
         """Publish ``answers`` (serialized StepResponses) for ``frame_seq`` under the verdict

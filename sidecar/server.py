@@ -303,13 +303,14 @@ def _set_socket_access(path: Path, config: SidecarConfig) -> None:
 
 
 def create_server(
-    config: SidecarConfig, signer: Signer, config_path: Path | None = None
+    config: SidecarConfig, signer: Signer, config_path: Path | None = None, service: GuardService | None = None
 ) -> tuple[grpc.aio.Server, GuardService, str]:
     """A configured, not yet started server; returns (server, service, bound address).
 
     ``config_path`` is the file ``config`` came from: ReloadPolicy and SIGHUP read it.
+    ``service``: one built by the caller (embedding, tests); else one is made here.
     """
-    service = GuardService(config, signer)
+    service = service if service is not None else GuardService(config, signer)
     server = grpc.aio.server(
         options=[
             # the largest per-RPC limit: gRPC refuses bigger requests before buffering them
@@ -367,9 +368,13 @@ async def _reap_idle_sessions(service: GuardService) -> None:
 
 
 async def serve(
-    config: SidecarConfig, signer: Signer, ready: asyncio.Event | None = None, config_path: Path | None = None
+    config: SidecarConfig,
+    signer: Signer,
+    ready: asyncio.Event | None = None,
+    config_path: Path | None = None,
+    service: GuardService | None = None,
 ) -> None:
-    server, service, bound = create_server(config, signer, config_path)
+    server, service, bound = create_server(config, signer, config_path, service)
     reloader: PolicyReloader = server._fse_reloader  # type: ignore[attr-defined]
     loop = asyncio.get_running_loop()
     reloads: set[asyncio.Task] = set()

@@ -85,8 +85,17 @@ def session_opened(s: Session, key_id: str) -> pb.OpenSessionResponse:
 
 
 class GuardService:
-    def __init__(self, config: SidecarConfig, signer: Signer, policies: dict[str, CompiledPolicy] | None = None) -> None:
+    def __init__(
+        self,
+        config: SidecarConfig,
+        signer: Signer,
+        policies: dict[str, CompiledPolicy] | None = None,
+        nonces: Callable[[], bytes] | None = None,
+    ) -> None:
+        """``nonces``: where opening nonces come from (16 random bytes each by default; a
+        test that compares two openings byte for byte gives a fixed source)."""
         self.config = config
+        self._nonce = nonces or (lambda: secrets.token_bytes(16))
         self.signer = signer
         # Compiled once here (start-up: a bad rule stops the sidecar before it listens)
         # and swapped whole by :meth:`use_policies` on a reload.
@@ -185,7 +194,7 @@ class GuardService:
             last_active=time.monotonic(),
             opening=Opening(
                 sid,
-                secrets.token_bytes(16),
+                self._nonce(),
                 params.canonical_bytes(),
                 policy.digest,
                 vocab.digest,

@@ -33,11 +33,11 @@ def reference_greedy(llama, prompt: str, n: int) -> list[int]:
 def guarded(llama, start_sidecar, keys):
     made = []
 
-    def make(policies=None, step_timeout: float = 2.0):
+    def make(policies=None, step_timeout: float = 2.0, lane: str = "grpc"):
         sc = start_sidecar(policies)
         client = GuardClient(sc.target, keys.public, step_timeout=step_timeout)
         client.wait_ready()
-        g = GuardedLlama(llama, client)
+        g = GuardedLlama(llama, client, lane=lane)
         made.append((g, client))
         return g, sc
 
@@ -57,9 +57,10 @@ def policy(**guards: float) -> dict:
     return {"default": {"guards": {k: {"enabled": True, "threshold": v} for k, v in guards.items()}, **PER_TOKEN}}
 
 
+@pytest.mark.parametrize("lane", ["grpc", "shm"])
 @pytest.mark.parametrize("prompt", PROMPTS, ids=["france", "poem"])
-def test_greedy_guarded_generation_equals_unguarded_token_for_token(llama, guarded, prompt: str) -> None:
-    g, _ = guarded(policy())
+def test_greedy_guarded_generation_equals_unguarded_token_for_token(llama, guarded, prompt: str, lane: str) -> None:
+    g, _ = guarded(policy(), lane=lane)
     llama.reset()
     done = g.complete(prompt, max_tokens=48, sampling=GREEDY)
     assert done.error is None
