@@ -332,6 +332,9 @@ class GuardedSession:
         self.chain_hash = genesis
         self.receipt: pb.Receipt | None = None  # set by a clean close()
         self.lane: LaneChannel | None = None  # the fast lane, when opened with lane="shm"
+        # The last step's phases in seconds: (write the row / build the request, wait for the
+        # answer, verify it): the adapter's own CPU is the first and the last.
+        self.phases: tuple[float, float, float] = (0.0, 0.0, 0.0)
         self.dead: Exception | None = None
         self._stream = StreamCall(client._stub.Steps)
 
@@ -351,14 +354,19 @@ class GuardedSession:
 
     def _step(self, step: int, logits: np.ndarray) -> pb.Verdict:
         slot = None
+        t0 = time.perf_counter()
         try:
             if self.ring is not None:
                 slot = self.ring.acquire()
                 with self.ring.frame(slot) as f:
                     row = f.write_row(self.tag, step, logits)
                 if self.lane is not None:
+                    t1 = time.perf_counter()
                     resp = self.lane.roundtrip(slot, f.seq, self.client.step_timeout, f"step {step}")
-                    return self._verify(step, resp)
+                    t2 = time.perf_counter()
+                    v = self._verify(step, resp)
+                    self.phases = (t1 - t0, t2 - t1, time.perf_counter() - t2)
+                    return v
                 req = pb.StepRequest(
                     session_id=self.session_id,
                     session_secret=self._secret,
@@ -373,11 +381,15 @@ class GuardedSession:
                     step=step,
                     inline=pb.InlineLogits(data=data, dtype=pb.DTYPE_F32),
                 )
+            t1 = time.perf_counter()
             resp = self._stream.roundtrip(req, self.client.step_timeout, f"step {step}")
+            t2 = time.perf_counter()
         finally:
             if slot is not None:
                 self.ring.release(slot)  # type: ignore[union-attr]
-        return self._verify(step, resp)
+        v = self._verify(step, resp)
+        self.phases = (t1 - t0, t2 - t1, time.perf_counter() - t2)
+        return v
 
     def _verify(self, step: int, resp: pb.StepResponse) -> pb.Verdict:
         if resp.HasField("error"):

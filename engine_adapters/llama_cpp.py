@@ -110,6 +110,7 @@ class GuardedToken:
     text: bytes
     verdict: pb.Verdict
     latency_s: float  # ring write + round trip + verification for this step
+    phases_s: tuple[float, float, float] = (0.0, 0.0, 0.0)  # of latency_s: write, wait for the answer, verify
 
 
 @dataclass
@@ -119,6 +120,7 @@ class _Run:
     session: GuardedSession
     verdicts: dict[int, pb.Verdict] = field(default_factory=dict)
     latencies: dict[int, float] = field(default_factory=dict)
+    phases: dict[int, tuple[float, float, float]] = field(default_factory=dict)
     failure: BaseException | None = None
     step: int = 0
 
@@ -130,6 +132,7 @@ class _Run:
                 t0 = time.perf_counter()
                 v = self.session.step(scores)
                 self.latencies[self.step] = time.perf_counter() - t0
+                self.phases[self.step] = self.session.phases
                 self.verdicts[self.step] = v
                 scores[:] = NEG_INF
                 scores[v.token_id] = 0.0
@@ -228,7 +231,9 @@ class GuardedLlama:
                 v = run.admit(step, int(token))
                 if token == eos:
                     return
-                yield GuardedToken(step, int(token), self.vocab[token], v, run.latencies.pop(step, 0.0))
+                yield GuardedToken(
+                    step, int(token), self.vocab[token], v, run.latencies.pop(step, 0.0), run.phases.pop(step, (0.0, 0.0, 0.0))
+                )
                 if step + 1 >= max_tokens:
                     return
             if run.failure is not None:  # the stopping criterion ended generation

@@ -134,6 +134,54 @@ def bench_transport(ed: LocalSidecar, hm: LocalSidecar, rounds: int, paced_round
     return rows
 
 
+def bench_lane(ed: LocalSidecar, rounds: int) -> dict[str, Any]:
+    """The fast lane against its floors, between the same two processes (49k ids): a raw
+    eventfd ping-pong (PING: the doorbells only), the lane with no guard work (ECHO: the
+    request record, a verdict-area write, both doorbells), a guarded step on the lane, and
+    beside them the gRPC stream's echo and step."""
+    from engine_adapters.client import GuardClient, StreamCall
+
+    from .ring import REQUEST_ECHO, REQUEST_PING, RingWriter
+
+    vocab = 49152
+    client = GuardClient(ed.target, ed.public_key, step_timeout=5.0)
+    client.wait_ready(30)
+    digest = client.register_vocabulary([i.to_bytes(4, "little") for i in range(vocab)])
+    rng = np.random.default_rng(3)
+    pool = [(rng.standard_normal(vocab) * 3).astype(np.float32) for _ in range(8)]
+    with (
+        RingWriter.create(slots=2, vocab_size=vocab, verdict_capacity=8192) as ring,
+        RingWriter.create(slots=2, vocab_size=vocab) as gring,
+    ):
+        lane_s = client.open_session(digest, SAMPLING, ring=ring, policy=SYNTHETIC, lane="shm")
+        grpc_s = client.open_session(digest, SAMPLING, ring=gring, policy=SYNTHETIC)
+        echo = StreamCall(client._stub.Echo)
+        lane = lane_s.lane
+        assert lane is not None
+        seq = iter(range(2, 1 << 62, 2))
+        counter = iter(range(1 << 62))
+        msg = pb.EchoMessage(payload=b"\0" * 64)
+        fns: dict[str, Callable[[], object]] = {
+            "eventfd_ping": lambda: lane.roundtrip(1, next(seq), 5.0, "ping", REQUEST_PING),
+            "lane_echo": lambda: lane.roundtrip(1, next(seq), 5.0, "echo", REQUEST_ECHO),
+            "lane_step": lambda: lane_s.step(pool[next(counter) % len(pool)]),
+            "grpc_echo": lambda: echo.roundtrip(msg, 5.0, "echo"),
+            "grpc_step": lambda: grpc_s.step(pool[next(counter) % len(pool)]),
+        }
+        t = _interleave(fns, rounds, 0.0)
+        echo.close()
+        lane_s.close()
+        grpc_s.close()
+    client.close()
+    return {
+        "vocab": vocab,
+        **{k: _summ(v) for k, v in t.items()},
+        "lane_echo_over_eventfd_ping_median": _median_ratio(t["lane_echo"], t["eventfd_ping"]),
+        "lane_step_over_grpc_step_median": _median_ratio(t["lane_step"], t["grpc_step"]),
+        "grpc_echo_over_lane_echo_median": _median_ratio(t["grpc_echo"], t["lane_echo"]),
+    }
+
+
 AUDIT_MODES = ("off", "close", "interval", "every_frame")
 
 
@@ -275,14 +323,17 @@ def bench_model(ed: LocalSidecar, hm: LocalSidecar, tokens: int, repeats: int) -
     for c in clients.values():
         c.wait_ready(30)
     guarded = {name: GuardedLlama(llama, c) for name, c in clients.items()}
+    guarded.update({f"{name}_shm": GuardedLlama(llama, c, lane="shm") for name, c in clients.items()})
 
-    step_latency: dict[str, list[float]] = {"ed25519": [], "hmac": []}
+    step_latency: dict[str, list[float]] = {name: [] for name in guarded}
+    phases: dict[str, list[tuple[float, float, float]]] = {name: [] for name in guarded}
 
     def run_guarded(name: str) -> list[int]:
         done = guarded[name].complete(ids, max_tokens=tokens, sampling=greedy)
         if done.error is not None:
             raise done.error
         step_latency[name] += [t.latency_s for t in done.tokens[1:]]  # the first step opens the stream
+        phases[name] += [t.phases_s for t in done.tokens[1:]]
         return done.token_ids
 
     floor = _TransportFloor(llama, clients["ed25519"])
@@ -291,6 +342,8 @@ def bench_model(ed: LocalSidecar, hm: LocalSidecar, tokens: int, repeats: int) -
         "transport_floor": lambda: floor.run(ids, tokens),
         "ed25519": lambda: run_guarded("ed25519"),
         "hmac": lambda: run_guarded("hmac"),
+        "ed25519_shm": lambda: run_guarded("ed25519_shm"),
+        "hmac_shm": lambda: run_guarded("hmac_shm"),
     }
     tps: dict[str, list[float]] = {k: [] for k in runs}
     same = True
@@ -302,7 +355,7 @@ def bench_model(ed: LocalSidecar, hm: LocalSidecar, tokens: int, repeats: int) -
             outputs[name] = fn()
             if i:
                 tps[name].append(len(outputs[name]) / (time.perf_counter() - t0))
-        same = same and outputs["ed25519"] == outputs["unguarded"] == outputs["hmac"] == outputs["transport_floor"]
+        same = same and all(out == outputs["unguarded"] for out in outputs.values())
         if i == 0:
             for lat in step_latency.values():
                 lat.clear()  # like the tokens/s, the warm-up round's latencies do not count
@@ -316,7 +369,13 @@ def bench_model(ed: LocalSidecar, hm: LocalSidecar, tokens: int, repeats: int) -
         out[f"{name}_tok_s_median"] = statistics.median(values)
     for name, lat in step_latency.items():
         out[f"{name}_step_latency"] = _summ(lat)
-    for name in ("transport_floor", "ed25519", "hmac"):
+        ph = np.asarray(phases[name]) * 1e6
+        out[f"{name}_phases_us_p50"] = {
+            "write": float(np.median(ph[:, 0])),
+            "wait": float(np.median(ph[:, 1])),
+            "verify": float(np.median(ph[:, 2])),
+        }
+    for name in ("transport_floor", "ed25519", "hmac", "ed25519_shm", "hmac_shm"):
         pairs = list(zip(tps[name], tps["unguarded"], strict=True))
         out[f"{name}_over_unguarded_median"] = _median_ratio(tps[name], tps["unguarded"])
         out[f"{name}_overhead_ms_per_token_median"] = statistics.median(1e3 / g - 1e3 / b for g, b in pairs)
@@ -353,6 +412,8 @@ def run_bench(args: argparse.Namespace) -> int:
             result["transport"] = bench_transport(ed, hm, args.rounds, max(args.rounds // 10, 50))
             print("metrics ...", file=sys.stderr)
             result["metrics"] = bench_metrics(args.rounds)
+            print("lane ...", file=sys.stderr)
+            result["lane"] = bench_lane(ed, args.rounds)
             print("audit ...", file=sys.stderr)
             result["audit"] = bench_audit(Path(tmp), args.rounds)
             if not args.skip_model:
@@ -399,6 +460,22 @@ def run_bench(args: argparse.Namespace) -> int:
             ],
         )
     )
+    ln = result["lane"]
+    print()
+    print(
+        _table(
+            f"fast lane round trip (µs, p50 / p99; {ln['vocab']} ids; the same two processes, in turn)",
+            ["eventfd ping-pong", "lane, no guard work", "ratio", "lane step", "gRPC echo", "gRPC step", "lane/gRPC step"],
+            [
+                [
+                    *(f"{ln[k]['p50_us']:.0f} / {ln[k]['p99_us']:.0f}" for k in ("eventfd_ping", "lane_echo")),
+                    f"{ln['lane_echo_over_eventfd_ping_median']:.2f}x",
+                    *(f"{ln[k]['p50_us']:.0f} / {ln[k]['p99_us']:.0f}" for k in ("lane_step", "grpc_echo", "grpc_step")),
+                    f"{ln['lane_step_over_grpc_step_median']:.2f}x",
+                ]
+            ],
+        )
+    )
     a = result["audit"]
     print()
     print(
@@ -422,7 +499,14 @@ def run_bench(args: argparse.Namespace) -> int:
         print(
             _table(
                 f"SmolLM2-135M, greedy, {m['tokens']} tokens, {m['repeats']} rounds of each in turn; ratio = vs unguarded",
-                ["run", "tok/s", "ratio", "ms/token added", "guard step in the loop (µs, p50 / p99)"],
+                [
+                    "run",
+                    "tok/s",
+                    "ratio",
+                    "ms/token added",
+                    "guard step in the loop (µs, p50 / p99)",
+                    "write / wait / verify (µs, p50)",
+                ],
                 [
                     [
                         f"{label}",
@@ -432,12 +516,17 @@ def run_bench(args: argparse.Namespace) -> int:
                         f"{m[key + '_step_latency']['p50_us']:.0f} / {m[key + '_step_latency']['p99_us']:.0f}"
                         if key + "_step_latency" in m
                         else "",
+                        " / ".join(f"{m[key + '_phases_us_p50'][p]:.0f}" for p in ("write", "wait", "verify"))
+                        if key + "_phases_us_p50" in m
+                        else "",
                     ]
                     for key, label in (
                         ("unguarded", "unguarded"),
                         ("transport_floor", "ring + bare gRPC echo (floor)"),
-                        ("ed25519", "guarded, Ed25519"),
-                        ("hmac", "guarded, HMAC-SHA256"),
+                        ("ed25519", "gRPC lane, Ed25519"),
+                        ("hmac", "gRPC lane, HMAC-SHA256"),
+                        ("ed25519_shm", "fast lane, Ed25519"),
+                        ("hmac_shm", "fast lane, HMAC-SHA256"),
                     )
                 ],
             )
