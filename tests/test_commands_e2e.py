@@ -46,9 +46,18 @@ def test_bench_writes_json_and_prints_tables(tmp_path) -> None:
     audit = data["audit"]
     assert all(audit[m]["p50_us"] > 0 for m in ("off", "close", "interval", "every_frame"))
     assert all(300 < audit[f"{m}_bytes_per_frame"] < 5000 for m in ("close", "interval", "every_frame"))  # frames were written
-    assert data["model"]["identical_greedy_output"] is True
-    assert data["model"]["ed25519_step_latency"]["n"] == data["model"]["hmac_step_latency"]["n"] > 0
-    for table in ("verdict round trip", "metrics of one row", "step latency with the audit file", "SmolLM2-135M"):
+    assert data["model"]["identical_greedy_output"] is True  # all four guarded runs and the floor
+    m = data["model"]
+    assert m["ed25519_step_latency"]["n"] == m["hmac_step_latency"]["n"] == m["ed25519_shm_step_latency"]["n"] > 0
+    assert all(m[f"{k}_phases_us_p50"]["wait"] > 0 for k in ("ed25519", "hmac_shm"))
+    assert all(data["lane"][k]["p50_us"] > 0 for k in ("eventfd_ping", "lane_echo", "lane_step", "grpc_echo", "grpc_step"))
+    for table in (
+        "verdict round trip",
+        "metrics of one row",
+        "fast lane round trip",
+        "step latency with the audit file",
+        "SmolLM2-135M",
+    ):
         assert table in r.stdout
 
 
