@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,11 +54,15 @@ class LocalSidecar:
 
 
 def start_local_sidecar(
-    workdir: Path, config: dict[str, Any] | None = None, keys: tuple[Path, Path] | None = None
+    workdir: Path,
+    config: dict[str, Any] | None = None,
+    keys: tuple[Path, Path] | None = None,
+    preexec: Callable[[], None] | None = None,
 ) -> LocalSidecar:
     """``python -m sidecar serve`` on a Unix socket in ``workdir``; ``config`` extends the
     generated one (its ``listen`` and ``signing_key_file`` are replaced). ``keys`` is a
-    (private, public) pair; a fresh one is made when it is None."""
+    (private, public) pair; a fresh one is made when it is None. ``preexec`` runs in the
+    child before it starts (tests limit its resources with it)."""
     priv, pub = keys if keys is not None else generate_keypair(workdir / "keys")
     sock = workdir / "fse.sock"
     cfg = {**(config or {}), "listen": f"unix://{sock}", "signing_key_file": str(priv)}
@@ -70,5 +75,6 @@ def start_local_sidecar(
             stdout=out,
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            preexec_fn=preexec,
         )
     return LocalSidecar(proc, f"unix:{sock}", pub, log, cfg_path)

@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import cast
 
 from ._pb.fse.v1 import guard_pb2 as pb
-from .core.chain import ReasonLike
+from .core.chain import ReasonLike, Tally
+from .core.ledger import receipt_record
 from .core.redo import ProposalRecord
 from .core.sampling import SamplingParams
 
@@ -56,17 +57,5 @@ def proposal(p: ProposalRecord) -> pb.Proposal:
 def receipt_json(r: pb.Receipt) -> dict[str, object]:
     """A receipt as ``fse-sidecar audit verify --receipt`` reads it (and as the audit
     file's close record holds it): bytes in hex."""
-    return {
-        "session_id": r.session_id,
-        "genesis_hash": r.genesis_hash.hex(),
-        "chain_hash": r.chain_hash.hex(),
-        "steps": r.steps,
-        "accepted": r.accepted,
-        "healed": r.healed,
-        "aborted": r.aborted,
-        "first_timestamp_ns": r.first_timestamp_ns,
-        "last_timestamp_ns": r.last_timestamp_ns,
-        "policy_digest": r.policy_digest,
-        "key_id": r.key_id,
-        "signature": r.signature.hex(),
-    }
+    tally = Tally(r.accepted, r.healed, r.aborted, r.first_timestamp_ns, r.last_timestamp_ns)
+    return receipt_record(r.session_id, r.genesis_hash, r.chain_hash, tally, r.policy_digest, r.key_id, r.signature)

@@ -214,18 +214,9 @@ def test_audit_verify_the_command_exits_0_and_1(real_audit, tmp_path, keys) -> N
 
 def _start(tmp_path: Path, keys, config: dict, preexec=None) -> LocalSidecar:
     """``serve`` in its own process, as deployed (with ``preexec`` run in the child first)."""
-    sock = tmp_path / "fse.sock"
-    cfg = tmp_path / "sidecar.yaml"
-    cfg.write_text(yaml.safe_dump({**config, "listen": f"unix://{sock}", "signing_key_file": str(keys.private)}))
-    log = tmp_path / "sidecar.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "sidecar", "serve", "--config", str(cfg)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            preexec_fn=preexec,
-        )
-    sc = LocalSidecar(proc, f"unix:{sock}", keys.public, log, cfg)
+    from sidecar.launch import start_local_sidecar
+
+    sc = start_local_sidecar(tmp_path, config, (keys.private, keys.public), preexec)
     sc.wait_started()
     return sc
 
