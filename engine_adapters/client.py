@@ -306,6 +306,18 @@ class GuardClient:
         self.close()
 
 
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """A step submitted on the fast lane, its verdict not yet collected."""
+
+    step: int
+    slot: int
+    seq: int
+    deadline: float  # monotonic seconds
+    started: float  # perf_counter at the submit, for the phases
+    sent: float
+
+
 class GuardedSession:
     """One sequence's step stream. Not thread-safe: one engine thread drives it."""
 
@@ -346,11 +358,48 @@ class GuardedSession:
         try:
             return self._step(step, logits)
         except Exception as exc:
-            self.dead = exc
-            self._shutdown()
-            if not isinstance(exc, GuardUnavailable) or isinstance(exc, StepRefused):
-                self._release()  # the sidecar is there: free the session's slot now, not at the idle reaper
+            self._fail(exc)
             raise
+
+    def submit(self, logits: np.ndarray) -> Pending:
+        """Fast lane: write the next step's row and ring, without waiting; :meth:`collect`
+        gets its verdict. Between the two the engine may compute ahead (speculation)."""
+        if self.dead is not None:
+            raise GuardUnavailable(f"session {self.session_id} is closed after an earlier failure: {self.dead}")
+        if self.lane is None or self.ring is None:
+            raise GuardUnavailable("submit/collect need the fast lane (open the session with lane='shm')")
+        try:
+            t0 = time.perf_counter()
+            slot = self.ring.acquire()
+            with self.ring.frame(slot) as f:
+                f.write_row(self.tag, self.next_step, logits)
+            self.lane.send(slot, f.seq, self.client.step_timeout)
+            return Pending(self.next_step, slot, f.seq, time.monotonic() + self.client.step_timeout, t0, time.perf_counter())
+        except Exception as exc:
+            self._fail(exc)
+            raise
+
+    def collect(self, p: Pending) -> pb.Verdict:
+        """The verified verdict of a :meth:`submit`; raises GuardError unless it verifies."""
+        assert self.lane is not None and self.ring is not None
+        try:
+            try:
+                resp = self.lane.wait(p.slot, p.seq, p.deadline, self.client.step_timeout, f"step {p.step}")
+            finally:
+                self.ring.release(p.slot)
+            t2 = time.perf_counter()
+            v = self._verify(p.step, resp)
+            self.phases = (p.sent - p.started, t2 - p.sent, time.perf_counter() - t2)
+            return v
+        except Exception as exc:
+            self._fail(exc)
+            raise
+
+    def _fail(self, exc: Exception) -> None:
+        self.dead = exc
+        self._shutdown()
+        if not isinstance(exc, GuardUnavailable) or isinstance(exc, StepRefused):
+            self._release()  # the sidecar is there: free the session's slot now, not at the idle reaper
 
     def _step(self, step: int, logits: np.ndarray) -> pb.Verdict:
         slot = None

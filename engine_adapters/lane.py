@@ -46,8 +46,16 @@ class LaneChannel:
 
     def roundtrip(self, slot: int, frame_seq: int, timeout: float, what: str, flags: int = 0) -> pb.StepResponse:
         deadline = time.monotonic() + timeout
+        self.send(slot, frame_seq, timeout, flags)
+        return self.wait(slot, frame_seq, deadline, timeout, what, flags)
+
+    def send(self, slot: int, frame_seq: int, timeout: float, flags: int = 0) -> None:
+        """Submit the frame and ring; the answer is collected by :meth:`wait`."""
         self.ring.submit(slot, frame_seq, 1, time.clock_gettime_ns(time.CLOCK_MONOTONIC) + int(timeout * 1e9), flags)
         os.eventfd_write(self.request_fd, 1)
+
+    def wait(self, slot: int, frame_seq: int, deadline: float, timeout: float, what: str, flags: int = 0) -> pb.StepResponse:
+        """The answer to ``frame_seq``, by ``deadline`` (monotonic seconds), or raise."""
         while True:
             left = deadline - time.monotonic()
             if left <= 0:

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from sidecar._pb.fse.v1 import guard_pb2 as pb
-from sidecar.core.sampling import SamplingParams
+from sidecar.core.sampling import SamplingParams, sample_normal
 from sidecar.errors import FseError, GuardError, VerdictRejected
 from sidecar.ring import RingWriter
 
@@ -167,10 +167,20 @@ class GuardedLlama:
     instance, and one ``Llama``, per concurrent sequence.
     """
 
-    def __init__(self, llama: Any, client: GuardClient, *, ring_slots: int = 2, lane: str = "grpc") -> None:
-        """``lane``: "grpc" (the default) or "shm": the fast lane for a sidecar on this host."""
+    def __init__(
+        self, llama: Any, client: GuardClient, *, ring_slots: int = 2, lane: str = "grpc", speculate: bool = False
+    ) -> None:
+        """``lane``: "grpc" (the default) or "shm": the fast lane for a sidecar on this host.
+        ``speculate`` (fast lane only): while the sidecar judges a step, evaluate the token its
+        first proposal will most likely be (the sampler is a pure function of the row, the
+        history, the seed and the step); keep that forward pass when the verdict agrees, roll
+        it back when it does not. No token is ever emitted before its verdict."""
         if lane not in ("grpc", "shm"):
             raise ValueError(f"lane must be 'grpc' or 'shm', got {lane!r}")
+        if speculate and lane != "shm":
+            raise ValueError("speculate needs lane='shm' (the step is submitted, then collected)")
+        self.speculate = speculate
+        self.speculation = {"kept": 0, "rolled_back": 0}
         self.llama = llama
         self.client = client
         self.lane = lane
@@ -213,6 +223,13 @@ class GuardedLlama:
             model_id=self.model_id,
             lane=self.lane,
         )
+        if self.speculate:
+            try:
+                yield from self._speculative(ids, max_tokens, sampling, session)
+            finally:
+                session.close()
+                self.last_receipt = session.receipt
+            return
         run = _Run(session)
         # llama.cpp's own sampler only ever sees one finite logit: greedy picks it.
         gen = self.llama.generate(
@@ -243,6 +260,44 @@ class GuardedLlama:
             gen.close()
             session.close()  # verifies the receipt after a clean run (raises if it does not)
             self.last_receipt = session.receipt
+
+    def _speculative(
+        self, ids: list[int], max_tokens: int, sampling: SamplingParams, session: GuardedSession
+    ) -> Iterator[GuardedToken]:
+        """Drive llama.cpp by hand: only tokens with a verified verdict are ever kept in its
+        context; a speculative forward pass is rolled back (its KV entry dropped) unless the
+        verdict names the same token."""
+        import ctypes
+
+        llama = self.llama
+        n_vocab = len(self.vocab)
+        eos = llama.token_eos()
+        llama.reset()
+        llama.eval(ids)
+        history = list(ids)
+        for step in range(max_tokens):
+            t0 = time.perf_counter()
+            ptr = llama._ctx.get_logits()
+            logits = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(n_vocab,))
+            pending = session.submit(logits)  # the row is copied into the ring here
+            guess = sample_normal(logits, history, sampling, step)  # the sidecar's first proposal, most likely
+            ahead = 0 <= guess != eos
+            if ahead:
+                llama.eval([guess])  # overlaps the sidecar's judging; not emitted, maybe rolled back
+            v = session.collect(pending)
+            token = v.token_id
+            if ahead and token == guess:
+                self.speculation["kept"] += 1
+            else:
+                if ahead:
+                    self.speculation["rolled_back"] += 1
+                    llama.n_tokens -= 1  # eval() drops KV entries from n_tokens on
+                if token != eos:
+                    llama.eval([token])
+            if token == eos:
+                return
+            history.append(token)
+            yield GuardedToken(step, token, self.vocab[token], v, time.perf_counter() - t0, session.phases)
 
     def complete(self, prompt: str | Sequence[int], **kwargs: Any) -> GuardedCompletion:
         """Run :meth:`generate` to the end, keeping what was emitted and how it ended."""

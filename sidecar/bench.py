@@ -324,6 +324,7 @@ def bench_model(ed: LocalSidecar, hm: LocalSidecar, tokens: int, repeats: int) -
         c.wait_ready(30)
     guarded = {name: GuardedLlama(llama, c) for name, c in clients.items()}
     guarded.update({f"{name}_shm": GuardedLlama(llama, c, lane="shm") for name, c in clients.items()})
+    guarded["hmac_shm_spec"] = GuardedLlama(llama, clients["hmac"], lane="shm", speculate=True)
 
     step_latency: dict[str, list[float]] = {name: [] for name in guarded}
     phases: dict[str, list[tuple[float, float, float]]] = {name: [] for name in guarded}
@@ -344,6 +345,7 @@ def bench_model(ed: LocalSidecar, hm: LocalSidecar, tokens: int, repeats: int) -
         "hmac": lambda: run_guarded("hmac"),
         "ed25519_shm": lambda: run_guarded("ed25519_shm"),
         "hmac_shm": lambda: run_guarded("hmac_shm"),
+        "hmac_shm_spec": lambda: run_guarded("hmac_shm_spec"),
     }
     tps: dict[str, list[float]] = {k: [] for k in runs}
     same = True
@@ -375,7 +377,8 @@ def bench_model(ed: LocalSidecar, hm: LocalSidecar, tokens: int, repeats: int) -
             "wait": float(np.median(ph[:, 1])),
             "verify": float(np.median(ph[:, 2])),
         }
-    for name in ("transport_floor", "ed25519", "hmac", "ed25519_shm", "hmac_shm"):
+    out["speculation"] = dict(guarded["hmac_shm_spec"].speculation)
+    for name in ("transport_floor", "ed25519", "hmac", "ed25519_shm", "hmac_shm", "hmac_shm_spec"):
         pairs = list(zip(tps[name], tps["unguarded"], strict=True))
         out[f"{name}_over_unguarded_median"] = _median_ratio(tps[name], tps["unguarded"])
         out[f"{name}_overhead_ms_per_token_median"] = statistics.median(1e3 / g - 1e3 / b for g, b in pairs)
@@ -527,6 +530,7 @@ def run_bench(args: argparse.Namespace) -> int:
                         ("hmac", "gRPC lane, HMAC-SHA256"),
                         ("ed25519_shm", "fast lane, Ed25519"),
                         ("hmac_shm", "fast lane, HMAC-SHA256"),
+                        ("hmac_shm_spec", "fast lane, HMAC, speculating"),
                     )
                 ],
             )

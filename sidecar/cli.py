@@ -155,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument(
         "--lane", choices=["grpc", "shm"], default="grpc", help="verdicts over gRPC (default) or the shared-memory fast lane"
     )
+    d.add_argument(
+        "--speculate", action="store_true", help="with --lane shm: evaluate the likely next token while the sidecar judges"
+    )
     d.add_argument("--audit-dir", type=Path, help="keep the session's .audit file here (default: a temporary directory)")
     d.set_defaults(func=_demo)
 

@@ -61,6 +61,8 @@ def run_demo(args: argparse.Namespace) -> int:
         repetition_penalty=args.repetition_penalty,
         seed=args.seed,
     )
+    if args.speculate and args.lane != "shm":
+        raise FseError("--speculate needs --lane shm (the step is submitted, then collected)")
     config = yaml.safe_load(args.config.read_text()) if args.config else {"policies": DEMO_POLICY}
     with tempfile.TemporaryDirectory(prefix="fse-demo-") as tmp:
         audit_dir = args.audit_dir or Path(tmp) / "audit"
@@ -74,10 +76,11 @@ def run_demo(args: argparse.Namespace) -> int:
                 print(sc.log_text(), file=sys.stderr)
                 raise
             llama = load_llama(args.model)
-            with GuardedLlama(llama, client, lane=args.lane) as guarded:
+            with GuardedLlama(llama, client, lane=args.lane, speculate=args.speculate) as guarded:
                 model = Path(llama.model_path).name
                 keys = ", ".join(client.trusted.key_ids)
                 lane = "fast lane (shared memory + eventfds)" if args.lane == "shm" else "gRPC stream"
+                lane += ", speculating" if args.speculate else ""
                 print(f"model: {model}  vocab {len(guarded.vocab)}  sidecar pid {sc.proc.pid}  key {keys}  lane: {lane}")
                 print(f"prompt: {args.prompt!r}")
                 print(

@@ -33,11 +33,11 @@ def reference_greedy(llama, prompt: str, n: int) -> list[int]:
 def guarded(llama, start_sidecar, keys):
     made = []
 
-    def make(policies=None, step_timeout: float = 2.0, lane: str = "grpc"):
+    def make(policies=None, step_timeout: float = 2.0, lane: str = "grpc", speculate: bool = False):
         sc = start_sidecar(policies)
         client = GuardClient(sc.target, keys.public, step_timeout=step_timeout)
         client.wait_ready()
-        g = GuardedLlama(llama, client, lane=lane)
+        g = GuardedLlama(llama, client, lane=lane, speculate=speculate)
         made.append((g, client))
         return g, sc
 
@@ -57,10 +57,10 @@ def policy(**guards: float) -> dict:
     return {"default": {"guards": {k: {"enabled": True, "threshold": v} for k, v in guards.items()}, **PER_TOKEN}}
 
 
-@pytest.mark.parametrize("lane", ["grpc", "shm"])
+@pytest.mark.parametrize("lane", ["grpc", "shm", "shm+speculate"])
 @pytest.mark.parametrize("prompt", PROMPTS, ids=["france", "poem"])
 def test_greedy_guarded_generation_equals_unguarded_token_for_token(llama, guarded, prompt: str, lane: str) -> None:
-    g, _ = guarded(policy(), lane=lane)
+    g, _ = guarded(policy(), lane=lane.split("+")[0], speculate=lane.endswith("speculate"))
     llama.reset()
     done = g.complete(prompt, max_tokens=48, sampling=GREEDY)
     assert done.error is None
@@ -70,12 +70,15 @@ def test_greedy_guarded_generation_equals_unguarded_token_for_token(llama, guard
     assert all(t.verdict.decision == pb.DECISION_ACCEPT for t in done.tokens)
 
 
-def test_tripping_guard_heals_to_the_strict_sampler_and_changes_the_text(llama, guarded) -> None:
+@pytest.mark.parametrize("speculate", [False, True], ids=["plain", "speculating"])
+def test_tripping_guard_heals_to_the_strict_sampler_and_changes_the_text(llama, guarded, speculate: bool) -> None:
     hot = SamplingParams(temperature=1.5, top_k=100, seed=11, repetition_penalty=1.0)
     free, _ = guarded(policy())
     sampled = free.complete(PROMPTS[1], max_tokens=32, sampling=hot)
     assert sampled.error is None and len(sampled.tokens) == 32  # the free run is whole, not cut short
-    strict, _ = guarded(policy(rank=0))  # any token that is not the model's top choice trips
+    # any token that is not the model's top choice trips; speculating, each heal is a
+    # forward pass on the sampled guess that must be rolled back
+    strict, _ = guarded(policy(rank=0), lane="shm" if speculate else "grpc", speculate=speculate)
     llama.reset()
     healed = strict.complete(PROMPTS[1], max_tokens=32, sampling=hot)
     assert healed.error is None
@@ -89,6 +92,8 @@ def test_tripping_guard_heals_to_the_strict_sampler_and_changes_the_text(llama, 
     # every emitted token is now the model's top choice: the text is the greedy text
     assert healed.token_ids == reference_greedy(llama, PROMPTS[1], 32)[: len(healed.token_ids)]
     assert healed.token_ids != sampled.token_ids
+    if speculate:
+        assert strict.speculation["rolled_back"] == decisions.count(pb.DECISION_HEALED) > 0
 
 
 def test_double_fault_aborts_and_the_text_stops(guarded) -> None:

@@ -41,6 +41,17 @@ MUTANTS = [
         ("tests/test_llama_e2e.py::test_tripping_guard_heals_to_the_strict_sampler_and_changes_the_text",),
     ),
     Mutant(
+        "speculating-adapter-keeps-its-guess-instead-of-the-verdict",
+        "engine_adapters/llama_cpp.py",
+        (
+            (
+                "            token = v.token_id\n            if ahead and token == guess:",
+                "            token = guess if ahead else v.token_id\n            if ahead and token == guess:",
+            ),
+        ),
+        ("tests/test_llama_e2e.py::test_tripping_guard_heals_to_the_strict_sampler_and_changes_the_text[speculating]",),
+    ),
+    Mutant(
         "adapter-checks-the-key-id-but-not-the-signature",
         "sidecar/signing.py",
         (("        return k is not None and k.verify(v)\n", "        return k is not None\n"),),
