@@ -306,13 +306,13 @@ class _TransportFloor:
         self.ring.close()
 
 
-def bench_model(ed: LocalSidecar, hm: LocalSidecar, tokens: int, repeats: int) -> dict[str, Any]:
+def bench_model(ed: LocalSidecar, hm: LocalSidecar, tokens: int, repeats: int, threads: int = 2) -> dict[str, Any]:
     from engine_adapters.client import GuardClient
     from engine_adapters.llama_cpp import GuardedLlama, load_llama, unguarded_greedy
 
     from .demo import CHAT
 
-    llama = load_llama()
+    llama = load_llama(n_threads=threads)
     prompt = CHAT.format("Write a long story about a dragon who learns to paint.")
     ids = llama.tokenize(prompt.encode(), add_bos=True, special=True)
     greedy = SamplingParams(temperature=0.0)
@@ -421,7 +421,7 @@ def run_bench(args: argparse.Namespace) -> int:
             result["audit"] = bench_audit(Path(tmp), args.rounds)
             if not args.skip_model:
                 print("model ...", file=sys.stderr)
-                result["model"] = bench_model(ed, hm, args.tokens, args.repeats)
+                result["model"] = bench_model(ed, hm, args.tokens, args.repeats, args.threads)
         finally:
             ed.stop()
             hm.stop()

@@ -199,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--tokens", type=int, default=64, help="tokens per generation in the model benchmark")
     b.add_argument("--repeats", type=int, default=5, help="alternating guarded/unguarded generations")
     b.add_argument("--skip-model", action="store_true", help="skip the llama.cpp tokens/s benchmark")
+    b.add_argument("--threads", type=int, default=2, help="llama.cpp threads in the model benchmark (the aims are for 2)")
     b.add_argument("--fse-tokens", type=int, default=2000, help="fse: tokens of text streamed per rule set")
     b.add_argument("--fse-rounds", type=int, default=5, help="fse: rounds of every rule set in turn")
     b.add_argument("--rescan-reps", type=int, default=3, help="fse: rescans timed at each text length")
