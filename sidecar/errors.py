@@ -14,6 +14,7 @@
     ├── MessageTooLarge        a request over its RPC's size limit (not parsed)
     ├── MalformedMessage       bytes that do not parse as the RPC's request
     ├── AuditError             an audit file cannot be created or written
+    ├── LaneUnavailable        the fast lane asked of a sidecar that serves none
     ├── RingError              shared-memory ring problems
     │   ├── RingLayoutError    header does not describe a ring we can read
     │   └── TornFrameError     seqlock says the frame is being written or was replaced
@@ -122,6 +123,12 @@ class RingLayoutError(RingError, ValueError):
 
 class TornFrameError(RingError):
     grpc_code = "ABORTED"
+
+
+class LaneUnavailable(FseError):
+    """The fast lane was asked for where the sidecar serves none."""
+
+    grpc_code = "FAILED_PRECONDITION"
 
 
 class AuditError(FseError):

@@ -34,7 +34,16 @@ from ._pb.fse.v1 import guard_pb2 as pb
 from .config import SidecarConfig
 from .core.session import SESSION_ID
 from .core.vocab import Vocabulary
-from .errors import ConfigError, FseError, InvalidSessionId, ListenError, MalformedMessage, MessageTooLarge, shown
+from .errors import (
+    ConfigError,
+    FseError,
+    InvalidSessionId,
+    LaneUnavailable,
+    ListenError,
+    MalformedMessage,
+    MessageTooLarge,
+    shown,
+)
 from .lane import LaneServer
 from .reload import PolicyReloader
 from .service import GuardService, session_opened
@@ -164,21 +173,17 @@ class GuardServicer:
             request, ids = await asyncio.to_thread(parse) if len(raw) > OFFLOAD_BYTES else parse()
             if request.session_id:
                 _checked_id(request.session_id)
+            if request.fast_lane and self.lanes is None:
+                raise LaneUnavailable("this sidecar serves no fast lane (lane.enabled, and a Unix socket)")
             s = self.service.open_session(request, client=_client(context), prompt_ids=ids)
         except FseError as exc:
             await context.abort(_code(exc), str(exc))
         # Session ids at DEBUG only: with the secret they are what steps a session.
         log.debug("session %s opened (tag %d, ring %s)", s.session_id, s.tag, shown(s.ring_name))
         opened = session_opened(s, self.service.signer.key_id)
-        lanes = self.lanes
-        if request.fast_lane and lanes is None:
-            self.service.drop_session(s.session_id)
-            await context.abort(
-                grpc.StatusCode.FAILED_PRECONDITION, "this sidecar serves no fast lane (lane.enabled, a Unix socket)"
-            )
-        elif request.fast_lane and lanes is not None:
-            opened.lane_socket = str(lanes.path)
-            opened.lane_token = lanes.token_for(s.session_id)
+        if request.fast_lane and self.lanes is not None:
+            opened.lane_socket = str(self.lanes.path)
+            opened.lane_token = self.lanes.token_for(s.session_id)
         return opened
 
     async def CloseSession(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.CloseSessionResponse:

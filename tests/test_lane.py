@@ -244,3 +244,19 @@ def test_a_bad_verdict_in_shared_memory_is_rejected_as_on_grpc(lane_session, att
         "stale": (GuardUnavailable, "no verdict on the fast lane within"),
     }[attack]
     assert isinstance(exc, expected[0]) and expected[1] in str(exc), repr(exc)
+
+
+def test_a_sidecar_without_the_lane_refuses_it_before_opening_anything(start_sidecar, keys, tmp_path) -> None:
+    from sidecar.errors import StepRefused
+
+    audit = tmp_path / "audit"
+    sc = start_sidecar(lane={"enabled": False}, audit={"dir": str(audit)})
+    assert not sc.socket.with_name(sc.socket.name + ".lane").exists()
+    c = GuardClient(sc.target, keys.public)
+    c.wait_ready()
+    digest = c.register_vocabulary(VOCAB)
+    with RingWriter.create(slots=1, vocab_size=V, verdict_capacity=4096) as ring:
+        with pytest.raises(StepRefused, match="serves no fast lane") as err:
+            c.open_session(digest, SamplingParams(), ring=ring, lane="shm")
+    assert err.value.code == "FAILED_PRECONDITION"
+    assert not list(audit.glob("*.audit"))  # refused before a session (or its audit file) existed
