@@ -32,7 +32,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ._pb.fse.v1 import guard_pb2 as pb
-from .errors import FseError, ListenError
+from .core.session import Session
+from .errors import FseError
 from .ring import REQUEST_ECHO, REQUEST_PING
 from .service import GuardService
 
@@ -80,24 +81,10 @@ class _Lane:
                 os.eventfd_write(self.answer_fd, 1)
                 continue
             if flags & REQUEST_ECHO:
-                self.reader.write_verdicts(slot, frame_seq, [b""])
-                os.eventfd_write(self.answer_fd, 1)
-                continue
-            answers = []
-            for row in range(max(1, min(n_rows, self.reader.layout.row_capacity))):
-                req = pb.StepRequest(
-                    session_id=s.session_id,
-                    session_secret=s.secret,
-                    step=s.next_step,
-                    ring=pb.RingRef(slot=slot, row=row, seq=frame_seq),
-                )
-                data = self.server.answer(req).SerializeToString(deterministic=True)
-                room = self.reader.layout.verdict_capacity - 4
-                if len(data) > room:  # never cut a verdict: refuse it whole (the engine fails closed)
-                    why = f"the verdict of {len(data)} bytes exceeds the ring's verdict capacity ({room})"
-                    err = pb.StepError(session_id=s.session_id, step=req.step, code=8, message=why)  # RESOURCE_EXHAUSTED
-                    data = pb.StepResponse(error=err).SerializeToString(deterministic=True)
-                answers.append(data)
+                answers = [b""]
+            else:
+                rows = max(1, min(n_rows, self.reader.layout.row_capacity))
+                answers = [self._answer(s, slot, row, frame_seq) for row in range(rows)]
             try:
                 self.reader.write_verdicts(slot, frame_seq, answers)
             except FseError as exc:  # no verdict in the ring: the engine's deadline fails it closed
@@ -105,6 +92,19 @@ class _Lane:
                 self.close()
                 return
             os.eventfd_write(self.answer_fd, 1)
+
+    def _answer(self, s: Session, slot: int, row: int, frame_seq: int) -> bytes:
+        """One row's StepResponse, by the same call as a gRPC Step, as ring bytes."""
+        req = pb.StepRequest(
+            session_id=s.session_id, session_secret=s.secret, step=s.next_step, ring=pb.RingRef(slot=slot, row=row, seq=frame_seq)
+        )
+        data = self.server.answer(req).SerializeToString(deterministic=True)
+        room = self.reader.layout.verdict_capacity - 4
+        if len(data) > room:  # never cut a verdict: refuse it whole (the engine fails closed)
+            why = f"the verdict of {len(data)} bytes exceeds the ring's verdict capacity ({room})"
+            err = pb.StepError(session_id=s.session_id, step=req.step, code=8, message=why)  # RESOURCE_EXHAUSTED
+            data = pb.StepResponse(error=err).SerializeToString(deterministic=True)
+        return data
 
     def _peer(self) -> None:
         try:
@@ -136,32 +136,23 @@ class _Lane:
 class LaneServer:
     """The lane socket: hands out lane tokens at OpenSession, binds connections to sessions."""
 
-    def __init__(self, service: GuardService, path: Path, answer: Callable[[pb.StepRequest], pb.StepResponse], mode: int) -> None:
-        self.service, self.path, self.answer, self.mode = service, path, answer, mode
+    def __init__(self, service: GuardService, path: Path, answer: Callable[[pb.StepRequest], pb.StepResponse]) -> None:
+        self.service, self.path, self.answer = service, path, answer
         self.tokens: dict[bytes, str] = {}
         self.lanes: dict[str, _Lane] = {}
-        self.loop: asyncio.AbstractEventLoop = asyncio.get_event_loop()
-        self.sock: socket.socket | None = None
+        self.sock: socket.socket | None = None  # bound by the server, with the gRPC socket's access rules
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        assert self._loop is not None, "start() first"
+        return self._loop
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        with contextlib.suppress(FileNotFoundError):
-            if self.path.is_socket():
-                self.path.unlink()  # the grpc socket beside it was claimed: this one is stale
-        old = os.umask(0o177)
-        try:
-            sock.bind(str(self.path))
-        except OSError as exc:
-            sock.close()
-            raise ListenError(f"cannot listen on the lane socket {self.path}: {exc.strerror}") from None
-        finally:
-            os.umask(old)
-        os.chmod(self.path, self.mode)
-        sock.listen(64)
-        sock.setblocking(False)
-        self.sock = sock
-        loop.add_reader(sock.fileno(), self._accept)
+        """Accept engines on the (already listening) socket from ``loop``."""
+        assert self.sock is not None, "the server binds the lane socket"
+        self._loop = loop
+        loop.add_reader(self.sock.fileno(), self._accept)
 
     def token_for(self, session_id: str) -> bytes:
         token = secrets.token_bytes(TOKEN_BYTES)
@@ -211,8 +202,9 @@ class LaneServer:
         for lane in list(self.lanes.values()):
             lane.close()
         if self.sock is not None:
-            with contextlib.suppress(Exception):
-                self.loop.remove_reader(self.sock.fileno())
+            if self._loop is not None:
+                with contextlib.suppress(Exception):
+                    self._loop.remove_reader(self.sock.fileno())
             self.sock.close()
             with contextlib.suppress(OSError):
                 self.path.unlink()

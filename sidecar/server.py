@@ -14,6 +14,7 @@ parsed and converted in a worker thread, so the loop keeps stepping the other se
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import grp
 import logging
 import os
@@ -21,7 +22,7 @@ import signal
 import socket
 import stat
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import TypeVar
 
@@ -297,6 +298,35 @@ def _server_credentials(config: SidecarConfig) -> grpc.ServerCredentials:
     )
 
 
+@contextlib.contextmanager
+def _owner_only_umask() -> Iterator[None]:
+    """Sockets bound inside are born owner-only: no window where the umask decides."""
+    old = os.umask(0o177)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def _bind_lane_socket(path: Path, config: SidecarConfig) -> socket.socket:
+    """The fast lane's listening socket, claimed, bound and given access as the gRPC one."""
+    _claim_unix_socket(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        with _owner_only_umask():
+            sock.bind(str(path))
+        _set_socket_access(path, config)
+        sock.listen(64)
+    except OSError as exc:
+        sock.close()
+        raise ListenError(f"cannot listen on the lane socket {path}: {exc.strerror}") from None
+    except ListenError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
 def _set_socket_access(path: Path, config: SidecarConfig) -> None:
     if config.unix_socket_group is not None:
         try:
@@ -325,9 +355,9 @@ def create_server(
         ]
     )
     reloader = PolicyReloader(service, config_path)
-    lanes = None
-    if sock_path_for_lane := _lane_path(config):
-        lanes = LaneServer(service, sock_path_for_lane, lambda req: answer_step(service, req), config.unix_socket_mode)
+    lane_path = _lane_path(config)
+    lanes = LaneServer(service, lane_path, lambda req: answer_step(service, req)) if lane_path is not None else None
+    if lanes is not None:
         service.on_drop.append(lanes.forget)
     server.add_generic_rpc_handlers((GuardServicer(service, reloader, lanes).handlers(),))
     health_servicer = health.aio.HealthServicer()
@@ -336,11 +366,8 @@ def create_server(
     sock = Path(address[len("unix:") :]) if address.startswith("unix:") else None
     if sock is not None:
         _claim_unix_socket(sock)
-        old = os.umask(0o177)  # the socket is born owner-only: no window where the umask decides
-        try:
+        with _owner_only_umask():
             port = server.add_insecure_port(address)
-        finally:
-            os.umask(old)
         if port:
             _set_socket_access(sock, config)
     elif config.tls is not None:
@@ -349,6 +376,8 @@ def create_server(
         port = server.add_insecure_port(address)
     if port == 0:
         raise ListenError(f"cannot listen on {config.listen}")
+    if lanes is not None:
+        lanes.sock = _bind_lane_socket(lanes.path, config)
     bound = address if address.startswith("unix:") else f"{address.rpartition(':')[0]}:{port}"
     server._fse_health = health_servicer  # type: ignore[attr-defined]
     server._fse_reloader = reloader  # type: ignore[attr-defined]

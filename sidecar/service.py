@@ -48,7 +48,7 @@ from .errors import (
 from .record import Recorder
 from .ring import RingReader
 from .signing import Signer
-from .wire import params_from_pb, proposal, reason
+from .wire import params_from_pb, proposal, reason, receipt_json
 
 _INLINE_DTYPES: dict[int, np.dtype] = {pb.DTYPE_F32: np.dtype("<f4"), pb.DTYPE_F16: np.dtype("<f2")}
 
@@ -276,11 +276,9 @@ class GuardService:
         self.signer.sign_receipt(receipt)
         log = self._audits.pop(session_id, None)
         if log is not None:
-            record = ledger.receipt_record(
-                s.session_id, s.genesis_hash, s.chain_hash, s.tally, s.policy.digest, receipt.key_id, receipt.signature
-            )
+            record = {"kind": "close", "session": s.session_id, "receipt": receipt_json(receipt), "timestamp_ns": time.time_ns()}
             with contextlib.suppress(AuditError):  # the frames are all there; verify says "not closed"
-                log.append({"kind": "close", "session": s.session_id, "receipt": record, "timestamp_ns": time.time_ns()})
+                log.append(record)
         self._drop(session_id)
         return Closed(s, receipt, log)
 

@@ -185,6 +185,8 @@ def test_the_socket_is_owner_only_whatever_the_umask(tmp_path, keys) -> None:
     try:
         sc.wait_started()
         assert oct(os.stat(sc.socket).st_mode & 0o777) == oct(0o600)
+        lane = sc.socket.with_name(sc.socket.name + ".lane")  # the fast lane's socket follows the same rules
+        assert oct(os.stat(lane).st_mode & 0o777) == oct(0o600)
     finally:
         sc.stop()
 
@@ -405,3 +407,16 @@ def test_sessions_are_bounded_per_client_connection(start_sidecar, keys) -> None
         first.OpenSession(pb.OpenSessionRequest(vocab_digest=digest), timeout=5)  # a closed one frees its place
     finally:
         tcp.stop()
+
+
+def test_the_fast_lane_socket_gets_the_configured_group_and_mode_like_the_grpc_one(start_sidecar) -> None:
+    import grp
+
+    group = next((g for g in ("nogroup", "daemon") if g in {e.gr_name for e in grp.getgrall()}), None)
+    if group is None or os.geteuid() != 0:
+        pytest.skip("needs root and a spare group to hand the sockets to")
+    sc = start_sidecar(unix_socket_group=group, unix_socket_mode=0o660)
+    gid = grp.getgrnam(group).gr_gid
+    for path in (sc.socket, sc.socket.with_name(sc.socket.name + ".lane")):
+        st = os.stat(path)
+        assert (st.st_gid, oct(st.st_mode & 0o777)) == (gid, oct(0o660)), path
