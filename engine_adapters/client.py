@@ -22,7 +22,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 import numpy as np
@@ -306,6 +306,17 @@ class GuardClient:
         self.close()
 
 
+class Phases(NamedTuple):
+    """One step's time in seconds on the engine's side: ``write`` the row (or build the
+    request), ``wait`` for the answer, ``verify`` it; ``sidecar`` is the part of ``wait`` the
+    sidecar reports it spent judging (fast lane only, unsigned, for measurement; 0 on gRPC)."""
+
+    write: float = 0.0
+    wait: float = 0.0
+    verify: float = 0.0
+    sidecar: float = 0.0
+
+
 @dataclass(frozen=True, slots=True)
 class Pending:
     """A step submitted on the fast lane, its verdict not yet collected."""
@@ -344,11 +355,11 @@ class GuardedSession:
         self.chain_hash = genesis
         self.receipt: pb.Receipt | None = None  # set by a clean close()
         self.lane: LaneChannel | None = None  # the fast lane, when opened with lane="shm"
-        # The last step's phases in seconds: (write the row / build the request, wait for the
-        # answer, verify it): the adapter's own CPU is the first and the last.
-        self.phases: tuple[float, float, float] = (0.0, 0.0, 0.0)
+        self.phases = Phases()  # the last step's; the adapter's own CPU is write and verify
         self.dead: Exception | None = None
-        self._stream = StreamCall(client._stub.Steps)
+        # The Steps stream (and its threads) only for the gRPC lane, opened at the first
+        # step: a fast-lane session never sends a gRPC message per token.
+        self._stream: StreamCall | None = None
 
     def step(self, logits: np.ndarray) -> pb.Verdict:
         """Verdict for the next step's logits row; raises GuardError unless it verifies."""
@@ -389,7 +400,7 @@ class GuardedSession:
                 self.ring.release(p.slot)
             t2 = time.perf_counter()
             v = self._verify(p.step, resp)
-            self.phases = (p.sent - p.started, t2 - p.sent, time.perf_counter() - t2)
+            self.phases = Phases(p.sent - p.started, t2 - p.sent, time.perf_counter() - t2, self.lane.service_s)
             return v
         except Exception as exc:
             self._fail(exc)
@@ -414,7 +425,7 @@ class GuardedSession:
                     resp = self.lane.roundtrip(slot, f.seq, self.client.step_timeout, f"step {step}")
                     t2 = time.perf_counter()
                     v = self._verify(step, resp)
-                    self.phases = (t1 - t0, t2 - t1, time.perf_counter() - t2)
+                    self.phases = Phases(t1 - t0, t2 - t1, time.perf_counter() - t2, self.lane.service_s)
                     return v
                 req = pb.StepRequest(
                     session_id=self.session_id,
@@ -431,13 +442,15 @@ class GuardedSession:
                     inline=pb.InlineLogits(data=data, dtype=pb.DTYPE_F32),
                 )
             t1 = time.perf_counter()
+            if self._stream is None:
+                self._stream = StreamCall(self.client._stub.Steps)
             resp = self._stream.roundtrip(req, self.client.step_timeout, f"step {step}")
             t2 = time.perf_counter()
         finally:
             if slot is not None:
                 self.ring.release(slot)  # type: ignore[union-attr]
         v = self._verify(step, resp)
-        self.phases = (t1 - t0, t2 - t1, time.perf_counter() - t2)
+        self.phases = Phases(t1 - t0, t2 - t1, time.perf_counter() - t2)
         return v
 
     def _verify(self, step: int, resp: pb.StepResponse) -> pb.Verdict:
@@ -471,7 +484,8 @@ class GuardedSession:
         return v
 
     def _shutdown(self) -> None:
-        self._stream.close()
+        if self._stream is not None:
+            self._stream.close()
         if self.lane is not None:
             self.lane.close()
 

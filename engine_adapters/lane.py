@@ -40,6 +40,7 @@ class LaneChannel:
             self.close()
             raise GuardUnavailable(f"fast lane {path} refused: {reply[2:].decode(errors='replace') or 'no answer'}")
         self.sock.setblocking(False)
+        self.service_s = 0.0  # the sidecar's own time on the last answer, as it reports it (not signed)
         self._poll = select.poll()
         self._poll.register(self.answer_fd, select.POLLIN)
         self._poll.register(self.sock.fileno(), select.POLLIN | select.POLLHUP | select.POLLERR)
@@ -72,8 +73,10 @@ class LaneChannel:
                 if rung:
                     return pb.StepResponse()
                 continue
-            answers = self.ring.verdicts(slot, frame_seq)
-            if answers is not None:
+            got = self.ring.verdicts(slot, frame_seq)
+            if got is not None:
+                answers, service_us = got
+                self.service_s = service_us / 1e6
                 if len(answers) != 1:
                     raise VerdictRejected(f"{what}: {len(answers)} answers in the verdict area, one row was sent")
                 try:

@@ -36,7 +36,7 @@ from sidecar.core.sampling import SamplingParams, sample_normal
 from sidecar.errors import FseError, GuardError, VerdictRejected
 from sidecar.ring import RingWriter
 
-from .client import GuardClient, GuardedSession
+from .client import GuardClient, GuardedSession, Phases
 
 # Bytes per row of the fast lane's verdict area: a verdict with a dozen reasons is ~1-2 KB;
 # one that does not fit comes back as an error, never cut.
@@ -110,7 +110,7 @@ class GuardedToken:
     text: bytes
     verdict: pb.Verdict
     latency_s: float  # ring write + round trip + verification for this step
-    phases_s: tuple[float, float, float] = (0.0, 0.0, 0.0)  # of latency_s: write, wait for the answer, verify
+    phases_s: Phases = Phases()  # of latency_s: write, wait for the answer (of which the sidecar's), verify
 
 
 @dataclass
@@ -120,7 +120,7 @@ class _Run:
     session: GuardedSession
     verdicts: dict[int, pb.Verdict] = field(default_factory=dict)
     latencies: dict[int, float] = field(default_factory=dict)
-    phases: dict[int, tuple[float, float, float]] = field(default_factory=dict)
+    phases: dict[int, Phases] = field(default_factory=dict)
     failure: BaseException | None = None
     step: int = 0
 
@@ -249,7 +249,7 @@ class GuardedLlama:
                 if token == eos:
                     return
                 yield GuardedToken(
-                    step, int(token), self.vocab[token], v, run.latencies.pop(step, 0.0), run.phases.pop(step, (0.0, 0.0, 0.0))
+                    step, int(token), self.vocab[token], v, run.latencies.pop(step, 0.0), run.phases.pop(step, Phases())
                 )
                 if step + 1 >= max_tokens:
                     return

@@ -28,6 +28,7 @@ import logging
 import os
 import secrets
 import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -61,6 +62,7 @@ class _Lane:
             os.eventfd_read(self.request_fd)
         except BlockingIOError:
             return
+        t0 = time.perf_counter_ns()
         service = self.server.service
         try:
             s = service.session(self.session_id)
@@ -86,7 +88,7 @@ class _Lane:
                 rows = max(1, min(n_rows, self.reader.layout.row_capacity))
                 answers = [self._answer(s, slot, row, frame_seq) for row in range(rows)]
             try:
-                self.reader.write_verdicts(slot, frame_seq, answers)
+                self.reader.write_verdicts(slot, frame_seq, answers, (time.perf_counter_ns() - t0) // 1000)
             except FseError as exc:  # no verdict in the ring: the engine's deadline fails it closed
                 log.warning("lane %s: %s", self.session_id, exc)
                 self.close()

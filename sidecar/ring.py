@@ -45,6 +45,7 @@ COMPACT_HEAD = 8 * len(MOMENTS)  # f64 moments, then k f32 logits, then k u32 to
 FLAG_LANE = 1  # slots carry a fast-lane request record and verdict area
 LANE_REQUEST = 64
 LANE_VERDICT_HEAD = 16
+_VERDICT_COUNTS = struct.Struct("<II")  # n_verdicts, service_us
 REQUEST_ECHO = 1  # answer with an empty StepResponse, judge nothing (the lane's own cost)
 REQUEST_PING = 2  # ring back only (the doorbells' cost)
 
@@ -264,14 +265,15 @@ class RingWriter:
         (``flags``: REQUEST_ECHO / REQUEST_PING, the benchmark's floors)."""
         _REQUEST.pack_into(self._lane(slot), 0, frame_seq, deadline_ns, n_rows, flags)
 
-    def verdicts(self, slot: int, frame_seq: int) -> list[bytes] | None:
-        """The answers the sidecar wrote for ``frame_seq``, or None when they are not (all)
-        there yet or were torn while read (the verdict area's own seqlock)."""
+    def verdicts(self, slot: int, frame_seq: int) -> tuple[list[bytes], int] | None:
+        """The answers the sidecar wrote for ``frame_seq`` and the microseconds it says it
+        spent on them, or None when they are not (all) there yet or were torn while read
+        (the verdict area's own seqlock)."""
         lane = self._lane(slot)
         head = LANE_REQUEST
         if int.from_bytes(lane[head : head + 8], "little") != frame_seq:
             return None
-        n = int.from_bytes(lane[head + 8 : head + 12], "little")
+        n, service_us = _VERDICT_COUNTS.unpack_from(lane, head + 8)
         cap = self.layout.verdict_capacity
         out = []
         for r in range(min(n, self.layout.row_capacity)):
@@ -282,7 +284,7 @@ class RingWriter:
             out.append(bytes(lane[base + 4 : base + 4 + size]))
         if int.from_bytes(lane[head : head + 8], "little") != frame_seq:
             return None
-        return out
+        return out, service_us
 
     def close(self) -> None:
         shm = getattr(self, "_shm", None)
@@ -508,22 +510,22 @@ class RingReader:
         frame_seq, deadline, n_rows, flags = _REQUEST.unpack(buf)
         return frame_seq, deadline, n_rows, flags
 
-    def write_verdicts(self, slot: int, frame_seq: int, answers: list[bytes]) -> None:
+    def write_verdicts(self, slot: int, frame_seq: int, answers: list[bytes], service_us: int = 0) -> None:
         """Publish ``answers`` (serialized StepResponses) for ``frame_seq`` under the verdict
-        area's seqlock: odd while writing, then ``frame_seq`` itself."""
+        area's seqlock: odd while writing, then ``frame_seq`` itself. ``service_us``: the
+        sidecar's own time on them, for the engine's measurements only (not signed)."""
         lay = self.layout
         fd = getattr(self, "_wfd", None)
         assert fd is not None, "open_lane() first"
         head = lay.slot_offset(slot) + lay.lane_offset + LANE_REQUEST
-        body = bytearray()
         for a in answers:
             if len(a) > lay.verdict_capacity - 4:
                 raise RingError(f"an answer of {len(a)} bytes exceeds the ring's verdict capacity ({lay.verdict_capacity - 4})")
-            body += struct.pack("<I", len(a)) + a + bytes(lay.verdict_capacity - 4 - len(a))
         try:  # pwrite extends a file its owner shrank; it never faults like a mapping would
             os.pwrite(fd, struct.pack("<Q", frame_seq - 1), head)
-            os.pwrite(fd, bytes(body), head + LANE_VERDICT_HEAD)
-            os.pwrite(fd, struct.pack("<I", len(answers)), head + 8)
+            for r, a in enumerate(answers):  # each row's size and bytes only: no padding to the capacity
+                os.pwrite(fd, struct.pack("<I", len(a)) + a, head + LANE_VERDICT_HEAD + r * lay.verdict_capacity)
+            os.pwrite(fd, _VERDICT_COUNTS.pack(len(answers), min(service_us, 0xFFFFFFFF)), head + 8)
             os.pwrite(fd, struct.pack("<Q", frame_seq), head)
         except OSError as exc:
             raise RingError(f"ring {self.name}: cannot write verdicts: {exc.strerror}") from None

@@ -137,6 +137,22 @@ def lane_session(start_sidecar, keys):
         r.close()
 
 
+def test_a_fast_lane_session_starts_no_stream_or_thread_and_reports_the_sidecars_share_of_the_wait(lane_session) -> None:
+    _sc, open_one = lane_session
+    threads = threading.active_count()
+    s = open_one()
+    for k in range(5):
+        assert s.step(peaked(k)).token_id == k
+        # The sidecar's own time (from its doorbell to its write) lies inside the engine's wait.
+        assert 0 < s.phases.sidecar <= s.phases.wait
+    assert threading.active_count() == threads  # no gRPC Steps stream, no watchdog: nothing per token but the lane
+    s.close()
+    grpc_session = s.client.open_session(s.client.register_vocabulary(VOCAB), SamplingParams())
+    grpc_session.step(peaked(1))
+    assert threading.active_count() > threads and grpc_session.phases.sidecar == 0.0  # the gRPC lane reports none
+    grpc_session.close()
+
+
 def test_a_killed_sidecar_fails_the_fast_lane_at_once_not_at_the_deadline(lane_session) -> None:
     sc, open_one = lane_session
     s = open_one()
