@@ -444,7 +444,7 @@ class GuardedSession:
             t1 = time.perf_counter()
             if self._stream is None:
                 self._stream = StreamCall(self.client._stub.Steps)
-            resp = self._stream.roundtrip(req, self.client.step_timeout, f"step {step}")
+            resp = self._stream.roundtrip(pb.StepsRequest(request=req), self.client.step_timeout, f"step {step}").response
             t2 = time.perf_counter()
         finally:
             if slot is not None:

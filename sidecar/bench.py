@@ -75,7 +75,7 @@ def _interleave(fns: dict[str, Callable[[], object]], rounds: int, pace_s: float
 
 def _transport_calls(echoes: dict[str, Any], sessions: dict[str, Any], pool: list[np.ndarray]) -> dict[str, Callable[[], object]]:
     """One call per transport; each step cycles through ``pool`` so rows differ."""
-    msg = pb.EchoMessage(payload=b"\0" * 64)
+    msg = pb.EchoRequest(payload=b"\0" * 64)
     counter = iter(range(1 << 62))
 
     def stepper(session: Any) -> Callable[[], object]:
@@ -160,7 +160,7 @@ def bench_lane(ed: LocalSidecar, rounds: int) -> dict[str, Any]:
         assert lane is not None
         seq = iter(range(2, 1 << 62, 2))
         counter = iter(range(1 << 62))
-        msg = pb.EchoMessage(payload=b"\0" * 64)
+        msg = pb.EchoRequest(payload=b"\0" * 64)
         fns: dict[str, Callable[[], object]] = {
             "eventfd_ping": lambda: lane.roundtrip(1, next(seq), 5.0, "ping", REQUEST_PING),
             "lane_echo": lambda: lane.roundtrip(1, next(seq), 5.0, "echo", REQUEST_ECHO),
@@ -283,7 +283,7 @@ class _TransportFloor:
         self.llama = llama
         self.ring = RingWriter.create(slots=1, vocab_size=llama.n_vocab())
         self.echo = StreamCall(client._stub.Echo)
-        self.msg = pb.EchoMessage(payload=b"\0" * 320)  # about a verdict's size
+        self.msg = pb.EchoRequest(payload=b"\0" * 320)  # about a verdict's size
 
     def _processor(self, input_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
         with self.ring.frame(0) as f:

@@ -122,6 +122,11 @@ def _identity(raw: bytes) -> bytes:
     return raw
 
 
+def _refused(exc: FseError) -> pb.StepResponse:
+    """The answer to a step request that could not even be parsed: nothing of it is known."""
+    return pb.StepResponse(error=pb.StepError(code=_code(exc).value[0], message=str(exc)))
+
+
 class GuardServicer:
     """fse.v1.GuardService over raw request bytes: each RPC checks its own size limit
     before parsing, and parses big requests off the event loop."""
@@ -216,15 +221,20 @@ class GuardServicer:
 
     async def Steps(
         self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.StepResponse]:
+    ) -> AsyncIterator[pb.StepsResponse]:
         async for raw in request_iterator:
-            yield await self._step_raw("Steps", raw)
+            try:
+                req = (await self._request("Steps", pb.StepsRequest, raw)).request
+            except FseError as exc:  # nothing of the request is known: answer on the stream, keep it open
+                yield pb.StepsResponse(response=_refused(exc))
+                continue
+            yield pb.StepsResponse(response=self._step(req))
 
     async def _step_raw(self, method: str, raw: bytes) -> pb.StepResponse:
         try:
             req = await self._request(method, pb.StepRequest, raw)
-        except FseError as exc:  # nothing of the request is known: answer on the stream, keep it open
-            return pb.StepResponse(error=pb.StepError(code=_code(exc).value[0], message=str(exc)))
+        except FseError as exc:
+            return _refused(exc)
         return self._step(req)
 
     def _step(self, req: pb.StepRequest) -> pb.StepResponse:
@@ -232,10 +242,10 @@ class GuardServicer:
 
     async def Echo(
         self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.EchoMessage]:
+    ) -> AsyncIterator[pb.EchoResponse]:
         async for raw in request_iterator:
             try:
-                yield await self._request("Echo", pb.EchoMessage, raw)
+                yield pb.EchoResponse(payload=(await self._request("Echo", pb.EchoRequest, raw)).payload)
             except FseError as exc:
                 await context.abort(_code(exc), str(exc))
 
@@ -247,8 +257,8 @@ class GuardServicer:
             "CloseSession": unary(self.CloseSession, _identity, pb.CloseSessionResponse.SerializeToString),
             "ReloadPolicy": unary(self.ReloadPolicy, _identity, pb.ReloadPolicyResponse.SerializeToString),
             "Step": unary(self.Step, _identity, pb.StepResponse.SerializeToString),
-            "Steps": stream(self.Steps, _identity, pb.StepResponse.SerializeToString),
-            "Echo": stream(self.Echo, _identity, pb.EchoMessage.SerializeToString),
+            "Steps": stream(self.Steps, _identity, pb.StepsResponse.SerializeToString),
+            "Echo": stream(self.Echo, _identity, pb.EchoResponse.SerializeToString),
         }
         methods = set(pb.DESCRIPTOR.services_by_name["GuardService"].methods_by_name)
         assert set(out) == methods, f"handlers {sorted(out)} != proto methods {sorted(methods)}"

@@ -41,7 +41,8 @@ class TamperingServicer(pb_grpc.GuardServiceServicer):
         )
 
     def Steps(self, request_iterator, context):
-        for req in request_iterator:
+        for item in request_iterator:
+            req = item.request
             v = self.service.step(req)
             honest = pb.Verdict()
             honest.CopyFrom(v)
@@ -71,7 +72,7 @@ class TamperingServicer(pb_grpc.GuardServiceServicer):
                 if self.mode in ("wrong_session", "other_policy", "other_token", "out_of_vocab", "bad_decision"):
                     self.resigner.sign(v)  # properly signed by the trusted key: only binding checks catch it
             self.previous = honest
-            yield pb.StepResponse(verdict=v)
+            yield pb.StepsResponse(response=pb.StepResponse(verdict=v))
 
 
 def start_tampering_server(tmp: Path, trusted: Signer, other: Signer | None, mode: str, from_step: int = 0):

@@ -120,7 +120,9 @@ def test_status_codes_say_what_went_wrong(sidecar, client) -> None:
     )
     assert code(stub.CloseSession, pb.CloseSessionRequest(session_id="never")) == grpc.StatusCode.NOT_FOUND
     # a step for an unknown session is refused in-band; the stream stays up for the others
-    responses = list(stub.Steps(iter([pb.StepRequest(session_id="never", step=0)]), timeout=5))
+    responses = [
+        r.response for r in stub.Steps(iter([pb.StepsRequest(request=pb.StepRequest(session_id="never", step=0))]), timeout=5)
+    ]
     assert responses[0].error.code == grpc.StatusCode.NOT_FOUND.value[0]
 
 
@@ -136,7 +138,7 @@ def test_unary_step_gives_the_same_signed_verdict_as_the_stream(sidecar, client)
     req = pb.StepRequest(session_id="unary", session_secret=secrets["unary"], step=0, inline=logits)
     unary = stub.Step(req, timeout=5).verdict
     req.session_id, req.session_secret = "stream", secrets["stream"]
-    stream = next(iter(stub.Steps(iter([req]), timeout=5))).verdict
+    stream = next(iter(stub.Steps(iter([pb.StepsRequest(request=req)]), timeout=5))).response.verdict
     assert unary.token_id == stream.token_id == 42
     assert client.trusted.verify(unary) and client.trusted.verify(stream)
     refused = stub.Step(pb.StepRequest(session_id="unary", session_secret=secrets["unary"], step=5), timeout=5)
@@ -149,7 +151,7 @@ def test_out_of_order_step_is_refused(sidecar, client) -> None:
     secret = stub.OpenSession(pb.OpenSessionRequest(vocab_digest=digest, session_id="order"), timeout=5).session_secret
     logits = pb.InlineLogits(data=peaked().tobytes(), dtype=pb.DTYPE_F32)
     reqs = [pb.StepRequest(session_id="order", session_secret=secret, step=s, inline=logits) for s in (0, 0, 2)]
-    out = list(stub.Steps(iter(reqs), timeout=5))
+    out = [r.response for r in stub.Steps(iter(pb.StepsRequest(request=r) for r in reqs), timeout=5)]
     assert out[0].HasField("verdict")
     assert out[1].error.code == grpc.StatusCode.FAILED_PRECONDITION.value[0] and "expected 1" in out[1].error.message
     assert out[2].error.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]

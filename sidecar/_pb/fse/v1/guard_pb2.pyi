@@ -43,12 +43,12 @@ class Sampler(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SAMPLER_NORMAL: _ClassVar[Sampler]
     SAMPLER_STRICT: _ClassVar[Sampler]
 
-class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+class Dtype(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
-    DTYPE_UNSPECIFIED: _ClassVar[DType]
-    DTYPE_F32: _ClassVar[DType]
-    DTYPE_F16: _ClassVar[DType]
-    DTYPE_BF16: _ClassVar[DType]
+    DTYPE_UNSPECIFIED: _ClassVar[Dtype]
+    DTYPE_F32: _ClassVar[Dtype]
+    DTYPE_F16: _ClassVar[Dtype]
+    DTYPE_BF16: _ClassVar[Dtype]
 DECISION_UNSPECIFIED: Decision
 DECISION_ACCEPT: Decision
 DECISION_HEALED: Decision
@@ -70,10 +70,10 @@ ACTION_FLAG: Action
 SAMPLER_UNSPECIFIED: Sampler
 SAMPLER_NORMAL: Sampler
 SAMPLER_STRICT: Sampler
-DTYPE_UNSPECIFIED: DType
-DTYPE_F32: DType
-DTYPE_F16: DType
-DTYPE_BF16: DType
+DTYPE_UNSPECIFIED: Dtype
+DTYPE_F32: Dtype
+DTYPE_F16: Dtype
+DTYPE_BF16: Dtype
 
 class SamplingParams(_message.Message):
     __slots__ = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "repetition_window", "seed")
@@ -229,8 +229,8 @@ class InlineLogits(_message.Message):
     DATA_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     data: bytes
-    dtype: DType
-    def __init__(self, data: _Optional[bytes] = ..., dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+    dtype: Dtype
+    def __init__(self, data: _Optional[bytes] = ..., dtype: _Optional[_Union[Dtype, str]] = ...) -> None: ...
 
 class StepRequest(_message.Message):
     __slots__ = ("session_id", "session_secret", "step", "ring", "inline")
@@ -374,7 +374,25 @@ class StepResponse(_message.Message):
     error: StepError
     def __init__(self, verdict: _Optional[_Union[Verdict, _Mapping]] = ..., error: _Optional[_Union[StepError, _Mapping]] = ...) -> None: ...
 
-class EchoMessage(_message.Message):
+class StepsRequest(_message.Message):
+    __slots__ = ("request",)
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    request: StepRequest
+    def __init__(self, request: _Optional[_Union[StepRequest, _Mapping]] = ...) -> None: ...
+
+class StepsResponse(_message.Message):
+    __slots__ = ("response",)
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    response: StepResponse
+    def __init__(self, response: _Optional[_Union[StepResponse, _Mapping]] = ...) -> None: ...
+
+class EchoRequest(_message.Message):
+    __slots__ = ("payload",)
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    payload: bytes
+    def __init__(self, payload: _Optional[bytes] = ...) -> None: ...
+
+class EchoResponse(_message.Message):
     __slots__ = ("payload",)
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     payload: bytes

@@ -56,8 +56,8 @@ class GuardServiceStub:
                 _registered_method=True)
         self.Steps = channel.stream_stream(
                 '/fse.v1.GuardService/Steps',
-                request_serializer=sidecar_dot___pb_dot_fse_dot_v1_dot_guard__pb2.StepRequest.SerializeToString,
-                response_deserializer=sidecar_dot___pb_dot_fse_dot_v1_dot_guard__pb2.StepResponse.FromString,
+                request_serializer=sidecar_dot___pb_dot_fse_dot_v1_dot_guard__pb2.StepsRequest.SerializeToString,
+                response_deserializer=sidecar_dot___pb_dot_fse_dot_v1_dot_guard__pb2.StepsResponse.FromString,
                 _registered_method=True)
         self.Step = channel.unary_unary(
                 '/fse.v1.GuardService/Step',
@@ -66,8 +66,8 @@ class GuardServiceStub:
                 _registered_method=True)
         self.Echo = channel.stream_stream(
                 '/fse.v1.GuardService/Echo',
-                request_serializer=sidecar_dot___pb_dot_fse_dot_v1_dot_guard__pb2.EchoMessage.SerializeToString,
-                response_deserializer=sidecar_dot___pb_dot_fse_dot_v1_dot_guard__pb2.EchoMessage.FromString,
+                request_serializer=sidecar_dot___pb_dot_fse_dot_v1_dot_guard__pb2.EchoRequest.SerializeToString,
+                response_deserializer=sidecar_dot___pb_dot_fse_dot_v1_dot_guard__pb2.EchoResponse.FromString,
                 _registered_method=True)
 
 
@@ -112,8 +112,8 @@ class GuardServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Step(self, request, context):
-        """One message of Steps as a unary call, for engines that want a native per-call
-        deadline. Measured here it is slower than the stream (FACTS.md, bench).
+        """One step as a unary call, for engines that want a native per-call deadline (slower
+        than the stream: a call per token; `fse-sidecar bench` measures both).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -151,8 +151,8 @@ def add_GuardServiceServicer_to_server(servicer, server):
             ),
             'Steps': grpc.stream_stream_rpc_method_handler(
                     servicer.Steps,
-                    request_deserializer=sidecar_dot___pb_dot_fse_dot_v1_dot_guard__pb2.StepRequest.FromString,
-                    response_serializer=sidecar_dot___pb_dot_fse_dot_v1_dot_guard__pb2.StepResponse.SerializeToString,
+                    request_deserializer=sidecar_dot___pb_dot_fse_dot_v1_dot_guard__pb2.StepsRequest.FromString,
+                    response_serializer=sidecar_dot___pb_dot_fse_dot_v1_dot_guard__pb2.StepsResponse.SerializeToString,
             ),
             'Step': grpc.unary_unary_rpc_method_handler(
                     servicer.Step,
@@ -161,8 +161,8 @@ def add_GuardServiceServicer_to_server(servicer, server):
             ),
             'Echo': grpc.stream_stream_rpc_method_handler(
                     servicer.Echo,
-                    request_deserializer=sidecar_dot___pb_dot_fse_dot_v1_dot_guard__pb2.EchoMessage.FromString,
-                    response_serializer=sidecar_dot___pb_dot_fse_dot_v1_dot_guard__pb2.EchoMessage.SerializeToString,
+                    request_deserializer=sidecar_dot___pb_dot_fse_dot_v1_dot_guard__pb2.EchoRequest.FromString,
+                    response_serializer=sidecar_dot___pb_dot_fse_dot_v1_dot_guard__pb2.EchoResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -298,8 +298,8 @@ class GuardService:
             request_iterator,
             target,
             '/fse.v1.GuardService/Steps',
-            sidecar_dot___pb_dot_fse_dot_v1_dot_guard__pb2.StepRequest.SerializeToString,
-            sidecar_dot___pb_dot_fse_dot_v1_dot_guard__pb2.StepResponse.FromString,
+            sidecar_dot___pb_dot_fse_dot_v1_dot_guard__pb2.StepsRequest.SerializeToString,
+            sidecar_dot___pb_dot_fse_dot_v1_dot_guard__pb2.StepsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -352,8 +352,8 @@ class GuardService:
             request_iterator,
             target,
             '/fse.v1.GuardService/Echo',
-            sidecar_dot___pb_dot_fse_dot_v1_dot_guard__pb2.EchoMessage.SerializeToString,
-            sidecar_dot___pb_dot_fse_dot_v1_dot_guard__pb2.EchoMessage.FromString,
+            sidecar_dot___pb_dot_fse_dot_v1_dot_guard__pb2.EchoRequest.SerializeToString,
+            sidecar_dot___pb_dot_fse_dot_v1_dot_guard__pb2.EchoResponse.FromString,
             options,
             channel_credentials,
             insecure,
