@@ -146,6 +146,55 @@ class StreamCall:
         self._call.cancel()
 
 
+@dataclass(frozen=True, slots=True)
+class Expected:
+    """What the adapter asked for: the verdict must be for this."""
+
+    session_id: str
+    step: int
+    prev_chain_hash: bytes  # the previous verdict's chain hash (the genesis before step 0)
+    policy_digest: str  # the one OpenSession named
+    vocab_size: int  # 0 when unknown to this client
+
+
+def check_verdict(resp: pb.StepResponse, expect: Expected, trusted: TrustedKeys) -> pb.Verdict:
+    """The verdict in ``resp`` when it may be forced; else raise (VERDICT.md "What an adapter
+    checks", in that order): StepRefused for an error answer, VerdictRejected (``.check``
+    names the check) for a verdict that does not verify or bind, GuardAbort for a genuine
+    ABORT."""
+    step = expect.step
+    if resp.HasField("error"):
+        e = resp.error
+        name = _CODE_NAMES.get(e.code, grpc.StatusCode.UNKNOWN.name)
+        raise StepRefused(f"step {step} refused by the sidecar: {name}: {e.message}", name)
+    v = resp.verdict
+    if not trusted.trusts(v.key_id):
+        raise VerdictRejected(f"step {step}: verdict names key {v.key_id!r}, which this adapter does not trust", "key")
+    if not trusted.verify(v):
+        raise VerdictRejected(f"step {step}: verdict signature does not verify with its key {v.key_id}", "signature")
+    if v.session_id != expect.session_id:
+        raise VerdictRejected(f"step {step}: verdict is for session {v.session_id!r}, not {expect.session_id!r}", "session")
+    if v.step != step:
+        raise VerdictRejected(f"verdict is for step {v.step}, expected step {step} (stale or reordered)", "step")
+    if v.policy_digest != expect.policy_digest:
+        raise VerdictRejected(
+            f"step {step}: verdict names policy {v.policy_digest[:12]!r}, the session runs under another", "policy"
+        )
+    if v.prev_chain_hash != expect.prev_chain_hash:
+        raise VerdictRejected(f"step {step}: verdict does not link to the previous chain hash (replay or gap)", "link")
+    frame = chain.frame_bytes(v.session_id, v.step, v.token_id, v.decision, v.sampler, v.proposals, v.reasons)
+    if v.chain_hash != chain.chain_next(expect.prev_chain_hash, frame):
+        raise VerdictRejected(f"step {step}: verdict chain hash does not match its contents", "chain")
+    if v.decision == pb.DECISION_ABORT:
+        why = "; ".join(f"{r.code}: {r.detail}" for r in v.reasons) or "no reason given"
+        raise GuardAbort(f"step {step}: guard aborted the sequence ({why})", v.reasons, step)
+    if v.decision not in (pb.DECISION_ACCEPT, pb.DECISION_HEALED):
+        raise VerdictRejected(f"step {step}: verdict has decision {v.decision}, not ACCEPT/HEALED/ABORT", "decision")
+    if v.token_id < 0 or (expect.vocab_size and v.token_id >= expect.vocab_size):
+        raise VerdictRejected(f"step {step}: verdict token {v.token_id} is outside the vocabulary", "token")
+    return v
+
+
 @dataclass(frozen=True)
 class ClientTls:
     """mTLS toward a sidecar on TCP: the CA that signed the sidecar's certificate, and
@@ -454,34 +503,18 @@ class GuardedSession:
         return v
 
     def _verify(self, step: int, resp: pb.StepResponse) -> pb.Verdict:
-        if resp.HasField("error"):
-            e = resp.error
-            name = _CODE_NAMES.get(e.code, grpc.StatusCode.UNKNOWN.name)
-            raise StepRefused(f"step {step} refused by the sidecar: {name}: {e.message}", name)
-        v = resp.verdict
-        if not self.client.trusted.verify(v):
-            raise VerdictRejected(f"step {step}: verdict signature does not verify with a trusted key (it names key {v.key_id})")
-        if v.session_id != self.session_id:
-            raise VerdictRejected(f"step {step}: verdict is for session {v.session_id!r}, not {self.session_id!r}")
-        if v.step != step:
-            raise VerdictRejected(f"verdict is for step {v.step}, expected step {step} (stale or reordered)")
-        if v.policy_digest != self.policy_digest:
-            raise VerdictRejected(f"step {step}: verdict names policy {v.policy_digest[:12]!r}, the session runs under another")
-        if v.prev_chain_hash != self.chain_hash:
-            raise VerdictRejected(f"step {step}: verdict does not link to the previous chain hash (replay or gap)")
-        frame = chain.frame_bytes(v.session_id, v.step, v.token_id, v.decision, v.sampler, v.proposals, v.reasons)
-        if v.chain_hash != chain.chain_next(self.chain_hash, frame):
-            raise VerdictRejected(f"step {step}: verdict chain hash does not match its contents")
-        self.chain_hash = v.chain_hash
-        self.next_step = step + 1
-        if v.decision == pb.DECISION_ABORT:
-            why = "; ".join(f"{r.code}: {r.detail}" for r in v.reasons) or "no reason given"
-            raise GuardAbort(f"step {step}: guard aborted the sequence ({why})", v.reasons, step)
-        if v.decision not in (pb.DECISION_ACCEPT, pb.DECISION_HEALED):
-            raise VerdictRejected(f"step {step}: verdict has decision {v.decision}, not ACCEPT/HEALED/ABORT")
-        if v.token_id < 0 or (self.vocab_size and v.token_id >= self.vocab_size):
-            raise VerdictRejected(f"step {step}: verdict token {v.token_id} is outside the vocabulary")
+        expect = Expected(self.session_id, step, self.chain_hash, self.policy_digest, self.vocab_size)
+        try:
+            v = check_verdict(resp, expect, self.client.trusted)
+        except GuardAbort:
+            self._advance(step, resp.verdict.chain_hash)  # a genuine ABORT is in the chain too
+            raise
+        self._advance(step, v.chain_hash)
         return v
+
+    def _advance(self, step: int, chain_hash: bytes) -> None:
+        self.chain_hash = chain_hash
+        self.next_step = step + 1
 
     def _shutdown(self) -> None:
         if self._stream is not None:

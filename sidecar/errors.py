@@ -151,7 +151,14 @@ class GuardAbort(GuardError):
 
 
 class VerdictRejected(GuardError):
-    """A verdict arrived but failed verification (signature, binding or chain)."""
+    """A verdict arrived but failed verification (signature, binding or chain).
+
+    ``check`` names the check of VERDICT.md "What an adapter checks" that refused it
+    (key, signature, session, step, policy, link, chain, decision, token; "" elsewhere)."""
+
+    def __init__(self, message: str, check: str = "") -> None:
+        super().__init__(message)
+        self.check = check
 
 
 class GuardUnavailable(GuardError):
