@@ -317,7 +317,7 @@ def test_the_signing_key_rotates_without_dropping_the_session(tmp_path, keys) ->
         both.reload_policy()  # ReloadPolicy (or SIGHUP) reads the key file again
         v = s.step(peaked(2))
         assert v.token_id == 2 and v.key_id == TrustedKeys.load(b_pub).key_ids[0]
-        with pytest.raises(VerdictRejected, match="does not verify with a trusted key"):
+        with pytest.raises(VerdictRejected, match="does not trust"):
             old.step(peaked(2))
         assert s.close() is not None and s.receipt is not None and s.receipt.key_id == v.key_id
     finally:

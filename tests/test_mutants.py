@@ -66,7 +66,7 @@ MUTANTS = [
     Mutant(
         "adapter-does-not-check-the-chain-link",
         "engine_adapters/client.py",
-        (("if v.prev_chain_hash != self.chain_hash:", "if False:"),),
+        (("if v.prev_chain_hash != expect.prev_chain_hash:", "if False:"),),
         ("tests/test_trust.py::test_a_verdict_from_an_earlier_opening_of_the_same_id_does_not_link",),
     ),
     Mutant(

@@ -189,7 +189,7 @@ def test_stopped_sidecar_answers_within_the_step_deadline(sidecar, keys) -> None
 @pytest.mark.parametrize(
     "mode, message",
     [
-        ("other_key", "signature does not verify"),
+        ("other_key", "which this adapter does not trust"),
         ("bad_signature", "signature does not verify"),
         ("bad_decision", "decision 7, not ACCEPT/HEALED/ABORT"),
         ("wrong_session", "for session 'someone-else'"),
