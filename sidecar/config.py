@@ -277,6 +277,10 @@ class SidecarConfig(_Strict):
     allow_insecure_tcp: bool = False
     audit: AuditConfig = Field(default_factory=AuditConfig)
     lane: LaneConfig = Field(default_factory=LaneConfig)
+    # gRPC server reflection (grpc.reflection.v1 and v1alpha): generic tools (grpcurl,
+    # grpcui, Postman) list and call the API without the .proto files. It reveals only the
+    # schema, which is public in proto/; turn it off to expose nothing beyond the calls.
+    reflection: bool = True
     # serve --record DIR: every session's opening, rows and ledger, for `fse-sidecar replay`.
     record_dir: Path | None = None
 

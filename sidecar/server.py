@@ -30,6 +30,7 @@ import grpc
 import numpy as np
 from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 from ._pb.fse.v1 import guard_pb2 as pb
 from .config import SidecarConfig
@@ -372,6 +373,9 @@ def create_server(
     server.add_generic_rpc_handlers((GuardServicer(service, reloader, lanes).handlers(),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    if config.reflection:
+        names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(names, server)
     address = config.grpc_address()
     sock = Path(address[len("unix:") :]) if address.startswith("unix:") else None
     if sock is not None:
