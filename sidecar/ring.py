@@ -148,12 +148,16 @@ class RingLayout:
 class RingWriter:
     """Engine side: creates the ring, writes frames, unlinks it on close."""
 
-    def __init__(self, name: str, layout: RingLayout) -> None:
+    def __init__(self, name: str, layout: RingLayout, mode: int = 0o600) -> None:
+        if mode & ~0o660 or not mode & 0o400:
+            raise RingLayoutError(f"ring mode {mode:#o} must give the owner read and write, and no one else more than 0o660")
         self.layout = layout
         try:
             shm = shared_memory.SharedMemory(name=name, create=True, size=layout.total_size)
         except FileExistsError:
             raise RingError(f"shared memory {name!r} already exists") from None
+        if mode != 0o600:  # a sidecar running as another user reads it through a shared group
+            os.fchmod(shm._fd, mode)  # type: ignore[attr-defined]
         self._shm: shared_memory.SharedMemory | None = shm
         self.name = shm.name
         self.ring_id = os.urandom(16)
@@ -210,14 +214,18 @@ class RingWriter:
         dtype: str = "f32",
         topk: int = 0,
         verdict_capacity: int = 0,
+        mode: int = 0o600,
     ) -> RingWriter:
-        """A new ring; ``topk`` > 0 makes room for COMPACT rows, ``verdict_capacity`` > 0 for the fast lane."""
+        """A new ring; ``topk`` > 0 makes room for COMPACT rows, ``verdict_capacity`` > 0 for the fast lane.
+        ``mode``: the segment's permissions; 0o600 (this user only) unless the sidecar runs as
+        another user in a group the engine shares (then chgrp it and use 0o640, 0o660 for the
+        fast lane, whose verdicts the sidecar writes)."""
         if dtype not in DTYPE_CODES:
             raise RingLayoutError(f"ring dtype must be one of {sorted(DTYPE_CODES)}, got {dtype!r}")
         if name is None:
             name = f"fse-ring-{os.getpid()}-{os.urandom(4).hex()}"
         lay = RingLayout(slots, rows, vocab_size, DTYPE_CODES[dtype], topk, verdict_capacity > 0, verdict_capacity)
-        return cls(name, lay)
+        return cls(name, lay, mode)
 
     def acquire(self) -> int:
         """A slot with no frame in flight; release it once its verdicts are back."""

@@ -50,7 +50,12 @@ from .ring import RingReader
 from .signing import Signer
 from .wire import params_from_pb, proposal, reason, receipt_json
 
-_INLINE_DTYPES: dict[int, np.dtype] = {pb.DTYPE_F32: np.dtype("<f4"), pb.DTYPE_F16: np.dtype("<f2")}
+# Inline row element types (PROTOCOL.md "Logits"): bf16 travels as its 16 bits (<u2).
+_INLINE_DTYPES: dict[int, np.dtype] = {
+    pb.DTYPE_F32: np.dtype("<f4"),
+    pb.DTYPE_F16: np.dtype("<f2"),
+    pb.DTYPE_BF16: np.dtype("<u2"),
+}
 
 
 MAX_MODEL_ID_BYTES = 256
@@ -361,7 +366,7 @@ class GuardService:
         elif which == "inline":
             dt = _INLINE_DTYPES.get(req.inline.dtype)
             if dt is None:
-                raise RowError(f"inline logits dtype {req.inline.dtype} is not supported (F32 or F16)")
+                raise RowError(f"inline logits dtype {req.inline.dtype} is not supported (F32, F16 or BF16)")
             data = req.inline.data
             if len(data) != s.vocab_size * dt.itemsize:
                 raise RowError(
@@ -369,7 +374,9 @@ class GuardService:
                     f"expected {s.vocab_size} x {dt.itemsize} for the registered vocabulary"
                 )
             row = np.frombuffer(data, dtype=dt)
-            if dt.itemsize != 4:
+            if req.inline.dtype == pb.DTYPE_BF16:  # the top half of a float32: widen with 16 zero bits
+                row = (row.astype(np.uint32) << 16).view(np.float32)
+            elif dt.itemsize != 4:
                 row = row.astype(np.float32)
             outcome = s.judge(row, req.step)
         else:

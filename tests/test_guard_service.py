@@ -57,6 +57,22 @@ def test_float16_inline_rows_are_judged_and_prompt_ids_are_checked(service: Guar
         service.step(pb.StepRequest(session_id=s.session_id, session_secret=s.secret, step=1))
 
 
+def test_bfloat16_inline_rows_give_the_same_verdict_as_the_float32_row_they_round(service: GuardService) -> None:
+    d = service.register_vocabulary([bytes([i]) for i in range(V)]).digest
+    x = np.linspace(-2.0, 1.0, V).astype(np.float32)
+    x[17] = 7.5
+    bf16 = (x.view(np.uint32) >> 16).astype("<u2")  # exactly representable: truncation is exact here
+    widened = (bf16.astype(np.uint32) << 16).view(np.float32)
+    assert widened[17] == 7.5
+    a = service.open_session(pb.OpenSessionRequest(vocab_digest=d, session_id="bf16"))
+    b = service.open_session(pb.OpenSessionRequest(vocab_digest=d, session_id="f32"))
+    vb = service.step(inline(a, 0, bf16, pb.DTYPE_BF16))
+    vf = service.step(inline(b, 0, widened, pb.DTYPE_F32))
+    assert vb.token_id == vf.token_id == 17 and vb.metrics == vf.metrics
+    with pytest.raises(RowError, match=f"expected {V} x 2"):
+        service.step(inline(a, 1, bf16[:-1], pb.DTYPE_BF16))
+
+
 def test_idle_sessions_are_reaped_and_release_their_slot(keys) -> None:
     svc = GuardService(SidecarConfig(max_sessions=1, session_idle_timeout_s=30), Signer.from_file(keys.private))
     d = svc.register_vocabulary([bytes([i]) for i in range(V)]).digest

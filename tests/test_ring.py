@@ -285,3 +285,13 @@ def test_bench_ring_times_both_readers_on_the_same_rows() -> None:
     for r in rows:
         assert r["row_bytes"] == r["vocab"] * (4 if r["dtype"] == "f32" else 2)
         assert r["pread_us_p50"] > 0 and r["view_us_p50"] > 0 and r["row_stats_us_p50"] > 0
+
+
+def test_a_ring_is_private_to_its_user_unless_a_group_mode_is_asked_for() -> None:
+    with RingWriter.create(slots=1, vocab_size=8) as private:
+        assert os.stat(f"/dev/shm/{private.name}").st_mode & 0o777 == 0o600
+    with RingWriter.create(slots=1, vocab_size=8, verdict_capacity=64, mode=0o660) as shared:
+        assert os.stat(f"/dev/shm/{shared.name}").st_mode & 0o777 == 0o660
+    for bad in (0o644, 0o666, 0o200, 0o700):
+        with pytest.raises(RingLayoutError, match="ring mode"):
+            RingWriter.create(slots=1, vocab_size=8, mode=bad)

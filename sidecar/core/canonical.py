@@ -2,7 +2,7 @@
 
 Little-endian fixed-width integers, IEEE-754 float64 (every NaN written as the one
 quiet NaN 0x7ff8000000000000), u32-length-prefixed UTF-8 strings and byte strings.
-Other languages can reproduce it from proto/fse/v1/VERDICT.md.
+Normative text: proto/fse/v1/VERDICT.md, "Encoding" (vectors: proto/fse/v1/vectors.json).
 """
 
 from __future__ import annotations

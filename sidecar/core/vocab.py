@@ -10,7 +10,8 @@ from ..errors import VocabularyError
 
 
 def vocab_digest(tokens: Sequence[bytes]) -> str:
-    """Hex SHA-256 over u32-LE(count) then u32-LE(len) + bytes of each token, in id order."""
+    """Hex SHA-256 over u32-LE(count) then u32-LE(len) + bytes of each token, in id order
+    (proto/fse/v1/PROTOCOL.md, "Vocabulary digest")."""
     h = hashlib.sha256(len(tokens).to_bytes(4, "little"))
     for t in tokens:
         h.update(len(t).to_bytes(4, "little"))
