@@ -30,6 +30,11 @@ def test_the_node_client_passes_the_conformance_vectors(node: str) -> None:
     assert r.returncode == 0 and "# fail 0" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
 
 
+def run_example(node: str, target: str, key: str, steps: int) -> subprocess.CompletedProcess[str]:
+    cmd = [node, "example.js", "--target", target, "--key", key, "--steps", str(steps)]
+    return subprocess.run(cmd, cwd=CLIENT, capture_output=True, text=True, timeout=60)
+
+
 @pytest.mark.parametrize("algorithm", ["ed25519", "hmac-sha256"])
 def test_the_node_client_runs_a_guarded_session_against_the_real_sidecar(node: str, start_sidecar, tmp_path, algorithm) -> None:
     if algorithm == "hmac-sha256":
@@ -37,13 +42,7 @@ def test_the_node_client_runs_a_guarded_session_against_the_real_sidecar(node: s
         sc = start_sidecar(signing=Keys(secret, secret))
     else:
         sc = start_sidecar()
-    r = subprocess.run(
-        [node, "example.js", "--target", sc.target, "--key", str(sc.public_key), "--steps", "12"],
-        cwd=CLIENT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    r = run_example(node, sc.target, str(sc.public_key), 12)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout)
     # Greedy over rows peaked at (7 * step + 3) mod 64: every verdict verified and forced.
@@ -53,11 +52,5 @@ def test_the_node_client_runs_a_guarded_session_against_the_real_sidecar(node: s
 
 def test_the_node_client_fails_closed_when_the_sidecar_signs_with_another_key(node: str, start_sidecar, other_keys) -> None:
     sc = start_sidecar()
-    r = subprocess.run(
-        [node, "example.js", "--target", sc.target, "--key", str(other_keys.public), "--steps", "3"],
-        cwd=CLIENT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    r = run_example(node, sc.target, str(other_keys.public), 3)
     assert r.returncode == 1 and r.stdout == "" and "not a trusted one" in r.stderr
