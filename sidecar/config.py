@@ -230,6 +230,24 @@ class AuditConfig(_Strict):
     fsync_interval_ms: float = Field(default=200.0, gt=0)
 
 
+class MetricsConfig(_Strict):
+    """The Prometheus exporter: ``listen`` is "host:port" for ``/metrics`` (port 0: any free
+    one, logged); unset, nothing is exported. Serve it on the pod's IP (or 0.0.0.0) for a
+    Prometheus outside the pod; it shows no session ids, tokens or text."""
+
+    listen: str | None = None
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        host, sep, port = v.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError(f'must be "host:port" with a port in 0-65535, got {v!r}')
+        return v
+
+
 class LaneConfig(_Strict):
     """The fast lane (a Unix socket beside the gRPC one, `<socket>.lane`)."""
 
@@ -281,6 +299,7 @@ class SidecarConfig(_Strict):
     # grpcui, Postman) list and call the API without the .proto files. It reveals only the
     # schema, which is public in proto/; turn it off to expose nothing beyond the calls.
     reflection: bool = True
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     # serve --record DIR: every session's opening, rows and ledger, for `fse-sidecar replay`.
     record_dir: Path | None = None
 

@@ -94,6 +94,9 @@ class _Lane:
                 self.close()
                 return
             os.eventfd_write(self.answer_fd, 1)
+        after = self.server.after_answer
+        if after is not None:
+            after()
 
     def _answer(self, s: Session, slot: int, row: int, frame_seq: int) -> bytes:
         """One row's StepResponse, by the same call as a gRPC Step, as ring bytes."""
@@ -143,6 +146,7 @@ class LaneServer:
         self.tokens: dict[bytes, str] = {}
         self.lanes: dict[str, _Lane] = {}
         self.sock: socket.socket | None = None  # bound by the server, with the gRPC socket's access rules
+        self.after_answer: Callable[[], None] | None = None  # run once the engine has been rung (the metrics)
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @property

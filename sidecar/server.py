@@ -25,12 +25,14 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import TypeVar
+from wsgiref.simple_server import WSGIServer
 
 import grpc
 import numpy as np
 from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
 
 from ._pb.fse.v1 import guard_pb2 as pb
 from .config import SidecarConfig
@@ -46,6 +48,7 @@ from .errors import (
     MessageTooLarge,
     shown,
 )
+from .exporter import Exporter, serve_metrics
 from .lane import LaneServer
 from .reload import PolicyReloader
 from .service import GuardService, session_opened
@@ -74,15 +77,23 @@ def _checked_id(session_id: str) -> str:
     raise InvalidSessionId(f"session_id must match {SESSION_ID.pattern} (got {len(session_id.encode())} bytes)")
 
 
-def answer_step(service: GuardService, req: pb.StepRequest) -> pb.StepResponse:
-    """A step's answer on either lane: its verdict, or the error that refused it."""
+def answer_step(service: GuardService, req: pb.StepRequest, metrics: Exporter | None = None) -> pb.StepResponse:
+    """A step's answer on either lane: its verdict, or the error that refused it. The
+    verdict is noted in ``metrics``; the lane flushes them once the answer has left."""
+    t0 = time.perf_counter()
     try:
         _checked_id(req.session_id)
-        return pb.StepResponse(verdict=service.step(req))
+        v = service.step(req)
     except FseError as exc:
         sid = req.session_id if SESSION_ID.fullmatch(req.session_id) else ""  # echoed back only when well formed
         log.debug("step %s/%d refused: %s", shown(req.session_id), req.step, exc)
-        return pb.StepResponse(error=pb.StepError(session_id=sid, step=req.step, code=_code(exc).value[0], message=str(exc)))
+        code = _code(exc).value[0]
+        if metrics is not None:
+            metrics.step_refused(code)
+        return pb.StepResponse(error=pb.StepError(session_id=sid, step=req.step, code=code, message=str(exc)))
+    if metrics is not None:
+        metrics.note_verdict(req.session_id, v, time.perf_counter() - t0)
+    return pb.StepResponse(verdict=v)
 
 
 _SLACK = 64 * 1024  # ids, names, sampling parameters: everything but the bulk field
@@ -123,19 +134,17 @@ def _identity(raw: bytes) -> bytes:
     return raw
 
 
-def _refused(exc: FseError) -> pb.StepResponse:
-    """The answer to a step request that could not even be parsed: nothing of it is known."""
-    return pb.StepResponse(error=pb.StepError(code=_code(exc).value[0], message=str(exc)))
-
-
 class GuardServicer:
     """fse.v1.GuardService over raw request bytes: each RPC checks its own size limit
     before parsing, and parses big requests off the event loop."""
 
-    def __init__(self, service: GuardService, reloader: PolicyReloader, lanes: LaneServer | None = None) -> None:
+    def __init__(
+        self, service: GuardService, reloader: PolicyReloader, lanes: LaneServer | None = None, metrics: Exporter | None = None
+    ) -> None:
         self.service = service
         self.reloader = reloader
         self.lanes = lanes
+        self.metrics = metrics
         self.limits = message_limits(service.config)
 
     def _check_size(self, method: str, raw: bytes) -> None:
@@ -188,6 +197,8 @@ class GuardServicer:
         # Session ids at DEBUG only: with the secret they are what steps a session.
         log.debug("session %s opened (tag %d, ring %s)", s.session_id, s.tag, shown(s.ring_name))
         opened = session_opened(s, self.service.signer.key_id)
+        if self.metrics is not None:
+            self.metrics.session_opened(s.session_id)
         if request.fast_lane and self.lanes is not None:
             opened.lane_socket = str(self.lanes.path)
             opened.lane_token = self.lanes.token_for(s.session_id)
@@ -227,19 +238,31 @@ class GuardServicer:
             try:
                 req = (await self._request("Steps", pb.StepsRequest, raw)).request
             except FseError as exc:  # nothing of the request is known: answer on the stream, keep it open
-                yield pb.StepsResponse(response=_refused(exc))
+                yield pb.StepsResponse(response=self._refused(exc))
                 continue
             yield pb.StepsResponse(response=self._step(req))
+            if self.metrics is not None:
+                self.metrics.flush()  # after the answer left
 
     async def _step_raw(self, method: str, raw: bytes) -> pb.StepResponse:
         try:
             req = await self._request(method, pb.StepRequest, raw)
         except FseError as exc:
-            return _refused(exc)
-        return self._step(req)
+            return self._refused(exc)
+        resp = self._step(req)
+        if self.metrics is not None:
+            asyncio.get_running_loop().call_soon(self.metrics.flush)
+        return resp
 
     def _step(self, req: pb.StepRequest) -> pb.StepResponse:
-        return answer_step(self.service, req)
+        return answer_step(self.service, req, self.metrics)
+
+    def _refused(self, exc: FseError) -> pb.StepResponse:
+        """The answer to a step request that could not even be parsed: nothing of it is known."""
+        resp = pb.StepResponse(error=pb.StepError(code=_code(exc).value[0], message=str(exc)))
+        if self.metrics is not None:
+            self.metrics.step_refused(resp.error.code)
+        return resp
 
     async def Echo(
         self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext
@@ -367,10 +390,12 @@ def create_server(
     )
     reloader = PolicyReloader(service, config_path)
     lane_path = _lane_path(config)
-    lanes = LaneServer(service, lane_path, lambda req: answer_step(service, req)) if lane_path is not None else None
+    metrics, metrics_server = _start_metrics(config, service)
+    lanes = LaneServer(service, lane_path, lambda req: answer_step(service, req, metrics)) if lane_path is not None else None
     if lanes is not None:
-        service.on_drop.append(lanes.forget)
-    server.add_generic_rpc_handlers((GuardServicer(service, reloader, lanes).handlers(),))
+        service.on_drop.append(lambda sid, _why: lanes.forget(sid))
+        lanes.after_answer = metrics.flush if metrics is not None else None
+    server.add_generic_rpc_handlers((GuardServicer(service, reloader, lanes, metrics).handlers(),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if config.reflection:
@@ -389,6 +414,8 @@ def create_server(
     else:
         port = server.add_insecure_port(address)
     if port == 0:
+        if metrics_server is not None:
+            metrics_server.shutdown()
         raise ListenError(f"cannot listen on {config.listen}")
     if lanes is not None:
         lanes.sock = _bind_lane_socket(lanes.path, config)
@@ -396,6 +423,7 @@ def create_server(
     server._fse_health = health_servicer  # type: ignore[attr-defined]
     server._fse_reloader = reloader  # type: ignore[attr-defined]
     server._fse_lanes = lanes  # type: ignore[attr-defined]
+    server._fse_metrics_server = metrics_server  # type: ignore[attr-defined]
     return server, service, bound
 
 
@@ -404,6 +432,22 @@ async def _reload_logged(reloader: PolicyReloader) -> None:
         await reloader.reload()
     except FseError:
         pass  # logged by reload; the old policies stay in force
+
+
+def _start_metrics(config: SidecarConfig, service: GuardService) -> tuple[Exporter | None, WSGIServer | None]:
+    """The exporter and its HTTP server (first: an address that cannot be bound stops the
+    sidecar before it listens), or (None, None) without ``metrics.listen``."""
+    if config.metrics.listen is None:
+        return None, None
+    metrics = Exporter(CollectorRegistry(), lambda: service.live_sessions)
+    service.on_drop.append(metrics.session_gone)
+    host, _, port = config.metrics.listen.rpartition(":")
+    try:
+        bound_port, _thread, http = serve_metrics(metrics.registry, host.strip("[]"), int(port))
+    except OSError as exc:
+        raise ListenError(f"cannot serve metrics on {config.metrics.listen}: {exc.strerror}") from None
+    log.info("metrics on http://%s:%d/metrics", host, bound_port)
+    return metrics, http
 
 
 async def _reap_idle_sessions(service: GuardService) -> None:
@@ -445,6 +489,7 @@ async def serve(
     if ready is not None:
         ready.set()
     log.info("policies: %s", ", ".join(f"{n}={p.digest[:12]}" for n, p in sorted(service.policies.items())))
+    metrics_server = server._fse_metrics_server  # type: ignore[attr-defined]
     reaper = asyncio.create_task(_reap_idle_sessions(service))
     try:
         await server.wait_for_termination()
@@ -456,4 +501,6 @@ async def serve(
         finally:  # even when the stop is cut short: audit files synced, recordings flushed
             if lanes is not None:
                 lanes.close()
+            if metrics_server is not None:
+                metrics_server.shutdown()
             service.close()

@@ -116,7 +116,9 @@ class GuardService:
         self._tags = itertools.count(1)
         self.audit = AuditDir(config.audit) if config.audit.dir is not None else None
         self.recorder = Recorder(config.record_dir) if config.record_dir is not None else None
-        self.on_drop: list[Callable[[str], None]] = []  # told of every session that goes (the fast lane)
+        # Told of every session that goes, and why: "closed" or "aborted" (CloseSession after
+        # a clean run or an ABORT), "reaped" (idle), "dropped" (its engine went), "shutdown".
+        self.on_drop: list[Callable[[str, str], None]] = []
         self._audits: dict[str, SessionAudit] = {}
 
     # -- vocabularies -------------------------------------------------------------------
@@ -284,13 +286,13 @@ class GuardService:
             record = {"kind": "close", "session": s.session_id, "receipt": receipt_json(receipt), "timestamp_ns": time.time_ns()}
             with contextlib.suppress(AuditError):  # the frames are all there; verify says "not closed"
                 log.append(record)
-        self._drop(session_id)
+        self._drop(session_id, "aborted" if s.aborted else "closed")
         return Closed(s, receipt, log)
 
     def drop_session(self, session_id: str) -> None:
         """Close a session whose engine went away (no receipt: nobody is there to take it)."""
         if session_id in self._sessions:
-            self._drop(session_id)
+            self._drop(session_id, "dropped")
 
     def ring_reader(self, session_id: str) -> RingReader:
         ring = self._session_ring.get(session_id)
@@ -298,12 +300,12 @@ class GuardService:
             raise RowError(f"session {session_id} was opened without a ring")
         return self._rings[ring].reader
 
-    def _drop(self, session_id: str) -> Session:
+    def _drop(self, session_id: str, why: str) -> Session:
         s = self._sessions.pop(session_id, None)
         if s is None:
             raise UnknownSession(f"session {session_id!r} is not open")
         for hook in self.on_drop:
-            hook(session_id)
+            hook(session_id, why)
         self._vocab_users[self._session_vocab.pop(session_id)] -= 1
         self._release_ring(session_id)
         if self.recorder is not None:
@@ -329,7 +331,7 @@ class GuardService:
 
     def close(self) -> None:
         for sid in list(self._sessions):
-            self._drop(sid)
+            self._drop(sid, "shutdown")
         if self.audit is not None:
             self.audit.close()
         if self.recorder is not None:
@@ -346,7 +348,7 @@ class GuardService:
         cutoff = now - self.config.session_idle_timeout_s
         idle = [sid for sid, s in self._sessions.items() if s.last_active < cutoff]
         for sid in idle:
-            self._drop(sid)
+            self._drop(sid, "reaped")
         return idle
 
     # -- steps ------------------------------------------------------------------------------

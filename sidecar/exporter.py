@@ -1,0 +1,200 @@
+"""Prometheus metrics of the guard (../shared/DESIGN.md §7): the "Glass Box" ECG.
+
+A thin shell: the server tells an :class:`Exporter` of each verdict, refusal and session
+event; the exporter turns them into counters and histograms in its own registry (no global
+state) and ``serve_metrics`` exposes that registry at ``/metrics``. No label holds a
+session id, a token or free text: decisions, guards, status codes and bands are fixed
+sets, and rule ids are bounded by the configured policies.
+
+Buckets follow each value's real range, measured on the embedded model under the default
+policy (``tests/test_metrics_e2e.py`` scrapes a real generation): a step is judged in
+0.1-1 ms; -log p of a committed token is mostly under 3 nats with a tail to the 6.5-nat
+guard; entropy spans 0 to ~6 nats (ln of a 49k vocabulary is 10.8); the perplexity bands
+are seed 001's (healthy < 200 <= drifting <= 400 < halt).
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from importlib import metadata
+from wsgiref.simple_server import WSGIServer
+
+import grpc
+from prometheus_client import CollectorRegistry, Histogram, Info, start_http_server
+from prometheus_client import Counter as PromCounter
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from ._pb.fse.v1 import guard_pb2 as pb
+
+LATENCY_BUCKETS = (5e-5, 1e-4, 2e-4, 3e-4, 5e-4, 7.5e-4, 1e-3, 1.5e-3, 2e-3, 3e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1)
+NLP_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.5, 8.0, 10.0, 15.0)
+ENTROPY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 11.0)
+MARGIN_BUCKETS = (-0.5, -0.1, 0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 0.99)
+PPL_BUCKETS = (1.5, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 400.0, 1000.0, 1e4)
+
+DECISIONS = {pb.DECISION_ACCEPT: "accept", pb.DECISION_HEALED: "healed", pb.DECISION_ABORT: "abort"}
+GATE_BANDS = {0: "none", 1: "healthy", 2: "drifting", 3: "strict", 4: "halt"}
+HEALTH_BANDS = {pb.HEALTH_BAND_HEALTHY: "healthy", pb.HEALTH_BAND_DRIFTING: "drifting", pb.HEALTH_BAND_HALT: "halt"}
+ACTIONS = {pb.ACTION_REDO: "redo", pb.ACTION_BLOCK: "block", pb.ACTION_HALT: "halt", pb.ACTION_FLAG: "flag"}
+CLOSE_OUTCOMES = ("closed", "aborted", "reaped", "dropped")
+_CODE_NAMES = {c.value[0]: c.name for c in grpc.StatusCode}
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+class _BandCollector(Collector):
+    """Live sessions, and how many sit in each health band, read at scrape time."""
+
+    def __init__(self, exporter: Exporter) -> None:
+        self.exporter = exporter
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        bands = list(self.exporter._health.values())  # one C call: safe against the loop thread
+        live = GaugeMetricFamily("fse_live_sessions", "Sessions open now")
+        live.add_metric([], float(self.exporter.live()))
+        yield live
+        per = GaugeMetricFamily(
+            "fse_sessions_by_health_band", "Open sessions by the health band of their last verdict", labels=["band"]
+        )
+        counts = Counter(bands)
+        for band in HEALTH_BANDS.values():
+            per.add_metric([band], float(counts.get(band, 0)))
+        yield per
+
+
+class Exporter:
+    """The guard's metrics in ``registry``. Called from the event loop only; read by the
+    HTTP thread of :func:`serve_metrics` (prometheus-client's metrics are thread-safe)."""
+
+    def __init__(self, registry: CollectorRegistry, live: Callable[[], int] | None = None) -> None:
+        """``live``: how many sessions are open (the service's count; by default the
+        sessions this exporter was told of)."""
+        self.registry = registry
+        self.live = live if live is not None else (lambda: len(self._health))
+        self._health: dict[str, str] = {}  # session -> health band of its last verdict
+        self._gate: dict[str, int] = {}  # session -> gate band of its last verdict
+        self._ppl: dict[str, float] = {}  # session -> running perplexity of its last verdict
+        self._pending: list[tuple[str, pb.Verdict, float]] = []  # verdicts sent, not yet counted
+        r = registry
+        self.latency = Histogram(
+            "fse_verdict_latency_seconds", "Time the sidecar takes to judge and sign a step", registry=r, buckets=LATENCY_BUCKETS
+        )
+        self.entropy = Histogram(
+            "fse_token_entropy_nats", "Entropy of the next-token distribution", registry=r, buckets=ENTROPY_BUCKETS
+        )
+        self.nlp = Histogram("fse_token_neg_logprob_nats", "-log p of the committed token", registry=r, buckets=NLP_BUCKETS)
+        self.margin = Histogram(
+            "fse_token_margin", "p(committed) - max p(other) (probability units)", registry=r, buckets=MARGIN_BUCKETS
+        )
+        self.window_ppl = Histogram(
+            "fse_window_perplexity", "The gate's windowed perplexity after each step", registry=r, buckets=PPL_BUCKETS
+        )
+        self.final_ppl = Histogram(
+            "fse_session_perplexity", "Running perplexity of a session when it closes", registry=r, buckets=PPL_BUCKETS
+        )
+        self.verdicts = PromCounter("fse_verdicts", "Verdicts by decision", ["decision"], registry=r)
+        self.redos = PromCounter("fse_redos", "Steps whose first proposal was refused, by outcome", ["outcome"], registry=r)
+        self.trips = PromCounter(
+            "fse_guard_trips", "Guard trips (a guard, the gate, the loop guard, the drift test...)", ["guard"], registry=r
+        )
+        self.hits = PromCounter("fse_policy_hits", "Policy rule matches by rule id and action", ["rule", "action"], registry=r)
+        self.transitions = PromCounter("fse_gate_transitions", "Gate band changes", ["from_band", "to_band"], registry=r)
+        self.opened = PromCounter("fse_sessions_opened", "Sessions opened", registry=r)
+        self.closed = PromCounter("fse_sessions_closed", "Sessions that ended, by outcome", ["outcome"], registry=r)
+        self.refused = PromCounter("fse_steps_refused", "Steps answered with an error instead of a verdict", ["code"], registry=r)
+        self.info = Info("fse_build", "The sidecar's build", registry=r)
+        self.info.info(
+            {
+                "version": _version("libfse"),
+                "python": platform.python_version(),
+                "grpcio": _version("grpcio"),
+                "protobuf": _version("protobuf"),
+            }
+        )
+        # Pre-create the label sets that are known up front, so every series exists (as 0)
+        # before the first event: rate() and the dashboard see a zero, not "no data".
+        for d in DECISIONS.values():
+            self.verdicts.labels(d)
+        for o in ("healed", "aborted"):
+            self.redos.labels(o)
+        for o in CLOSE_OUTCOMES:
+            self.closed.labels(o)
+        r.register(_BandCollector(self))
+
+    # -- events -----------------------------------------------------------------------------
+    def session_opened(self, session_id: str) -> None:
+        self.opened.inc()
+        self._health[session_id] = "healthy"
+        self._gate[session_id] = 0
+
+    def session_gone(self, session_id: str, why: str) -> None:
+        """A hook of GuardService.on_drop: count how the session ended and forget it."""
+        self._health.pop(session_id, None)
+        self._gate.pop(session_id, None)
+        ppl = self._ppl.pop(session_id, None)
+        if why in CLOSE_OUTCOMES:
+            self.closed.labels(why).inc()
+            if ppl is not None and math.isfinite(ppl) and ppl > 0:
+                self.final_ppl.observe(ppl)
+
+    def note_verdict(self, session_id: str, v: pb.Verdict, seconds: float) -> None:
+        """Count ``v`` at the next :meth:`flush`: the lanes flush after the answer has left,
+        so the step never waits for its metrics."""
+        self._pending.append((session_id, v, seconds))
+        if len(self._pending) > 64:  # a caller that never flushes still stays bounded
+            self.flush()
+
+    def flush(self) -> None:
+        pending, self._pending = self._pending, []
+        for session_id, v, seconds in pending:
+            self.verdict(session_id, v, seconds)
+
+    def verdict(self, session_id: str, v: pb.Verdict, seconds: float) -> None:
+        self.latency.observe(seconds)
+        decision = DECISIONS.get(v.decision, "abort")
+        self.verdicts.labels(decision).inc()
+        m = v.metrics
+        if math.isfinite(m.entropy_nats):  # a non-finite row has NaN metrics: nothing to plot
+            self.entropy.observe(m.entropy_nats)
+            self.nlp.observe(m.neg_logprob_nats)
+            self.margin.observe(m.margin)
+        if v.stream.window_ppl > 0:
+            self.window_ppl.observe(v.stream.window_ppl)
+        if decision == "healed":
+            self.redos.labels("healed").inc()
+        elif decision == "abort" and len(v.proposals) > 1:
+            self.redos.labels("aborted").inc()
+        self._count_reasons(v.reasons)
+        if session_id in self._health:
+            self._health[session_id] = HEALTH_BANDS.get(v.band, "halt")
+            self._ppl[session_id] = m.running_ppl
+            before, after = self._gate.get(session_id, 0), int(v.stream.band)
+            if after != before:
+                self.transitions.labels(GATE_BANDS.get(before, "none"), GATE_BANDS.get(after, "none")).inc()
+                self._gate[session_id] = after
+
+    def _count_reasons(self, reasons: Iterable[pb.Reason]) -> None:
+        for r in reasons:
+            if r.span_end > 0:  # a rule match always spans at least one byte; a guard never does
+                self.hits.labels(r.code, ACTIONS.get(r.action, "flag")).inc()
+            else:
+                self.trips.labels(r.code).inc()
+
+    def step_refused(self, code: int) -> None:
+        self.refused.labels(_CODE_NAMES.get(code, "UNKNOWN")).inc()
+
+
+def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> tuple[int, threading.Thread, WSGIServer]:
+    """``/metrics`` over HTTP in a daemon thread; returns the bound port, the thread and the server."""
+    server, thread = start_http_server(port, addr=host, registry=registry)
+    return server.server_port, thread, server
