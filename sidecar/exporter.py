@@ -30,6 +30,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from ._pb.fse.v1 import guard_pb2 as pb
+from .config import GuardSet
 
 LATENCY_BUCKETS = (5e-5, 1e-4, 2e-4, 3e-4, 5e-4, 7.5e-4, 1e-3, 1.5e-3, 2e-3, 3e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1)
 NLP_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.5, 8.0, 10.0, 15.0)
@@ -42,6 +43,17 @@ GATE_BANDS = {0: "none", 1: "healthy", 2: "drifting", 3: "strict", 4: "halt"}
 HEALTH_BANDS = {pb.HEALTH_BAND_HEALTHY: "healthy", pb.HEALTH_BAND_DRIFTING: "drifting", pb.HEALTH_BAND_HALT: "halt"}
 ACTIONS = {pb.ACTION_REDO: "redo", pb.ACTION_BLOCK: "block", pb.ACTION_HALT: "halt", pb.ACTION_FLAG: "flag"}
 CLOSE_OUTCOMES = ("closed", "aborted", "reaped", "dropped")
+# Every code a trip that is not a rule hit can carry: the token guards, the stream-level
+# evaluators and the step's own (pre-created at 0, so an alert on "audit" has a series).
+GUARDS = tuple(n for n in GuardSet.model_fields if n != "ppl_warmup_tokens") + (
+    "loop",
+    "gate",
+    "drift",
+    "non_finite",
+    "audit",
+    "redo_exhausted",
+    "no_allowed_token",
+)
 _CODE_NAMES = {c.value[0]: c.name for c in grpc.StatusCode}
 
 
@@ -129,6 +141,8 @@ class Exporter:
             self.redos.labels(o)
         for o in CLOSE_OUTCOMES:
             self.closed.labels(o)
+        for g in GUARDS:
+            self.trips.labels(g)
         r.register(_BandCollector(self))
 
     # -- events -----------------------------------------------------------------------------

@@ -142,3 +142,22 @@ def test_a_metrics_address_that_cannot_be_bound_stops_the_sidecar_with_a_clear_e
         port = taken.getsockname()[1]
         with pytest.raises(RuntimeError, match=f"cannot serve metrics on 127.0.0.1:{port}"):
             start_sidecar(metrics={"listen": f"127.0.0.1:{port}"}).proc.wait(10)
+
+
+def test_every_guard_code_the_sidecar_can_trip_has_a_series_from_the_start() -> None:
+    import re
+    from pathlib import Path
+
+    from sidecar.core.guards import _CHECKS
+    from sidecar.exporter import GUARDS
+
+    src = "\n".join(p.read_text() for p in Path(__file__).resolve().parents[1].joinpath("sidecar").rglob("*.py"))
+    literal = set(re.findall(r'Trip\(\s*"(\w+)"', src))
+    assert literal and literal | {name for name, _, _ in _CHECKS} <= set(GUARDS)
+    reg = CollectorRegistry()
+    Exporter(reg)
+    assert all(
+        value(reg, "fse_guard_trips_total", guard=g) == 0
+        and reg.get_sample_value("fse_guard_trips_total", {"guard": g}) is not None
+        for g in GUARDS
+    )
