@@ -23,6 +23,9 @@ from grafana_foundation_sdk.builders import dashboard, prometheus, stat, timeser
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models.dashboard import DataSourceRef, GridPos, Threshold
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from sidecar.generated import write_or_check  # noqa: E402
+
 OUT = Path(__file__).resolve().parent / "cognitive-ecg.json"
 DS = DataSourceRef(type_val="prometheus", uid="${datasource}")
 RATE = "$__rate_interval"
@@ -182,15 +185,7 @@ def render() -> str:
 
 
 def main() -> int:
-    text = render()
-    if "--check" in sys.argv:
-        if not OUT.exists() or OUT.read_text() != text:
-            print(f"{OUT} is stale: run python grafana/dashboard.py", file=sys.stderr)
-            return 1
-        return 0
-    OUT.write_text(text)
-    print(f"wrote {OUT}")
-    return 0
+    return write_or_check(OUT, render(), "python grafana/dashboard.py")
 
 
 if __name__ == "__main__":

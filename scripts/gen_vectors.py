@@ -27,6 +27,7 @@ from sidecar.core import canonical as cb  # noqa: E402
 from sidecar.core import chain, ledger  # noqa: E402
 from sidecar.core.sampling import SamplingParams  # noqa: E402
 from sidecar.core.vocab import vocab_digest  # noqa: E402
+from sidecar.generated import write_or_check  # noqa: E402
 from sidecar.ring import HEADER_SIZE, RingReader, RingWriter  # noqa: E402
 from sidecar.service import GuardService  # noqa: E402
 from sidecar.signing import Ed25519Signer, HmacSigner, receipt_signed_bytes, verdict_bytes  # noqa: E402
@@ -388,15 +389,7 @@ def render() -> str:
 
 
 def main() -> int:
-    text = render()
-    if "--check" in sys.argv:
-        if not OUT.exists() or OUT.read_text() != text:
-            print(f"{OUT} is stale: run python scripts/gen_vectors.py", file=sys.stderr)
-            return 1
-        return 0
-    OUT.write_text(text)
-    print(f"wrote {OUT.relative_to(ROOT)}")
-    return 0
+    return write_or_check(OUT, render(), "python scripts/gen_vectors.py")
 
 
 if __name__ == "__main__":

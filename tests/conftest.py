@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,15 @@ def start_sidecar(tmp_path: Path, keys: Keys) -> Iterator:
     yield start
     for sc in started:
         sc.stop()
+
+
+@pytest.fixture(scope="session")
+def promtool() -> str:
+    """Debian's promtool (installed by `make test`)."""
+    exe = shutil.which("promtool")
+    if exe is None:
+        pytest.fail("promtool is missing: run `make setup-prometheus` (Debian's prometheus package)")
+    return exe
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import socket
 import subprocess
 import urllib.request
@@ -94,14 +93,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def promtool() -> str:
-    exe = shutil.which("promtool")
-    if exe is None:
-        pytest.fail("promtool is missing: run `make setup-prometheus` (Debian's prometheus package)")
-    return exe
 
 
 def test_a_real_sidecar_serves_metrics_that_promtool_accepts(start_sidecar, keys, promtool) -> None:

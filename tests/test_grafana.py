@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
@@ -87,14 +86,6 @@ def test_the_provisioning_files_point_at_the_dashboard() -> None:
     dash = yaml.safe_load((ROOT / "grafana" / "provisioning" / "dashboards" / "libfse.yaml").read_text())
     provider = dash["providers"][0]
     assert provider["type"] == "file" and provider["options"]["path"].startswith("/var/lib/grafana/dashboards")
-
-
-@pytest.fixture(scope="module")
-def promtool() -> str:
-    exe = shutil.which("promtool")
-    if exe is None:
-        pytest.fail("promtool is missing: run `make setup-prometheus` (Debian's prometheus package)")
-    return exe
 
 
 def test_promtool_checks_the_alert_rules(promtool: str) -> None:
