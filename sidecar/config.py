@@ -230,6 +230,15 @@ class AuditConfig(_Strict):
     fsync_interval_ms: float = Field(default=200.0, gt=0)
 
 
+def _host_port(v: str | None) -> str | None:
+    if v is None:
+        return v
+    host, sep, port = v.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f'must be "host:port" with a port in 0-65535, got {v!r}')
+    return v
+
+
 class MetricsConfig(_Strict):
     """The Prometheus exporter: ``listen`` is "host:port" for ``/metrics`` (port 0: any free
     one, logged); unset, nothing is exported. Serve it on the pod's IP (or 0.0.0.0) for a
@@ -237,15 +246,7 @@ class MetricsConfig(_Strict):
 
     listen: str | None = None
 
-    @field_validator("listen")
-    @classmethod
-    def _host_port(cls, v: str | None) -> str | None:
-        if v is None:
-            return v
-        host, sep, port = v.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-            raise ValueError(f'must be "host:port" with a port in 0-65535, got {v!r}')
-        return v
+    _listen = field_validator("listen")(_host_port)
 
 
 class LaneConfig(_Strict):
@@ -300,6 +301,16 @@ class SidecarConfig(_Strict):
     # schema, which is public in proto/; turn it off to expose nothing beyond the calls.
     reflection: bool = True
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    # "host:port" serving only grpc.health.v1 over plain TCP: the kubelet's gRPC probes
+    # cannot dial a Unix socket. It answers the same statuses as the main socket and
+    # nothing else (no GuardService there). Unset: no such port.
+    health_listen: str | None = None
+    # Poll the configuration file every this many seconds and reload it when it changes
+    # (a Kubernetes ConfigMap update swaps the file under a mounted volume). Unset: reload
+    # only on SIGHUP or ReloadPolicy.
+    watch_config_s: float | None = Field(default=None, gt=0, le=3600)
+
+    _health_listen = field_validator("health_listen")(_host_port)
     # serve --record DIR: every session's opening, rows and ledger, for `fse-sidecar replay`.
     record_dir: Path | None = None
 

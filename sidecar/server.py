@@ -427,6 +427,46 @@ def create_server(
     return server, service, bound
 
 
+def _file_signature(path: Path) -> tuple[int, int, int, int] | None:
+    """What changes when the file is rewritten or swapped (a ConfigMap update replaces a
+    symlink's target: another inode); None while it is missing."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+async def _watch_config(reloader: PolicyReloader, path: Path, period_s: float) -> None:
+    """Reload the configuration file when it changes (polled: inotify does not see a
+    ConfigMap's symlink swap reliably, and polling one stat is nothing)."""
+    seen = _file_signature(path)
+    while True:
+        await asyncio.sleep(period_s)
+        now = _file_signature(path)
+        if now is not None and now != seen:
+            seen = now
+            log.info("configuration file %s changed: reloading", path)
+            await _reload_logged(reloader)
+
+
+async def _start_health_port(config: SidecarConfig, health_servicer: health.aio.HealthServicer) -> grpc.aio.Server | None:
+    """grpc.health.v1 alone on ``health_listen`` (plain TCP, for the kubelet's gRPC probes)."""
+    if config.health_listen is None:
+        return None
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    try:
+        port = server.add_insecure_port(config.health_listen)
+    except RuntimeError:
+        port = 0
+    if port == 0:
+        raise ListenError(f"cannot serve the health port on {config.health_listen}")
+    await server.start()
+    log.info("health (grpc.health.v1 only) on %s", config.health_listen.rpartition(":")[0] + f":{port}")
+    return server
+
+
 async def _reload_logged(reloader: PolicyReloader) -> None:
     try:
         await reloader.reload()
@@ -478,11 +518,19 @@ async def serve(
 
     if config_path is not None:
         loop.add_signal_handler(signal.SIGHUP, on_sighup)
+    hs = server._fse_health  # type: ignore[attr-defined]
+    try:
+        health_server = await _start_health_port(config, hs)
+    except ListenError:
+        metrics_http = server._fse_metrics_server  # type: ignore[attr-defined]
+        if metrics_http is not None:
+            metrics_http.shutdown()
+        service.close()
+        raise
     await server.start()
     lanes: LaneServer | None = server._fse_lanes  # type: ignore[attr-defined]
     if lanes is not None:
         lanes.start(loop)
-    hs = server._fse_health  # type: ignore[attr-defined]
     await hs.set("", health_pb2.HealthCheckResponse.SERVING)
     await hs.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     log.info("fse-sidecar serving on %s (pid %d, %s key %s)", bound, os.getpid(), signer.algorithm, signer.key_id)
@@ -491,13 +539,20 @@ async def serve(
     log.info("policies: %s", ", ".join(f"{n}={p.digest[:12]}" for n, p in sorted(service.policies.items())))
     metrics_server = server._fse_metrics_server  # type: ignore[attr-defined]
     reaper = asyncio.create_task(_reap_idle_sessions(service))
+    watcher = None
+    if config.watch_config_s is not None and config_path is not None:
+        watcher = asyncio.create_task(_watch_config(reloader, config_path, config.watch_config_s))
     try:
         await server.wait_for_termination()
     finally:
         reaper.cancel()
+        if watcher is not None:
+            watcher.cancel()
         try:
             await hs.enter_graceful_shutdown()
             await server.stop(grace=2.0)
+            if health_server is not None:
+                await health_server.stop(grace=None)
         finally:  # even when the stop is cut short: audit files synced, recordings flushed
             if lanes is not None:
                 lanes.close()
