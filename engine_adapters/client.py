@@ -476,24 +476,16 @@ class GuardedSession:
                     v = self._verify(step, resp)
                     self.phases = Phases(t1 - t0, t2 - t1, time.perf_counter() - t2, self.lane.service_s)
                     return v
-                req = pb.StepRequest(
-                    session_id=self.session_id,
-                    session_secret=self._secret,
-                    step=step,
-                    ring=pb.RingRef(slot=slot, row=row, seq=f.seq),
-                )
+                item = self._steps_request(step)
+                item.request.ring.slot, item.request.ring.row, item.request.ring.seq = slot, row, f.seq
             else:
-                data = np.ascontiguousarray(logits, dtype="<f4").tobytes()
-                req = pb.StepRequest(
-                    session_id=self.session_id,
-                    session_secret=self._secret,
-                    step=step,
-                    inline=pb.InlineLogits(data=data, dtype=pb.DTYPE_F32),
-                )
+                item = self._steps_request(step)
+                item.request.inline.data = np.ascontiguousarray(logits, dtype="<f4").tobytes()
+                item.request.inline.dtype = pb.DTYPE_F32
             t1 = time.perf_counter()
             if self._stream is None:
                 self._stream = StreamCall(self.client._stub.Steps)
-            resp = self._stream.roundtrip(pb.StepsRequest(request=req), self.client.step_timeout, f"step {step}").response
+            resp = self._stream.roundtrip(item, self.client.step_timeout, f"step {step}").response
             t2 = time.perf_counter()
         finally:
             if slot is not None:
@@ -501,6 +493,14 @@ class GuardedSession:
         v = self._verify(step, resp)
         self.phases = Phases(t1 - t0, t2 - t1, time.perf_counter() - t2)
         return v
+
+    def _steps_request(self, step: int) -> pb.StepsRequest:
+        """A Steps message whose request is filled in place (wrapping a built StepRequest
+        would copy it, and an inline row is the whole vocabulary)."""
+        item = pb.StepsRequest()
+        r = item.request
+        r.session_id, r.session_secret, r.step = self.session_id, self._secret, step
+        return item
 
     def _verify(self, step: int, resp: pb.StepResponse) -> pb.Verdict:
         expect = Expected(self.session_id, step, self.chain_hash, self.policy_digest, self.vocab_size)

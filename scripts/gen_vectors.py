@@ -10,6 +10,7 @@ Node.js client (clients/node) checks its own implementation against it.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -291,7 +292,7 @@ def receipts(signer: Any, opened: pb.OpenSessionResponse, verdicts: list[pb.Verd
 def ring_cases() -> dict[str, Any]:
     """A 2-slot FULL ring of 8 f32 logits: the bytes after one frame, and the frames a reader refuses."""
     row = np.asarray([0.5, -1.0, 2.25, 0.0, 3.5, -0.125, 1.0, 8.0], dtype=np.float32)
-    name = f"fse-vectors-{__import__('os').getpid()}"
+    name = f"fse-vectors-{os.getpid()}"
     with RingWriter.create(name, slots=2, rows=1, vocab_size=8, dtype="f32") as ring:
         with ring.frame(1) as f:
             f.write_row(5, 3, row)

@@ -21,6 +21,7 @@ import platform
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from importlib import metadata
 from wsgiref.simple_server import WSGIServer
 
@@ -65,6 +66,15 @@ def _version(dist: str) -> str:
         return "unknown"
 
 
+@dataclass(slots=True)
+class _SessionView:
+    """An open session as its last verdict left it (no label: only counted)."""
+
+    health: str = "healthy"  # its running-perplexity band
+    gate: int = 0  # its gate band (0: none yet)
+    ppl: float = 0.0  # its running perplexity
+
+
 class _BandCollector(Collector):
     """Live sessions, and how many sit in each health band, read at scrape time."""
 
@@ -72,7 +82,7 @@ class _BandCollector(Collector):
         self.exporter = exporter
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        bands = list(self.exporter._health.values())  # one C call: safe against the loop thread
+        bands = [view.health for view in list(self.exporter._sessions.values())]  # list(): one C call, safe against the loop
         live = GaugeMetricFamily("fse_live_sessions", "Sessions open now")
         live.add_metric([], float(self.exporter.live()))
         yield live
@@ -93,10 +103,8 @@ class Exporter:
         """``live``: how many sessions are open (the service's count; by default the
         sessions this exporter was told of)."""
         self.registry = registry
-        self.live = live if live is not None else (lambda: len(self._health))
-        self._health: dict[str, str] = {}  # session -> health band of its last verdict
-        self._gate: dict[str, int] = {}  # session -> gate band of its last verdict
-        self._ppl: dict[str, float] = {}  # session -> running perplexity of its last verdict
+        self.live = live if live is not None else (lambda: len(self._sessions))
+        self._sessions: dict[str, _SessionView] = {}  # what the last verdict of each open session said
         self._pending: list[tuple[str, pb.Verdict, float]] = []  # verdicts sent, not yet counted
         r = registry
         self.latency = Histogram(
@@ -149,18 +157,15 @@ class Exporter:
     # -- events -----------------------------------------------------------------------------
     def session_opened(self, session_id: str) -> None:
         self.opened.inc()
-        self._health[session_id] = "healthy"
-        self._gate[session_id] = 0
+        self._sessions[session_id] = _SessionView()
 
     def session_gone(self, session_id: str, why: str) -> None:
         """A hook of GuardService.on_drop: count how the session ended and forget it."""
-        self._health.pop(session_id, None)
-        self._gate.pop(session_id, None)
-        ppl = self._ppl.pop(session_id, None)
+        view = self._sessions.pop(session_id, None)
         if why in CLOSE_OUTCOMES:
             self.closed.labels(why).inc()
-            if ppl is not None and math.isfinite(ppl) and ppl > 0:
-                self.final_ppl.observe(ppl)
+            if view is not None and math.isfinite(view.ppl) and view.ppl > 0:
+                self.final_ppl.observe(view.ppl)
 
     def note_verdict(self, session_id: str, v: pb.Verdict, seconds: float) -> None:
         """Count ``v`` at the next :meth:`flush`: the lanes flush after the answer has left,
@@ -190,13 +195,13 @@ class Exporter:
         elif decision == "abort" and len(v.proposals) > 1:
             self.redos.labels("aborted").inc()
         self._count_reasons(v.reasons)
-        if session_id in self._health:
-            self._health[session_id] = HEALTH_BANDS.get(v.band, "halt")
-            self._ppl[session_id] = m.running_ppl
-            before, after = self._gate.get(session_id, 0), int(v.stream.band)
-            if after != before:
-                self.transitions.labels(GATE_BANDS.get(before, "none"), GATE_BANDS.get(after, "none")).inc()
-                self._gate[session_id] = after
+        view = self._sessions.get(session_id)
+        if view is not None:
+            view.health, view.ppl = HEALTH_BANDS.get(v.band, "halt"), m.running_ppl
+            after = int(v.stream.band)
+            if after != view.gate:
+                self.transitions.labels(GATE_BANDS.get(view.gate, "none"), GATE_BANDS.get(after, "none")).inc()
+                view.gate = after
 
     def _count_reasons(self, reasons: Iterable[pb.Reason]) -> None:
         for r in reasons:

@@ -87,13 +87,18 @@ def answer_step(service: GuardService, req: pb.StepRequest, metrics: Exporter | 
     except FseError as exc:
         sid = req.session_id if SESSION_ID.fullmatch(req.session_id) else ""  # echoed back only when well formed
         log.debug("step %s/%d refused: %s", shown(req.session_id), req.step, exc)
-        code = _code(exc).value[0]
-        if metrics is not None:
-            metrics.step_refused(code)
-        return pb.StepResponse(error=pb.StepError(session_id=sid, step=req.step, code=code, message=str(exc)))
+        return refusal(exc, metrics, sid, req.step)
     if metrics is not None:
         metrics.note_verdict(req.session_id, v, time.perf_counter() - t0)
     return pb.StepResponse(verdict=v)
+
+
+def refusal(exc: FseError, metrics: Exporter | None, session_id: str = "", step: int = 0) -> pb.StepResponse:
+    """A step answered with the error that refused it (counted by status code)."""
+    code = _code(exc).value[0]
+    if metrics is not None:
+        metrics.step_refused(code)
+    return pb.StepResponse(error=pb.StepError(session_id=session_id, step=step, code=code, message=str(exc)))
 
 
 _SLACK = 64 * 1024  # ids, names, sampling parameters: everything but the bulk field
@@ -259,10 +264,7 @@ class GuardServicer:
 
     def _refused(self, exc: FseError) -> pb.StepResponse:
         """The answer to a step request that could not even be parsed: nothing of it is known."""
-        resp = pb.StepResponse(error=pb.StepError(code=_code(exc).value[0], message=str(exc)))
-        if self.metrics is not None:
-            self.metrics.step_refused(resp.error.code)
-        return resp
+        return refusal(exc, self.metrics)
 
     async def Echo(
         self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +12,13 @@ import pytest
 
 from sidecar.launch import LocalSidecar, start_local_sidecar
 from sidecar.signing import generate_keypair
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback now (for a server the test starts next)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 @dataclass

@@ -20,6 +20,8 @@ from sidecar.exporter import Exporter
 from sidecar.service import GuardService
 from sidecar.signing import Signer
 
+from .conftest import free_port
+
 V = 64
 VOCAB = [f" w{i}".encode() for i in range(V)]
 POLICY = {
@@ -87,12 +89,6 @@ def test_each_event_is_counted_under_bounded_labels(keys) -> None:
     for family in reg.collect():
         for sample in family.samples:
             assert "secret-session-name" not in repr(sample.labels)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_a_real_sidecar_serves_metrics_that_promtool_accepts(start_sidecar, keys, promtool) -> None:

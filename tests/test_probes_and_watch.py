@@ -16,13 +16,9 @@ from sidecar._pb.fse.v1 import guard_pb2 as pb
 from sidecar._pb.fse.v1 import guard_pb2_grpc as pb_grpc
 from sidecar.core.sampling import SamplingParams
 
+from .conftest import free_port
+
 VOCAB = [f"t{i}".encode() for i in range(100)]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_the_health_port_answers_over_tcp_and_serves_nothing_else(start_sidecar) -> None:

@@ -12,7 +12,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import yaml
 
@@ -30,6 +30,8 @@ from sidecar.bench_quality import LOOPS
 from sidecar.core.sampling import SamplingParams
 from sidecar.demo import CHAT
 from sidecar.errors import StepRefused
+
+from .conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "grafana"))
@@ -46,12 +48,6 @@ STORIES = (
     "Describe a busy market in the morning, stall by stall.",
     "Explain how a bicycle works to a child.",
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def api(base: str, path: str, **params: Any) -> dict[str, Any]:
@@ -114,7 +110,7 @@ def guarded_traffic(g: GuardedLlama, client: GuardClient, seconds: float) -> int
     s = client.open_session(g.vocab_digest, SamplingParams())
     s.next_step = 3
     with pytest.raises(StepRefused):
-        s.step(__import__("numpy").zeros(len(g.vocab), "float32"))
+        s.step(np.zeros(len(g.vocab), "float32"))
     return tokens
 
 
