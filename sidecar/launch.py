@@ -11,9 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from ._pb.fse.v1 import guard_pb2 as pb
 from .signing import generate_keypair
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GuardService"].full_name
 
 
 @dataclass
@@ -29,12 +34,23 @@ class LocalSidecar:
         return Path(self.target[len("unix:") :])
 
     def wait_started(self, timeout: float = 30.0) -> None:
-        """Until the socket exists; raises with the sidecar's log if it exits first."""
+        """Until the sidecar's health service says SERVING; raises with its log if it exits
+        first. Not merely until the socket exists: gRPC accepts connections from the bind
+        on, before the socket's group and mode are applied and before the service starts."""
         deadline = time.monotonic() + timeout
-        while not self.socket.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"sidecar did not start:\n{self.log_text()}")
-            time.sleep(0.02)
+        with grpc.insecure_channel(self.target) as channel:
+            check = health_pb2_grpc.HealthStub(channel).Check
+            while True:
+                if self.socket.exists():
+                    try:
+                        status = check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=1.0).status
+                    except grpc.RpcError:
+                        status = None
+                    if status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"sidecar did not start:\n{self.log_text()}")
+                time.sleep(0.02)
 
     def kill(self) -> None:
         if self.proc.poll() is None:
