@@ -233,7 +233,14 @@ class GuardClient:
         self.trusted = TrustedKeys.load(verify_key)
         self.step_timeout = step_timeout
         self.rpc_timeout = rpc_timeout
-        options = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
+        options = [
+            ("grpc.max_send_message_length", 64 << 20),
+            ("grpc.max_receive_message_length", 64 << 20),
+            # a restarted sidecar (a native sidecar restarts in place) is found again within a
+            # second, not after gRPC's default back-off of up to two minutes
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 1000),
+        ]
         if tls is not None:
             self._channel = grpc.secure_channel(target, tls.credentials(), options=options)
         else:

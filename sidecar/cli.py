@@ -89,6 +89,24 @@ def _audit_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ring_size(args: argparse.Namespace) -> int:
+    from .ring import DTYPE_CODES, RingLayout
+
+    if args.rings < 1:
+        raise FseError("--rings must be >= 1")
+    layout = RingLayout(
+        args.slots, args.rows, args.vocab, DTYPE_CODES[args.dtype], args.topk, args.lane_capacity > 0, args.lane_capacity
+    )
+    total = layout.total_size * args.rings
+    mib = -(-total // (1 << 20))
+    print(
+        f"{args.rings} ring(s) of {args.slots} slot(s) x {args.rows} row(s) x {args.vocab} {args.dtype} logits"
+        f"{f', lane verdicts {args.lane_capacity} B/row' if args.lane_capacity else ''}: "
+        f"{layout.total_size} bytes each, {total} bytes in all; /dev/shm sizeLimit >= {mib}Mi"
+    )
+    return 0
+
+
 def _replay(args: argparse.Namespace) -> int:
     from .replay import run_replay
 
@@ -160,6 +178,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d.add_argument("--audit-dir", type=Path, help="keep the session's .audit file here (default: a temporary directory)")
     d.set_defaults(func=_demo)
+
+    z = sub.add_parser(
+        "ring-size",
+        help="bytes of /dev/shm the engine's rings take (proto/fse/v1/RING.md): size a pod's shm volume",
+    )
+    z.add_argument("--vocab", type=int, required=True, help="the model's vocabulary size (logits per FULL row)")
+    z.add_argument("--slots", type=int, default=2, help="slots per ring (steps in flight; GuardedLlama: 2)")
+    z.add_argument("--rows", type=int, default=1, help="rows per slot (sequences per step)")
+    z.add_argument("--dtype", choices=["f32", "f16", "bf16"], default="f32")
+    z.add_argument("--topk", type=int, default=0, help="room for COMPACT rows of up to this many entries")
+    z.add_argument(
+        "--lane-capacity", type=int, default=0, help="bytes per row of the fast lane's verdict area (GuardedLlama: 8192)"
+    )
+    z.add_argument("--rings", type=int, default=1, help="rings the engine creates (one per GuardedLlama)")
+    z.set_defaults(func=_ring_size)
 
     r = sub.add_parser("replay", help="judge a recording (serve --record DIR) again; exit 1 if any decision differs")
     r.add_argument("dir", type=Path, help="the recording directory")
