@@ -14,9 +14,9 @@ export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
 
 setup: $(STAMP)
 
-# The Node.js reference client (clients/node) and buf (proto/) for the tests, installed from
-# their lock files.
-NODE_STAMPS := clients/node/node_modules/.fse-installed proto/node_modules/.fse-installed
+# The Node.js reference client (clients/node), buf (proto/) and the Prometheus Operator
+# schemas (deploy/tools) for the tests, installed from their lock files.
+NODE_STAMPS := clients/node/node_modules/.fse-installed proto/node_modules/.fse-installed deploy/tools/node_modules/.fse-installed
 setup-node: $(NODE_STAMPS)
 
 %/node_modules/.fse-installed: %/package.json %/package-lock.json
@@ -49,4 +49,4 @@ bench: setup
 	$(VENV)/bin/fse-sidecar bench
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis clients/node/node_modules proto/node_modules
+	rm -rf $(VENV) .pytest_cache .hypothesis clients/node/node_modules proto/node_modules deploy/tools/node_modules

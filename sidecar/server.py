@@ -57,6 +57,9 @@ from .wire import reason
 
 log = logging.getLogger("fse.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GuardService"].full_name
+# Seconds in-flight RPCs get to finish on SIGTERM (a pod's terminationGracePeriodSeconds
+# must exceed it plus the engine's own drain: deploy/).
+DRAIN_GRACE_S = 2.0
 MAX_SEND = 4 * 1024 * 1024  # answers are small: verdicts, digests, receipts
 _M = TypeVar("_M", bound=Message)
 
@@ -552,7 +555,7 @@ async def serve(
             watcher.cancel()
         try:
             await hs.enter_graceful_shutdown()
-            await server.stop(grace=2.0)
+            await server.stop(grace=DRAIN_GRACE_S)
             if health_server is not None:
                 await health_server.stop(grace=None)
         finally:  # even when the stop is cut short: audit files synced, recordings flushed

@@ -1,0 +1,21 @@
+# syntax=docker/dockerfile:1
+# vLLM's OpenAI-compatible server with the fse logits processor (engine_adapters.vllm).
+# Build from the repository root:
+#   docker build -f deploy/images/engine-vllm.Dockerfile -t libfse/fse-engine-vllm:0.2.0 .
+# vLLM's own image carries CUDA, PyTorch and vLLM; this adds the libfse client into its
+# Python and runs it as the pod's numeric user.
+ARG VLLM_IMAGE=vllm/vllm-openai:v0.11.0
+
+FROM ${VLLM_IMAGE}
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+WORKDIR /opt/libfse
+COPY pyproject.toml README.md ./
+COPY sidecar/ sidecar/
+COPY engine_adapters/ engine_adapters/
+# the client side only: vLLM's image already pins grpcio-compatible protobuf and numpy
+RUN python3 -m pip install --no-deps . \
+    && python3 -m pip install 'grpcio==1.85.1' 'grpcio-health-checking==1.85.1' 'cryptography>=42' 'pydantic>=2.7' \
+       'pyahocorasick>=2.1' 'hyperscan==0.9.1' 'prometheus-client>=0.20'
+USER 10001:10001
+EXPOSE 8080
+ENTRYPOINT ["vllm", "serve"]
