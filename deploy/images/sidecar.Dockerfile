@@ -24,5 +24,5 @@ COPY --from=build /opt/venv /opt/venv
 COPY proto/fse/ /usr/share/fse/proto/fse/
 COPY deploy/kustomize/base/sidecar.yaml /etc/fse/sidecar.yaml
 USER 10001:10001
-EXPOSE 8081 9102
+EXPOSE 8081 9464
 ENTRYPOINT ["/opt/venv/bin/fse-sidecar", "serve", "--config", "/etc/fse/sidecar.yaml"]
