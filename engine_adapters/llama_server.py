@@ -135,7 +135,7 @@ class Engine:
                     self._guarded = GuardedLlama(self.llama, self.client, lane=self.lane)
                 fut.set_result(self._complete(req))
             except BaseException as exc:  # noqa: BLE001 - the request thread answers for it
-                if not isinstance(exc, GuardAbort) and self._guarded is not None:
+                if not isinstance(exc, (GuardAbort, BadRequest)) and self._guarded is not None:
                     self._guarded.close()
                     self._guarded = None
                 fut.set_exception(exc)
@@ -144,7 +144,13 @@ class Engine:
 
     def _complete(self, req: Completion) -> dict[str, Any]:
         prompt = CHAT.format(req.prompt) if req.chat else req.prompt
-        done = self._guarded.complete(prompt, max_tokens=req.max_tokens, sampling=req.sampling, policy=req.policy)
+        ids = self.llama.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
+        if len(ids) + req.max_tokens > self.llama.n_ctx():
+            raise BadRequest(
+                f"the prompt is {len(ids)} tokens: with max_tokens {req.max_tokens} it exceeds the context of "
+                f"{self.llama.n_ctx()} tokens"
+            )
+        done = self._guarded.complete(ids, max_tokens=req.max_tokens, sampling=req.sampling, policy=req.policy)
         if done.error is not None and not isinstance(done.error, GuardAbort):
             raise done.error
         healed = sum(1 for t in done.tokens if t.verdict.decision == pb.DECISION_HEALED)
@@ -215,8 +221,13 @@ def make_handler(engine: Engine, max_tokens_limit: int, request_timeout: float) 
             except TimeoutError:
                 fut.cancel()
                 self._error(HTTPStatus.GATEWAY_TIMEOUT, f"no completion within {request_timeout:.0f} s")
+            except BadRequest as exc:
+                self._error(HTTPStatus.BAD_REQUEST, str(exc))
             except FseError as exc:  # no verdict: nothing is returned (fail closed)
                 self._error(HTTPStatus.SERVICE_UNAVAILABLE, f"guard unavailable, no tokens: {exc}")
+            except Exception as exc:  # noqa: BLE001 - any other failure still answers, with no text
+                log.exception("completion failed")
+                self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"the engine failed, no tokens: {type(exc).__name__}")
 
     return Handler
 

@@ -82,6 +82,8 @@ def test_bad_requests_get_400_naming_the_field_and_the_engine_keeps_serving(engi
             assert status == 503 and "nope" in answer["error"]["message"], answer
         else:
             assert status == 400 and word in answer["error"]["message"], answer
+    status, answer = _complete(port, prompt="word " * 2100, max_tokens=8)
+    assert status == 400 and "exceeds the context of 2048 tokens" in answer["error"]["message"], answer
     assert _call(port, "GET", "/nowhere")[0] == 404
     assert _complete(port, prompt="Hello", max_tokens=3)[0] == 200
 
