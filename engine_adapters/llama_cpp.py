@@ -42,6 +42,9 @@ from .client import GuardClient, GuardedSession, Phases
 # one that does not fit comes back as an error, never cut.
 LANE_VERDICT_CAPACITY = 8192
 
+# The embedded SmolLM2-135M-Instruct's chat template (ChatML): CHAT.format(user_text).
+CHAT = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+
 NEG_INF = np.float32(-np.inf)
 
 

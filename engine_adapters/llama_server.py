@@ -35,10 +35,10 @@ from sidecar.core.sampling import SamplingParams
 from sidecar.errors import ConfigError, FseError, GuardAbort
 
 from .client import GuardClient
+from .llama_cpp import CHAT
 
 log = logging.getLogger("fse.engine.llama")
 
-CHAT = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
 MAX_BODY = 1 << 20
 FIELDS = {"prompt", "max_tokens", "temperature", "top_k", "top_p", "min_p", "seed", "policy", "chat", "model"}
 

@@ -32,11 +32,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine_adapters.llama_cpp import CHAT
+
 from .bench import _table
 from .config import Guard, GuardSet
 from .core.sampling import SamplingParams
 
-CHAT = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
 HEALTHY = [
     "What is the capital of France?",
     "Explain in two sentences why the sky is blue.",

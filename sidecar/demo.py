@@ -17,12 +17,13 @@ from typing import Any
 
 import yaml
 
+from engine_adapters.llama_cpp import CHAT
+
 from ._pb.fse.v1 import guard_pb2 as pb
 from .core.sampling import SamplingParams
 from .errors import FseError, GuardAbort
 from .launch import start_local_sidecar
 
-CHAT = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
 # The demo turns on seed 000's surprise guards on top of the defaults so that a heal is
 # visible: a sampled token with -log p > 6 nats or rank > 100 is redone greedily.
 DEMO_POLICY = {

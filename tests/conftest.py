@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from engine_adapters.llama_cpp import CHAT  # noqa: F401 - the tests' prompts import it from here
 from sidecar.launch import LocalSidecar, start_local_sidecar
 from sidecar.signing import generate_keypair
 
@@ -75,6 +76,3 @@ def llama():
     from engine_adapters.llama_cpp import load_llama
 
     return load_llama(n_threads=2)
-
-
-CHAT = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
