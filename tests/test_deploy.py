@@ -73,13 +73,18 @@ def volume(spec: dict[str, Any], name: str) -> dict[str, Any]:
 
 
 def dockerfile_final_stage(name: str) -> dict[str, Any]:
-    """ENTRYPOINT, CMD, USER and COPY lines of a recipe's last stage (exec form only)."""
+    """ENTRYPOINT, CMD, USER, ENV and COPY lines of a recipe's last stage (exec form only;
+    ``$PATH`` in an ENV value is the base image's)."""
     text = re.sub(r"\\\n", " ", (DEPLOY / "images" / name).read_text())
     stage: dict[str, Any] = {}
     for line in text.splitlines():
         word, _, rest = line.strip().partition(" ")
         if word == "FROM":
-            stage = {"COPY": []}
+            stage = {"COPY": [], "ENV": {}}
+        elif word == "ENV":
+            for pair in rest.split():
+                k, _, v = pair.partition("=")
+                stage["ENV"][k] = v.replace("$PATH", "/usr/local/bin:/usr/bin:/bin")
         elif word in ("ENTRYPOINT", "CMD"):
             stage[word] = json.loads(rest)
         elif word == "USER":

@@ -4,6 +4,7 @@ a real sidecar process and the embedded model."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -38,7 +39,7 @@ def engine(start_sidecar) -> Iterator[tuple[int, object, subprocess.Popen]]:
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "engine_adapters.llama_server", "--listen", f"127.0.0.1:{port}"],
-        env={**__import__("os").environ, "FSE_SIDECAR": sc.target, "FSE_PUBLIC_KEY": str(sc.public_key)},
+        env={**os.environ, "FSE_SIDECAR": sc.target, "FSE_PUBLIC_KEY": str(sc.public_key)},
         stderr=subprocess.PIPE,
     )
     deadline = time.monotonic() + 60

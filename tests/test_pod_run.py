@@ -18,23 +18,11 @@ import pytest
 import yaml
 
 from sidecar.signing import generate_keypair
-from tests.test_deploy import DEPLOY, ROOT, container, dockerfile_final_stage, one, pod_spec, rendered
+from tests.test_deploy import ROOT, container, dockerfile_final_stage, one, pod_spec, rendered
 
 pytestmark = pytest.mark.slow
 
 IMAGES = {"fse-sidecar": "sidecar.Dockerfile", "engine": "engine-llama-cpp.Dockerfile"}
-
-
-def _image_env(recipe: str) -> dict[str, str]:
-    text = (DEPLOY / "images" / recipe).read_text()
-    final = text[text.rindex("\nFROM ") :]
-    env: dict[str, str] = {}
-    for line in final.splitlines():
-        if line.startswith("ENV "):
-            for pair in line[4:].split():
-                k, _, v = pair.partition("=")
-                env[k] = v.replace("$PATH", "/usr/local/bin:/usr/bin:/bin")
-    return env
 
 
 def _plan(tmp_path: Path) -> dict[str, Any]:
@@ -72,7 +60,7 @@ def _plan(tmp_path: Path) -> dict[str, Any]:
                 "name": name,
                 "command": command,
                 "env": {e["name"]: e["value"] for e in c.get("env", [])},
-                "image_env": _image_env(recipe),
+                "image_env": stage["ENV"],
                 "image_copies": copies,
                 "mounts": c["volumeMounts"],
                 "startupProbe": c.get("startupProbe"),
