@@ -75,6 +75,13 @@ class RowError(FseError, ValueError):
     grpc_code = "INVALID_ARGUMENT"
 
 
+class CoverageError(RowError):
+    """A COMPACT row's shipped entries do not hold the sampler's whole support: the step is
+    not judged (no guess), and the engine may send the same step again as a FULL row."""
+
+    grpc_code = "FAILED_PRECONDITION"
+
+
 class SessionError(FseError):
     grpc_code = "FAILED_PRECONDITION"
 

@@ -27,10 +27,11 @@ from enum import IntEnum
 import numpy as np
 
 from ..config import RedoBounds
+from .compact import CompactRow
 from .evaluators import Evaluator, Proposal
 from .guards import Action, Sampler, TokenMetrics, Trip
 from .metrics import RowStats, candidate, running_perplexity
-from .sampling import SamplingParams, sample_normal, sample_strict
+from .sampling import Row, SamplingParams, sample_normal, sample_strict
 
 
 class Decision(IntEnum):
@@ -69,9 +70,7 @@ class StepOutcome:
 _DEFAULT_BOUNDS = RedoBounds()
 
 
-def token_metrics(
-    row: np.ndarray, st: RowStats, token: int, ppl_sum: float, generated: int, banned: Sequence[int] = ()
-) -> TokenMetrics:
+def token_metrics(row: Row, st: RowStats, token: int, ppl_sum: float, generated: int, banned: Sequence[int] = ()) -> TokenMetrics:
     """Metrics of ``token``; the running PPL includes the candidate.
 
     With ``banned`` tokens (excluded by policy rules in this step), the candidate's own
@@ -84,22 +83,29 @@ def token_metrics(
     if not st.finite:
         nan = float("nan")
         return TokenMetrics(token, nan, nan, -1, nan, nan, nan, nan, nan, nan, nan, finite=False)
-    c = candidate(row, st, token)
+    c = row.candidate(st, token) if isinstance(row, CompactRow) else candidate(row, st, token)
     nlp, prob, rank, margin = c.neg_logprob, c.selected_prob, c.rank, c.margin
     if banned:
         # One float64 pass over the allowed logits (a rare path: a rule excluded a token).
         # Not 1 - p(banned): that cancels to noise when the banned token held nearly all.
-        ids = np.unique(np.asarray(banned, dtype=np.int64))
-        y = row.astype(np.float64)
-        xc = float(y[token])
-        rank -= int(np.count_nonzero(y[ids] > xc))
-        y[ids] = -np.inf
-        top = float(y.max())
-        allowed_lse = top + math.log(float(np.exp(y - top).sum()))
+        if isinstance(row, CompactRow):
+            # The shipped entries, and the mass of those not shipped (each at most the floor).
+            pos = np.unique([row.position(b) for b in banned if b in row.ids])
+            y, at, tail = row.logits.astype(np.float64), row.position(token), row.tail_log_mass()
+            unshipped = row.floor if tail > -math.inf else -math.inf
+        else:
+            pos, y, at = np.unique(np.asarray(banned, dtype=np.int64)), row.astype(np.float64), token
+            tail = unshipped = -math.inf
+        xc = float(y[at])
+        rank -= int(np.count_nonzero(y[pos] > xc))
+        y[pos] = -np.inf
+        top = max(float(y.max()), tail)
+        allowed_lse = top + math.log(float(np.exp(y - top).sum()) + math.exp(tail - top))
         nlp = allowed_lse - xc
         prob = math.exp(-nlp)
-        y[token] = -np.inf
-        margin = prob - math.exp(float(y.max()) - allowed_lse)
+        y[at] = -np.inf
+        runner = max(float(y.max()), unshipped)
+        margin = prob - math.exp(runner - allowed_lse)
     return TokenMetrics(
         token=token,
         entropy=st.entropy,
@@ -116,7 +122,7 @@ def token_metrics(
 
 
 def decide(
-    row: np.ndarray,
+    row: Row,
     stats: RowStats,
     history: Sequence[int],
     params: SamplingParams,
@@ -127,7 +133,7 @@ def decide(
     bounds: RedoBounds = _DEFAULT_BOUNDS,
     now_s: float = 0.0,
 ) -> StepOutcome:
-    """Judge one step. ``row``: (vocab,) float32; ``stats``: its :func:`row_stats`.
+    """Judge one step. ``row``: (vocab,) float32 or a COMPACT row; ``stats``: its statistics.
 
     An evaluator that asks for it (the gate in its STRICT band) makes the first proposal
     the strict sampler's. ``now_s`` is the step's timestamp, for time debounces.

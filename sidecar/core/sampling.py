@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import ConfigError, RowError
+from .compact import CompactRow, check_covered
 
 CANDIDATE_NATS = 30.0
 _SAMPLE = 2048  # entries sampled to place the top-k window
@@ -108,32 +109,73 @@ def masked(row: np.ndarray, banned: Sequence[int]) -> np.ndarray:
     return out
 
 
-def sample_strict(row: np.ndarray, history: Sequence[int], params: SamplingParams, banned: Sequence[int] = ()) -> int:
+Row = np.ndarray | CompactRow  # a FULL row (vocab,) float32, or a COMPACT one
+
+
+def _prepared(row: Row, history: Sequence[int], params: SamplingParams, banned: Sequence[int]) -> tuple[np.ndarray, float]:
+    """The row the draw runs on, penalised and masked, and the bound no token missing from
+    it can exceed (-inf for a FULL row: none is missing). A COMPACT row's shipped entries are
+    in id order, so every tie rule below (lowest id first) holds for them as it is."""
+    if not isinstance(row, CompactRow):
+        _check_row(row)
+        return masked(penalized(row, history, params.repetition_penalty, params.repetition_window), banned), -math.inf
+    y, bound = row.logits, row.floor
+    recent = history[-params.repetition_window :] if params.repetition_window and params.repetition_penalty != 1.0 else ()
+    if recent:
+        pos, hit = _positions(row, recent)
+        y = penalized(y, pos[hit].tolist(), params.repetition_penalty, len(recent))
+        if params.repetition_penalty < 1.0 and not hit.all() and bound > -math.inf:
+            # A penalty below 1 raises repeated tokens, shipped or not: bound what it can
+            # make of a missing one (at most the floor, before the penalty).
+            f = np.float32(bound)
+            bound = float(f / np.float32(params.repetition_penalty) if f > 0 else f * np.float32(params.repetition_penalty))
+    if banned:
+        pos, hit = _positions(row, banned)
+        y = masked(y, pos[hit].tolist())  # a banned token that was not shipped cannot be drawn anyway
+    return y, bound
+
+
+def _positions(row: CompactRow, ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Positions of ``ids`` among the row's shipped ids, and which of them were shipped."""
+    want = np.asarray(ids, dtype=np.int64)
+    pos = np.minimum(np.searchsorted(row.ids, want), row.k - 1)
+    return pos, row.ids[pos] == want
+
+
+def _token(row: Row, position: int) -> int:
+    return int(row.ids[position]) if isinstance(row, CompactRow) and position >= 0 else position
+
+
+def sample_strict(row: Row, history: Sequence[int], params: SamplingParams, banned: Sequence[int] = ()) -> int:
     """Greedy under the same repetition penalty, never one of ``banned``; -1 when every
     token is banned or at -inf."""
-    _check_row(row)
-    y = masked(penalized(row, history, params.repetition_penalty, params.repetition_window), banned)
-    return _best(y)[0]
+    y, bound = _prepared(row, history, params, banned)
+    best, y_max = _best(y)
+    if isinstance(row, CompactRow):
+        check_covered(row, y_max, "strict", bound)
+    return _token(row, best)
 
 
-def sample_normal(row: np.ndarray, history: Sequence[int], params: SamplingParams, step: int, banned: Sequence[int] = ()) -> int:
+def sample_normal(row: Row, history: Sequence[int], params: SamplingParams, step: int, banned: Sequence[int] = ()) -> int:
     """Draw a token with the request's parameters; deterministic in (inputs, seed, step).
 
     ``banned`` ids (tokens a policy rule excluded in this step) are masked before the
     draw, so with the same uniform number the draw moves to the next candidate of the
     renormalised distribution. -1 when every token is banned or at -inf.
     """
-    _check_row(row)
-    y = masked(penalized(row, history, params.repetition_penalty, params.repetition_window), banned)
+    y, bound = _prepared(row, history, params, banned)
     best, y_max = _best(y)
     if best < 0 or params.greedy:
-        return best
+        if isinstance(row, CompactRow):
+            check_covered(row, y_max, "greedy", bound)
+        return _token(row, best)
     t = params.temperature
     # Every kept token has a tempered logit within CANDIDATE_NATS of the best, and
     # min-p keeps p >= min_p * p_max, i.e. y >= y_max + T * ln(min_p): one exact floor.
     floor = y_max - t * CANDIDATE_NATS
     if params.min_p > 0.0:
         floor = max(floor, y_max + t * math.log(params.min_p))
+    edge = floor  # the value that defines the support: its floor, or the top-k cut
     if params.top_k:
         # A window below the best that holds top_k tokens: one counting pass over the
         # vocabulary in the usual case, instead of a partition of all of it. The window
@@ -152,8 +194,13 @@ def sample_normal(row: np.ndarray, history: Sequence[int], params: SamplingParam
             above = _nonzero(yc > kth)
             ties = _nonzero(yc == kth)[: params.top_k - above.size]  # lowest ids win ties
             cand = cand[np.concatenate([above, ties])]
+            edge = float(kth)
+        elif cand.size == params.top_k:
+            edge = float(y[cand].min())
     else:
         cand = _nonzero(y >= floor)
+    if isinstance(row, CompactRow):
+        check_covered(row, edge, "normal", bound)
     z = y[cand].astype(np.float64) / t
     order = np.lexsort((cand, -z))  # logit desc, id asc: a canonical order
     cand, z = cand[order], z[order]
@@ -164,7 +211,7 @@ def sample_normal(row: np.ndarray, history: Sequence[int], params: SamplingParam
         cand, cdf = cand[:n_keep], cdf[:n_keep]
     u = uniform(params.seed, step) * cdf[-1]
     idx = int(np.searchsorted(cdf, u, side="right"))
-    return int(cand[min(idx, cand.size - 1)])
+    return _token(row, int(cand[min(idx, cand.size - 1)]))
 
 
 def _best(y: np.ndarray) -> tuple[int, float]:

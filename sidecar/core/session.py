@@ -12,10 +12,9 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from ..errors import InvalidSessionId, RowError, SessionError
 from . import chain
+from .compact import CompactRow
 from .evaluators import Evaluator, PolicyRules, TokenGuards
 from .evidence import DriftTest
 from .gate import GateView, RiskGate
@@ -24,7 +23,7 @@ from .loops import LoopGuard
 from .metrics import row_stats
 from .policy import CompiledPolicy
 from .redo import Decision, StepOutcome, decide
-from .sampling import SamplingParams
+from .sampling import Row, SamplingParams
 
 SESSION_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
@@ -85,18 +84,26 @@ class Session:
         if step != self.next_step:
             raise SessionError(f"session {self.session_id}: step {step} is out of order, expected {self.next_step}")
 
-    def judge(self, row: np.ndarray, step: int, now_s: float = 0.0) -> StepOutcome:
-        """Decide on ``row`` (vocab,) for ``step`` without changing the session.
+    def judge(self, row: Row, step: int, now_s: float = 0.0) -> StepOutcome:
+        """Decide on ``row`` (vocab,) or a COMPACT row for ``step`` without changing the session.
 
         ``now_s``: the step's timestamp; only a gate with ``debounce_s`` reads it.
         """
         self.check_step(step)
-        if row.ndim != 1 or row.shape[0] != self.vocab_size:
+        if isinstance(row, CompactRow):
+            if row.vocab_size != self.vocab_size:
+                raise RowError(
+                    f"session {self.session_id}: a COMPACT row over {row.vocab_size} ids, "
+                    f"the registered vocabulary has {self.vocab_size}"
+                )
+            stats = row.stats()
+        elif row.ndim != 1 or row.shape[0] != self.vocab_size:
             raise RowError(
                 f"session {self.session_id}: logits row has {row.shape[-1] if row.ndim else 0} entries, "
                 f"the registered vocabulary has {self.vocab_size}"
             )
-        stats = row_stats(row)
+        else:
+            stats = row_stats(row)
         return decide(
             row, stats, self.history, self.params, self.evaluators, self.ppl_sum, self.generated, step, self.policy.redo, now_s
         )

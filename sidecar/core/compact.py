@@ -1,0 +1,218 @@
+"""COMPACT rows: the top-k of a logits row plus the whole row's moments (pure).
+
+A GPU engine computes, on its device, the moments of the full row (log-sum-exp, entropy,
+varentropy, mean, variance, L2 norm, max) and its k largest logits with their ids, and
+ships those instead of the vocabulary (DESIGN §3, RING.md "COMPACT rows"): a few hundred
+bytes a row instead of 256-512 KB at 128k ids.
+
+Every statistic the guards read comes from the moments; every sampler runs on the shipped
+entries, kept in id order so that the dense code's tie rules (lowest id first) hold as
+they are. The decision equals the FULL row's exactly when the shipped entries hold the
+sampler's whole support: no token outside them could be drawn. That is checked on every
+draw (:func:`check_covered`): the smallest shipped logit bounds every token that was not
+shipped, so a support whose defining threshold lies strictly above that bound is covered.
+A row that does not cover it is refused (:class:`~sidecar.errors.CoverageError`), never
+judged on a guess; the engine sends that row FULL (engine_adapters choose by the request's
+sampler: greedy or top-k).
+
+Example:
+    >>> import numpy as np
+    >>> x = np.log(np.array([0.5, 0.2, 0.2, 0.1], dtype=np.float32))
+    >>> c = compact_from_logits(x, 2)
+    >>> c.ids.tolist(), round(c.stats().entropy, 4)
+    ([0, 1], 1.2206)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+
+from ..errors import CoverageError, RowError
+from .metrics import Candidate, RowStats
+
+MIN_K = 2  # the top token's margin needs its runner-up
+# Slack for float32 arithmetic on the engine's device when checking its moments against the
+# shipped entries (a log-sum-exp over 128k float32 terms is good to ~1e-5 relative).
+_TOL = 1e-3
+
+
+class Moments(NamedTuple):
+    """Full-vocabulary moments of a row, in the ring's order (RING.md ``MOMENTS``)."""
+
+    log_sum_exp: float
+    entropy: float  # nats, of softmax(x)
+    varentropy: float  # Var[-log p]
+    mean: float  # of the logits
+    variance: float  # population variance of the logits
+    l2_norm: float
+    max: float
+
+
+@dataclass(frozen=True, slots=True)
+class CompactRow:
+    """The shipped entries of a row, in ascending id order, and the row's moments.
+
+    Build it with :meth:`from_top` (which validates); ``floor`` is the smallest shipped
+    logit, an upper bound on every logit that was not shipped (-inf when all were).
+    """
+
+    vocab_size: int
+    ids: np.ndarray  # int64 (k,), strictly ascending
+    logits: np.ndarray  # float32 (k,), aligned with ids
+    moments: Moments
+    floor: float
+
+    @property
+    def k(self) -> int:
+        return int(self.ids.shape[0])
+
+    @classmethod
+    def from_top(cls, vocab_size: int, moments: np.ndarray, top_logits: np.ndarray, top_ids: np.ndarray) -> CompactRow:
+        """Validate what an engine shipped: ``top_logits`` highest first (ties in any
+        order), ``top_ids`` their distinct ids below ``vocab_size``, ``moments`` the 7
+        values of :class:`Moments` (an 8th, reserved, is ignored).
+
+        A NaN or Inf anywhere is not an error here: the row is non-finite, which the guards
+        turn into an ABORT, as for a FULL row.
+        """
+        m = np.asarray(moments, dtype=np.float64).reshape(-1)
+        vals = np.asarray(top_logits)
+        ids = np.asarray(top_ids)
+        k = vals.shape[0] if vals.ndim == 1 else -1
+        if m.shape[0] not in (7, 8):
+            raise RowError(f"a COMPACT row carries 7 moments, got {m.shape[0]}")
+        if k < MIN_K or ids.shape != (k,):
+            raise RowError(f"a COMPACT row needs k >= {MIN_K} logits and as many ids, got {vals.shape} and {ids.shape}")
+        if k > vocab_size:
+            raise RowError(f"a COMPACT row of {k} entries exceeds the vocabulary of {vocab_size}")
+        if ids.dtype.kind not in "iu" or vals.dtype.kind != "f":
+            raise RowError(f"COMPACT ids must be integers and logits floating point, got {ids.dtype} and {vals.dtype}")
+        ids64 = ids.astype(np.int64)
+        if int(ids64.min()) < 0 or int(ids64.max()) >= vocab_size:
+            raise RowError(f"COMPACT token ids must be in [0, {vocab_size}), got [{int(ids64.min())}, {int(ids64.max())}]")
+        v32 = vals.astype(np.float32)
+        order = np.argsort(ids64, kind="stable")
+        sid = ids64[order]
+        if (sid[1:] == sid[:-1]).any():
+            raise RowError(f"COMPACT token ids must be distinct; {int(sid[1:][sid[1:] == sid[:-1]][0])} repeats")
+        mom = Moments(*(float(x) for x in m[:7]))
+        finite = bool(np.isfinite(v32).all()) and all(math.isfinite(x) for x in mom)
+        if finite:
+            if (np.diff(v32) > 0).any():
+                raise RowError("COMPACT logits must be shipped highest first")
+            if abs(mom.max - float(v32[0])) > _TOL * max(1.0, abs(mom.max)):
+                raise RowError(f"COMPACT moments disagree with the entries: max {mom.max} but the top logit is {float(v32[0])}")
+            shipped = float(v32[0]) + math.log(float(np.exp(v32.astype(np.float64) - float(v32[0])).sum()))
+            if mom.log_sum_exp < shipped - _TOL or mom.log_sum_exp > mom.max + math.log(vocab_size) + _TOL:
+                raise RowError(
+                    f"COMPACT log_sum_exp {mom.log_sum_exp} is impossible: the shipped entries alone give {shipped}, "
+                    f"a vocabulary of {vocab_size} at most {mom.max + math.log(vocab_size)}"
+                )
+            if mom.entropy < -_TOL or mom.varentropy < -_TOL or mom.variance < -_TOL or mom.l2_norm < 0:
+                raise RowError("COMPACT moments must have non-negative entropy, varentropy, variance and L2 norm")
+        floor = float(v32[-1]) if k < vocab_size else -math.inf
+        return cls(vocab_size, sid, np.ascontiguousarray(v32[order]), mom, floor)
+
+    def stats(self) -> RowStats:
+        """The row's :class:`RowStats`, from the moments (no pass over the vocabulary)."""
+        m = self.moments
+        if not (math.isfinite(self.floor) or self.k == self.vocab_size) or not all(math.isfinite(x) for x in m):
+            return RowStats(False, int(self.ids[0]), *(math.nan,) * 7)
+        if not np.isfinite(self.logits).all():
+            return RowStats(False, int(self.ids[0]), *(math.nan,) * 7)
+        i = int(self.logits.argmax())  # first in id order on ties, as argmax over the vocabulary
+        top = float(self.logits[i])
+        return RowStats(
+            finite=True,
+            top1=int(self.ids[i]),
+            top1_logit=top,
+            lse=m.log_sum_exp,
+            entropy=max(m.entropy, 0.0),
+            varentropy=max(m.varentropy, 0.0),
+            max_prob=min(math.exp(top - m.log_sum_exp), 1.0),
+            variance=max(m.variance, 0.0),
+            l2_norm=m.l2_norm,
+        )
+
+    def position(self, token: int) -> int:
+        """Where ``token`` is among the shipped entries; CoverageError if it was not shipped."""
+        p = int(np.searchsorted(self.ids, token))
+        if p >= self.k or int(self.ids[p]) != token:
+            raise CoverageError(f"token {token} is not among the COMPACT row's {self.k} entries; send the row FULL")
+        return p
+
+    def candidate(self, st: RowStats, token: int) -> Candidate:
+        """:func:`sidecar.core.metrics.candidate` for a shipped token. Exact: every token
+        that was not shipped is at most ``floor``, which is at most the token's logit."""
+        if not st.finite:
+            return Candidate(token, math.nan, math.nan, -1, math.nan)
+        p = self.position(token)
+        y = self.logits
+        xc = float(y[p])
+        if token == st.top1:
+            rank = 0
+            runner = max(float(y[:p].max()) if p > 0 else -math.inf, float(y[p + 1 :].max()) if p < self.k - 1 else -math.inf)
+        else:
+            rank = int(np.count_nonzero(y > xc))
+            runner = st.top1_logit
+        nlp = st.lse - xc
+        prob = math.exp(-nlp)
+        return Candidate(token, nlp, prob, rank, prob - math.exp(runner - st.lse))
+
+    def tail_log_mass(self) -> float:
+        """log of the probability mass (times e^lse) the shipped entries do not hold; -inf if none."""
+        if self.k == self.vocab_size:
+            return -math.inf
+        lse = self.moments.log_sum_exp
+        top = float(self.logits.max())
+        shipped = top + math.log(float(np.exp(self.logits.astype(np.float64) - top).sum()))
+        rest = -math.expm1(shipped - lse)  # 1 - Z_shipped / Z
+        return lse + math.log(rest) if rest > 0 else -math.inf
+
+
+def check_covered(row: CompactRow, edge: float, what: str, bound: float | None = None) -> None:
+    """Refuse a draw whose support is not known to lie within the shipped entries.
+
+    ``edge``: the (penalised) logit that defines the sampler's support (its lowest kept
+    value, or its cut-off); ``bound``: what no token that was not shipped can exceed after
+    the penalty (``row.floor`` unless the penalty raised one of them).
+    """
+    b = row.floor if bound is None else bound
+    if b > -math.inf and not edge > b:  # -inf: every token was shipped
+        raise CoverageError(
+            f"the COMPACT row's {row.k} entries do not cover the {what} sampler's support "
+            f"(its edge {edge:.6g} is not above the smallest shipped logit {b:.6g}); send this row FULL"
+        )
+
+
+def compact_from_logits(logits: np.ndarray, k: int) -> CompactRow:
+    """What an engine ships for ``logits`` (vocab,): the reference computation, float64 moments
+    and the top ``k`` by (logit desc, id asc). Engine adapters compute the same on their device."""
+    x = np.asarray(logits, dtype=np.float32)
+    m, top_vals, top_ids = moments_and_top(x, k)
+    return CompactRow.from_top(x.shape[0], m, top_vals, top_ids)
+
+
+def moments_and_top(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(moments f64[8], top-k logits f32 highest first, their ids u32) of one row (vocab,)."""
+    x64 = x.astype(np.float64)
+    mx = float(x64.max())
+    s = x64 - mx
+    e = np.exp(s)
+    z = float(e.sum())
+    p = e / z
+    logp = s - math.log(z)
+    ent = float(-(p * logp).sum())
+    varent = float((p * logp * logp).sum()) - ent * ent
+    moments = np.array(
+        [mx + math.log(z), ent, max(varent, 0.0), float(x64.mean()), float(x64.var()), float(np.linalg.norm(x64)), mx, 0.0]
+    )
+    k = min(k, x.shape[0])
+    part = np.argpartition(-x, k - 1)[:k] if k < x.shape[0] else np.arange(x.shape[0])
+    order = np.lexsort((part, -x[part]))
+    ids = part[order]
+    return moments, x[ids].astype(np.float32), ids.astype(np.uint32)
