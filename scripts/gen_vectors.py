@@ -26,6 +26,7 @@ from sidecar._pb.fse.v1 import guard_pb2 as pb  # noqa: E402
 from sidecar.config import parse_config  # noqa: E402
 from sidecar.core import canonical as cb  # noqa: E402
 from sidecar.core import chain, ledger  # noqa: E402
+from sidecar.core.compact import CompactRow, moments_and_top  # noqa: E402
 from sidecar.core.sampling import SamplingParams  # noqa: E402
 from sidecar.core.vocab import vocab_digest  # noqa: E402
 from sidecar.generated import write_or_check  # noqa: E402
@@ -320,14 +321,15 @@ def ring_cases() -> dict[str, Any]:
         cases.append({"name": "stale", "segment_hex": segment(), "outcome": "refused", "error": "torn"})
         buf[slot : slot + 8] = seq.to_bytes(8, "little")
         desc = slot + 16
-        buf[desc + 16 : desc + 20] = (2).to_bytes(4, "little")  # kind COMPACT: not implemented by this reader
-        cases.append({"name": "compact-kind", "segment_hex": segment(), "outcome": "refused", "error": "kind"})
+        buf[desc + 16 : desc + 20] = (2).to_bytes(4, "little")  # kind COMPACT in a ring with no COMPACT room
+        cases.append({"name": "compact-in-a-full-ring", "segment_hex": segment(), "outcome": "refused", "error": "layout"})
         buf[desc + 16 : desc + 20] = (7).to_bytes(4, "little")  # an unknown kind
         cases.append({"name": "unknown-kind", "segment_hex": segment(), "outcome": "refused", "error": "kind"})
         buf[desc + 16 : desc + 20] = (1).to_bytes(4, "little")
         buf[desc : desc + 8] = (6).to_bytes(8, "little")  # another session's tag
         cases.append({"name": "other-session-tag", "segment_hex": segment(), "outcome": "refused", "error": "tag"})
         reader.close()
+    compact = compact_case(f"{name}-compact", row)
     with RingWriter.create(f"{name}-lane", slots=2, rows=1, vocab_size=8, dtype="f32", verdict_capacity=512) as lane:
         lane_header = bytearray(lane._shm.buf[:HEADER_SIZE])  # type: ignore[union-attr,index]
         lane_header[MASK[0] : MASK[1]] = bytes(MASK[1] - MASK[0])
@@ -348,6 +350,7 @@ def ring_cases() -> dict[str, Any]:
         "masked_header_bytes": MASK,
         "frame": {"slot": 1, "row": 0, "seq": seq, "session_tag": 5, "step": 3, "logits": row.tolist()},
         "cases": cases,
+        "compact": compact,
         "lane_layout": {
             "verdict_capacity": 512,
             "slot_stride": lane_layout.slot_stride,
@@ -355,6 +358,31 @@ def ring_cases() -> dict[str, Any]:
             "total_size": lane_layout.total_size,
             "header_hex": _hex(bytes(lane_header)),
         },
+    }
+
+
+def compact_case(name: str, row: np.ndarray) -> dict[str, Any]:
+    """The same 8 logits as a COMPACT row of k = 3 (slot 0, row 0, tag 5, step 3) in a ring
+    with topk_capacity 4: the segment's bytes and what a reader must make of them."""
+    moments, vals, ids = moments_and_top(row, 3)
+    with RingWriter.create(name, slots=1, rows=1, vocab_size=8, dtype="f32", topk=4) as ring:
+        with ring.frame(0) as f:
+            f.write_compact(5, 3, moments, vals, ids)
+        shm = ring._shm
+        assert shm is not None and shm.buf is not None
+        b = bytearray(shm.buf)
+        b[MASK[0] : MASK[1]] = bytes(MASK[1] - MASK[0])
+        reader = RingReader(name)
+        got = reader.row(0, 0, f.seq, 5, 3)
+        reader.close()
+    assert isinstance(got, CompactRow)
+    return {
+        "topk_capacity": 4,
+        "frame": {"slot": 0, "row": 0, "seq": f.seq, "session_tag": 5, "step": 3},
+        "segment_hex": _hex(bytes(b)),
+        "moments": moments.tolist(),
+        "top_logits": vals.tolist(),
+        "top_ids": ids.tolist(),
     }
 
 

@@ -6,7 +6,8 @@ Per session opening, a directory ``DIR/<session>.<nonce>/`` holding:
   effective sampling parameters, the repetition history it starts from, the policy's
   name and its full canonical JSON);
 - ``rows.bin``: every logits row judged, in step order: ``u64 step | u32 n | n bytes``
-  of zlib-compressed little-endian f32;
+  of zlib-compressed little-endian f32; a COMPACT row sets the top bit of ``n`` and its
+  bytes are :func:`compact_bytes`;
 - ``ledger.jsonl``: the frame each step committed (the audit record, core/ledger.py).
 
 Vocabularies go once each to ``DIR/vocab-<digest>.bin`` (``u32 count``, then ``u32
@@ -29,11 +30,13 @@ from typing import Any
 import numpy as np
 
 from .core import ledger
+from .core.compact import CompactRow
 from .core.session import Session
 from .errors import FseError
 
 log = logging.getLogger("fse.record")
 _ROW = struct.Struct("<QI")
+_COMPACT_FLAG = 1 << 31  # in a row's size: the payload is a COMPACT row (compact_bytes)
 
 
 def vocab_file(root: Path, digest: str) -> Path:
@@ -93,9 +96,13 @@ class Recorder:
         }
         self._q.put(("open", (d, meta, vocab_file(self.root, vocab_digest), vocab)))
 
-    def row(self, session_id: str, step: int, row: np.ndarray) -> None:
+    def row(self, session_id: str, step: int, row: np.ndarray | CompactRow) -> None:
         d = self._dirs.get(session_id)
-        if d is not None:  # the row is the reader's buffer: copy it before the next step reuses it
+        if d is None:
+            return
+        if isinstance(row, CompactRow):  # already a copy of its own
+            self._q.put(("row", (d, step, row)))
+        else:  # the row is the reader's buffer: copy it before the next step reuses it
             self._q.put(("row", (d, step, np.array(row, dtype="<f4", copy=True))))
 
     def frame(self, session_id: str, record: dict[str, Any]) -> None:
@@ -121,9 +128,10 @@ class Recorder:
                         write_vocab(vpath, vocab)
                 elif kind == "row":
                     d, step, row = args
-                    packed = zlib.compress(row.tobytes(), 1)
+                    flag, raw = (_COMPACT_FLAG, compact_bytes(row)) if isinstance(row, CompactRow) else (0, row.tobytes())
+                    packed = zlib.compress(raw, 1)
                     with (d / "rows.bin").open("ab") as f:
-                        f.write(_ROW.pack(step, len(packed)) + packed)
+                        f.write(_ROW.pack(step, len(packed) | flag) + packed)
                 else:
                     d, record = args
                     with (d / "ledger.jsonl").open("ab") as f:
@@ -138,12 +146,30 @@ class Recorder:
         self._thread.join(30)
 
 
-def read_rows(path: Path) -> dict[int, np.ndarray]:
+def compact_bytes(row: CompactRow) -> bytes:
+    """``u32 vocab | u32 k | 8 x f64 moments | k x f32 logits, highest first | k x u32 ids``."""
+    order = np.lexsort((row.ids, -row.logits))
+    moments = np.array([*row.moments, 0.0], dtype="<f8")
+    head = struct.pack("<II", row.vocab_size, row.k)
+    return head + moments.tobytes() + row.logits[order].astype("<f4").tobytes() + row.ids[order].astype("<u4").tobytes()
+
+
+def read_rows(path: Path) -> dict[int, np.ndarray | CompactRow]:
     data = path.read_bytes() if path.exists() else b""
-    out, off = {}, 0
+    out: dict[int, np.ndarray | CompactRow] = {}
+    off = 0
     while off < len(data):
         step, n = _ROW.unpack_from(data, off)
         off += _ROW.size
-        out[step] = np.frombuffer(zlib.decompress(data[off : off + n]), dtype="<f4")
-        off += n
+        size = n & ~_COMPACT_FLAG
+        raw = zlib.decompress(data[off : off + size])
+        if n & _COMPACT_FLAG:
+            vocab, k = struct.unpack_from("<II", raw)
+            body = np.frombuffer(raw, dtype=np.uint8, offset=8)
+            out[step] = CompactRow.from_top(
+                vocab, body[:64].view("<f8"), body[64 : 64 + 4 * k].view("<f4"), body[64 + 4 * k : 64 + 8 * k].view("<u4")
+            )
+        else:
+            out[step] = np.frombuffer(raw, dtype="<f4")
+        off += size
     return out

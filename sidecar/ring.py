@@ -22,13 +22,14 @@ import mmap
 import os
 import re
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing import shared_memory
 
 import numpy as np
 
-from .errors import RingError, RingLayoutError, RowError, TornFrameError, shown
+from .core.compact import MIN_K, CompactRow
+from .errors import FseError, RingError, RingLayoutError, RowError, TornFrameError, shown
 
 MAGIC = b"FSERING\x00"
 LAYOUT_VERSION = 2
@@ -361,8 +362,8 @@ class FrameWriter:
         k = vals.shape[0]
         if m.shape != (len(MOMENTS),) or vals.shape != (k,) or ids.shape != (k,):
             raise RowError(f"a COMPACT row needs {len(MOMENTS)} moments and k logits with k ids")
-        if not 1 <= k <= lay.topk_capacity:
-            raise RowError(f"a COMPACT row holds 1..{lay.topk_capacity} entries (the ring's topk_capacity), got {k}")
+        if not MIN_K <= k <= lay.topk_capacity:
+            raise RowError(f"a COMPACT row holds {MIN_K}..{lay.topk_capacity} entries (the ring's topk_capacity), got {k}")
         r, dst = self._place(session_tag, step, KIND_COMPACT, k, compact_size(k))
         dst[:COMPACT_HEAD] = m.view(np.uint8)
         dst[COMPACT_HEAD : COMPACT_HEAD + 4 * k] = vals.view(np.uint8)
@@ -404,7 +405,7 @@ class RingReader:
         lay = self.layout
         self._head = bytearray(SLOT_HEAD + DESCRIPTOR.itemsize * lay.row_capacity)
         self._seq_now = bytearray(8)
-        self._raw = np.empty(lay.full_size, dtype=np.uint8)
+        self._raw = np.empty(lay.max_row_size, dtype=np.uint8)
         self._raw_view = self._raw.data
         self._wide = np.empty(lay.vocab_size, dtype=np.uint32)  # f16/bf16 widened to f32 bits
 
@@ -449,11 +450,7 @@ class RingReader:
             state = "being written (odd seqlock)" if now % 2 else "replaced by a newer frame"
             raise TornFrameError(f"ring {self.name} slot {slot}: frame {seq} is torn: the slot is {state} (seq={now})")
 
-    def row(self, slot: int, row: int, seq: int, session_tag: int, step: int) -> np.ndarray:
-        """A copy of the row's logits as float32, taken whole under the published ``seq``.
-
-        Raises TornFrameError if the frame was not ``seq`` before or after the copy.
-        """
+    def _check_ref(self, slot: int, row: int, seq: int) -> None:
         lay = self.layout
         if not 0 <= slot < lay.slot_count:
             raise RowError(f"slot {slot} is out of range: ring {self.name} has {lay.slot_count} slots")
@@ -461,11 +458,12 @@ class RingReader:
             raise RowError(f"row {row} is out of range: ring {self.name} holds {lay.row_capacity} rows per frame")
         if seq % 2 or seq == 0:
             raise RowError(f"published seq {seq} must be even and non-zero")
-        base = lay.slot_offset(slot)
-        head = memoryview(self._head)[: SLOT_HEAD + DESCRIPTOR.itemsize * (row + 1)]
-        self._read_exact(head, base)
-        now, n = struct.unpack_from("<QI", head)
-        self._check_seq(slot, seq, now)  # not being written, not replaced
+
+    def _descriptor(
+        self, head: memoryview, slot: int, row: int, n: int, session_tag: int, step: int
+    ) -> tuple[int, int, int, int]:
+        """(kind, count, offset, size) of a row whose tag and bounds hold; RowError otherwise."""
+        lay = self.layout
         if row >= n:
             raise RowError(f"row {row} is out of range: slot {slot} holds {n} rows")
         tag, tstep, kind, count, off, size, _ = _DESC.unpack_from(head, SLOT_HEAD + DESCRIPTOR.itemsize * row)
@@ -474,26 +472,108 @@ class RingReader:
                 f"slot {slot} row {row} is tagged (session_tag={tag}, step={tstep}), "
                 f"the request is for (session_tag={session_tag}, step={step})"
             )
-        if kind != KIND_FULL:
-            what = f"{KIND_NAMES[kind]} rows are" if kind in KIND_NAMES else f"row kind {kind} is"
-            raise RowError(f"slot {slot} row {row}: {what} not implemented by this sidecar")
-        if count != lay.vocab_size or size != lay.full_size or off + size > lay.heap_size:
+        if kind == KIND_FULL:
+            ok = count == lay.vocab_size and size == lay.full_size
+        elif kind == KIND_COMPACT:
+            ok = MIN_K <= count <= lay.topk_capacity and size == compact_size(count)
+        else:
+            raise RowError(f"slot {slot} row {row}: row kind {kind} is not implemented by this sidecar")
+        if not ok or off + size > lay.heap_size:
             raise RowError(
-                f"slot {slot} row {row}: a FULL row of {count} logits, {size} bytes at heap offset {off}, breaks the layout"
+                f"slot {slot} row {row}: a {KIND_NAMES[kind]} row of {count} entries, {size} bytes at heap offset {off}, "
+                "breaks the layout"
             )
-        raw = self._raw
-        self._read_exact(self._raw_view, base + lay.heap_offset + off)
+        return kind, count, off, size
+
+    def _compact(self, data: memoryview, k: int) -> CompactRow:
+        raw = np.frombuffer(data, dtype=np.uint8)
+        moments = raw[:COMPACT_HEAD].view("<f8")
+        vals = raw[COMPACT_HEAD : COMPACT_HEAD + 4 * k].view("<f4")
+        ids = raw[COMPACT_HEAD + 4 * k : COMPACT_HEAD + 8 * k].view("<u4")
+        return CompactRow.from_top(self.layout.vocab_size, moments, vals, ids)
+
+    def _widened(self, raw: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """A FULL payload as float32: f32 as it is, f16/bf16 widened into ``out`` (uint32)."""
+        code = self.layout.dtype_code
+        if code == 1:
+            return raw.view(np.float32)
+        if code == 2:
+            np.copyto(out.view(np.float32), raw.view(np.float16))
+        else:
+            np.copyto(out, raw.view(np.uint16))
+            np.left_shift(out, 16, out=out)
+        return out.view(np.float32)
+
+    def row(self, slot: int, row: int, seq: int, session_tag: int, step: int) -> np.ndarray | CompactRow:
+        """A copy of the row, taken whole under the published ``seq``: a FULL row's logits as
+        float32 (a view of this reader's buffer, valid until the next call) or a validated
+        :class:`CompactRow`.
+
+        Raises TornFrameError if the frame was not ``seq`` before or after the copy.
+        """
+        self._check_ref(slot, row, seq)
+        lay = self.layout
+        base = lay.slot_offset(slot)
+        head = memoryview(self._head)[: SLOT_HEAD + DESCRIPTOR.itemsize * (row + 1)]
+        self._read_exact(head, base)
+        now, n = struct.unpack_from("<QI", head)
+        self._check_seq(slot, seq, now)  # not being written, not replaced
+        kind, count, off, size = self._descriptor(head, slot, row, n, session_tag, step)
+        data = self._raw_view[:size]
+        self._read_exact(data, base + lay.heap_offset + off)
         self._read_exact(memoryview(self._seq_now), base)
         self._check_seq(slot, seq, int.from_bytes(self._seq_now, "little"))  # whole, or refused
-        if lay.dtype_code == 1:
-            return raw.view(np.float32)
-        wide = self._wide
-        if lay.dtype_code == 2:
-            np.copyto(wide.view(np.float32), raw.view(np.float16))
-        else:
-            np.copyto(wide, raw.view(np.uint16))
-            np.left_shift(wide, 16, out=wide)
-        return wide.view(np.float32)
+        if kind == KIND_COMPACT:
+            return self._compact(data, count)
+        return self._widened(self._raw[: lay.full_size], self._wide)
+
+    def rows(self, slot: int, seq: int, wanted: Sequence[tuple[int, int, int]]) -> list[np.ndarray | CompactRow | FseError]:
+        """Many rows of one frame (a batch step): ``wanted`` holds (row, session_tag, step)
+        per row. One read of the slot's descriptors, one read per row, one check of the
+        seqlock after all of them. A row that breaks a rule is that row's error, in its
+        place; a torn or truncated frame is every row's. Each row is its own copy."""
+        lay = self.layout
+        try:
+            for row, _, _ in wanted:
+                self._check_ref(slot, row, seq)
+            base = lay.slot_offset(slot)
+            last = max((r for r, _, _ in wanted), default=0)
+            head = memoryview(bytearray(SLOT_HEAD + DESCRIPTOR.itemsize * (last + 1)))
+            self._read_exact(head, base)
+            now, n = struct.unpack_from("<QI", head)
+            self._check_seq(slot, seq, now)
+        except FseError as exc:
+            return [exc] * len(wanted)
+        out: list[np.ndarray | CompactRow | FseError] = []
+        payloads: list[tuple[int, int, bytearray] | FseError] = []
+        try:
+            for row, tag, step in wanted:
+                try:
+                    kind, count, off, size = self._descriptor(head, slot, row, n, tag, step)
+                except RowError as exc:
+                    payloads.append(exc)
+                    continue
+                data = bytearray(size)
+                self._read_exact(memoryview(data), base + lay.heap_offset + off)
+                payloads.append((kind, count, data))
+            self._read_exact(memoryview(self._seq_now), base)
+            self._check_seq(slot, seq, int.from_bytes(self._seq_now, "little"))
+        except FseError as exc:
+            return [exc] * len(wanted)
+        for p in payloads:
+            if isinstance(p, FseError):
+                out.append(p)
+                continue
+            kind, count, data = p
+            try:
+                if kind == KIND_COMPACT:
+                    out.append(self._compact(memoryview(data), count))
+                else:
+                    raw = np.frombuffer(data, dtype=np.uint8)
+                    out.append(self._widened(raw, np.empty(lay.vocab_size, dtype=np.uint32)))
+            except FseError as exc:
+                out.append(exc)
+        return out
 
     # -- the fast lane ------------------------------------------------------------------------
     def open_lane(self) -> None:

@@ -7,6 +7,7 @@ from multiprocessing import shared_memory
 import numpy as np
 import pytest
 
+from sidecar.core.compact import CompactRow, moments_and_top
 from sidecar.errors import RingError, RingLayoutError, RowError, TornFrameError
 from sidecar.ring import RingLayout, RingReader, RingWriter
 
@@ -212,18 +213,59 @@ def test_a_ring_truncated_under_the_reader_is_refused_not_read_past_its_end(size
         reader.close()
 
 
-def test_a_compact_row_is_refused_until_compact_frames_are_implemented() -> None:
+def test_a_compact_row_is_read_whole_beside_full_rows_and_an_unknown_kind_is_refused() -> None:
+    x = np.random.default_rng(0).normal(size=1000).astype(np.float32)
+    moments, vals, ids = moments_and_top(x, 8)
     with RingWriter.create(slots=1, rows=2, vocab_size=1000, topk=8) as w:
         with w.frame(0) as f:
-            f.write_compact(1, 0, np.zeros(8), np.arange(8, 0, -1), np.arange(8))
+            f.write_compact(1, 0, moments, vals, ids)
             f.write_row(1, 0, np.ones(1000, np.float32))
         reader = RingReader(w.name)
-        with pytest.raises(RowError, match="COMPACT rows are not implemented"):
-            reader.row(0, 0, f.seq, 1, 0)
+        c = reader.row(0, 0, f.seq, 1, 0)
+        assert isinstance(c, CompactRow) and c.k == 8
+        np.testing.assert_array_equal(c.ids, np.sort(ids))
+        assert c.moments.log_sum_exp == moments[0]
         np.testing.assert_array_equal(reader.row(0, 1, f.seq, 1, 0), np.ones(1000, np.float32))  # mixed frame
         w._desc[0, 1]["kind"] = 7
         with pytest.raises(RowError, match="row kind 7 is not implemented"):
             reader.row(0, 1, f.seq, 1, 0)
+        w._desc[0, 0]["count"] = 9  # a COMPACT count that disagrees with its size
+        with pytest.raises(RowError, match="COMPACT row of 9 entries.*breaks the layout"):
+            reader.row(0, 0, f.seq, 1, 0)
+        reader.close()
+
+
+def test_compact_entries_that_cannot_be_true_are_refused_from_the_ring() -> None:
+    x = np.random.default_rng(1).normal(size=1000).astype(np.float32)
+    moments, vals, ids = moments_and_top(x, 8)
+    with RingWriter.create(slots=1, vocab_size=1000, topk=8) as w:
+        with w.frame(0) as f:
+            f.write_compact(1, 0, moments, vals[::-1].copy(), ids[::-1].copy())  # lowest first
+        reader = RingReader(w.name)
+        with pytest.raises(RowError, match="highest first"):
+            reader.row(0, 0, f.seq, 1, 0)
+        reader.close()
+
+
+def test_a_batch_of_rows_is_read_in_one_pass_with_each_rows_error_in_its_place() -> None:
+    rng = np.random.default_rng(2)
+    xs = [rng.normal(size=1000).astype(np.float32) for _ in range(3)]
+    with RingWriter.create(slots=2, rows=3, vocab_size=1000, topk=16, dtype="bf16") as w:
+        with w.frame(1) as f:
+            f.write_row(1, 5, xs[0])
+            f.write_compact(2, 9, *moments_and_top(xs[1], 16))
+            f.write_row(3, 0, xs[2])
+        reader = RingReader(w.name)
+        got = reader.rows(1, f.seq, [(0, 1, 5), (1, 2, 9), (2, 3, 1)])
+        assert isinstance(got[0], np.ndarray) and np.allclose(got[0], xs[0], rtol=1e-2)
+        assert isinstance(got[1], CompactRow) and got[1].k == 16
+        assert isinstance(got[2], RowError) and "tagged (session_tag=3, step=0)" in str(got[2])
+        again = reader.rows(1, f.seq, [(0, 1, 5)])[0]
+        assert isinstance(again, np.ndarray) and again is not got[0]  # each row its own copy
+        np.testing.assert_array_equal(again, got[0])
+        w.begin_raw(1)  # the frame is being rewritten: every row of it is refused
+        torn = reader.rows(1, f.seq, [(0, 1, 5), (1, 2, 9)])
+        assert all(isinstance(t, TornFrameError) for t in torn)
         reader.close()
 
 

@@ -25,6 +25,7 @@ from engine_adapters.client import Expected, check_verdict
 from sidecar._pb.fse.v1 import guard_pb2 as pb
 from sidecar.core import canonical as cb
 from sidecar.core import chain
+from sidecar.core.compact import CompactRow
 from sidecar.core.sampling import SamplingParams
 from sidecar.core.vocab import vocab_digest
 from sidecar.errors import GuardAbort, RowError, TornFrameError, VerdictRejected
@@ -204,10 +205,33 @@ def test_the_ring_reader_reads_or_refuses_each_vector_frame(case: dict[str, Any]
                 expected = TornFrameError if case["error"] == "torn" else RowError
                 with pytest.raises(expected) as err:
                     reader.row(fr["slot"], fr["row"], fr["seq"], fr["session_tag"], fr["step"])
-                word = {"torn": "torn", "kind": "not implemented", "tag": "tagged"}[case["error"]]
+                word = {"torn": "torn", "kind": "not implemented", "tag": "tagged", "layout": "breaks the layout"}[case["error"]]
                 assert word in str(err.value)
         finally:
             reader.close()
     finally:
         os.close(fd)
         os.unlink(f"/dev/shm/{name}")
+
+
+def test_the_ring_reader_reads_the_vector_compact_row() -> None:
+    c = RING["compact"]
+    fr = c["frame"]
+    name = f"fse-vec-{os.getpid()}-compact"
+    fd = os.open(f"/dev/shm/{name}", os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+    try:
+        os.write(fd, bytes.fromhex(c["segment_hex"]))
+        reader = RingReader(name)
+        try:
+            got = reader.row(fr["slot"], fr["row"], fr["seq"], fr["session_tag"], fr["step"])
+        finally:
+            reader.close()
+    finally:
+        os.close(fd)
+        os.unlink(f"/dev/shm/{name}")
+    assert isinstance(got, CompactRow)
+    order = np.argsort(c["top_ids"])
+    assert got.ids.tolist() == np.asarray(c["top_ids"])[order].tolist()  # held in id order
+    assert got.logits.tolist() == np.asarray(c["top_logits"], dtype=np.float32)[order].tolist()
+    assert list(got.moments) == c["moments"][:7]
+    assert RING["frame"]["logits"][got.stats().top1] == max(RING["frame"]["logits"])
