@@ -22,7 +22,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeAlias, cast
 
 import grpc
 import numpy as np
@@ -33,14 +33,15 @@ from sidecar._pb.fse.v1 import guard_pb2_grpc as pb_grpc
 from sidecar.core import chain
 from sidecar.core.sampling import SamplingParams
 from sidecar.core.vocab import vocab_digest
-from sidecar.errors import GuardAbort, GuardUnavailable, StepRefused, VerdictRejected
-from sidecar.ring import RingWriter
+from sidecar.errors import FseError, GuardAbort, GuardError, GuardUnavailable, StepRefused, VerdictRejected
+from sidecar.ring import FrameWriter, RingWriter
 from sidecar.signing import TrustedKeys, Verifier
 from sidecar.wire import params_from_pb, params_to_pb
 
 from .lane import LaneChannel
 
 _CLOSED = object()
+Outcome: TypeAlias = "pb.Verdict | GuardError"  # one row of a batch: a verified verdict, or why not
 _CODE_NAMES = {c.value[0]: c.name for c in grpc.StatusCode}
 
 
@@ -195,6 +196,17 @@ def check_verdict(resp: pb.StepResponse, expect: Expected, trusted: TrustedKeys)
     return v
 
 
+@dataclass(frozen=True, slots=True)
+class Compact:
+    """A COMPACT row as an engine computed it (RING.md "COMPACT payload"): the whole row's
+    ``moments`` (f64: log_sum_exp, entropy, varentropy, mean, variance, l2_norm, max,
+    reserved) and its k largest logits, highest first, with their ids."""
+
+    moments: np.ndarray
+    top_logits: np.ndarray
+    top_ids: np.ndarray
+
+
 @dataclass(frozen=True)
 class ClientTls:
     """mTLS toward a sidecar on TCP: the CA that signed the sidecar's certificate, and
@@ -247,6 +259,7 @@ class GuardClient:
             self._channel = grpc.insecure_channel(target, options=options)
         self._stub = pb_grpc.GuardServiceStub(self._channel)
         self._vocab_sizes: dict[str, int] = {}
+        self._batch_stream: StreamCall | None = None  # opened by the first step_batch
 
     def wait_ready(self, timeout: float = 10.0) -> None:
         """Block until the sidecar's health service says SERVING."""
@@ -339,6 +352,84 @@ class GuardClient:
                 raise
         return session
 
+    def step_batch(
+        self, rows: Sequence[tuple[GuardedSession, np.ndarray | Compact]], ring: RingWriter | None = None
+    ) -> list[Outcome]:
+        """One decoding step of many sessions in one round trip: each session's next row,
+        FULL (logits) or :class:`Compact`. With ``ring`` (the sessions were opened on it),
+        every row goes into one frame of it; without, the rows travel in the message.
+
+        Returns one :data:`Outcome` per row, in order: the verified verdict whose token
+        must be forced, or the :class:`GuardError` that ends that session alone (ABORT,
+        refusal, a verdict that does not verify; a dead session's own error). A transport
+        failure or a missed deadline fails every row of the batch: no token without its
+        verdict. Not thread-safe: one engine thread drives a client's batches."""
+        out: list[Outcome | None] = [None] * len(rows)
+        live = []
+        for i, (s, _) in enumerate(rows):
+            if s.dead is not None:
+                out[i] = GuardUnavailable(f"session {s.session_id} is closed after an earlier failure: {s.dead}")
+            elif s.client is not self:
+                out[i] = GuardUnavailable(f"session {s.session_id} belongs to another client")
+            else:
+                live.append(i)
+        batch = pb.StepsRequest()
+        slot = None
+        try:
+            if ring is not None and live:
+                slot = ring.acquire()
+                refs = []
+                with ring.frame(slot) as f:
+                    for i in list(live):
+                        try:
+                            refs.append(self._write_row(f, rows[i][0], rows[i][1]))
+                        except FseError as exc:  # this row's own fault (shape, k): its session ends
+                            live.remove(i)
+                            out[i] = rows[i][0]._failed(exc)
+            if not live:
+                return cast(list[Outcome], out)
+            for n, i in enumerate(live):
+                s, row = rows[i]
+                r = batch.batch.steps.add()
+                r.session_id, r.session_secret, r.step = s.session_id, s._secret, s.next_step
+                if ring is not None:
+                    r.ring.slot, r.ring.row, r.ring.seq = slot, refs[n], f.seq
+                elif isinstance(row, Compact):
+                    r.compact.moments[:] = row.moments.tolist()
+                    r.compact.top_logits[:] = row.top_logits.tolist()
+                    r.compact.top_ids[:] = row.top_ids.tolist()
+                else:
+                    r.inline.data = np.ascontiguousarray(row, dtype="<f4").tobytes()
+                    r.inline.dtype = pb.DTYPE_F32
+            if self._batch_stream is None:
+                self._batch_stream = StreamCall(self._stub.Steps)
+            resp = self._batch_stream.roundtrip(batch, self.step_timeout, f"a batch of {len(live)} steps").batch
+            if len(resp.responses) != len(live):
+                raise VerdictRejected(f"a batch of {len(live)} steps was answered with {len(resp.responses)} responses")
+        except Exception as exc:  # no verdict for any row: every session of the batch ends
+            if self._batch_stream is not None and isinstance(exc, GuardUnavailable):
+                self._batch_stream.close()
+                self._batch_stream = None
+            for i in live:
+                out[i] = rows[i][0]._failed(exc)
+            return cast(list[Outcome], out)
+        finally:
+            if slot is not None:
+                ring.release(slot)  # type: ignore[union-attr]
+        for i, answer in zip(live, resp.responses, strict=True):
+            s = rows[i][0]
+            try:
+                out[i] = s._verify(s.next_step, answer)
+            except GuardError as exc:
+                out[i] = s._failed(exc)
+        return cast(list[Outcome], out)
+
+    @staticmethod
+    def _write_row(f: FrameWriter, s: GuardedSession, row: np.ndarray | Compact) -> int:
+        if isinstance(row, Compact):
+            return f.write_compact(s.tag, s.next_step, row.moments, row.top_logits, row.top_ids)
+        return f.write_row(s.tag, s.next_step, row)
+
     def reload_policy(self) -> dict[str, str]:
         """Ask the sidecar to load its configuration file again (ReloadPolicy).
 
@@ -353,6 +444,8 @@ class GuardClient:
         return dict(r.policy_digests)
 
     def close(self) -> None:
+        if self._batch_stream is not None:
+            self._batch_stream.close()
         self._channel.close()
 
     def __enter__(self) -> GuardClient:
@@ -461,6 +554,11 @@ class GuardedSession:
         except Exception as exc:
             self._fail(exc)
             raise
+
+    def _failed(self, exc: Exception) -> GuardError:
+        """Fail the session for ``exc``; the GuardError a batch reports for it."""
+        self._fail(exc)
+        return exc if isinstance(exc, GuardError) else GuardUnavailable(f"session {self.session_id}: {exc}")
 
     def _fail(self, exc: Exception) -> None:
         self.dead = exc

@@ -281,6 +281,9 @@ class SidecarConfig(_Strict):
     # Sessions open at once from one client: a TCP connection, or with mTLS one client
     # certificate. gRPC does not tell Unix-socket clients apart: there, max_sessions only.
     max_sessions_per_client: int = Field(default=1024, gt=0)
+    # Rows of one StepBatch (a batched engine's decoding step): bounds the message and the
+    # time one call holds the event loop.
+    max_batch_rows: int = Field(default=256, gt=0, le=4096)
     # Longest prompt an OpenSession may carry (only its last repetition_window ids are kept).
     max_prompt_tokens: int = Field(default=1 << 20, gt=0)
     # A session with no step for this long is closed (an engine that died without

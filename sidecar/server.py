@@ -22,7 +22,7 @@ import signal
 import socket
 import stat
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
 from wsgiref.simple_server import WSGIServer
@@ -96,6 +96,37 @@ def answer_step(service: GuardService, req: pb.StepRequest, metrics: Exporter | 
     return pb.StepResponse(verdict=v)
 
 
+def answer_batch(service: GuardService, reqs: Sequence[pb.StepRequest], metrics: Exporter | None = None) -> pb.StepBatchResponse:
+    """A batch's answers, one per row in order (each a verdict or that row's error)."""
+    t0 = time.perf_counter()
+    out = pb.StepBatchResponse()
+    if len(reqs) > service.config.max_batch_rows:
+        exc = MessageTooLarge(f"a batch of {len(reqs)} rows exceeds max_batch_rows ({service.config.max_batch_rows})")
+        out.responses.extend(refusal(exc, metrics) for _ in reqs)
+        return out
+    answers: list[pb.Verdict | FseError] = []
+    good = {i for i, r in enumerate(reqs) if SESSION_ID.fullmatch(r.session_id)}
+    judged = iter(service.step_batch([r for i, r in enumerate(reqs) if i in good]))
+    for i, r in enumerate(reqs):
+        if i in good:
+            answers.append(next(judged))
+        else:
+            try:
+                _checked_id(r.session_id)
+            except FseError as exc:  # a malformed id is that row's refusal, never echoed
+                answers.append(exc)
+    each = (time.perf_counter() - t0) / max(len(reqs), 1)
+    for req, a in zip(reqs, answers, strict=True):
+        if isinstance(a, FseError):
+            sid = req.session_id if SESSION_ID.fullmatch(req.session_id) else ""
+            out.responses.append(refusal(a, metrics, sid, req.step))
+        else:
+            if metrics is not None:
+                metrics.note_verdict(req.session_id, a, each)
+            out.responses.append(pb.StepResponse(verdict=a))
+    return out
+
+
 def refusal(exc: FseError, metrics: Exporter | None, session_id: str = "", step: int = 0) -> pb.StepResponse:
     """A step answered with the error that refused it (counted by status code)."""
     code = _code(exc).value[0]
@@ -105,6 +136,7 @@ def refusal(exc: FseError, metrics: Exporter | None, session_id: str = "", step:
 
 
 _SLACK = 64 * 1024  # ids, names, sampling parameters: everything but the bulk field
+BATCH_ROW_BYTES = 4096  # a batch row's allowance: a ring reference, or a COMPACT row of k <= ~450
 OFFLOAD_BYTES = 1 << 20  # requests bigger than this are parsed in a worker thread
 
 
@@ -116,11 +148,16 @@ def message_limits(config: SidecarConfig) -> dict[str, tuple[int, str]]:
     even buffered.
     """
     step = (_SLACK + 4 * config.max_vocab_size, "4 bytes x max_vocab_size + 64 KiB: one inline f32 row")
+    batch = (
+        step[0] + BATCH_ROW_BYTES * config.max_batch_rows,
+        "one inline f32 row + 4 KiB x max_batch_rows (ring references and COMPACT rows)",
+    )
     return {
         "RegisterVocabulary": (config.max_vocab_bytes, "max_vocab_bytes"),
         "OpenSession": (_SLACK + 5 * config.max_prompt_tokens, "5 bytes x max_prompt_tokens + 64 KiB"),
         "Step": step,
-        "Steps": step,
+        "Steps": batch,
+        "StepBatch": batch,
         "Echo": step,
         "CloseSession": (_SLACK, "64 KiB"),
         "ReloadPolicy": (_SLACK, "64 KiB"),
@@ -244,11 +281,14 @@ class GuardServicer:
     ) -> AsyncIterator[pb.StepsResponse]:
         async for raw in request_iterator:
             try:
-                req = (await self._request("Steps", pb.StepsRequest, raw)).request
+                item = await self._request("Steps", pb.StepsRequest, raw)
             except FseError as exc:  # nothing of the request is known: answer on the stream, keep it open
                 yield pb.StepsResponse(response=self._refused(exc))
                 continue
-            yield pb.StepsResponse(response=self._step(req))
+            if item.HasField("batch"):
+                yield pb.StepsResponse(batch=answer_batch(self.service, item.batch.steps, self.metrics))
+            else:
+                yield pb.StepsResponse(response=self._step(item.request))
             if self.metrics is not None:
                 self.metrics.flush()  # after the answer left
 
@@ -258,6 +298,16 @@ class GuardServicer:
         except FseError as exc:
             return self._refused(exc)
         resp = self._step(req)
+        if self.metrics is not None:
+            asyncio.get_running_loop().call_soon(self.metrics.flush)
+        return resp
+
+    async def StepBatch(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.StepBatchResponse:
+        try:
+            req = await self._request("StepBatch", pb.StepBatchRequest, raw)
+        except FseError as exc:  # not even the rows are known: the call fails with the reason
+            await context.abort(_code(exc), str(exc))
+        resp = answer_batch(self.service, req.steps, self.metrics)
         if self.metrics is not None:
             asyncio.get_running_loop().call_soon(self.metrics.flush)
         return resp
@@ -286,6 +336,7 @@ class GuardServicer:
             "CloseSession": unary(self.CloseSession, _identity, pb.CloseSessionResponse.SerializeToString),
             "ReloadPolicy": unary(self.ReloadPolicy, _identity, pb.ReloadPolicyResponse.SerializeToString),
             "Step": unary(self.Step, _identity, pb.StepResponse.SerializeToString),
+            "StepBatch": unary(self.StepBatch, _identity, pb.StepBatchResponse.SerializeToString),
             "Steps": stream(self.Steps, _identity, pb.StepsResponse.SerializeToString),
             "Echo": stream(self.Echo, _identity, pb.EchoResponse.SerializeToString),
         }

@@ -26,14 +26,17 @@ from .audit import AuditDir, SessionAudit
 from .config import SidecarConfig
 from .core import ledger
 from .core.chain import Opening
+from .core.compact import CompactRow
 from .core.guards import Action, Sampler, Trip, health_band
 from .core.policy import CompiledPolicy, compile_policies
 from .core.redo import StepOutcome
+from .core.sampling import Row
 from .core.session import Session
 from .core.vocab import Vocabulary
 from .errors import (
     AuditError,
     DuplicateSession,
+    FseError,
     MalformedMessage,
     NotSessionOwner,
     RowError,
@@ -357,15 +360,60 @@ class GuardService:
         s = self.owned_session(req.session_id, req.session_secret)
         s.last_active = time.monotonic()
         s.check_step(req.step)
+        return self._verdict(s, req.step, self._row(s, req))
+
+    def step_batch(self, reqs: Sequence[pb.StepRequest]) -> list[pb.Verdict | FseError]:
+        """Many sessions' steps (a batched engine's decoding step): each row's verdict, or
+        the error that refused that row alone, in the request's order.
+
+        The rows that one ring frame holds are read in one pass (one read of its
+        descriptors, one seqlock check for all); each row is then judged, committed and
+        signed in order, so two rows of one session are its two next steps."""
+        out: list[pb.Verdict | FseError | None] = [None] * len(reqs)
+        sessions: dict[int, Session] = {}
+        frames: dict[tuple[tuple[int, int], int, int], list[int]] = {}
+        for i, req in enumerate(reqs):
+            try:
+                s = sessions[i] = self.owned_session(req.session_id, req.session_secret)
+                if req.WhichOneof("logits") == "ring":
+                    ring = self._session_ring.get(s.session_id)
+                    if ring is not None:
+                        frames.setdefault((ring, req.ring.slot, req.ring.seq), []).append(i)
+            except FseError as exc:
+                out[i] = exc
+        rows: dict[int, Row | FseError] = {}
+        for (ring, slot, seq), idx in frames.items():
+            wanted = [(reqs[i].ring.row, sessions[i].tag, reqs[i].step) for i in idx]
+            rows.update(zip(idx, self._rings[ring].reader.rows(slot, seq, wanted), strict=True))
+        for i, req in enumerate(reqs):
+            if out[i] is not None:
+                continue
+            s = sessions[i]
+            try:
+                s.last_active = time.monotonic()
+                s.check_step(req.step)
+                row = rows[i] if i in rows else self._row(s, req)
+                if isinstance(row, FseError):
+                    raise row
+                out[i] = self._verdict(s, req.step, row)
+            except FseError as exc:
+                out[i] = exc
+        return cast(list[pb.Verdict | FseError], out)
+
+    def _row(self, s: Session, req: pb.StepRequest) -> Row:
+        """The step's logits: a copy from the ring, or the inline row (FULL or COMPACT)."""
         which = req.WhichOneof("logits")
         if which == "ring":
             ring = self._session_ring.get(s.session_id)
             if ring is None:
                 raise RowError(f"session {s.session_id} was opened without a ring; send inline logits")
             ref = req.ring
-            row = self._rings[ring].reader.row(ref.slot, ref.row, ref.seq, s.tag, req.step)  # a whole copy, or refused
-            outcome = s.judge(row, req.step)
-        elif which == "inline":
+            return self._rings[ring].reader.row(ref.slot, ref.row, ref.seq, s.tag, req.step)  # a whole copy, or refused
+        if which == "compact":
+            c = req.compact
+            ids = np.asarray(c.top_ids, dtype=np.int64)
+            return CompactRow.from_top(s.vocab_size, np.asarray(c.moments), np.asarray(c.top_logits, dtype=np.float32), ids)
+        if which == "inline":
             dt = _INLINE_DTYPES.get(req.inline.dtype)
             if dt is None:
                 raise RowError(f"inline logits dtype {req.inline.dtype} is not supported (F32, F16 or BF16)")
@@ -377,16 +425,16 @@ class GuardService:
                 )
             row = np.frombuffer(data, dtype=dt)
             if req.inline.dtype == pb.DTYPE_BF16:  # the top half of a float32: widen with 16 zero bits
-                row = (row.astype(np.uint32) << 16).view(np.float32)
-            elif dt.itemsize != 4:
-                row = row.astype(np.float32)
-            outcome = s.judge(row, req.step)
-        else:
-            raise RowError("step request carries no logits (set ring or inline)")
+                return (row.astype(np.uint32) << 16).view(np.float32)
+            return row.astype(np.float32) if dt.itemsize != 4 else row
+        raise RowError("step request carries no logits (set ring, inline or compact)")
+
+    def _verdict(self, s: Session, step: int, row: Row) -> pb.Verdict:
+        outcome = s.judge(row, step)
         ts = time.time_ns()
         if self.recorder is not None:
-            self.recorder.row(s.session_id, req.step, row)
-        return self._commit_and_sign(s, req.step, self._audited(s, req.step, outcome, ts), ts)
+            self.recorder.row(s.session_id, step, row)
+        return self._commit_and_sign(s, step, self._audited(s, step, outcome, ts), ts)
 
     def _audited(self, s: Session, step: int, o: StepOutcome, timestamp_ns: int) -> StepOutcome:
         """Write the step's frame before anything else sees the outcome; an outcome that

@@ -320,8 +320,9 @@ def test_oversized_requests_are_refused_before_parsing_while_other_sessions_keep
     parsing, and the victim's steps (deadline 1 s) go on throughout."""
     import threading
 
-    # limits: RegisterVocabulary 256 KiB, OpenSession 564 KB (gRPC's cap: the largest), Step 68 KB
-    sc = start_sidecar(max_vocab_bytes=256 << 10, max_prompt_tokens=100_000, max_vocab_size=V)
+    # limits: RegisterVocabulary 256 KiB, OpenSession 564 KB (gRPC's cap: the largest), Step 68 KB,
+    # StepBatch and Steps 68 KB + 16 x 4 KiB
+    sc = start_sidecar(max_vocab_bytes=256 << 10, max_prompt_tokens=100_000, max_vocab_size=V, max_batch_rows=16)
     victim = GuardClient(sc.target, keys.public, step_timeout=1.0)
     victim.wait_ready()
     digest = victim.register_vocabulary(VOCAB)

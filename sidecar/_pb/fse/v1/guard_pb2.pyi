@@ -232,19 +232,43 @@ class InlineLogits(_message.Message):
     dtype: Dtype
     def __init__(self, data: _Optional[bytes] = ..., dtype: _Optional[_Union[Dtype, str]] = ...) -> None: ...
 
+class CompactLogits(_message.Message):
+    __slots__ = ("moments", "top_logits", "top_ids")
+    MOMENTS_FIELD_NUMBER: _ClassVar[int]
+    TOP_LOGITS_FIELD_NUMBER: _ClassVar[int]
+    TOP_IDS_FIELD_NUMBER: _ClassVar[int]
+    moments: _containers.RepeatedScalarFieldContainer[float]
+    top_logits: _containers.RepeatedScalarFieldContainer[float]
+    top_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, moments: _Optional[_Iterable[float]] = ..., top_logits: _Optional[_Iterable[float]] = ..., top_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
 class StepRequest(_message.Message):
-    __slots__ = ("session_id", "session_secret", "step", "ring", "inline")
+    __slots__ = ("session_id", "session_secret", "step", "ring", "inline", "compact")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_SECRET_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     RING_FIELD_NUMBER: _ClassVar[int]
     INLINE_FIELD_NUMBER: _ClassVar[int]
+    COMPACT_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     session_secret: bytes
     step: int
     ring: RingRef
     inline: InlineLogits
-    def __init__(self, session_id: _Optional[str] = ..., session_secret: _Optional[bytes] = ..., step: _Optional[int] = ..., ring: _Optional[_Union[RingRef, _Mapping]] = ..., inline: _Optional[_Union[InlineLogits, _Mapping]] = ...) -> None: ...
+    compact: CompactLogits
+    def __init__(self, session_id: _Optional[str] = ..., session_secret: _Optional[bytes] = ..., step: _Optional[int] = ..., ring: _Optional[_Union[RingRef, _Mapping]] = ..., inline: _Optional[_Union[InlineLogits, _Mapping]] = ..., compact: _Optional[_Union[CompactLogits, _Mapping]] = ...) -> None: ...
+
+class StepBatchRequest(_message.Message):
+    __slots__ = ("steps",)
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    steps: _containers.RepeatedCompositeFieldContainer[StepRequest]
+    def __init__(self, steps: _Optional[_Iterable[_Union[StepRequest, _Mapping]]] = ...) -> None: ...
+
+class StepBatchResponse(_message.Message):
+    __slots__ = ("responses",)
+    RESPONSES_FIELD_NUMBER: _ClassVar[int]
+    responses: _containers.RepeatedCompositeFieldContainer[StepResponse]
+    def __init__(self, responses: _Optional[_Iterable[_Union[StepResponse, _Mapping]]] = ...) -> None: ...
 
 class Reason(_message.Message):
     __slots__ = ("code", "value", "threshold", "sampler", "detail", "action", "token_id", "span_start", "span_end")
@@ -375,16 +399,20 @@ class StepResponse(_message.Message):
     def __init__(self, verdict: _Optional[_Union[Verdict, _Mapping]] = ..., error: _Optional[_Union[StepError, _Mapping]] = ...) -> None: ...
 
 class StepsRequest(_message.Message):
-    __slots__ = ("request",)
+    __slots__ = ("request", "batch")
     REQUEST_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
     request: StepRequest
-    def __init__(self, request: _Optional[_Union[StepRequest, _Mapping]] = ...) -> None: ...
+    batch: StepBatchRequest
+    def __init__(self, request: _Optional[_Union[StepRequest, _Mapping]] = ..., batch: _Optional[_Union[StepBatchRequest, _Mapping]] = ...) -> None: ...
 
 class StepsResponse(_message.Message):
-    __slots__ = ("response",)
+    __slots__ = ("response", "batch")
     RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
     response: StepResponse
-    def __init__(self, response: _Optional[_Union[StepResponse, _Mapping]] = ...) -> None: ...
+    batch: StepBatchResponse
+    def __init__(self, response: _Optional[_Union[StepResponse, _Mapping]] = ..., batch: _Optional[_Union[StepBatchResponse, _Mapping]] = ...) -> None: ...
 
 class EchoRequest(_message.Message):
     __slots__ = ("payload",)

@@ -64,6 +64,11 @@ class GuardServiceStub:
                 request_serializer=sidecar_dot___pb_dot_fse_dot_v1_dot_guard__pb2.StepRequest.SerializeToString,
                 response_deserializer=sidecar_dot___pb_dot_fse_dot_v1_dot_guard__pb2.StepResponse.FromString,
                 _registered_method=True)
+        self.StepBatch = channel.unary_unary(
+                '/fse.v1.GuardService/StepBatch',
+                request_serializer=sidecar_dot___pb_dot_fse_dot_v1_dot_guard__pb2.StepBatchRequest.SerializeToString,
+                response_deserializer=sidecar_dot___pb_dot_fse_dot_v1_dot_guard__pb2.StepBatchResponse.FromString,
+                _registered_method=True)
         self.Echo = channel.stream_stream(
                 '/fse.v1.GuardService/Echo',
                 request_serializer=sidecar_dot___pb_dot_fse_dot_v1_dot_guard__pb2.EchoRequest.SerializeToString,
@@ -119,6 +124,13 @@ class GuardServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StepBatch(self, request, context):
+        """Many sessions' steps in one call (a batched engine's decoding step).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Echo(self, request_iterator, context):
         """Transport floor for the benchmark: echoes each message back.
         """
@@ -158,6 +170,11 @@ def add_GuardServiceServicer_to_server(servicer, server):
                     servicer.Step,
                     request_deserializer=sidecar_dot___pb_dot_fse_dot_v1_dot_guard__pb2.StepRequest.FromString,
                     response_serializer=sidecar_dot___pb_dot_fse_dot_v1_dot_guard__pb2.StepResponse.SerializeToString,
+            ),
+            'StepBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.StepBatch,
+                    request_deserializer=sidecar_dot___pb_dot_fse_dot_v1_dot_guard__pb2.StepBatchRequest.FromString,
+                    response_serializer=sidecar_dot___pb_dot_fse_dot_v1_dot_guard__pb2.StepBatchResponse.SerializeToString,
             ),
             'Echo': grpc.stream_stream_rpc_method_handler(
                     servicer.Echo,
@@ -327,6 +344,33 @@ class GuardService:
             '/fse.v1.GuardService/Step',
             sidecar_dot___pb_dot_fse_dot_v1_dot_guard__pb2.StepRequest.SerializeToString,
             sidecar_dot___pb_dot_fse_dot_v1_dot_guard__pb2.StepResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StepBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fse.v1.GuardService/StepBatch',
+            sidecar_dot___pb_dot_fse_dot_v1_dot_guard__pb2.StepBatchRequest.SerializeToString,
+            sidecar_dot___pb_dot_fse_dot_v1_dot_guard__pb2.StepBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,
