@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sidecar.config import Guard, GuardSet, Policy, Rule
-from sidecar.core.compact import CompactRow, compact_from_logits, moments_and_top
+from sidecar.core.compact import CompactRow, compact_from_logits, entries_needed, moments_and_top
 from sidecar.core.metrics import candidate, row_stats
 from sidecar.core.policy import compile_policy
 from sidecar.core.redo import Decision
@@ -29,13 +29,6 @@ def model_like(rng: np.random.Generator, v: int = V) -> np.ndarray:
     peaks = rng.choice(v, 8, replace=False)
     x[peaks] += rng.uniform(4.0, 12.0, 8).astype(np.float32)
     return x
-
-
-def covering_k(params: SamplingParams, history: list[int]) -> int:
-    """Enough entries for a top-k sampler: its k, plus every token the penalty can push down
-    out of the top, plus one below the cut."""
-    penalised = len(set(history[-params.repetition_window :])) if params.repetition_penalty != 1.0 else 0
-    return max(params.top_k, 1) + penalised + 2
 
 
 def test_stats_from_the_moments_match_the_full_row() -> None:
@@ -74,9 +67,19 @@ def test_samplers_draw_the_same_token_from_a_compact_row_that_covers_their_suppo
     x = model_like(rng)
     params = SamplingParams(temperature, top_k, top_p, min_p, penalty, 16, seed)
     history = rng.integers(0, V, 24).tolist()
-    c = compact_from_logits(x, covering_k(params, history))
+    c = compact_from_logits(x, entries_needed(params, history))
     assert sample_normal(c, history, params, step) == sample_normal(x, history, params, step)
     assert sample_strict(c, history, params) == sample_strict(x, history, params)
+
+
+def test_no_k_short_of_the_vocabulary_is_asked_for_a_temperature_without_top_k_or_a_boosting_penalty() -> None:
+    assert entries_needed(SamplingParams(temperature=0.7), []) == 0
+    assert entries_needed(SamplingParams(repetition_penalty=0.9), [1]) == 0
+    assert entries_needed(SamplingParams(), [5, 5, 6]) == 3  # greedy, no penalty
+    assert (
+        entries_needed(SamplingParams(temperature=0.7, top_k=40, repetition_penalty=1.1, repetition_window=4), [1, 2, 2, 3, 4])
+        == 45
+    )
 
 
 def test_a_sampler_whose_support_is_wider_than_the_shipped_entries_is_refused() -> None:
