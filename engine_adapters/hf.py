@@ -25,20 +25,19 @@ the boundary that every token it returns is the one its verdict named.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from sidecar._pb.fse.v1 import guard_pb2 as pb
 from sidecar.core.sampling import SamplingParams
-from sidecar.errors import GuardAbort, GuardError, VerdictRejected
+from sidecar.errors import VerdictRejected
 from sidecar.ring import RingWriter
 
-from .client import Compact, GuardClient, GuardedSession
-from .torch_rows import compact_k, compact_rows
+from .batch import BatchGuard, GuardedRequest
+from .client import GuardClient
 
 
 def _byte_decoder() -> dict[str, int]:
@@ -90,19 +89,6 @@ def load_embedded() -> tuple[Any, Any]:
     return model, tokenizer
 
 
-@dataclass
-class GuardedRequest:
-    """One guarded row of a batch: its session and what it has produced so far."""
-
-    session: GuardedSession
-    params: SamplingParams
-    history: list[int]  # the prompt's ids, then every forced token (the penalty's window)
-    tokens: list[int] = field(default_factory=list)  # tokens forced by verified verdicts
-    verdicts: list[pb.Verdict] = field(default_factory=list)
-    finish_reason: str | None = None  # None while running
-    error: GuardError | None = None
-
-
 class FseLogitsProcessor(LogitsProcessor):
     """Guards the rows of ``requests`` (one per batch row; None: not guarded).
 
@@ -113,51 +99,23 @@ class FseLogitsProcessor(LogitsProcessor):
     def __init__(
         self, client: GuardClient, requests: Sequence[GuardedRequest | None], ring: RingWriter, eos_token_id: int
     ) -> None:
-        self.client = client
         self.requests = list(requests)
-        self.ring = ring
-        self.eos = eos_token_id
+        self.guard = BatchGuard(client, ring, eos_token_id)
         self.steps = 0  # decoding steps seen
-        self.rows_sent = {"compact": 0, "full": 0}  # guarded rows, by the kind shipped
+
+    @property
+    def rows_sent(self) -> dict[str, int]:
+        return self.guard.rows_sent
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.Tensor:
         self.steps += 1
         if scores.shape[0] != len(self.requests):
             raise ValueError(f"a batch of {scores.shape[0]} rows, the processor was made for {len(self.requests)}")
-        live = [b for b, r in enumerate(self.requests) if r is not None and r.finish_reason is None]
-        if not live:
+        rows = [(b, r) for b, r in enumerate(self.requests) if r is not None and r.finish_reason is None]
+        if not rows:
             return scores
-        ks = {b: compact_k(r.params, r.history, self.ring.layout.topk_capacity) for b in live if (r := self.requests[b])}
-        compact_ids = [b for b in live if ks[b]]
-        rows: dict[int, np.ndarray | Compact] = {}
-        if compact_ids:  # one device pass and one transfer for every COMPACT row
-            k = max(ks[b] for b in compact_ids)
-            rows.update(zip(compact_ids, compact_rows(scores[compact_ids], k), strict=True))
-        full_ids = [b for b in live if not ks[b]]
-        if full_ids:
-            host = scores[full_ids].float().cpu().numpy()
-            rows.update((b, host[n]) for n, b in enumerate(full_ids))
-        self.rows_sent["compact"] += len(compact_ids)
-        self.rows_sent["full"] += len(full_ids)
-        batch = [(self.requests[b].session, rows[b]) for b in live]  # type: ignore[union-attr]
-        outcomes = self.client.step_batch(batch, self.ring)
         out = scores.clone()
-        out[live] = float("-inf")
-        for b, got in zip(live, outcomes, strict=True):
-            req = self.requests[b]
-            assert req is not None
-            if isinstance(got, pb.Verdict):
-                token = int(got.token_id)
-                out[b, token] = 0.0
-                req.verdicts.append(got)
-                req.tokens.append(token)
-                req.history.append(token)
-                if token == self.eos:
-                    req.finish_reason = "stop"
-            else:
-                out[b, self.eos] = 0.0  # this request ends here; the others go on
-                req.error = got
-                req.finish_reason = "guard_abort" if isinstance(got, GuardAbort) else "guard_error"
+        self.guard.guard(out, rows)
         return out
 
 
