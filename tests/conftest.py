@@ -76,3 +76,12 @@ def llama():
     from engine_adapters.llama_cpp import load_llama
 
     return load_llama(n_threads=2)
+
+
+@pytest.fixture(scope="session")
+def hf_model():
+    """The embedded SmolLM2-135M through transformers' GGUF loader, float32 on the CPU
+    (model, tokenizer), loaded once for the transformers and vLLM adapter tests."""
+    from engine_adapters.hf import load_embedded
+
+    return load_embedded()

@@ -8,7 +8,7 @@ import torch
 from transformers import GenerationConfig, LogitsProcessorList
 
 from engine_adapters.client import GuardClient
-from engine_adapters.hf import FseLogitsProcessor, GuardedRequest, generate_guarded, load_embedded, vocabulary_of
+from engine_adapters.hf import FseLogitsProcessor, GuardedRequest, generate_guarded, vocabulary_of
 from sidecar.core.sampling import SamplingParams
 from sidecar.ring import RingWriter
 
@@ -25,9 +25,9 @@ PROMPTS = [
 N = 12
 
 
-@pytest.fixture(scope="module")
-def hf():
-    return load_embedded()
+@pytest.fixture
+def hf(hf_model):
+    return hf_model
 
 
 @pytest.fixture
