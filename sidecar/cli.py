@@ -128,6 +128,10 @@ def _bench(args: argparse.Namespace) -> int:
         from .bench_ring import run_ring_bench
 
         return run_ring_bench(args)
+    if args.suite == "batch":
+        from .bench_batch import run_batch_bench
+
+        return run_batch_bench(args)
     if args.suite == "quality":
         from .bench_quality import run_quality_bench
 
@@ -220,10 +224,11 @@ def build_parser() -> argparse.ArgumentParser:
         "suite",
         nargs="?",
         default="all",
-        choices=["all", "fse", "quality", "ring"],
+        choices=["all", "batch", "fse", "quality", "ring"],
         help="all: transport, metrics, model (default); fse: the streaming matcher against rescanning; "
         "quality: the default policy on healthy, garbage and looping generations; "
-        "ring: reading a row by pread against a view of a mapping",
+        "ring: reading a row by pread against a view of a mapping; "
+        "batch: the sidecar's cost per row of a batch step, FULL against COMPACT frames",
     )
     b.add_argument(
         "--out", type=Path, default=Path("bench-results/bench.json"), help="JSON results file (fse: bench-fse.json beside it)"
@@ -242,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--loops", type=int, default=7, help="quality: looping prompts (of 7)")
     b.add_argument("--config", type=Path, help="quality: a sidecar YAML whose 'default' policy is judged")
     b.add_argument("--ring-rounds", type=int, default=200, help="ring: rounds of each reader in turn")
+    b.add_argument("--batch-rounds", type=int, default=15, help="batch: rounds of every batch size and frame kind in turn")
     b.set_defaults(func=_bench)
     return p
 

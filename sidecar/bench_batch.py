@@ -1,0 +1,194 @@
+"""``fse-sidecar bench batch``: what the sidecar spends per row of a batched decoding step,
+FULL against COMPACT frames, at a 128k vocabulary (Llama 3's 128,256 ids).
+
+For each batch size (1, 8, 64, 256) and frame kind, a real ring holds one frame of that
+many rows (FULL: every logit, f32; COMPACT: the moments and the top 64, what a GPU
+engine ships), and :meth:`GuardService.step_batch` judges them all: the read out of the
+ring (one pass per frame), statistics, the seeded sampler, the default policy's guards,
+the chain and an Ed25519 signature per row. Half the sessions sample greedily, half with
+top-k 40 at T = 0.8 (both coverable by 64 entries). Timed in one process, the sizes and
+kinds interleaved round after round so that machine noise falls on all of them alike;
+per-row costs are medians of (batch time / rows), ratios are medians of per-round ratios.
+The engine's writes into the ring are not timed (they are the engine's cost).
+
+Prints a table, writes JSON, asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from ._pb.fse.v1 import guard_pb2 as pb
+from .bench import _table
+from .config import SidecarConfig
+from .core.compact import moments_and_top
+from .core.sampling import SamplingParams
+from .core.vocab import Vocabulary
+from .ring import RingWriter
+from .service import GuardService
+from .signing import Ed25519Signer
+from .wire import params_to_pb
+
+VOCAB = 128_256
+BATCHES = (1, 8, 64, 256)
+K = 64
+POOL = 16  # distinct logits rows cycled through (model-like: a broad mass, a few peaks)
+
+
+def _rows(n: int, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        x = rng.normal(-2.0, 2.5, VOCAB).astype(np.float32)
+        x[rng.choice(VOCAB, 12, replace=False)] += rng.uniform(6.0, 14.0, 12).astype(np.float32)
+        out.append(x)
+    return out
+
+
+class _Lane:
+    """One batch size and frame kind: a ring, its sessions, and the next frame to judge."""
+
+    def __init__(self, service: GuardService, digest: str, batch: int, kind: str, pool: list[Any]) -> None:
+        self.service, self.batch, self.kind, self.pool, self.digest = service, batch, kind, pool, digest
+        self.ring = RingWriter.create(slots=1, rows=batch, vocab_size=VOCAB, topk=K)
+        self.sessions = []
+        for i in range(batch):
+            params = SamplingParams() if i % 2 == 0 else SamplingParams(temperature=0.8, top_k=40, seed=i)
+            req = pb.OpenSessionRequest(
+                session_id=f"{kind}-{batch}-{i}", vocab_digest=digest, sampling=params_to_pb(params), ring_name=self.ring.name
+            )
+            self.sessions.append(service.open_session(req))
+        self.turn = itertools.count()
+
+    def frame(self) -> list[pb.StepRequest]:
+        """Write the next frame (not timed) and the batch request that names its rows."""
+        t = next(self.turn)
+        with self.ring.frame(0) as f:
+            for i, s in enumerate(self.sessions):
+                row = self.pool[(t + i) % len(self.pool)]
+                if self.kind == "FULL":
+                    f.write_row(s.tag, s.next_step, row)
+                else:
+                    f.write_compact(s.tag, s.next_step, *row)
+        return [
+            pb.StepRequest(
+                session_id=s.session_id, session_secret=s.secret, step=s.next_step, ring=pb.RingRef(slot=0, row=i, seq=f.seq)
+            )
+            for i, s in enumerate(self.sessions)
+        ]
+
+    def step(self) -> float:
+        """Seconds the sidecar spends on one batch step of this lane."""
+        reqs = self.frame()
+        t0 = time.perf_counter()
+        out = self.service.step_batch(reqs)
+        dt = time.perf_counter() - t0
+        bad = [o for o in out if not isinstance(o, pb.Verdict)]
+        if bad:
+            raise RuntimeError(f"{self.kind} batch of {self.batch}: {bad[0]}")
+        if any(v.decision == pb.DECISION_ABORT for v in out):  # type: ignore[union-attr]
+            self.reopen()
+        return dt
+
+    def reopen(self) -> None:
+        """Sessions that aborted are replaced (the bench measures steps, not their outcomes)."""
+        for i, s in enumerate(self.sessions):
+            if s.aborted:
+                self.service.close_session(s.session_id, s.secret)
+                req = pb.OpenSessionRequest(
+                    session_id=f"{s.session_id}+",
+                    vocab_digest=self.digest,
+                    sampling=params_to_pb(s.params),
+                    ring_name=self.ring.name,
+                )
+                self.sessions[i] = self.service.open_session(req)
+
+    def close(self) -> None:
+        self.ring.close()
+
+
+def bench_batch(rounds: int, batches: tuple[int, ...] = BATCHES) -> dict[str, Any]:
+    full = _rows(POOL)
+    compact = [moments_and_top(x, K) for x in full]
+    config = SidecarConfig(max_batch_rows=max(batches), max_sessions=8192)
+    service = GuardService(config, Ed25519Signer(Ed25519PrivateKey.generate()))
+    digest = service.add_vocabulary(Vocabulary.build([f"t{i}".encode() for i in range(VOCAB)], VOCAB)).digest
+    lanes = {(b, k): _Lane(service, digest, b, k, full if k == "FULL" else compact) for b in batches for k in ("FULL", "COMPACT")}
+    times: dict[tuple[int, str], list[float]] = {key: [] for key in lanes}
+    try:
+        for lane in lanes.values():
+            lane.step()  # warm: buffers, caches, first allocations
+        for _ in range(rounds):
+            for key, lane in lanes.items():
+                reps = max(1, 16 // key[0])  # small batches: several steps per sample
+                times[key].append(sum(lane.step() for _ in range(reps)) / reps / key[0] * 1e6)
+    finally:
+        for lane in lanes.values():
+            lane.close()
+        service.close()
+    rows = []
+    for b in batches:
+        f, c = times[(b, "FULL")], times[(b, "COMPACT")]
+        rows.append(
+            {
+                "batch": b,
+                "full_us_per_row_p50": round(statistics.median(f), 1),
+                "compact_us_per_row_p50": round(statistics.median(c), 1),
+                "compact_over_full": round(statistics.median(x / y for x, y in zip(c, f, strict=True)), 3),
+                "full_over_batch1": round(statistics.median(x / y for x, y in zip(f, times[(1, "FULL")], strict=True)), 3),
+                "compact_over_batch1": round(statistics.median(x / y for x, y in zip(c, times[(1, "COMPACT")], strict=True)), 3),
+            }
+        )
+    return {
+        "vocab": VOCAB,
+        "k": K,
+        "rounds": rounds,
+        "bytes_per_row": {"FULL": 4 * VOCAB, "COMPACT": 64 + 8 * K, "descriptor": 48},
+        "rows": rows,
+    }
+
+
+def run_batch_bench(args: argparse.Namespace) -> int:
+    result = bench_batch(args.batch_rounds)
+    b = result["bytes_per_row"]
+    print(
+        _table(
+            f"sidecar µs per row of a batch step, vocab {VOCAB:,} "
+            f"(FULL {b['FULL']:,} B/row, COMPACT k={K} {b['COMPACT']} B/row); medians over rounds",
+            ["batch", "FULL", "COMPACT", "COMPACT/FULL", "FULL/batch 1", "COMPACT/batch 1"],
+            [
+                [
+                    str(r["batch"]),
+                    f"{r['full_us_per_row_p50']:.1f}",
+                    f"{r['compact_us_per_row_p50']:.1f}",
+                    f"{r['compact_over_full']:.3f}",
+                    f"{r['full_over_batch1']:.2f}",
+                    f"{r['compact_over_batch1']:.2f}",
+                ]
+                for r in result["rows"]
+            ],
+        )
+    )
+    at64 = next((r for r in result["rows"] if r["batch"] == 64), None)
+    if at64 is not None:
+        print(
+            f"\naims at batch 64: COMPACT/FULL {at64['compact_over_full']:.3f} (aim <= 0.1); "
+            f"per row vs batch 1: FULL {at64['full_over_batch1']:.2f}, "
+            f"COMPACT {at64['compact_over_batch1']:.2f} (aim: well under 1)"
+        )
+    out: Path = args.out.with_name("bench-batch.json") if args.out.name == "bench.json" else args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result["machine"] = {"python": platform.python_version(), "numpy": np.__version__}
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {out}")
+    return 0
