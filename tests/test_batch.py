@@ -135,3 +135,13 @@ def test_a_sidecar_killed_mid_batch_fails_every_row_closed(sidecar, client) -> N
     got = client.step_batch([(s, x) for s, x in zip(sessions, rows(5, 3), strict=True)])
     assert all(isinstance(g, GuardUnavailable) for g in got)
     assert all(s.dead is not None for s in sessions)
+
+
+def test_bench_batch_times_full_and_compact_rows_at_every_batch_size() -> None:
+    from sidecar.bench_batch import bench_batch
+
+    result = bench_batch(rounds=1, batches=(1, 8))
+    assert [r["batch"] for r in result["rows"]] == [1, 8]
+    assert result["bytes_per_row"] == {"FULL": 4 * 128_256, "COMPACT": 64 + 8 * 64, "descriptor": 48}
+    for r in result["rows"]:
+        assert r["full_us_per_row_p50"] > 0 and r["compact_us_per_row_p50"] > 0
