@@ -106,7 +106,7 @@ class _Lane:
             if s.aborted:
                 self.service.close_session(s.session_id, s.secret)
                 req = pb.OpenSessionRequest(
-                    session_id=f"{s.session_id}+",
+                    session_id=f"{s.session_id}.r",
                     vocab_digest=self.digest,
                     sampling=params_to_pb(s.params),
                     ring_name=self.ring.name,
