@@ -84,8 +84,8 @@ MUTANTS = [
     Mutant(
         "sidecar-reads-rows-of-a-kind-it-does-not-implement",
         "sidecar/ring.py",
-        (("        if kind != KIND_FULL:", "        if False:"),),
-        ("tests/test_ring.py::test_a_compact_row_is_refused_until_compact_frames_are_implemented",),
+        (("        if kind == KIND_FULL:", "        if kind != KIND_COMPACT:"),),  # an unknown kind read as FULL
+        ("tests/test_ring.py::test_a_compact_row_is_read_whole_beside_full_rows_and_an_unknown_kind_is_refused",),
     ),
     Mutant(
         "sidecar-does-not-check-the-session-owner",
