@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 
 from ..errors import CoverageError, RowError
-from .metrics import Candidate, RowStats
+from .metrics import Candidate, RowStats, candidate_at
 
 if TYPE_CHECKING:
     from .sampling import SamplingParams
@@ -154,18 +154,7 @@ class CompactRow:
         that was not shipped is at most ``floor``, which is at most the token's logit."""
         if not st.finite:
             return Candidate(token, math.nan, math.nan, -1, math.nan)
-        p = self.position(token)
-        y = self.logits
-        xc = float(y[p])
-        if token == st.top1:
-            rank = 0
-            runner = max(float(y[:p].max()) if p > 0 else -math.inf, float(y[p + 1 :].max()) if p < self.k - 1 else -math.inf)
-        else:
-            rank = int(np.count_nonzero(y > xc))
-            runner = st.top1_logit
-        nlp = st.lse - xc
-        prob = math.exp(-nlp)
-        return Candidate(token, nlp, prob, rank, prob - math.exp(runner - st.lse))
+        return candidate_at(self.logits, self.position(token), st, token)
 
     def tail_log_mass(self) -> float:
         """log of the probability mass (times e^lse) the shipped entries do not hold; -inf if none."""

@@ -161,18 +161,25 @@ def candidate(logits: np.ndarray, st: RowStats, token: int) -> Candidate:
         raise RowError(f"token id {token} is out of range [0, {x.shape[0]})")
     if not st.finite:
         return Candidate(token, _NAN, _NAN, -1, _NAN)
-    xc = float(x[token])
-    v = x.shape[0]
+    return candidate_at(x, token, st, token)
+
+
+def candidate_at(y: np.ndarray, at: int, st: RowStats, token: int) -> Candidate:
+    """The candidate metrics of ``token``, found at index ``at`` of ``y``: the row itself,
+    or a COMPACT row's shipped entries (every logit missing from ``y`` is at most its
+    smallest, so the rank count and the runner-up are the same)."""
+    xc = float(y[at])
+    n = y.shape[0]
     # One pass either way: the top-1 token has rank 0 and its runner-up is the second
     # best logit (the best of the two slices around it, no copy); any other token's
     # runner-up is the top-1, and its rank is a count.
     if token == st.top1:
         rank = 0
-        left = float(x[:token].max()) if token > 0 else -math.inf
-        right = float(x[token + 1 :].max()) if token < v - 1 else -math.inf
+        left = float(y[:at].max()) if at > 0 else -math.inf
+        right = float(y[at + 1 :].max()) if at < n - 1 else -math.inf
         runner = max(left, right)
     else:
-        rank = int(np.count_nonzero(x > xc))
+        rank = int(np.count_nonzero(y > xc))
         runner = st.top1_logit
     nlp = st.lse - xc
     p = math.exp(-nlp)
