@@ -164,8 +164,20 @@ class _Guard:
 
     @staticmethod
     def close(q: GuardedRequest | None) -> None:
-        if q is not None:
+        if q is not None and not isinstance(q, _Unopened):
             q.session.close()
+
+    def step(self, logits: torch.Tensor, rows: list[tuple[int, GuardedRequest, int | None]]) -> None:
+        """Guard ``rows`` (logits row, request, the token the engine committed last) in place;
+        a request that never opened, or whose committed token is not its verdict's, ends."""
+        live, end = [], []
+        for r, q, committed in rows:
+            if isinstance(q, _Unopened) or not _checked(q, committed):
+                end.append(r)
+            else:
+                live.append((r, q))
+        self.batch.guard(logits, live)
+        _force_end(logits, end, self.batch.eos)
 
 
 class _Unopened(GuardedRequest):
@@ -282,24 +294,17 @@ class FseLogitsProcessorV1(_V1Base):  # type: ignore[misc,valid-type]
 
     def _drop(self, i: int) -> None:
         self.outputs.pop(i, None)
-        q = self.reqs.pop(i, None)
-        if q is not None and not isinstance(q, _Unopened):
-            self.guard.close(q)
+        self.guard.close(self.reqs.pop(i, None))
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         if self.inert:
             return logits
-        rows, end = [], []
+        rows = []
         for i, q in self.reqs.items():
-            if i >= logits.shape[0]:
-                continue
-            out = self.outputs.get(i, [])
-            if isinstance(q, _Unopened) or not _checked(q, out[-1] if out and q.tokens else None):
-                end.append(i)
-            else:
-                rows.append((i, q))
-        self.guard.batch.guard(logits, rows)
-        _force_end(logits, end, self.guard.batch.eos)
+            if i < logits.shape[0]:
+                out = self.outputs.get(i, [])
+                rows.append((i, q, out[-1] if out and q.tokens else None))
+        self.guard.step(logits, rows)
         return logits
 
 
@@ -323,9 +328,7 @@ class FseLogitsProcessorV2(_V2Base):  # type: ignore[misc,valid-type]
     def add_request(self, req_idx: int, sampling_params: Any) -> bool:
         if self.inert:
             return False
-        q = self.reqs.pop(req_idx, None)  # the slot's previous occupant is done
-        if q is not None and not isinstance(q, _Unopened):
-            self.guard.close(q)
+        self.guard.close(self.reqs.pop(req_idx, None))  # the slot's previous occupant is done
         self.pending.pop(req_idx, None)
         args = guard_args(sampling_params)
         if args is None:
@@ -353,14 +356,7 @@ class FseLogitsProcessorV2(_V2Base):  # type: ignore[misc,valid-type]
             idx = torch.tensor([slot for _, slot, _ in stepped], device=st.all_token_ids.gpu.device)
             last = st.all_token_ids.gpu[idx, st.total_len.gpu[idx].long() - 1].tolist()
             committed = {slot: int(t) for (_, slot, _), t in zip(stepped, last, strict=True)}
-        rows, end = [], []
-        for pos, slot, q in guarded:
-            if isinstance(q, _Unopened) or not _checked(q, committed.get(slot)):
-                end.append(pos)
-            else:
-                rows.append((pos, q))
-        self.guard.batch.guard(logits, rows)
-        _force_end(logits, end, self.guard.batch.eos)
+        self.guard.step(logits, [(pos, q, committed.get(slot)) for pos, slot, q in guarded])
         return logits
 
 

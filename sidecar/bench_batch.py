@@ -33,6 +33,7 @@ from .bench import _table
 from .config import SidecarConfig
 from .core.compact import moments_and_top
 from .core.sampling import SamplingParams
+from .core.session import Session
 from .core.vocab import Vocabulary
 from .ring import RingWriter
 from .service import GuardService
@@ -61,14 +62,19 @@ class _Lane:
     def __init__(self, service: GuardService, digest: str, batch: int, kind: str, pool: list[Any]) -> None:
         self.service, self.batch, self.kind, self.pool, self.digest = service, batch, kind, pool, digest
         self.ring = RingWriter.create(slots=1, rows=batch, vocab_size=VOCAB, topk=K)
-        self.sessions = []
-        for i in range(batch):
-            params = SamplingParams() if i % 2 == 0 else SamplingParams(temperature=0.8, top_k=40, seed=i)
-            req = pb.OpenSessionRequest(
-                session_id=f"{kind}-{batch}-{i}", vocab_digest=digest, sampling=params_to_pb(params), ring_name=self.ring.name
+        self.sessions = [
+            self._open(
+                f"{kind}-{batch}-{i}", SamplingParams() if i % 2 == 0 else SamplingParams(temperature=0.8, top_k=40, seed=i)
             )
-            self.sessions.append(service.open_session(req))
+            for i in range(batch)
+        ]
         self.turn = itertools.count()
+
+    def _open(self, session_id: str, params: SamplingParams) -> Session:
+        req = pb.OpenSessionRequest(
+            session_id=session_id, vocab_digest=self.digest, sampling=params_to_pb(params), ring_name=self.ring.name
+        )
+        return self.service.open_session(req)
 
     def frame(self) -> list[pb.StepRequest]:
         """Write the next frame (not timed) and the batch request that names its rows."""
@@ -105,13 +111,7 @@ class _Lane:
         for i, s in enumerate(self.sessions):
             if s.aborted:
                 self.service.close_session(s.session_id, s.secret)
-                req = pb.OpenSessionRequest(
-                    session_id=f"{s.session_id}.r",
-                    vocab_digest=self.digest,
-                    sampling=params_to_pb(s.params),
-                    ring_name=self.ring.name,
-                )
-                self.sessions[i] = self.service.open_session(req)
+                self.sessions[i] = self._open(f"{s.session_id}.r", s.params)
 
     def close(self) -> None:
         self.ring.close()
