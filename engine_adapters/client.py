@@ -224,6 +224,9 @@ class ClientTls:
         )
 
 
+LANES = ("grpc", "grpc-unary", "shm")
+
+
 class GuardClient:
     """A connection to one sidecar. ``target``: ``unix:/path.sock`` or ``host:port``
     (with ``tls`` for a sidecar that serves mTLS)."""
@@ -299,10 +302,12 @@ class GuardClient:
         model_id: str = "",
         lane: str = "grpc",
     ) -> GuardedSession:
-        """``lane``: "grpc" (any engine, the default) or "shm" (co-located: the step and the
+        """``lane``: "grpc" (any engine, the default: a Steps stream), "grpc-unary" (one Step
+        call per token: for engines or proxies that cannot hold a stream open; each call pays
+        its own set-up) or "shm" (co-located: the step and the
         verdict go through ``ring``, which needs a verdict area, and two eventfds)."""
-        if lane not in ("grpc", "shm"):
-            raise ValueError(f"lane must be 'grpc' or 'shm', got {lane!r}")
+        if lane not in LANES:
+            raise ValueError(f"lane must be one of {', '.join(LANES)}, got {lane!r}")
         if lane == "shm" and (ring is None or not ring.layout.lane):
             raise ValueError(
                 "the shm lane needs a ring made with a verdict capacity (RingWriter.create(..., verdict_capacity=...))"
@@ -343,6 +348,7 @@ class GuardClient:
             )
         vocab_size = self._vocab_sizes.get(vocab_digest, ring.layout.vocab_size if ring is not None else 0)
         session = GuardedSession(self, sid, r.session_tag, ring, vocab_size, r.policy_digest, r.genesis_hash, r.session_secret)
+        session.unary = lane == "grpc-unary"
         if lane == "shm":
             assert ring is not None
             try:
@@ -509,6 +515,7 @@ class GuardedSession:
         # The Steps stream (and its threads) only for the gRPC lane, opened at the first
         # step: a fast-lane session never sends a gRPC message per token.
         self._stream: StreamCall | None = None
+        self.unary = False  # lane "grpc-unary": one Step call per token instead of the stream
 
     def step(self, logits: np.ndarray) -> pb.Verdict:
         """Verdict for the next step's logits row; raises GuardError unless it verifies."""
@@ -588,9 +595,15 @@ class GuardedSession:
                 item.request.inline.data = np.ascontiguousarray(logits, dtype="<f4").tobytes()
                 item.request.inline.dtype = pb.DTYPE_F32
             t1 = time.perf_counter()
-            if self._stream is None:
-                self._stream = StreamCall(self.client._stub.Steps)
-            resp = self._stream.roundtrip(item, self.client.step_timeout, f"step {step}").response
+            if self.unary:
+                try:
+                    resp = self.client._stub.Step(item.request, timeout=self.client.step_timeout)
+                except grpc.RpcError as exc:
+                    raise _rpc_error(exc, f"Step {step}") from None
+            else:
+                if self._stream is None:
+                    self._stream = StreamCall(self.client._stub.Steps)
+                resp = self._stream.roundtrip(item, self.client.step_timeout, f"step {step}").response
             t2 = time.perf_counter()
         finally:
             if slot is not None:

@@ -19,7 +19,7 @@ import time
 
 from sidecar._pb.fse.v1 import guard_pb2 as pb
 from sidecar.errors import GuardUnavailable, VerdictRejected
-from sidecar.ring import REQUEST_PING, RingWriter
+from sidecar.ring import LANE_GOODBYE_BYTES, REQUEST_PING, RingWriter
 
 
 class LaneChannel:
@@ -64,7 +64,7 @@ class LaneChannel:
             rung = False
             for fd, ev in self._poll.poll(left * 1e3):
                 if fd == self.sock.fileno():
-                    raise GuardUnavailable(f"{what}: the sidecar closed the fast lane (it stopped or dropped the session)")
+                    raise GuardUnavailable(f"{what}: the sidecar closed the fast lane ({self._goodbye()})")
                 if ev & select.POLLIN:
                     with contextlib.suppress(BlockingIOError):
                         os.eventfd_read(self.answer_fd)
@@ -83,6 +83,14 @@ class LaneChannel:
                     return pb.StepResponse.FromString(answers[0])
                 except Exception:  # noqa: BLE001 - any unparsable answer fails closed
                     raise VerdictRejected(f"{what}: the verdict area holds no StepResponse") from None
+
+    def _goodbye(self) -> str:
+        """Why the sidecar hung up, when it said (a broken ring); else what a silent hang-up means."""
+        try:
+            why = self.sock.recv(LANE_GOODBYE_BYTES, socket.MSG_DONTWAIT)
+        except OSError:
+            why = b""
+        return why.decode("utf-8", "replace") if why else "it stopped or dropped the session"
 
     def close(self) -> None:
         for fd in (self.request_fd, self.answer_fd):

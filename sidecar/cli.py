@@ -132,6 +132,10 @@ def _bench(args: argparse.Namespace) -> int:
         from .bench_batch import run_batch_bench
 
         return run_batch_bench(args)
+    if args.suite == "load":
+        from .bench_load import run_load_bench
+
+        return run_load_bench(args)
     if args.suite == "quality":
         from .bench_quality import run_quality_bench
 
@@ -224,11 +228,12 @@ def build_parser() -> argparse.ArgumentParser:
         "suite",
         nargs="?",
         default="all",
-        choices=["all", "batch", "fse", "quality", "ring"],
+        choices=["all", "batch", "fse", "load", "quality", "ring"],
         help="all: transport, metrics, model (default); fse: the streaming matcher against rescanning; "
         "quality: the default policy on healthy, garbage and looping generations; "
         "ring: reading a row by pread against a view of a mapping; "
-        "batch: the sidecar's cost per row of a batch step, FULL against COMPACT frames",
+        "batch: the sidecar's cost per row of a batch step, FULL against COMPACT frames; "
+        "load: a soak of many concurrent sessions (verdicts/s, latency, the sidecar's memory, the audit files)",
     )
     b.add_argument(
         "--out", type=Path, default=Path("bench-results/bench.json"), help="JSON results file (fse: bench-fse.json beside it)"
@@ -248,6 +253,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--config", type=Path, help="quality: a sidecar YAML whose 'default' policy is judged")
     b.add_argument("--ring-rounds", type=int, default=200, help="ring: rounds of each reader in turn")
     b.add_argument("--batch-rounds", type=int, default=15, help="batch: rounds of every batch size and frame kind in turn")
+    b.add_argument("--sessions", type=int, default=16, help="load: guarded sessions at once")
+    b.add_argument("--minutes", type=float, default=1.0, help="load: how long")
+    b.add_argument("--engines", type=int, default=2, help="load: engine processes sharing the sessions")
+    b.add_argument("--lane", choices=["grpc", "shm", "both"], default="both", help="load: the verdict lane (both: alternate)")
+    b.add_argument("--vocab", type=int, default=32_000, help="load: synthetic vocabulary size")
+    b.add_argument("--tokens-per-session", type=int, default=256, help="load: steps before a session closes and the next opens")
+    b.add_argument("--target", help="load: a running sidecar (unix:/path.sock or host:port) instead of starting one")
+    b.add_argument("--public-key", type=Path, help="load: with --target, the key its verdicts verify with")
+    b.add_argument("--pid", type=int, help="load: with --target, its process id (memory is read from /proc)")
+    b.add_argument("--audit-dir", type=Path, help="load: with --target, its audit directory (files checked at the end)")
     b.set_defaults(func=_bench)
     return p
 

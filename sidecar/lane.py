@@ -35,7 +35,7 @@ from pathlib import Path
 from ._pb.fse.v1 import guard_pb2 as pb
 from .core.session import Session
 from .errors import FseError
-from .ring import REQUEST_ECHO, REQUEST_PING
+from .ring import LANE_GOODBYE_BYTES, REQUEST_ECHO, REQUEST_PING
 from .service import GuardService
 
 log = logging.getLogger("fse.lane")
@@ -66,15 +66,15 @@ class _Lane:
         service = self.server.service
         try:
             s = service.session(self.session_id)
-        except FseError:
-            self.close()
+        except FseError as exc:
+            self.close(str(exc))
             return
         for slot in range(self.reader.layout.slot_count):
             try:
                 frame_seq, _deadline, n_rows, flags = self.reader.request(slot)
-            except FseError as exc:
+            except FseError as exc:  # the ring cannot be read (truncated under us): no answer can go in it
                 log.debug("lane %s: %s", self.session_id, exc)
-                self.close()
+                self.fault(str(exc))
                 return
             if frame_seq <= self.done[slot]:
                 continue
@@ -89,9 +89,9 @@ class _Lane:
                 answers = [self._answer(s, slot, row, frame_seq) for row in range(rows)]
             try:
                 self.reader.write_verdicts(slot, frame_seq, answers, (time.perf_counter_ns() - t0) // 1000)
-            except FseError as exc:  # no verdict in the ring: the engine's deadline fails it closed
+            except FseError as exc:  # no verdict in the ring: the engine is told on the socket
                 log.warning("lane %s: %s", self.session_id, exc)
-                self.close()
+                self.fault(str(exc))
                 return
             os.eventfd_write(self.answer_fd, 1)
         after = self.server.after_answer
@@ -122,10 +122,19 @@ class _Lane:
             self.server.service.drop_session(self.session_id)
             self.close()
 
-    def close(self) -> None:
+    def fault(self, why: str) -> None:
+        """The lane cannot go on (its ring is broken): the session ends, the engine is told why."""
+        self.close(why)
+        self.server.service.drop_session(self.session_id)
+
+    def close(self, why: str = "") -> None:
+        """Hang up; ``why`` goes to the engine first, on the socket (it reads it at the hang-up)."""
         if self.closed:
             return
         self.closed = True
+        if why:
+            with contextlib.suppress(OSError):
+                self.conn.send(why.encode("utf-8", "replace")[:LANE_GOODBYE_BYTES])
         loop = self.server.loop
         for fd in (self.request_fd, self.conn.fileno()):
             with contextlib.suppress(Exception):

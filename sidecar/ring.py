@@ -49,6 +49,7 @@ LANE_VERDICT_HEAD = 16
 _VERDICT_COUNTS = struct.Struct("<II")  # n_verdicts, service_us
 REQUEST_ECHO = 1  # answer with an empty StepResponse, judge nothing (the lane's own cost)
 REQUEST_PING = 2  # ring back only (the doorbells' cost)
+LANE_GOODBYE_BYTES = 1024  # at most this much UTF-8 reason on the lane socket before a hang-up
 
 # dtype code -> (numpy dtype of a stored FULL-row element, name)
 DTYPES: dict[int, tuple[np.dtype, str]] = {
