@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import socket
 from collections.abc import Iterator
@@ -85,3 +87,34 @@ def hf_model():
     from engine_adapters.hf import load_embedded
 
     return load_embedded()
+
+
+# -- what the fault matrix and the fuzzing did, for scripts/gen_reliability.py ------------------
+# With FSE_RELIABILITY_OUT=FILE, each fault-matrix case and each hostile-input test's outcome
+# is written to FILE as JSON when the run ends (README "Reliability" is made from it).
+_OUTCOMES: list[dict] = []
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):  # type: ignore[no-untyped-def]
+    report = yield
+    if os.environ.get("FSE_RELIABILITY_OUT") and (report.when == "call" or report.failed):
+        marker = item.get_closest_marker("fault")
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        _OUTCOMES.append(
+            {
+                "test": item.nodeid,
+                "function": getattr(item, "originalname", item.name),
+                "fault": marker.args[0] if marker else None,
+                "lane": params.get("lane"),
+                "outcome": report.outcome,
+                "seconds": round(report.duration, 3),
+            }
+        )
+    return report
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    out = os.environ.get("FSE_RELIABILITY_OUT")
+    if out:
+        Path(out).write_text(json.dumps(_OUTCOMES, indent=1) + "\n")
