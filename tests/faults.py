@@ -74,13 +74,13 @@ def row(i: int) -> np.ndarray:
 
 @dataclass
 class Guarded:
-    """One session under test on its lane; ``tokens``: what the engine emitted (verified)."""
+    """One session under test on its lane; ``verdicts``: the verified verdicts whose tokens
+    the engine emitted, step by step."""
 
     s: GuardedSession
     lane: str
     ring: RingWriter
-    tokens: list[int] = field(default_factory=list)
-    heads: list[bytes] = field(default_factory=list)  # the chain hash of each of them
+    verdicts: list[pb.Verdict] = field(default_factory=list)
 
     def step(self, logits: np.ndarray) -> pb.Verdict:
         if self.lane == "batch":
@@ -90,8 +90,7 @@ class Guarded:
             v = o
         else:
             v = self.s.step(logits)
-        self.tokens.append(v.token_id)
-        self.heads.append(v.chain_hash)
+        self.verdicts.append(v)
         return v
 
     def run(self, n: int, start: int = 0) -> None:
@@ -135,10 +134,10 @@ class Rig:
     def failed_closed(self, g: Guarded) -> None:
         """No token without a verdict: the session is dead and refuses to step again."""
         assert g.s.dead is not None, "the session survived its fault"
-        before = len(g.tokens)
+        before = len(g.verdicts)
         with pytest.raises(GuardError):
             g.step(row(1))
-        assert len(g.tokens) == before
+        assert len(g.verdicts) == before
 
     def audit_file(self, g: Guarded) -> Path:
         """The file of this opening of the session (an id opened again has a file per opening)."""
@@ -161,10 +160,11 @@ class Rig:
         receipt = receipt_json(g.s.receipt) if g.s.receipt is not None else None
         rep = ledger.verify(lines, receipt, TrustedKeys.load(self.public_key).check)
         assert rep.ok, f"{f.name}: {rep.error}"
-        n, head = (g.s.next_step, g.s.chain_hash) if through is None else (through, g.heads[through - 1] if through else b"")
+        n = g.s.next_step if through is None else through
         assert rep.frames >= n, f"{f.name}: {rep.frames} frames for {n} verified verdicts"
         if n:
             frame = json.loads(lines[n])  # line 0 is the genesis
+            head = g.s.chain_hash if through is None else g.verdicts[n - 1].chain_hash
             assert frame["step"] == n - 1 and bytes.fromhex(frame["chain_hash"]) == head
         if closed is not None:
             assert rep.closed == closed
@@ -172,9 +172,9 @@ class Rig:
 
     def unaffected(self, g: Guarded, steps: int = 3) -> None:
         """A bystander steps on, closes with a receipt, and its audit file matches it."""
-        g.run(steps, start=len(g.tokens))
+        g.run(steps, start=len(g.verdicts))
         g.s.close()
-        assert g.s.receipt is not None and g.s.receipt.steps == len(g.tokens)
+        assert g.s.receipt is not None and g.s.receipt.steps == len(g.verdicts)
         if self.audit_dir is not None:
             self.audit_intact(g, closed=True)
 

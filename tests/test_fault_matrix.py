@@ -23,6 +23,8 @@ from sidecar.errors import GuardAbort, GuardUnavailable, StepRefused, VerdictRej
 from sidecar.launch import LocalSidecar, start_local_sidecar
 from sidecar.ring import RingWriter
 from tests.faults import Guarded, Mitm, Rig, fault, row
+from tests.test_audit import _limit_file_size  # an audit file that cannot grow
+from tests.test_trust import _foreign_segment
 
 STEP_TIMEOUT = 1.0
 
@@ -220,18 +222,12 @@ def test_a_truncated_ring_gets_no_verdict(rig: Rig, lane: str) -> None:
     rig.unaffected(bystander)
 
 
-def _foreign(name: str, data: bytes) -> None:
-    fd = os.open(f"/dev/shm/{name}", os.O_CREAT | os.O_RDWR | os.O_EXCL, 0o600)
-    os.write(fd, data)
-    os.close(fd)
-
-
 @fault("ring-foreign", "ring", "another program's segment named as the ring", "refused at open, nothing echoed")
 def test_a_foreign_segment_is_refused_at_open(rig: Rig, lane: str) -> None:
     ring = rig.ring()
     name = ring.name
     ring.close()  # unlinks it: put another program's segment under its name
-    _foreign(name, b"SECRETHEADER" + b"\x07" * 70_000)
+    _foreign_segment(name, b"SECRETHEADER" + b"\x07" * 70_000)
     try:
         impostor = RingWriter.__new__(RingWriter)
         impostor.name, impostor.layout = name, ring.layout
@@ -355,6 +351,7 @@ def _verdict_fault(shared, keys, mitm: Mitm, lane: str, mode: str) -> None:
     rig = Rig(mitm.target if lane != "shm" else sc.target, keys.public, audit, lane, STEP_TIMEOUT)
     try:
         sid = f"victim-{uuid.uuid4().hex[:8]}"
+        earlier = None
         if mode == "cross_opening":
             earlier = rig.open(session_id=sid)
             earlier.run(4)
@@ -364,8 +361,8 @@ def _verdict_fault(shared, keys, mitm: Mitm, lane: str, mode: str) -> None:
         bystander.run(4)  # a step ahead: its step-3 verdict exists when the victim's is altered
         expected, match = _VERDICT_FAULTS[mode]
         if lane == "shm":
-            exc = _tamper_shm(sc, rig, victim, bystander, mode)
-            assert isinstance(exc, expected) and exc is not None, repr(exc)
+            exc = _tamper_shm(sc, victim, earlier or bystander, mode)
+            assert isinstance(exc, expected), repr(exc)
             assert re.search(match, str(exc)), str(exc)
         else:
             mitm.arm(mode, sid)
@@ -379,57 +376,24 @@ def _verdict_fault(shared, keys, mitm: Mitm, lane: str, mode: str) -> None:
         rig.close()
 
 
-def _tamper_shm(sc: LocalSidecar, rig: Rig, victim: Guarded, bystander: Guarded, mode: str) -> BaseException | None:
-    """On the fast lane the attacker writes into the ring's verdict area instead."""
+def _tamper_shm(sc: LocalSidecar, victim: Guarded, other: Guarded, mode: str) -> BaseException | None:
+    """On the fast lane the attacker writes into the ring's verdict area instead: the
+    victim's step-3 answer altered, or replaced by its step-2 verdict or by ``other``'s
+    step-3 verdict (another session's, or an earlier opening's of the same id)."""
     from tests.test_lane import _tamper_during_step, _write_answer
-
-    bystander_v3 = pb.StepResponse(verdict=_last(bystander, rig, step=3))
-    mine_prev = pb.StepResponse(verdict=_last(victim, rig, step=2))
-    earlier = _earlier_opening_verdict(rig, victim, step=3)
 
     def forge(slot: int, seq: int) -> None:
         if mode == "forged":
             v = pb.Verdict()
-            v.CopyFrom(mine_prev.verdict)
-            v.step, v.token_id = 3, 9
-            v.prev_chain_hash = victim.s.chain_hash
-            _write_answer(victim.ring, slot, seq, [pb.StepResponse(verdict=v).SerializeToString()])
+            v.CopyFrom(victim.verdicts[2])
+            v.step, v.token_id, v.prev_chain_hash = 3, 9, victim.s.chain_hash  # a step-3 verdict nobody signed
         elif mode == "replayed":
-            _write_answer(victim.ring, slot, seq, [mine_prev.SerializeToString()])
-        elif mode == "cross_session":
-            _write_answer(victim.ring, slot, seq, [bystander_v3.SerializeToString()])
+            v = victim.verdicts[2]
         else:
-            assert earlier is not None
-            _write_answer(victim.ring, slot, seq, [earlier.SerializeToString()])
+            v = other.verdicts[3]
+        _write_answer(victim.ring, slot, seq, [pb.StepResponse(verdict=v).SerializeToString()])
 
     return _tamper_during_step(sc, victim.s, row(9), forge)
-
-
-_HISTORY: dict[tuple[str, str, int], pb.Verdict] = {}
-
-
-def _last(g: Guarded, rig: Rig, step: int) -> pb.Verdict:
-    return _HISTORY[(g.s.session_id, g.s.genesis.hex(), step)]
-
-
-def _earlier_opening_verdict(rig: Rig, victim: Guarded, step: int) -> pb.StepResponse | None:
-    for (sid, genesis, st), v in _HISTORY.items():
-        if sid == victim.s.session_id and genesis != victim.s.genesis.hex() and st == step:
-            return pb.StepResponse(verdict=v)
-    return None
-
-
-@pytest.fixture(autouse=True)
-def _keep_verdicts(monkeypatch) -> None:
-    """Remember every verdict the harness's sessions verified (the shm attacker re-sends them)."""
-    step = Guarded.step
-
-    def keeping(self: Guarded, logits: np.ndarray) -> pb.Verdict:
-        v = step(self, logits)
-        _HISTORY[(self.s.session_id, self.s.genesis.hex(), v.step)] = v
-        return v
-
-    monkeypatch.setattr(Guarded, "step", keeping)
 
 
 @fault("verdict-forged", "verdict", "verdict altered in transit (forged)", "rejected: the signature does not verify")
@@ -491,12 +455,6 @@ def test_reordered_verdicts_of_a_batch_are_rejected(shared, keys, mitm, lane: st
 # -- the audit and the policy file -----------------------------------------------------------
 
 
-def _limit_file_size() -> None:
-    import resource
-
-    resource.setrlimit(resource.RLIMIT_FSIZE, (24_000, 24_000))  # an audit file that cannot grow
-
-
 @fault("audit-disk-full", "audit", "audit file cannot grow (disk full)", "a signed ABORT naming the audit; no token")
 def test_a_full_audit_disk_aborts_the_step(own, lane: str) -> None:
     _, rig = own(preexec=_limit_file_size)
@@ -506,7 +464,7 @@ def test_a_full_audit_disk_aborts_the_step(own, lane: str) -> None:
             victim.step(row(i + 10))
     rig.failed_closed(victim)
     # whole frames only: one for every token, none cut in half; the ABORT's own frame could not be written
-    rig.audit_intact(victim, through=len(victim.tokens))
+    rig.audit_intact(victim, through=len(victim.verdicts))
     rig.unaffected(bystander)
 
 
