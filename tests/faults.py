@@ -178,6 +178,15 @@ class Rig:
         if self.audit_dir is not None:
             self.audit_intact(g, closed=True)
 
+    def held(self, victim: Guarded, bystander: Guarded, **audit: Any) -> ledger.Report:
+        """The checks after a fault that ended ``victim`` alone: it failed closed, its audit
+        file is intact up to the fault (``audit``: :meth:`audit_intact`'s options), and the
+        bystander was unaffected. Returns the victim's audit report."""
+        self.failed_closed(victim)
+        rep = self.audit_intact(victim, **audit)
+        self.unaffected(bystander)
+        return rep
+
     def close(self) -> None:
         for g in self.opened:
             if g.s.dead is None:

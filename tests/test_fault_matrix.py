@@ -114,9 +114,7 @@ def test_a_stopped_sidecar_fails_the_step_at_its_deadline(own, lane: str) -> Non
         assert time.monotonic() - t0 < STEP_TIMEOUT + 1.0
     finally:
         os.kill(sc.proc.pid, signal.SIGCONT)
-    rig.failed_closed(victim)
-    rig.audit_intact(victim)
-    rig.unaffected(bystander)
+    rig.held(victim, bystander)
 
 
 @fault(
@@ -173,9 +171,7 @@ def test_a_torn_frame_gets_no_verdict(rig: Rig, lane: str) -> None:
     _hooked(victim, lambda ring, slot: ring.begin_raw(slot))
     with pytest.raises(StepRefused, match="torn"):
         victim.step(row(9))
-    rig.failed_closed(victim)
-    rig.audit_intact(victim)
-    rig.unaffected(bystander)
+    rig.held(victim, bystander)
 
 
 def _overwrite(ring: RingWriter, slot: int) -> None:
@@ -189,9 +185,7 @@ def test_a_stale_frame_gets_no_verdict(rig: Rig, lane: str) -> None:
     _hooked(victim, _overwrite)
     with pytest.raises(StepRefused, match=r"frame|seq|stale"):
         victim.step(row(9))
-    rig.failed_closed(victim)
-    rig.audit_intact(victim)
-    rig.unaffected(bystander)
+    rig.held(victim, bystander)
 
 
 @fault("ring-truncated", "ring", "ring truncated under the sidecar", "refused; the sidecar serves on")
@@ -217,9 +211,7 @@ def test_a_truncated_ring_gets_no_verdict(rig: Rig, lane: str) -> None:
         _hooked(victim, truncate)
     with pytest.raises((StepRefused, GuardUnavailable), match=r"truncated|smaller|bytes|beyond|Bus|size"):
         victim.step(row(9))
-    rig.failed_closed(victim)
-    rig.audit_intact(victim)
-    rig.unaffected(bystander)
+    rig.held(victim, bystander)
 
 
 @fault("ring-foreign", "ring", "another program's segment named as the ring", "refused at open, nothing echoed")
@@ -261,9 +253,7 @@ def test_non_finite_logits_abort_with_the_reason(rig: Rig, lane: str, bad: float
     x[17] = bad
     with pytest.raises(GuardAbort, match="non_finite|finite"):
         victim.step(x)
-    rig.failed_closed(victim)
-    assert rig.audit_intact(victim).tally.aborted == 1  # the ABORT is in the chain
-    rig.unaffected(bystander)
+    assert rig.held(victim, bystander).tally.aborted == 1  # the ABORT is in the chain
 
 
 @fault("input-vocab-size", "input", "ring of another vocabulary size", "refused at open naming both sizes")
@@ -283,10 +273,8 @@ def _misstep(rig: Rig, lane: str, shift: int, match: str) -> None:
     victim.s.next_step += shift  # a confused engine: the step it names is not the next one
     with pytest.raises((StepRefused, GuardUnavailable), match=match):
         victim.step(row(9))
-    rig.failed_closed(victim)
-    victim.s.next_step -= shift
-    rig.audit_intact(victim)
-    rig.unaffected(bystander)
+    victim.s.next_step -= shift  # (a dead session steps no more: it refuses before naming a step)
+    rig.held(victim, bystander)
 
 
 @fault("step-twice", "input", "a step sent twice", "refused naming the expected step")
@@ -307,9 +295,7 @@ def test_a_step_for_a_closed_session_is_refused(rig: Rig, lane: str) -> None:
     assert closed.steps == 3
     with pytest.raises(GuardUnavailable, match=r"NOT_FOUND|no session|hung up|closed"):
         victim.step(row(9))
-    rig.failed_closed(victim)
-    rig.audit_intact(victim, closed=True)
-    rig.unaffected(bystander)
+    rig.held(victim, bystander, closed=True)
 
 
 @fault("step-after-abort", "input", "a step after the session's ABORT", "refused: the session has ended")
@@ -323,9 +309,7 @@ def test_a_step_after_abort_is_refused(rig: Rig, lane: str) -> None:
     victim.s._stream = victim.s.lane = None  # (the failed session hung up its channel: a new one)
     with pytest.raises((StepRefused, GuardUnavailable), match=r"abort|ended|FAILED_PRECONDITION|NOT_FOUND"):
         victim.step(row(10))
-    rig.failed_closed(victim)
-    rig.audit_intact(victim)
-    rig.unaffected(bystander)
+    rig.held(victim, bystander)
 
 
 # -- what comes back -------------------------------------------------------------------------
@@ -369,9 +353,7 @@ def _verdict_fault(shared, keys, mitm: Mitm, lane: str, mode: str) -> None:
             with pytest.raises(expected, match=match):
                 victim.step(row(9))
             assert mitm.fired == 1
-        rig.failed_closed(victim)
-        rig.audit_intact(victim)
-        rig.unaffected(bystander)
+        rig.held(victim, bystander)
     finally:
         rig.close()
 
@@ -462,10 +444,8 @@ def test_a_full_audit_disk_aborts_the_step(own, lane: str) -> None:
     with pytest.raises(GuardAbort, match="audit"):
         for i in range(10_000):
             victim.step(row(i + 10))
-    rig.failed_closed(victim)
     # whole frames only: one for every token, none cut in half; the ABORT's own frame could not be written
-    rig.audit_intact(victim, through=len(victim.verdicts))
-    rig.unaffected(bystander)
+    rig.held(victim, bystander, through=len(victim.verdicts))
 
 
 @fault("audit-unwritable", "audit", "audit directory unwritable", "new sessions refused; open ones go on")
