@@ -15,6 +15,7 @@ It never returns a token without a valid verdict; after any error the session is
 
 from __future__ import annotations
 
+import hashlib
 import queue
 import threading
 import time
@@ -35,7 +36,7 @@ from sidecar.core.sampling import SamplingParams
 from sidecar.core.vocab import vocab_digest
 from sidecar.errors import FseError, GuardAbort, GuardError, GuardUnavailable, StepRefused, VerdictRejected
 from sidecar.ring import FrameWriter, RingWriter
-from sidecar.signing import TrustedKeys, Verifier
+from sidecar.signing import SEAL_DIGEST_BYTES, TrustedKeys, Verifier, verdict_bytes
 from sidecar.wire import params_from_pb, params_to_pb
 
 from .lane import LaneChannel
@@ -158,11 +159,14 @@ class Expected:
     vocab_size: int  # 0 when unknown to this client
 
 
-def check_verdict(resp: pb.StepResponse, expect: Expected, trusted: TrustedKeys) -> pb.Verdict:
+def check_verdict(
+    resp: pb.StepResponse, expect: Expected, trusted: TrustedKeys, sealed: tuple[str, bytes] | None = None
+) -> pb.Verdict:
     """The verdict in ``resp`` when it may be forced; else raise (VERDICT.md "What an adapter
     checks", in that order): StepRefused for an error answer, VerdictRejected (``.check``
     names the check) for a verdict that does not verify or bind, GuardAbort for a genuine
-    ABORT."""
+    ABORT. ``sealed``: the verdict came in a sealed batch whose seal verified: (the seal's
+    key id, its digest for this row) stand for the verdict's own signature."""
     step = expect.step
     if resp.HasField("error"):
         e = resp.error
@@ -171,7 +175,14 @@ def check_verdict(resp: pb.StepResponse, expect: Expected, trusted: TrustedKeys)
     v = resp.verdict
     if not trusted.trusts(v.key_id):
         raise VerdictRejected(f"step {step}: verdict names key {v.key_id!r}, which this adapter does not trust", "key")
-    if not trusted.verify(v):
+    if sealed is not None:
+        if v.key_id != sealed[0] or hashlib.sha256(verdict_bytes(v)).digest() != sealed[1]:
+            raise VerdictRejected(
+                f"step {step}: verdict is not the one the batch seal signed for its row "
+                "(altered, replayed or moved: its signature does not verify)",
+                "seal",
+            )
+    elif not trusted.verify(v):
         raise VerdictRejected(f"step {step}: verdict signature does not verify with its key {v.key_id}", "signature")
     if v.session_id != expect.session_id:
         raise VerdictRejected(f"step {step}: verdict is for session {v.session_id!r}, not {expect.session_id!r}", "session")
@@ -380,6 +391,7 @@ class GuardClient:
             else:
                 live.append(i)
         batch = pb.StepsRequest()
+        batch.batch.seal = True  # one signature for the batch: one check here instead of one a row
         slot = None
         try:
             if ring is not None and live:
@@ -412,6 +424,13 @@ class GuardClient:
             resp = self._batch_stream.roundtrip(batch, self.step_timeout, f"a batch of {len(live)} steps").batch
             if len(resp.responses) != len(live):
                 raise VerdictRejected(f"a batch of {len(live)} steps was answered with {len(resp.responses)} responses")
+            if any(r.HasField("verdict") for r in resp.responses) and not (
+                resp.HasField("seal") and self.trusted.verify_seal(resp.seal, len(resp.responses))
+            ):
+                raise VerdictRejected(
+                    f"the batch's seal is missing or does not verify (key {resp.seal.key_id!r}): no row's verdict can be trusted",
+                    "seal",
+                )
         except Exception as exc:  # no verdict for any row: every session of the batch ends
             if self._batch_stream is not None and isinstance(exc, GuardUnavailable):
                 self._batch_stream.close()
@@ -422,10 +441,11 @@ class GuardClient:
         finally:
             if slot is not None:
                 ring.release(slot)  # type: ignore[union-attr]
-        for i, answer in zip(live, resp.responses, strict=True):
+        size = SEAL_DIGEST_BYTES
+        for n, (i, answer) in enumerate(zip(live, resp.responses, strict=True)):
             s = rows[i][0]
             try:
-                out[i] = s._verify(s.next_step, answer)
+                out[i] = s._verify(s.next_step, answer, (resp.seal.key_id, resp.seal.digests[n * size : (n + 1) * size]))
             except GuardError as exc:
                 out[i] = s._failed(exc)
         return cast(list[Outcome], out)
@@ -620,10 +640,10 @@ class GuardedSession:
         r.session_id, r.session_secret, r.step = self.session_id, self._secret, step
         return item
 
-    def _verify(self, step: int, resp: pb.StepResponse) -> pb.Verdict:
+    def _verify(self, step: int, resp: pb.StepResponse, sealed: tuple[str, bytes] | None = None) -> pb.Verdict:
         expect = Expected(self.session_id, step, self.chain_hash, self.policy_digest, self.vocab_size)
         try:
-            v = check_verdict(resp, expect, self.client.trusted)
+            v = check_verdict(resp, expect, self.client.trusted, sealed)
         except GuardAbort:
             self._advance(step, resp.verdict.chain_hash)  # a genuine ABORT is in the chain too
             raise

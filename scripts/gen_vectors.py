@@ -32,7 +32,7 @@ from sidecar.core.vocab import vocab_digest  # noqa: E402
 from sidecar.generated import write_or_check  # noqa: E402
 from sidecar.ring import HEADER_SIZE, RingReader, RingWriter  # noqa: E402
 from sidecar.service import GuardService  # noqa: E402
-from sidecar.signing import Ed25519Signer, HmacSigner, receipt_signed_bytes, verdict_bytes  # noqa: E402
+from sidecar.signing import Ed25519Signer, HmacSigner, receipt_signed_bytes, seal_bytes, verdict_bytes  # noqa: E402
 from sidecar.wire import params_to_pb  # noqa: E402
 
 OUT = ROOT / "proto" / "fse" / "v1" / "vectors.json"
@@ -290,6 +290,29 @@ def receipts(signer: Any, opened: pb.OpenSessionResponse, verdicts: list[pb.Verd
     ]
 
 
+def seals(signer: Any, verdicts: list[pb.Verdict]) -> list[dict[str, Any]]:
+    """A sealed batch of three rows (VERDICT.md "Batch seal"): two verdicts, unsigned, and
+    between them a row answered with an error (its digest is 32 zero bytes)."""
+    resp = pb.StepBatchResponse()
+    for v in (verdicts[0], None, verdicts[1]):
+        r = resp.responses.add()
+        if v is None:
+            r.error.session_id, r.error.step, r.error.code, r.error.message = "vec-2", 0, 5, "session 'vec-2' is not open"
+        else:
+            r.verdict.CopyFrom(v)
+            r.verdict.ClearField("signature")
+    rows = [r.verdict if r.HasField("verdict") else None for r in resp.responses]
+    resp.seal.CopyFrom(signer.seal(rows))
+    return [
+        {
+            "algorithm": signer.algorithm,
+            "response_hex": _hex(resp.SerializeToString(deterministic=True)),
+            "seal_bytes_hex": _hex(seal_bytes(resp.seal.key_id, len(rows), resp.seal.digests)),
+            "signature_hex": _hex(resp.seal.signature),
+        }
+    ]
+
+
 def ring_cases() -> dict[str, Any]:
     """A 2-slot FULL ring of 8 f32 logits: the bytes after one frame, and the frames a reader refuses."""
     row = np.asarray([0.5, -1.0, 2.25, 0.0, 3.5, -0.125, 1.0, 8.0], dtype=np.float32)
@@ -409,6 +432,7 @@ def build() -> dict[str, Any]:
         "verdicts": verdict_cases(opened, verdicts, ed, other, "ed25519")
         + verdict_cases(hm_opened, hm_verdicts, hm, other, "hmac-sha256"),
         "receipts": receipts(ed, opened, verdicts) + receipts(hm, hm_opened, hm_verdicts),
+        "seals": seals(ed, verdicts) + seals(hm, hm_verdicts),
         "ring": ring_cases(),
     }
 

@@ -3,13 +3,17 @@ FULL against COMPACT frames, at a 128k vocabulary (Llama 3's 128,256 ids).
 
 For each batch size (1, 8, 64, 256) and frame kind, a real ring holds one frame of that
 many rows (FULL: every logit, f32; COMPACT: the moments and the top 64, what a GPU
-engine ships), and :meth:`GuardService.step_batch` judges them all: the read out of the
-ring (one pass per frame), statistics, the seeded sampler, the default policy's guards,
-the chain and an Ed25519 signature per row. Half the sessions sample greedily, half with
-top-k 40 at T = 0.8 (both coverable by 64 entries). Timed in one process, the sizes and
-kinds interleaved round after round so that machine noise falls on all of them alike;
-per-row costs are medians of (batch time / rows), ratios are medians of per-round ratios.
-The engine's writes into the ring are not timed (they are the engine's cost).
+engine ships), and the sidecar answers the batch as its gRPC handler does
+(:func:`sidecar.server.answer_batch`): the read out of the ring (one pass per frame),
+statistics, the seeded sampler, the default policy's guards, the chain, the response, and
+one Ed25519 seal over the batch (what the client asks for). Beside them, COMPACT batches
+answered with an Ed25519 signature per verdict (no seal), and the engine's check of each
+answer's signatures (the seal and a digest a row, or a signature a row). Half the sessions
+sample greedily, half with top-k 40 at T = 0.8 (both coverable by 64 entries). Timed in
+one process, the sizes and kinds interleaved round after round so that machine noise
+falls on all of them alike; per-row costs are medians of (batch time / rows), ratios are
+medians of per-round ratios. The engine's writes into the ring are not timed (they are
+the engine's cost).
 
 Prints a table, writes JSON, asserts nothing.
 """
@@ -17,6 +21,7 @@ Prints a table, writes JSON, asserts nothing.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import json
 import platform
@@ -36,8 +41,9 @@ from .core.sampling import SamplingParams
 from .core.session import Session
 from .core.vocab import Vocabulary
 from .ring import RingWriter
+from .server import answer_batch
 from .service import GuardService
-from .signing import Ed25519Signer
+from .signing import SEAL_DIGEST_BYTES, Ed25519Signer, Ed25519Verifier, TrustedKeys, verdict_bytes
 from .wire import params_to_pb
 
 VOCAB = 128_256
@@ -56,15 +62,20 @@ def _rows(n: int, seed: int = 0) -> list[np.ndarray]:
     return out
 
 
+KINDS = ("FULL", "COMPACT", "COMPACT signed each")
+
+
 class _Lane:
     """One batch size and frame kind: a ring, its sessions, and the next frame to judge."""
 
-    def __init__(self, service: GuardService, digest: str, batch: int, kind: str, pool: list[Any]) -> None:
+    def __init__(self, service: GuardService, trusted: TrustedKeys, digest: str, batch: int, kind: str, pool: list[Any]) -> None:
         self.service, self.batch, self.kind, self.pool, self.digest = service, batch, kind, pool, digest
+        self.trusted, self.sealed = trusted, kind != "COMPACT signed each"
         self.ring = RingWriter.create(slots=1, rows=batch, vocab_size=VOCAB, topk=K)
         self.sessions = [
             self._open(
-                f"{kind}-{batch}-{i}", SamplingParams() if i % 2 == 0 else SamplingParams(temperature=0.8, top_k=40, seed=i)
+                f"{kind.replace(' ', '_')}-{batch}-{i}",
+                SamplingParams() if i % 2 == 0 else SamplingParams(temperature=0.8, top_k=40, seed=i),
             )
             for i in range(batch)
         ]
@@ -93,18 +104,30 @@ class _Lane:
             for i, s in enumerate(self.sessions)
         ]
 
-    def step(self) -> float:
-        """Seconds the sidecar spends on one batch step of this lane."""
+    def step(self) -> tuple[float, float]:
+        """Seconds the sidecar spends on one batch step of this lane, and the engine's
+        check of the answer's signatures."""
         reqs = self.frame()
         t0 = time.perf_counter()
-        out = self.service.step_batch(reqs)
-        dt = time.perf_counter() - t0
-        bad = [o for o in out if not isinstance(o, pb.Verdict)]
-        if bad:
-            raise RuntimeError(f"{self.kind} batch of {self.batch}: {bad[0]}")
-        if any(v.decision == pb.DECISION_ABORT for v in out):  # type: ignore[union-attr]
+        resp = answer_batch(self.service, reqs, seal=self.sealed)
+        t1 = time.perf_counter()
+        ok = self.check(resp)
+        t2 = time.perf_counter()
+        bad = [r.error.message for r in resp.responses if r.HasField("error")]
+        if bad or not ok:
+            raise RuntimeError(f"{self.kind} batch of {self.batch}: {bad[0] if bad else 'signatures do not verify'}")
+        if any(r.verdict.decision == pb.DECISION_ABORT for r in resp.responses):
             self.reopen()
-        return dt
+        return t1 - t0, t2 - t1
+
+    def check(self, resp: pb.StepBatchResponse) -> bool:
+        """What the engine's client checks of the signatures (engine_adapters.client)."""
+        if not self.sealed:
+            return all(self.trusted.verify(r.verdict) for r in resp.responses)
+        d, n = resp.seal.digests, SEAL_DIGEST_BYTES
+        return self.trusted.verify_seal(resp.seal, len(resp.responses)) and all(
+            hashlib.sha256(verdict_bytes(r.verdict)).digest() == d[i * n : (i + 1) * n] for i, r in enumerate(resp.responses)
+        )
 
     def reopen(self) -> None:
         """Sessions that aborted are replaced (the bench measures steps, not their outcomes)."""
@@ -121,17 +144,22 @@ def bench_batch(rounds: int, batches: tuple[int, ...] = BATCHES) -> dict[str, An
     full = _rows(POOL)
     compact = [moments_and_top(x, K) for x in full]
     config = SidecarConfig(max_batch_rows=max(batches), max_sessions=8192)
-    service = GuardService(config, Ed25519Signer(Ed25519PrivateKey.generate()))
+    private = Ed25519PrivateKey.generate()
+    service = GuardService(config, Ed25519Signer(private))
+    trusted = TrustedKeys([Ed25519Verifier(private.public_key())])
     digest = service.add_vocabulary(Vocabulary.build([f"t{i}".encode() for i in range(VOCAB)], VOCAB)).digest
-    lanes = {(b, k): _Lane(service, digest, b, k, full if k == "FULL" else compact) for b in batches for k in ("FULL", "COMPACT")}
+    lanes = {(b, k): _Lane(service, trusted, digest, b, k, full if k == "FULL" else compact) for b in batches for k in KINDS}
     times: dict[tuple[int, str], list[float]] = {key: [] for key in lanes}
+    checks: dict[tuple[int, str], list[float]] = {key: [] for key in lanes}
     try:
         for lane in lanes.values():
             lane.step()  # warm: buffers, caches, first allocations
         for _ in range(rounds):
             for key, lane in lanes.items():
                 reps = max(1, 16 // key[0])  # small batches: several steps per sample
-                times[key].append(sum(lane.step() for _ in range(reps)) / reps / key[0] * 1e6)
+                steps = [lane.step() for _ in range(reps)]
+                times[key].append(sum(s for s, _ in steps) / reps / key[0] * 1e6)
+                checks[key].append(sum(c for _, c in steps) / reps / key[0] * 1e6)
     finally:
         for lane in lanes.values():
             lane.close()
@@ -144,6 +172,9 @@ def bench_batch(rounds: int, batches: tuple[int, ...] = BATCHES) -> dict[str, An
                 "batch": b,
                 "full_us_per_row_p50": round(statistics.median(f), 1),
                 "compact_us_per_row_p50": round(statistics.median(c), 1),
+                "compact_signed_each_us_per_row_p50": round(statistics.median(times[(b, "COMPACT signed each")]), 1),
+                "engine_check_sealed_us_per_row_p50": round(statistics.median(checks[(b, "COMPACT")]), 1),
+                "engine_check_signed_each_us_per_row_p50": round(statistics.median(checks[(b, "COMPACT signed each")]), 1),
                 "compact_over_full": round(statistics.median(x / y for x, y in zip(c, f, strict=True)), 3),
                 "full_over_batch1": round(statistics.median(x / y for x, y in zip(f, times[(1, "FULL")], strict=True)), 3),
                 "compact_over_batch1": round(statistics.median(x / y for x, y in zip(c, times[(1, "COMPACT")], strict=True)), 3),
@@ -163,17 +194,28 @@ def run_batch_bench(args: argparse.Namespace) -> int:
     b = result["bytes_per_row"]
     print(
         _table(
-            f"sidecar µs per row of a batch step, vocab {VOCAB:,} "
+            f"sidecar µs per row of a sealed batch step, vocab {VOCAB:,} "
             f"(FULL {b['FULL']:,} B/row, COMPACT k={K} {b['COMPACT']} B/row); medians over rounds",
-            ["batch", "FULL", "COMPACT", "COMPACT/FULL", "FULL/batch 1", "COMPACT/batch 1"],
+            [
+                "batch",
+                "FULL",
+                "COMPACT",
+                "COMPACT signed each",
+                "COMPACT/FULL",
+                "FULL/batch 1",
+                "COMPACT/batch 1",
+                "engine check: sealed / each",
+            ],
             [
                 [
                     str(r["batch"]),
                     f"{r['full_us_per_row_p50']:.1f}",
                     f"{r['compact_us_per_row_p50']:.1f}",
+                    f"{r['compact_signed_each_us_per_row_p50']:.1f}",
                     f"{r['compact_over_full']:.3f}",
                     f"{r['full_over_batch1']:.2f}",
                     f"{r['compact_over_batch1']:.2f}",
+                    f"{r['engine_check_sealed_us_per_row_p50']:.1f} / {r['engine_check_signed_each_us_per_row_p50']:.1f}",
                 ]
                 for r in result["rows"]
             ],

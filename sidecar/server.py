@@ -96,8 +96,11 @@ def answer_step(service: GuardService, req: pb.StepRequest, metrics: Exporter | 
     return pb.StepResponse(verdict=v)
 
 
-def answer_batch(service: GuardService, reqs: Sequence[pb.StepRequest], metrics: Exporter | None = None) -> pb.StepBatchResponse:
-    """A batch's answers, one per row in order (each a verdict or that row's error)."""
+def answer_batch(
+    service: GuardService, reqs: Sequence[pb.StepRequest], metrics: Exporter | None = None, seal: bool = False
+) -> pb.StepBatchResponse:
+    """A batch's answers, one per row in order (each a verdict or that row's error);
+    ``seal``: one signature over all of them instead of one a verdict."""
     t0 = time.perf_counter()
     out = pb.StepBatchResponse()
     if len(reqs) > service.config.max_batch_rows:
@@ -106,7 +109,7 @@ def answer_batch(service: GuardService, reqs: Sequence[pb.StepRequest], metrics:
         return out
     answers: list[pb.Verdict | FseError] = []
     good = {i for i, r in enumerate(reqs) if SESSION_ID.fullmatch(r.session_id)}
-    judged = iter(service.step_batch([r for i, r in enumerate(reqs) if i in good]))
+    judged = iter(service.step_batch([r for i, r in enumerate(reqs) if i in good], sealed=seal))
     for i, r in enumerate(reqs):
         if i in good:
             answers.append(next(judged))
@@ -115,6 +118,8 @@ def answer_batch(service: GuardService, reqs: Sequence[pb.StepRequest], metrics:
                 _checked_id(r.session_id)
             except FseError as exc:  # a malformed id is that row's refusal, never echoed
                 answers.append(exc)
+    if seal and any(isinstance(a, pb.Verdict) for a in answers):
+        out.seal.CopyFrom(service.signer.seal([a if isinstance(a, pb.Verdict) else None for a in answers]))
     each = (time.perf_counter() - t0) / max(len(reqs), 1)
     for req, a in zip(reqs, answers, strict=True):
         if isinstance(a, FseError):
@@ -286,7 +291,7 @@ class GuardServicer:
                 yield pb.StepsResponse(response=self._refused(exc))
                 continue
             if item.HasField("batch"):
-                yield pb.StepsResponse(batch=answer_batch(self.service, item.batch.steps, self.metrics))
+                yield pb.StepsResponse(batch=answer_batch(self.service, item.batch.steps, self.metrics, item.batch.seal))
             else:
                 yield pb.StepsResponse(response=self._step(item.request))
             if self.metrics is not None:
@@ -307,7 +312,7 @@ class GuardServicer:
             req = await self._request("StepBatch", pb.StepBatchRequest, raw)
         except FseError as exc:  # not even the rows are known: the call fails with the reason
             await context.abort(_code(exc), str(exc))
-        resp = answer_batch(self.service, req.steps, self.metrics)
+        resp = answer_batch(self.service, req.steps, self.metrics, req.seal)
         if self.metrics is not None:
             asyncio.get_running_loop().call_soon(self.metrics.flush)
         return resp

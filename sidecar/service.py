@@ -362,9 +362,10 @@ class GuardService:
         s.check_step(req.step)
         return self._verdict(s, req.step, self._row(s, req))
 
-    def step_batch(self, reqs: Sequence[pb.StepRequest]) -> list[pb.Verdict | FseError]:
+    def step_batch(self, reqs: Sequence[pb.StepRequest], sealed: bool = False) -> list[pb.Verdict | FseError]:
         """Many sessions' steps (a batched engine's decoding step): each row's verdict, or
-        the error that refused that row alone, in the request's order.
+        the error that refused that row alone, in the request's order. ``sealed``: the
+        verdicts are left unsigned for one :meth:`Signer.seal` over the batch.
 
         The rows that one ring frame holds are read in one pass (one read of its
         descriptors, one seqlock check for all); each row is then judged, committed and
@@ -395,7 +396,7 @@ class GuardService:
                 row = rows[i] if i in rows else self._row(s, req)
                 if isinstance(row, FseError):
                     raise row
-                out[i] = self._verdict(s, req.step, row)
+                out[i] = self._verdict(s, req.step, row, sign=not sealed)
             except FseError as exc:
                 out[i] = exc
         return cast(list[pb.Verdict | FseError], out)
@@ -429,12 +430,12 @@ class GuardService:
             return row.astype(np.float32) if dt.itemsize != 4 else row
         raise RowError("step request carries no logits (set ring, inline or compact)")
 
-    def _verdict(self, s: Session, step: int, row: Row) -> pb.Verdict:
+    def _verdict(self, s: Session, step: int, row: Row, sign: bool = True) -> pb.Verdict:
         outcome = s.judge(row, step)
         ts = time.time_ns()
         if self.recorder is not None:
             self.recorder.row(s.session_id, step, row)
-        return self._commit_and_sign(s, step, self._audited(s, step, outcome, ts), ts)
+        return self._commit_and_sign(s, step, self._audited(s, step, outcome, ts), ts, sign)
 
     def _audited(self, s: Session, step: int, o: StepOutcome, timestamp_ns: int) -> StepOutcome:
         """Write the step's frame before anything else sees the outcome; an outcome that
@@ -475,7 +476,7 @@ class GuardService:
             e_value=s.e_value,
         )
 
-    def _commit_and_sign(self, s: Session, step: int, o: StepOutcome, timestamp_ns: int) -> pb.Verdict:
+    def _commit_and_sign(self, s: Session, step: int, o: StepOutcome, timestamp_ns: int, sign: bool = True) -> pb.Verdict:
         prev, chain = s.commit(step, o, timestamp_ns)
         m = o.metrics
         v = pb.Verdict(
@@ -504,5 +505,6 @@ class GuardService:
             stream=self._stream_state(s),
             proposals=[proposal(p) for p in o.proposals],
         )
-        self.signer.sign(v)
+        if sign:
+            self.signer.sign(v)
         return v

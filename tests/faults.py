@@ -12,6 +12,7 @@ every session failed closed.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable, Iterator
 from concurrent import futures
@@ -29,7 +30,7 @@ from sidecar.core import ledger
 from sidecar.core.sampling import SamplingParams
 from sidecar.errors import GuardError
 from sidecar.ring import RingWriter
-from sidecar.signing import TrustedKeys
+from sidecar.signing import TrustedKeys, verdict_bytes
 from sidecar.wire import receipt_json
 
 V = 1000
@@ -208,7 +209,7 @@ class Mitm:
     the next verdict of that session it carries back (then disarms). It only re-sends what
     it saw: it holds no signing key."""
 
-    MODES = ("forged", "replayed", "cross_session", "cross_opening", "reordered")
+    MODES = ("forged", "replayed", "cross_session", "cross_opening", "reordered", "unsealed", "resealed")
 
     def __init__(self, upstream: str, sock: Path) -> None:
         self.upstream = grpc.insecure_channel(upstream)
@@ -266,17 +267,30 @@ class Mitm:
         if method == "Steps":
             m = pb.StepsResponse.FromString(raw)
             if m.HasField("batch"):
-                self._batch(m.batch.responses)
+                self._batch(m.batch)
             else:
                 self._one(m.response)
             return m.SerializeToString()
         if method == "StepBatch":
             b = pb.StepBatchResponse.FromString(raw)
-            self._batch(b.responses)
+            self._batch(b)
             return b.SerializeToString()
         return raw
 
-    def _batch(self, responses: Any) -> None:
+    def _batch(self, batch: pb.StepBatchResponse) -> None:
+        responses = batch.responses
+        if self.mode in ("unsealed", "resealed") and any(r.verdict.session_id == self.victim for r in responses):
+            if self.mode == "unsealed":
+                batch.ClearField("seal")
+            else:  # alter the victim's verdict and put its new digest in the seal: the signature no longer covers it
+                n = next(i for i, r in enumerate(responses) if r.verdict.session_id == self.victim)
+                v = responses[n].verdict
+                v.token_id = (v.token_id + 1) % V
+                d = bytearray(batch.seal.digests)
+                d[32 * n : 32 * (n + 1)] = hashlib.sha256(verdict_bytes(v)).digest()
+                batch.seal.digests = bytes(d)
+            self.mode, self.fired = "", self.fired + 1
+            return
         if self.mode == "reordered" and any(r.verdict.session_id == self.victim for r in responses) and len(responses) > 1:
             order = [pb.StepResponse() for _ in responses]
             for dst, src in zip(order, reversed(list(responses)), strict=True):

@@ -1,8 +1,10 @@
 """Batched steps (a batched engine's decoding step) against the sidecar as deployed: one
-frame and one message for many sessions, each row judged, signed and verified on its own,
-and one row's fault ending that row's session alone."""
+frame and one message for many sessions, each row judged and verified on its own under one
+signature for the batch (its seal), and one row's fault ending that row's session alone."""
 
 from __future__ import annotations
+
+import hashlib
 
 import grpc
 import numpy as np
@@ -15,6 +17,7 @@ from sidecar.core.compact import moments_and_top
 from sidecar.core.sampling import SamplingParams
 from sidecar.errors import GuardUnavailable, StepRefused
 from sidecar.ring import RingWriter
+from sidecar.signing import verdict_bytes
 
 V = 1000
 VOCAB = [f"t{i}".encode() for i in range(V)]
@@ -116,6 +119,34 @@ def test_rows_of_a_batch_without_the_sessions_secret_or_with_a_bad_id_are_refuse
     assert codes == [grpc.StatusCode.PERMISSION_DENIED.value[0], grpc.StatusCode.INVALID_ARGUMENT.value[0], 0]
     assert "bad" not in resp.responses[1].error.message  # a malformed id is never echoed
     assert resp.responses[2].verdict.session_id == s.session_id
+
+
+@pytest.mark.parametrize("sealed", [True, False], ids=["sealed", "signed-each"])
+def test_a_sealed_batch_carries_one_signature_and_an_unsealed_one_signs_every_verdict(sidecar, client, sealed) -> None:
+    digest = client.register_vocabulary(VOCAB)
+    sessions = [client.open_session(digest, SamplingParams()) for _ in range(2)]
+    x = compact(rows(6, 1)[0])
+    cl = pb.CompactLogits(moments=x.moments.tolist(), top_logits=x.top_logits.tolist(), top_ids=x.top_ids.tolist())
+    req = pb.StepBatchRequest(
+        steps=[
+            pb.StepRequest(session_id=sessions[0].session_id, session_secret=sessions[0]._secret, step=0, compact=cl),
+            pb.StepRequest(session_id="nobody", step=0, compact=cl),  # refused: its digest is zeros
+            pb.StepRequest(session_id=sessions[1].session_id, session_secret=sessions[1]._secret, step=0, compact=cl),
+        ],
+        seal=sealed,
+    )
+    resp = pb_grpc.GuardServiceStub(grpc.insecure_channel(sidecar.target)).StepBatch(req, timeout=5)
+    verdicts = [r.verdict for r in resp.responses if r.HasField("verdict")]
+    assert len(verdicts) == 2 and resp.responses[1].HasField("error")
+    trusted = client.trusted
+    if sealed:
+        assert all(not v.signature for v in verdicts) and trusted.verify_seal(resp.seal, 3)
+        assert resp.seal.digests[32:64] == bytes(32)
+        assert [resp.seal.digests[0:32], resp.seal.digests[64:96]] == [
+            hashlib.sha256(verdict_bytes(v)).digest() for v in verdicts
+        ]
+    else:
+        assert not resp.HasField("seal") and all(trusted.verify(v) for v in verdicts)
 
 
 def test_a_batch_over_max_batch_rows_is_refused_whole(sidecar, client) -> None:

@@ -314,6 +314,7 @@ def test_a_step_after_abort_is_refused(rig: Rig, lane: str) -> None:
 
 # -- what comes back -------------------------------------------------------------------------
 
+_SEALED = "not the one the batch seal signed for its row"
 _VERDICT_FAULTS = {
     "forged": (VerdictRejected, "signature does not verify"),
     "replayed": (VerdictRejected, r"verdict is for step 2, expected step 3"),
@@ -343,7 +344,8 @@ def _verdict_fault(shared, keys, mitm: Mitm, lane: str, mode: str) -> None:
         victim, bystander = rig.open(session_id=sid), rig.open()
         victim.run(3)
         bystander.run(4)  # a step ahead: its step-3 verdict exists when the victim's is altered
-        expected, match = _VERDICT_FAULTS[mode]
+        # A batch is sealed: any verdict put in another's place fails its row's seal digest.
+        expected, match = (VerdictRejected, _SEALED) if lane == "batch" else _VERDICT_FAULTS[mode]
         if lane == "shm":
             exc = _tamper_shm(sc, victim, earlier or bystander, mode)
             assert isinstance(exc, expected), repr(exc)
@@ -407,7 +409,7 @@ def test_a_verdict_from_an_earlier_opening_is_rejected(shared, keys, mitm, lane:
     "verdict-reordered",
     "verdict",
     "a batch's verdicts delivered in another order",
-    "both rows rejected: each verdict names another session",
+    "both rows rejected: neither is the verdict the batch seal signed for its row",
     lanes=("batch",),
 )
 def test_reordered_verdicts_of_a_batch_are_rejected(shared, keys, mitm, lane: str) -> None:
@@ -425,7 +427,52 @@ def test_reordered_verdicts_of_a_batch_are_rejected(shared, keys, mitm, lane: st
         outs = rig.client.step_batch([(a.s, row(5)), (b.s, row(6))], ring)
         assert mitm.fired == 1
         for o in outs:
-            assert isinstance(o, VerdictRejected) and "verdict is for session" in str(o), repr(o)
+            assert isinstance(o, VerdictRejected) and _SEALED in str(o), repr(o)
+        for g in (a, b):
+            rig.failed_closed(g)
+            rig.audit_intact(g)
+        rig.unaffected(bystander)
+    finally:
+        rig.close()
+
+
+@fault(
+    "seal-stripped",
+    "verdict",
+    "a batch answered without its seal",
+    "every row of the batch rejected: no verdict in it is signed",
+    lanes=("batch",),
+)
+def test_a_batch_without_its_seal_fails_every_row(shared, keys, mitm, lane: str) -> None:
+    _seal_fault(shared, keys, mitm, lane, "unsealed")
+
+
+@fault(
+    "seal-forged",
+    "verdict",
+    "a verdict altered and its digest in the seal replaced",
+    "every row of the batch rejected: the seal's signature no longer verifies",
+    lanes=("batch",),
+)
+def test_a_batch_whose_seal_was_altered_fails_every_row(shared, keys, mitm, lane: str) -> None:
+    _seal_fault(shared, keys, mitm, lane, "resealed")
+
+
+def _seal_fault(shared, keys, mitm: Mitm, lane: str, mode: str) -> None:
+    sc, audit = shared
+    rig = Rig(mitm.target, keys.public, audit, lane, STEP_TIMEOUT)
+    try:
+        ring = rig.ring(rows=2)
+        a, b = rig.open(ring=ring), rig.open(ring=ring)
+        bystander = rig.open()
+        bystander.run(3)
+        for i in range(3):
+            assert all(isinstance(o, pb.Verdict) for o in rig.client.step_batch([(a.s, row(i)), (b.s, row(i + 1))], ring))
+        mitm.arm(mode, a.s.session_id)
+        outs = rig.client.step_batch([(a.s, row(5)), (b.s, row(6))], ring)
+        assert mitm.fired == 1
+        for o in outs:  # b's verdict was not touched, but nothing signs it now
+            assert isinstance(o, VerdictRejected) and "seal is missing or does not verify" in str(o), repr(o)
         for g in (a, b):
             rig.failed_closed(g)
             rig.audit_intact(g)

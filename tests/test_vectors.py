@@ -154,6 +154,26 @@ def test_receipts_sign_their_canonical_bytes(case: dict[str, Any]) -> None:
     assert not trusted.verify_receipt(r)  # any field changed after signing
 
 
+@pytest.mark.parametrize("case", VECTORS["seals"], ids=lambda c: c["algorithm"])
+def test_a_batch_seal_signs_each_rows_verdict_digest(case: dict[str, Any]) -> None:
+    resp = pb.StepBatchResponse.FromString(bytes.fromhex(case["response_hex"]))
+    seal, rows = resp.seal, len(resp.responses)
+    # Restated from VERDICT.md: SHA-256 of each verdict's signed bytes, zeros for an error row.
+    digests = b"".join(
+        hashlib.sha256(verdict_bytes(r.verdict)).digest() if r.HasField("verdict") else bytes(32) for r in resp.responses
+    )
+    assert seal.digests == digests and all(not r.verdict.signature for r in resp.responses)
+    signed = b"fse.v1.seal" + cb.string(seal.key_id) + cb.u32(rows) + cb.blob(digests)
+    assert signed.hex() == case["seal_bytes_hex"] and seal.signature.hex() == case["signature_hex"]
+    trusted = _trusted()
+    assert trusted.verify_seal(seal, rows)
+    assert not trusted.verify_seal(seal, rows - 1)  # the row count is bound
+    forged = pb.BatchSeal()
+    forged.CopyFrom(seal)
+    forged.digests = digests[32:64] + digests[:32] + digests[64:]  # rows moved
+    assert not trusted.verify_seal(forged, rows)
+
+
 RING = VECTORS["ring"]
 MASK = slice(*RING["masked_header_bytes"])
 

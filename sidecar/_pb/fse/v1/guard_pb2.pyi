@@ -259,16 +259,30 @@ class StepRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., session_secret: _Optional[bytes] = ..., step: _Optional[int] = ..., ring: _Optional[_Union[RingRef, _Mapping]] = ..., inline: _Optional[_Union[InlineLogits, _Mapping]] = ..., compact: _Optional[_Union[CompactLogits, _Mapping]] = ...) -> None: ...
 
 class StepBatchRequest(_message.Message):
-    __slots__ = ("steps",)
+    __slots__ = ("steps", "seal")
     STEPS_FIELD_NUMBER: _ClassVar[int]
+    SEAL_FIELD_NUMBER: _ClassVar[int]
     steps: _containers.RepeatedCompositeFieldContainer[StepRequest]
-    def __init__(self, steps: _Optional[_Iterable[_Union[StepRequest, _Mapping]]] = ...) -> None: ...
+    seal: bool
+    def __init__(self, steps: _Optional[_Iterable[_Union[StepRequest, _Mapping]]] = ..., seal: _Optional[bool] = ...) -> None: ...
 
 class StepBatchResponse(_message.Message):
-    __slots__ = ("responses",)
+    __slots__ = ("responses", "seal")
     RESPONSES_FIELD_NUMBER: _ClassVar[int]
+    SEAL_FIELD_NUMBER: _ClassVar[int]
     responses: _containers.RepeatedCompositeFieldContainer[StepResponse]
-    def __init__(self, responses: _Optional[_Iterable[_Union[StepResponse, _Mapping]]] = ...) -> None: ...
+    seal: BatchSeal
+    def __init__(self, responses: _Optional[_Iterable[_Union[StepResponse, _Mapping]]] = ..., seal: _Optional[_Union[BatchSeal, _Mapping]] = ...) -> None: ...
+
+class BatchSeal(_message.Message):
+    __slots__ = ("key_id", "digests", "signature")
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    DIGESTS_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    key_id: str
+    digests: bytes
+    signature: bytes
+    def __init__(self, key_id: _Optional[str] = ..., digests: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class Reason(_message.Message):
     __slots__ = ("code", "value", "threshold", "sampler", "detail", "action", "token_id", "span_start", "span_end")
