@@ -11,9 +11,9 @@ answered with an Ed25519 signature per verdict (no seal), and the engine's check
 answer's signatures (the seal and a digest a row, or a signature a row). Half the sessions
 sample greedily, half with top-k 40 at T = 0.8 (both coverable by 64 entries). Timed in
 one process, the sizes and kinds interleaved round after round so that machine noise
-falls on all of them alike; per-row costs are medians of (batch time / rows), ratios are
-medians of per-round ratios. The engine's writes into the ring are not timed (they are
-the engine's cost).
+falls on all of them alike; per-row costs are medians of (batch time / rows) (a sample of
+a small batch is the median of 16 / batch steps), ratios are medians of per-round
+ratios. The engine's writes into the ring are not timed (they are the engine's cost).
 
 Prints a table, writes JSON, asserts nothing.
 """
@@ -156,10 +156,11 @@ def bench_batch(rounds: int, batches: tuple[int, ...] = BATCHES) -> dict[str, An
             lane.step()  # warm: buffers, caches, first allocations
         for _ in range(rounds):
             for key, lane in lanes.items():
-                reps = max(1, 16 // key[0])  # small batches: several steps per sample
-                steps = [lane.step() for _ in range(reps)]
-                times[key].append(sum(s for s, _ in steps) / reps / key[0] * 1e6)
-                checks[key].append(sum(c for _, c in steps) / reps / key[0] * 1e6)
+                # Small batches: the median of several steps per sample (a step's own spikes,
+                # an allocator's page faults say, would otherwise weigh 16x at batch 1).
+                steps = [lane.step() for _ in range(max(1, 16 // key[0]))]
+                times[key].append(statistics.median(s for s, _ in steps) / key[0] * 1e6)
+                checks[key].append(statistics.median(c for _, c in steps) / key[0] * 1e6)
     finally:
         for lane in lanes.values():
             lane.close()

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import _posixshmem  # the shm_open behind multiprocessing.shared_memory (POSIX only)
 import contextlib
+import functools
 import mmap
 import os
 import re
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing import shared_memory
 
@@ -30,6 +31,10 @@ import numpy as np
 
 from .core.compact import MIN_K, CompactRow
 from .errors import FseError, RingError, RingLayoutError, RowError, TornFrameError, shown
+
+# A row of a batch step (RingReader.rows): a COMPACT row, a FULL row to read when it is
+# judged, or the error that refuses it.
+BatchRow = CompactRow | Callable[[], "np.ndarray | CompactRow"] | FseError
 
 MAGIC = b"FSERING\x00"
 LAYOUT_VERSION = 2
@@ -528,11 +533,16 @@ class RingReader:
             return self._compact(data, count)
         return self._widened(self._raw[: lay.full_size], self._wide)
 
-    def rows(self, slot: int, seq: int, wanted: Sequence[tuple[int, int, int]]) -> list[np.ndarray | CompactRow | FseError]:
+    def rows(self, slot: int, seq: int, wanted: Sequence[tuple[int, int, int]]) -> list[BatchRow]:
         """Many rows of one frame (a batch step): ``wanted`` holds (row, session_tag, step)
-        per row. One read of the slot's descriptors, one read per row, one check of the
-        seqlock after all of them. A row that breaks a rule is that row's error, in its
-        place; a torn or truncated frame is every row's. Each row is its own copy."""
+        per row. One read of the slot's descriptors and of every COMPACT payload, one check
+        of the seqlock after them. A row that breaks a rule is that row's error, in its
+        place; a torn or truncated frame is every row's.
+
+        A FULL row comes back as a function that reads it when called (:meth:`row`: into
+        this reader's one buffer, under its own seqlock check): judged right after it is
+        read, a row is still in the caches, where reading a batch of 64 rows of 128k ids
+        first would stream 32 MB through them before the first row is judged."""
         lay = self.layout
         try:
             for row, _, _ in wanted:
@@ -545,8 +555,8 @@ class RingReader:
             self._check_seq(slot, seq, now)
         except FseError as exc:
             return [exc] * len(wanted)
-        out: list[np.ndarray | CompactRow | FseError] = []
-        payloads: list[tuple[int, int, bytearray] | FseError] = []
+        out: list[BatchRow] = []
+        payloads: list[tuple[int, bytearray] | BatchRow] = []
         try:
             for row, tag, step in wanted:
                 try:
@@ -554,24 +564,22 @@ class RingReader:
                 except RowError as exc:
                     payloads.append(exc)
                     continue
+                if kind != KIND_COMPACT:
+                    payloads.append(functools.partial(self.row, slot, row, seq, tag, step))
+                    continue
                 data = bytearray(size)
                 self._read_exact(memoryview(data), base + lay.heap_offset + off)
-                payloads.append((kind, count, data))
+                payloads.append((count, data))
             self._read_exact(memoryview(self._seq_now), base)
             self._check_seq(slot, seq, int.from_bytes(self._seq_now, "little"))
         except FseError as exc:
             return [exc] * len(wanted)
         for p in payloads:
-            if isinstance(p, FseError):
+            if not isinstance(p, tuple):
                 out.append(p)
                 continue
-            kind, count, data = p
             try:
-                if kind == KIND_COMPACT:
-                    out.append(self._compact(memoryview(data), count))
-                else:
-                    raw = np.frombuffer(data, dtype=np.uint8)
-                    out.append(self._widened(raw, np.empty(lay.vocab_size, dtype=np.uint32)))
+                out.append(self._compact(memoryview(p[1]), p[0]))
             except FseError as exc:
                 out.append(exc)
         return out

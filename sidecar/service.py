@@ -49,7 +49,7 @@ from .errors import (
     shown,
 )
 from .record import Recorder
-from .ring import RingReader
+from .ring import BatchRow, RingReader
 from .signing import Signer
 from .wire import params_from_pb, proposal, reason, receipt_json
 
@@ -368,8 +368,9 @@ class GuardService:
         verdicts are left unsigned for one :meth:`Signer.seal` over the batch.
 
         The rows that one ring frame holds are read in one pass (one read of its
-        descriptors, one seqlock check for all); each row is then judged, committed and
-        signed in order, so two rows of one session are its two next steps."""
+        descriptors, one seqlock check for all; a FULL row is read when its turn comes);
+        each row is then judged, committed and signed in order, so two rows of one session
+        are its two next steps."""
         out: list[pb.Verdict | FseError | None] = [None] * len(reqs)
         sessions: dict[int, Session] = {}
         frames: dict[tuple[tuple[int, int], int, int], list[int]] = {}
@@ -382,7 +383,7 @@ class GuardService:
                         frames.setdefault((ring, req.ring.slot, req.ring.seq), []).append(i)
             except FseError as exc:
                 out[i] = exc
-        rows: dict[int, Row | FseError] = {}
+        rows: dict[int, BatchRow] = {}
         for (ring, slot, seq), idx in frames.items():
             wanted = [(reqs[i].ring.row, sessions[i].tag, reqs[i].step) for i in idx]
             rows.update(zip(idx, self._rings[ring].reader.rows(slot, seq, wanted), strict=True))
@@ -393,9 +394,10 @@ class GuardService:
             try:
                 s.last_active = time.monotonic()
                 s.check_step(req.step)
-                row = rows[i] if i in rows else self._row(s, req)
-                if isinstance(row, FseError):
-                    raise row
+                got = rows[i] if i in rows else self._row(s, req)
+                if isinstance(got, FseError):
+                    raise got
+                row = got() if callable(got) else got  # a FULL row is read now, just before it is judged
                 out[i] = self._verdict(s, req.step, row, sign=not sealed)
             except FseError as exc:
                 out[i] = exc
