@@ -413,27 +413,7 @@ def test_a_verdict_from_an_earlier_opening_is_rejected(shared, keys, mitm, lane:
     lanes=("batch",),
 )
 def test_reordered_verdicts_of_a_batch_are_rejected(shared, keys, mitm, lane: str) -> None:
-    sc, audit = shared
-    rig = Rig(mitm.target, keys.public, audit, lane, STEP_TIMEOUT)
-    try:
-        ring = rig.ring(rows=2)
-        a, b = rig.open(ring=ring), rig.open(ring=ring)  # one frame, one batch: two rows
-        bystander = rig.open()
-        bystander.run(3)
-        for i in range(3):
-            outs = rig.client.step_batch([(a.s, row(i)), (b.s, row(i + 1))], ring)
-            assert all(isinstance(o, pb.Verdict) for o in outs), outs
-        mitm.arm("reordered", a.s.session_id)
-        outs = rig.client.step_batch([(a.s, row(5)), (b.s, row(6))], ring)
-        assert mitm.fired == 1
-        for o in outs:
-            assert isinstance(o, VerdictRejected) and _SEALED in str(o), repr(o)
-        for g in (a, b):
-            rig.failed_closed(g)
-            rig.audit_intact(g)
-        rig.unaffected(bystander)
-    finally:
-        rig.close()
+    _batch_fault(shared, keys, mitm, lane, "reordered", _SEALED)
 
 
 @fault(
@@ -444,7 +424,7 @@ def test_reordered_verdicts_of_a_batch_are_rejected(shared, keys, mitm, lane: st
     lanes=("batch",),
 )
 def test_a_batch_without_its_seal_fails_every_row(shared, keys, mitm, lane: str) -> None:
-    _seal_fault(shared, keys, mitm, lane, "unsealed")
+    _batch_fault(shared, keys, mitm, lane, "unsealed", _SEAL_FAILED)
 
 
 @fault(
@@ -455,24 +435,30 @@ def test_a_batch_without_its_seal_fails_every_row(shared, keys, mitm, lane: str)
     lanes=("batch",),
 )
 def test_a_batch_whose_seal_was_altered_fails_every_row(shared, keys, mitm, lane: str) -> None:
-    _seal_fault(shared, keys, mitm, lane, "resealed")
+    _batch_fault(shared, keys, mitm, lane, "resealed", _SEAL_FAILED)
 
 
-def _seal_fault(shared, keys, mitm: Mitm, lane: str, mode: str) -> None:
+_SEAL_FAILED = "seal is missing or does not verify"
+
+
+def _batch_fault(shared, keys, mitm: Mitm, lane: str, mode: str, match: str) -> None:
+    """Two sessions' rows in one frame and one batch; ``mode`` alters the batch's answer:
+    both rows must be rejected with ``match`` in the error, the bystander go on."""
     sc, audit = shared
     rig = Rig(mitm.target, keys.public, audit, lane, STEP_TIMEOUT)
     try:
         ring = rig.ring(rows=2)
-        a, b = rig.open(ring=ring), rig.open(ring=ring)
+        a, b = rig.open(ring=ring), rig.open(ring=ring)  # one frame, one batch: two rows
         bystander = rig.open()
         bystander.run(3)
         for i in range(3):
-            assert all(isinstance(o, pb.Verdict) for o in rig.client.step_batch([(a.s, row(i)), (b.s, row(i + 1))], ring))
+            outs = rig.client.step_batch([(a.s, row(i)), (b.s, row(i + 1))], ring)
+            assert all(isinstance(o, pb.Verdict) for o in outs), outs
         mitm.arm(mode, a.s.session_id)
         outs = rig.client.step_batch([(a.s, row(5)), (b.s, row(6))], ring)
         assert mitm.fired == 1
-        for o in outs:  # b's verdict was not touched, but nothing signs it now
-            assert isinstance(o, VerdictRejected) and "seal is missing or does not verify" in str(o), repr(o)
+        for o in outs:  # under a bad seal, b's untouched verdict fails too: nothing signs it now
+            assert isinstance(o, VerdictRejected) and match in str(o), repr(o)
         for g in (a, b):
             rig.failed_closed(g)
             rig.audit_intact(g)
