@@ -15,7 +15,6 @@ It never returns a token without a valid verdict; after any error the session is
 
 from __future__ import annotations
 
-import hashlib
 import queue
 import threading
 import time
@@ -36,7 +35,7 @@ from sidecar.core.sampling import SamplingParams
 from sidecar.core.vocab import vocab_digest
 from sidecar.errors import FseError, GuardAbort, GuardError, GuardUnavailable, StepRefused, VerdictRejected
 from sidecar.ring import FrameWriter, RingWriter
-from sidecar.signing import SEAL_DIGEST_BYTES, TrustedKeys, Verifier, verdict_bytes
+from sidecar.signing import TrustedKeys, Verifier, sealed_digest, verdict_digest
 from sidecar.wire import params_from_pb, params_to_pb
 
 from .lane import LaneChannel
@@ -176,7 +175,7 @@ def check_verdict(
     if not trusted.trusts(v.key_id):
         raise VerdictRejected(f"step {step}: verdict names key {v.key_id!r}, which this adapter does not trust", "key")
     if sealed is not None:
-        if v.key_id != sealed[0] or hashlib.sha256(verdict_bytes(v)).digest() != sealed[1]:
+        if v.key_id != sealed[0] or verdict_digest(v) != sealed[1]:
             raise VerdictRejected(
                 f"step {step}: verdict is not the one the batch seal signed for its row "
                 "(altered, replayed or moved: its signature does not verify)",
@@ -441,11 +440,10 @@ class GuardClient:
         finally:
             if slot is not None:
                 ring.release(slot)  # type: ignore[union-attr]
-        size = SEAL_DIGEST_BYTES
         for n, (i, answer) in enumerate(zip(live, resp.responses, strict=True)):
             s = rows[i][0]
             try:
-                out[i] = s._verify(s.next_step, answer, (resp.seal.key_id, resp.seal.digests[n * size : (n + 1) * size]))
+                out[i] = s._verify(s.next_step, answer, (resp.seal.key_id, sealed_digest(resp.seal, n)))
             except GuardError as exc:
                 out[i] = s._failed(exc)
         return cast(list[Outcome], out)

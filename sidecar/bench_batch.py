@@ -21,7 +21,6 @@ Prints a table, writes JSON, asserts nothing.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import itertools
 import json
 import platform
@@ -43,7 +42,7 @@ from .core.vocab import Vocabulary
 from .ring import RingWriter
 from .server import answer_batch
 from .service import GuardService
-from .signing import SEAL_DIGEST_BYTES, Ed25519Signer, Ed25519Verifier, TrustedKeys, verdict_bytes
+from .signing import Ed25519Signer, Ed25519Verifier, TrustedKeys, sealed_digest, verdict_digest
 from .wire import params_to_pb
 
 VOCAB = 128_256
@@ -124,9 +123,8 @@ class _Lane:
         """What the engine's client checks of the signatures (engine_adapters.client)."""
         if not self.sealed:
             return all(self.trusted.verify(r.verdict) for r in resp.responses)
-        d, n = resp.seal.digests, SEAL_DIGEST_BYTES
         return self.trusted.verify_seal(resp.seal, len(resp.responses)) and all(
-            hashlib.sha256(verdict_bytes(r.verdict)).digest() == d[i * n : (i + 1) * n] for i, r in enumerate(resp.responses)
+            verdict_digest(r.verdict) == sealed_digest(resp.seal, i) for i, r in enumerate(resp.responses)
         )
 
     def reopen(self) -> None:

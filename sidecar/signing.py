@@ -95,10 +95,20 @@ SEAL_DIGEST_BYTES = 32
 _NO_VERDICT = bytes(SEAL_DIGEST_BYTES)
 
 
+def verdict_digest(v: pb.Verdict) -> bytes:
+    """SHA-256 of a verdict's signed bytes: what a batch seal holds for its row."""
+    return hashlib.sha256(verdict_bytes(v)).digest()
+
+
 def seal_digests(verdicts: Sequence[pb.Verdict | None]) -> bytes:
-    """SHA-256 of each row's signed verdict bytes, in order; 32 zero bytes for a row
-    answered with an error (VERDICT.md "Batch seal")."""
-    return b"".join(_NO_VERDICT if v is None else hashlib.sha256(verdict_bytes(v)).digest() for v in verdicts)
+    """Each row's :func:`verdict_digest`, in order; 32 zero bytes for a row answered with
+    an error (VERDICT.md "Batch seal")."""
+    return b"".join(_NO_VERDICT if v is None else verdict_digest(v) for v in verdicts)
+
+
+def sealed_digest(seal: pb.BatchSeal, row: int) -> bytes:
+    """The seal's digest for response row ``row``."""
+    return seal.digests[row * SEAL_DIGEST_BYTES : (row + 1) * SEAL_DIGEST_BYTES]
 
 
 def seal_bytes(key_id: str, rows: int, digests: bytes) -> bytes:

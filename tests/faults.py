@@ -12,7 +12,6 @@ every session failed closed.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable, Iterator
 from concurrent import futures
@@ -30,7 +29,7 @@ from sidecar.core import ledger
 from sidecar.core.sampling import SamplingParams
 from sidecar.errors import GuardError
 from sidecar.ring import RingWriter
-from sidecar.signing import TrustedKeys, verdict_bytes
+from sidecar.signing import TrustedKeys, verdict_digest
 from sidecar.wire import receipt_json
 
 V = 1000
@@ -287,7 +286,7 @@ class Mitm:
                 v = responses[n].verdict
                 v.token_id = (v.token_id + 1) % V
                 d = bytearray(batch.seal.digests)
-                d[32 * n : 32 * (n + 1)] = hashlib.sha256(verdict_bytes(v)).digest()
+                d[32 * n : 32 * (n + 1)] = verdict_digest(v)
                 batch.seal.digests = bytes(d)
             self.mode, self.fired = "", self.fired + 1
             return
