@@ -26,15 +26,16 @@ import struct
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing import shared_memory
+from typing import cast
 
 import numpy as np
 
-from .core.compact import MIN_K, CompactRow
+from .core.compact import MIN_K, BatchedRow, CompactBatch, CompactRow
 from .errors import FseError, RingError, RingLayoutError, RowError, TornFrameError, shown
 
 # A row of a batch step (RingReader.rows): a COMPACT row, a FULL row to read when it is
 # judged, or the error that refuses it.
-BatchRow = CompactRow | Callable[[], "np.ndarray | CompactRow"] | FseError
+BatchRow = CompactRow | BatchedRow | Callable[[], "np.ndarray | CompactRow"] | FseError
 
 MAGIC = b"FSERING\x00"
 LAYOUT_VERSION = 2
@@ -542,7 +543,10 @@ class RingReader:
         A FULL row comes back as a function that reads it when called (:meth:`row`: into
         this reader's one buffer, under its own seqlock check): judged right after it is
         read, a row is still in the caches, where reading a batch of 64 rows of 128k ids
-        first would stream 32 MB through them before the first row is judged."""
+        first would stream 32 MB through them before the first row is judged. The COMPACT
+        rows of one k are validated together (:class:`CompactBatch`) and come back as
+        :class:`BatchedRow` references into it, so that their first proposals can be drawn
+        for all of them at once (:mod:`sidecar.core.batch_draw`)."""
         lay = self.layout
         try:
             for row, _, _ in wanted:
@@ -555,34 +559,42 @@ class RingReader:
             self._check_seq(slot, seq, now)
         except FseError as exc:
             return [exc] * len(wanted)
-        out: list[BatchRow] = []
-        payloads: list[tuple[int, bytearray] | BatchRow] = []
+        out: list[BatchRow | None] = []
+        compact: dict[int, list[tuple[int, int]]] = {}  # k -> (place in out, heap offset) of its rows
         try:
             for row, tag, step in wanted:
                 try:
                     kind, count, off, size = self._descriptor(head, slot, row, n, tag, step)
                 except RowError as exc:
-                    payloads.append(exc)
+                    out.append(exc)
                     continue
                 if kind != KIND_COMPACT:
-                    payloads.append(functools.partial(self.row, slot, row, seq, tag, step))
+                    out.append(functools.partial(self.row, slot, row, seq, tag, step))
                     continue
-                data = bytearray(size)
-                self._read_exact(memoryview(data), base + lay.heap_offset + off)
-                payloads.append((count, data))
+                compact.setdefault(count, []).append((len(out), off))
+                out.append(None)
+            payloads = {}
+            for k, places in compact.items():
+                buf = payloads[k] = np.empty((len(places), compact_size(k)), dtype=np.uint8)
+                for j, (_, off) in enumerate(places):
+                    self._read_exact(memoryview(buf[j]), base + lay.heap_offset + off)
             self._read_exact(memoryview(self._seq_now), base)
             self._check_seq(slot, seq, int.from_bytes(self._seq_now, "little"))
         except FseError as exc:
             return [exc] * len(wanted)
-        for p in payloads:
-            if not isinstance(p, tuple):
-                out.append(p)
-                continue
+        for k, places in compact.items():
+            # One validation pass for the rows of one k; each row then refers to the batch.
+            buf = payloads[k]
+            moments, logits = buf[:, :COMPACT_HEAD].view("<f8"), buf[:, COMPACT_HEAD : COMPACT_HEAD + 4 * k].view("<f4")
             try:
-                out.append(self._compact(memoryview(p[1]), p[0]))
-            except FseError as exc:
-                out.append(exc)
-        return out
+                batch = CompactBatch.from_top(lay.vocab_size, moments, logits, buf[:, COMPACT_HEAD + 4 * k :].view("<u4"))
+            except RowError as exc:
+                for place, _ in places:
+                    out[place] = exc
+                continue
+            for j, (place, _) in enumerate(places):
+                out[place] = batch.errors[j] or BatchedRow(batch, j)
+        return cast(list[BatchRow], out)
 
     # -- the fast lane ------------------------------------------------------------------------
     def open_lane(self) -> None:

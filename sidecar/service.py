@@ -25,8 +25,9 @@ from ._pb.fse.v1 import guard_pb2 as pb
 from .audit import AuditDir, SessionAudit
 from .config import SidecarConfig
 from .core import ledger
+from .core.batch_draw import Draw, first_draws
 from .core.chain import Opening
-from .core.compact import CompactRow
+from .core.compact import BatchedRow, CompactBatch, CompactRow
 from .core.guards import Action, Sampler, Trip, health_band
 from .core.policy import CompiledPolicy, compile_policies
 from .core.redo import StepOutcome
@@ -387,6 +388,7 @@ class GuardService:
         for (ring, slot, seq), idx in frames.items():
             wanted = [(reqs[i].ring.row, sessions[i].tag, reqs[i].step) for i in idx]
             rows.update(zip(idx, self._rings[ring].reader.rows(slot, seq, wanted), strict=True))
+        draws = self._first_draws(reqs, sessions, rows)
         for i, req in enumerate(reqs):
             if out[i] is not None:
                 continue
@@ -397,11 +399,30 @@ class GuardService:
                 got = rows[i] if i in rows else self._row(s, req)
                 if isinstance(got, FseError):
                     raise got
-                row = got() if callable(got) else got  # a FULL row is read now, just before it is judged
-                out[i] = self._verdict(s, req.step, row, sign=not sealed)
+                out[i] = self._verdict(s, req.step, got, sign=not sealed, draw=draws.get(i))
             except FseError as exc:
                 out[i] = exc
         return cast(list[pb.Verdict | FseError], out)
+
+    @staticmethod
+    def _first_draws(reqs: Sequence[pb.StepRequest], sessions: dict[int, Session], rows: dict[int, BatchRow]) -> dict[int, Draw]:
+        """The first proposal of every COMPACT row of the batch, drawn per frame in one
+        vectorised pass (rows it does not cover are judged one by one)."""
+        by_batch: dict[int, tuple[CompactBatch, list[int]]] = {}
+        for i, got in rows.items():
+            if isinstance(got, BatchedRow) and got.batch.vocab_size == sessions[i].vocab_size:
+                by_batch.setdefault(id(got.batch), (got.batch, []))[1].append(i)
+        draws: dict[int, Draw] = {}
+        for batch, idx in by_batch.values():
+            found = first_draws(
+                batch,
+                [cast(BatchedRow, rows[i]).index for i in idx],
+                [sessions[i].params for i in idx],
+                [reqs[i].step for i in idx],
+                [sessions[i].history for i in idx],
+            )
+            draws.update((i, d) for i, d in zip(idx, found, strict=True) if d is not None)
+        return draws
 
     def _row(self, s: Session, req: pb.StepRequest) -> Row:
         """The step's logits: a copy from the ring, or the inline row (FULL or COMPACT)."""
@@ -432,10 +453,22 @@ class GuardService:
             return row.astype(np.float32) if dt.itemsize != 4 else row
         raise RowError("step request carries no logits (set ring, inline or compact)")
 
-    def _verdict(self, s: Session, step: int, row: Row, sign: bool = True) -> pb.Verdict:
-        outcome = s.judge(row, step)
+    def _verdict(
+        self, s: Session, step: int, got: Row | Callable[[], Row], sign: bool = True, draw: Draw | None = None
+    ) -> pb.Verdict:
+        """``got``: the row, or a function that reads it (a FULL row of a batch, read just
+        before it is judged; a COMPACT row of a batch, built only if it is needed);
+        ``draw``: its first proposal drawn with the batch's, taken when it stands."""
+        outcome = s.accept_drawn(draw, step) if draw is not None else None
+        row = None
+        if outcome is None or self.recorder is not None:
+            row = got() if callable(got) else got
+        if outcome is None:
+            assert row is not None
+            outcome = s.judge(row, step)
         ts = time.time_ns()
         if self.recorder is not None:
+            assert row is not None
             self.recorder.row(s.session_id, step, row)
         return self._commit_and_sign(s, step, self._audited(s, step, outcome, ts), ts, sign)
 

@@ -7,7 +7,7 @@ from multiprocessing import shared_memory
 import numpy as np
 import pytest
 
-from sidecar.core.compact import CompactRow, moments_and_top
+from sidecar.core.compact import BatchedRow, CompactRow, moments_and_top
 from sidecar.errors import RingError, RingLayoutError, RowError, TornFrameError
 from sidecar.ring import RingLayout, RingReader, RingWriter
 
@@ -260,13 +260,15 @@ def test_a_batch_of_rows_is_read_in_one_pass_with_each_rows_error_in_its_place()
         assert callable(got[0])  # a FULL row is read when it is judged
         full = got[0]()
         assert isinstance(full, np.ndarray) and np.allclose(full, xs[0], rtol=1e-2)
-        assert isinstance(got[1], CompactRow) and got[1].k == 16
+        assert isinstance(got[1], BatchedRow) and got[1].batch.k == 16  # validated with the frame's other COMPACT rows
+        single = reader.row(1, 1, f.seq, 2, 9)
+        assert isinstance(single, CompactRow) and np.array_equal(got[1]().ids, single.ids)
         assert isinstance(got[2], RowError) and "tagged (session_tag=3, step=0)" in str(got[2])
         again = reader.rows(1, f.seq, [(0, 1, 5), (1, 2, 9)])
         w.begin_raw(1)  # the frame is being rewritten: every row not yet read is refused
         with pytest.raises(TornFrameError):
             again[0]()  # type: ignore[operator]
-        assert isinstance(again[1], CompactRow)  # read and checked before the rewrite began
+        assert isinstance(again[1], BatchedRow)  # read and checked before the rewrite began
         torn = reader.rows(1, f.seq, [(0, 1, 5), (1, 2, 9)])
         assert all(isinstance(t, TornFrameError) for t in torn)
         reader.close()

@@ -167,6 +167,102 @@ class CompactRow:
         return lse + math.log(rest) if rest > 0 else -math.inf
 
 
+@dataclass(frozen=True, slots=True)
+class CompactBatch:
+    """Many COMPACT rows of one k, validated in one pass (a batched engine's frame).
+
+    Arrays hold one row each, in the layout of :class:`CompactRow` (entries in ascending
+    id order); ``errors`` holds, per row, the :class:`~sidecar.errors.RowError` that
+    :meth:`CompactRow.from_top` raises for it, or None. A row with an error refuses that
+    row alone. :meth:`row` gives the row as a :class:`CompactRow`, equal to what
+    ``from_top`` builds from the same entries.
+    """
+
+    vocab_size: int
+    ids: np.ndarray  # int64 (B, k), each row strictly ascending
+    logits: np.ndarray  # float32 (B, k), aligned with ids
+    moments: np.ndarray  # float64 (B, 7)
+    floor: np.ndarray  # float64 (B,): the smallest shipped logit (-inf when k is the vocabulary)
+    finite: np.ndarray  # bool (B,): every moment and entry finite (what the guards need to judge it)
+    errors: tuple[RowError | None, ...]
+
+    @property
+    def k(self) -> int:
+        return int(self.ids.shape[1])
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+    @classmethod
+    def from_top(cls, vocab_size: int, moments: np.ndarray, top_logits: np.ndarray, top_ids: np.ndarray) -> CompactBatch:
+        """:meth:`CompactRow.from_top` for B rows at once: ``moments`` (B, 7 or 8),
+        ``top_logits`` (B, k) highest first, ``top_ids`` (B, k). Each rule is checked for
+        every row with the same arithmetic as the single row's (so the same rows pass);
+        a row that breaks one gets the single row's own error."""
+        m = np.asarray(moments, dtype=np.float64)
+        vals, ids = np.asarray(top_logits), np.asarray(top_ids)
+        if m.ndim != 2 or vals.ndim != 2 or ids.shape != vals.shape or m.shape[0] != vals.shape[0]:
+            shapes = f"{m.shape}, {vals.shape}, {ids.shape}"
+            raise RowError(f"a COMPACT batch takes (B, 8) moments, (B, k) logits and ids; got {shapes}")
+        rows, k = vals.shape
+        if rows == 0:
+            raise RowError("a COMPACT batch needs at least one row")
+        if m.shape[1] not in (7, 8) or k < MIN_K or k > vocab_size or ids.dtype.kind not in "iu" or vals.dtype.kind != "f":
+            CompactRow.from_top(vocab_size, m[0], vals[0], ids[0])  # raises the rule all rows break alike
+        ids64 = ids.astype(np.int64)
+        v32 = vals.astype(np.float32)
+        mom = np.ascontiguousarray(m[:, :7])
+        order = np.argsort(ids64, axis=1, kind="stable")
+        sid = np.take_along_axis(ids64, order, axis=1)
+        bad = (ids64.min(axis=1) < 0) | (ids64.max(axis=1) >= vocab_size) | (sid[:, 1:] == sid[:, :-1]).any(axis=1)
+        finite = np.asarray(np.isfinite(v32).all(axis=1) & np.isfinite(mom).all(axis=1), dtype=bool)
+        check = finite & ~bad
+        if check.any():
+            with np.errstate(all="ignore"):
+                top = v32[:, 0].astype(np.float64)
+                mx = mom[:, 6]
+                # the single row's float64 sum, row by row (the same pairwise sums), and math.log
+                sums = np.exp(v32.astype(np.float64) - top[:, None]).sum(axis=1)
+                shipped = top + np.array([math.log(x) if x > 0 else -math.inf for x in sums.tolist()])
+                bad |= check & (
+                    (v32[:, 1:] > v32[:, :-1]).any(axis=1)
+                    | (np.abs(mx - top) > _TOL * np.maximum(1.0, np.abs(mx)))
+                    | (mom[:, 0] < shipped - _TOL)
+                    | (mom[:, 0] > mx + math.log(vocab_size) + _TOL)
+                    | (mom[:, 1] < -_TOL)
+                    | (mom[:, 2] < -_TOL)
+                    | (mom[:, 4] < -_TOL)
+                    | (mom[:, 5] < 0)
+                )
+        errors: list[RowError | None] = [None] * rows
+        for i in np.flatnonzero(bad).tolist():
+            try:
+                CompactRow.from_top(vocab_size, m[i], vals[i], ids[i])
+            except RowError as exc:
+                errors[i] = exc
+            else:  # pragma: no cover - the two checks must agree
+                raise AssertionError(f"COMPACT batch row {i} was refused by the batch check but not by the single one")
+        floor = v32[:, -1].astype(np.float64) if k < vocab_size else np.full(rows, -math.inf)
+        return cls(vocab_size, sid, np.take_along_axis(v32, order, axis=1), mom, floor, finite, tuple(errors))
+
+    def row(self, i: int) -> CompactRow:
+        """Row ``i`` as the :class:`CompactRow` that ``from_top`` builds (views of the batch)."""
+        if self.errors[i] is not None:
+            raise self.errors[i]  # type: ignore[misc]
+        return CompactRow(self.vocab_size, self.ids[i], self.logits[i], Moments(*self.moments[i].tolist()), float(self.floor[i]))
+
+
+@dataclass(frozen=True, slots=True)
+class BatchedRow:
+    """Row ``index`` of a :class:`CompactBatch`; called, it is that row as a CompactRow."""
+
+    batch: CompactBatch
+    index: int
+
+    def __call__(self) -> CompactRow:
+        return self.batch.row(self.index)
+
+
 def check_covered(row: CompactRow, edge: float, what: str, bound: float | None = None) -> None:
     """Refuse a draw whose support is not known to lie within the shipped entries.
 

@@ -30,7 +30,7 @@ from ..config import RedoBounds
 from .compact import CompactRow
 from .evaluators import Evaluator, Proposal
 from .guards import Action, Sampler, TokenMetrics, Trip
-from .metrics import RowStats, candidate, running_perplexity
+from .metrics import Candidate, RowStats, candidate, running_perplexity
 from .sampling import Row, SamplingParams, sample_normal, sample_strict
 
 
@@ -106,6 +106,12 @@ def token_metrics(row: Row, st: RowStats, token: int, ppl_sum: float, generated:
         y[at] = -np.inf
         runner = max(float(y.max()), unshipped)
         margin = prob - math.exp(runner - allowed_lse)
+    return _metrics(st, token, nlp, rank, margin, prob, ppl_sum, generated)
+
+
+def _metrics(
+    st: RowStats, token: int, nlp: float, rank: int, margin: float, prob: float, ppl_sum: float, generated: int
+) -> TokenMetrics:
     return TokenMetrics(
         token=token,
         entropy=st.entropy,
@@ -119,6 +125,29 @@ def token_metrics(row: Row, st: RowStats, token: int, ppl_sum: float, generated:
         varentropy=st.varentropy,
         running_ppl=running_perplexity(ppl_sum + nlp, generated + 1),
     )
+
+
+def accept_first(
+    st: RowStats,
+    c: Candidate,
+    evaluators: Sequence[Evaluator],
+    ppl_sum: float,
+    generated: int,
+    step: int,
+    now_s: float = 0.0,
+) -> StepOutcome | None:
+    """:func:`decide`'s outcome when its first proposal is the Normal sampler's candidate
+    ``c`` (drawn from a finite row whose statistics are ``st``) and nothing trips on it:
+    an ACCEPT. None when the step needs :func:`decide` (an evaluator asks for the strict
+    sampler, or any trip, a flag included)."""
+    if any(ev.strict() for ev in evaluators):
+        return None
+    m = _metrics(st, c.token, c.neg_logprob, c.rank, c.margin, c.selected_prob, ppl_sum, generated)
+    p = Proposal(c.token, Sampler.NORMAL, m, step, generated, 0, now_s)
+    for ev in evaluators:
+        if ev.check(p):
+            return None
+    return StepOutcome(Decision.ACCEPT, c.token, Sampler.NORMAL, m, (), p, (ProposalRecord(c.token, Sampler.NORMAL, 0),))
 
 
 def decide(

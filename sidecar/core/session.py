@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from ..errors import InvalidSessionId, RowError, SessionError
 from . import chain
+from .batch_draw import Draw, draws_itself
 from .compact import CompactRow
 from .evaluators import Evaluator, PolicyRules, TokenGuards
 from .evidence import DriftTest
@@ -22,7 +23,7 @@ from .guards import Trip
 from .loops import LoopGuard
 from .metrics import row_stats
 from .policy import CompiledPolicy
-from .redo import Decision, StepOutcome, decide
+from .redo import Decision, StepOutcome, accept_first, decide
 from .sampling import Row, SamplingParams
 
 SESSION_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -107,6 +108,15 @@ class Session:
         return decide(
             row, stats, self.history, self.params, self.evaluators, self.ppl_sum, self.generated, step, self.policy.redo, now_s
         )
+
+    def accept_drawn(self, draw: Draw, step: int, now_s: float = 0.0) -> StepOutcome | None:
+        """:meth:`judge`'s outcome when ``draw`` (:func:`~sidecar.core.batch_draw.first_draws`
+        of this step's row) is accepted as it is; None when the row must go through
+        :meth:`judge` (a penalty that now applies, the strict band, any trip)."""
+        self.check_step(step)
+        if not draws_itself(self.params, self.history):
+            return None
+        return accept_first(draw.stats, draw.candidate, self.evaluators, self.ppl_sum, self.generated, step, now_s)
 
     def next_chain_hash(self, step: int, outcome: StepOutcome) -> bytes:
         """The chain hash that committing ``outcome`` at ``step`` would give (nothing changes)."""
