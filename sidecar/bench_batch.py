@@ -9,7 +9,10 @@ statistics, the seeded sampler, the default policy's guards, the chain, the resp
 one Ed25519 seal over the batch (what the client asks for). Beside them, COMPACT batches
 answered with an Ed25519 signature per verdict (no seal), and the engine's check of each
 answer's signatures (the seal and a digest a row, or a signature a row). Half the sessions
-sample greedily, half with top-k 40 at T = 0.8 (both coverable by 64 entries). Timed in
+sample greedily, half with top-k 40 at T = 0.8 (both coverable by 64 entries). Each row
+is one of 16 model-like rows rotated by a random offset (the same distribution, other token
+ids): a session fed a repeating cycle of rows would loop, and the default policy's loop
+guard would rightly redo a sixth of its steps, timing the redo instead of a healthy step. Timed in
 one process, the sizes and kinds interleaved round after round so that machine noise
 falls on all of them alike; per-row costs are medians of (batch time / rows) (a sample of
 a small batch is the median of 16 / batch steps), ratios are medians of per-round
@@ -79,6 +82,7 @@ class _Lane:
             for i in range(batch)
         ]
         self.turn = itertools.count()
+        self.rng = np.random.default_rng(batch)
 
     def _open(self, session_id: str, params: SamplingParams) -> Session:
         req = pb.OpenSessionRequest(
@@ -92,10 +96,14 @@ class _Lane:
         with self.ring.frame(0) as f:
             for i, s in enumerate(self.sessions):
                 row = self.pool[(t + i) % len(self.pool)]
+                # Rotated by a random offset: the same distribution, other token ids, so that
+                # no session's tokens cycle (one that loops is rightly redone by the loop guard).
+                off = int(self.rng.integers(VOCAB))
                 if self.kind == "FULL":
-                    f.write_row(s.tag, s.next_step, row)
+                    f.write_row(s.tag, s.next_step, np.roll(row, off))
                 else:
-                    f.write_compact(s.tag, s.next_step, *row)
+                    moments, vals, ids = row
+                    f.write_compact(s.tag, s.next_step, moments, vals, ((ids.astype(np.int64) + off) % VOCAB).astype(np.uint32))
         return [
             pb.StepRequest(
                 session_id=s.session_id, session_secret=s.secret, step=s.next_step, ring=pb.RingRef(slot=0, row=i, seq=f.seq)

@@ -9,7 +9,7 @@ import pytest
 
 from sidecar.core.compact import BatchedRow, CompactRow, moments_and_top
 from sidecar.errors import RingError, RingLayoutError, RowError, TornFrameError
-from sidecar.ring import RingLayout, RingReader, RingWriter
+from sidecar.ring import VECTORISE_ROWS, RingLayout, RingReader, RingWriter
 
 
 @pytest.fixture
@@ -260,17 +260,36 @@ def test_a_batch_of_rows_is_read_in_one_pass_with_each_rows_error_in_its_place()
         assert callable(got[0])  # a FULL row is read when it is judged
         full = got[0]()
         assert isinstance(full, np.ndarray) and np.allclose(full, xs[0], rtol=1e-2)
-        assert isinstance(got[1], BatchedRow) and got[1].batch.k == 16  # validated with the frame's other COMPACT rows
-        single = reader.row(1, 1, f.seq, 2, 9)
-        assert isinstance(single, CompactRow) and np.array_equal(got[1]().ids, single.ids)
+        assert isinstance(got[1], CompactRow) and got[1].k == 16  # one COMPACT row: validated on its own
         assert isinstance(got[2], RowError) and "tagged (session_tag=3, step=0)" in str(got[2])
         again = reader.rows(1, f.seq, [(0, 1, 5), (1, 2, 9)])
         w.begin_raw(1)  # the frame is being rewritten: every row not yet read is refused
         with pytest.raises(TornFrameError):
             again[0]()  # type: ignore[operator]
-        assert isinstance(again[1], BatchedRow)  # read and checked before the rewrite began
+        assert isinstance(again[1], CompactRow)  # read and checked before the rewrite began
         torn = reader.rows(1, f.seq, [(0, 1, 5), (1, 2, 9)])
         assert all(isinstance(t, TornFrameError) for t in torn)
+        reader.close()
+
+
+def test_the_compact_rows_of_a_frame_are_validated_as_one_batch_with_each_rows_error_in_its_place() -> None:
+    rng = np.random.default_rng(3)
+    n = VECTORISE_ROWS + 2
+    shipped = [moments_and_top(rng.normal(size=1000).astype(np.float32), 16) for _ in range(n)]
+    with RingWriter.create(slots=1, rows=n, vocab_size=1000, topk=16) as w:
+        with w.frame(0) as f:
+            for i, (m, v, ids) in enumerate(shipped):
+                f.write_compact(i + 1, 4, m, v[::-1].copy() if i == 2 else v, ids[::-1].copy() if i == 2 else ids)
+        reader = RingReader(w.name)
+        got = reader.rows(0, f.seq, [(i, i + 1, 4) for i in range(n)])
+        assert isinstance(got[2], RowError) and "highest first" in str(got[2])  # that row alone
+        for i, g in enumerate(got):
+            if i == 2:
+                continue
+            assert isinstance(g, BatchedRow) and g.batch.k == 16 and len(g.batch) == n
+            single = reader.row(0, i, f.seq, i + 1, 4)
+            row = g()
+            assert isinstance(single, CompactRow) and np.array_equal(row.ids, single.ids) and row.moments == single.moments
         reader.close()
 
 
