@@ -577,11 +577,7 @@ class RingReader:
                     continue
                 compact.setdefault(count, []).append((len(out), off))
                 out.append(None)
-            payloads = {}
-            for k, places in compact.items():
-                buf = payloads[k] = np.empty((len(places), compact_size(k)), dtype=np.uint8)
-                for j, (_, off) in enumerate(places):
-                    self._read_exact(memoryview(buf[j]), base + lay.heap_offset + off)
+            payloads = {k: self._compact_payloads(base, places, compact_size(k)) for k, places in compact.items()}
             self._read_exact(memoryview(self._seq_now), base)
             self._check_seq(slot, seq, int.from_bytes(self._seq_now, "little"))
         except FseError as exc:
@@ -606,6 +602,22 @@ class RingReader:
             for j, (place, _) in enumerate(places):
                 out[place] = batch.errors[j] or BatchedRow(batch, j)
         return cast(list[BatchRow], out)
+
+    def _compact_payloads(self, base: int, places: list[tuple[int, int]], size: int) -> np.ndarray:
+        """The payloads of COMPACT rows of one size, one row each: the span that holds them
+        in one read when they lie close together (a batched engine writes them one after
+        the other), else one read a row."""
+        heap = base + self.layout.heap_offset
+        offs = np.array([off for _, off in places], dtype=np.int64)
+        lo, hi = int(offs.min()), int(offs.max()) + size
+        if hi - lo <= 2 * size * len(places):
+            span = np.empty(hi - lo, dtype=np.uint8)
+            self._read_exact(span.data, heap + lo)
+            return span[(offs - lo)[:, None] + np.arange(size)]  # a gather: a copy of each row
+        buf = np.empty((len(places), size), dtype=np.uint8)
+        for j, off in enumerate(offs.tolist()):
+            self._read_exact(memoryview(buf[j]), heap + off)
+        return buf
 
     # -- the fast lane ------------------------------------------------------------------------
     def open_lane(self) -> None:

@@ -128,7 +128,7 @@ def answer_batch(
         else:
             if metrics is not None:
                 metrics.note_verdict(req.session_id, a, each)
-            out.responses.append(pb.StepResponse(verdict=a))
+            out.responses.add(verdict=a)  # one copy (a StepResponse built first is copied again)
     return out
 
 

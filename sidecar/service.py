@@ -52,7 +52,7 @@ from .errors import (
 from .record import Recorder
 from .ring import BatchRow, RingReader
 from .signing import Signer
-from .wire import params_from_pb, proposal, reason, receipt_json
+from .wire import params_from_pb, reason, receipt_json
 
 # Inline row element types (PROTOCOL.md "Logits"): bf16 travels as its 16 bits (<u2).
 _INLINE_DTYPES: dict[int, np.dtype] = {
@@ -497,23 +497,25 @@ class GuardService:
         return o
 
     @staticmethod
-    def _stream_state(s: Session) -> pb.StreamState:
+    def _stream_state(s: Session) -> dict[str, float]:
+        """The verdict's StreamState, as the fields to build it with (no message copied in)."""
         g = s.gate_view()
         if g is None:
-            return pb.StreamState(e_value=s.e_value)
-        return pb.StreamState(
-            band=cast(pb.GateBand, int(g.band)),
-            pending=cast(pb.GateBand, int(g.pending or 0)),
-            risk=g.risk,
-            window_neg_logprob_nats=g.signals.nlp,
-            window_entropy_nats=g.signals.ent,
-            window_ppl=g.signals.ppl,
-            e_value=s.e_value,
-        )
+            return {"e_value": s.e_value}
+        return {
+            "band": int(g.band),
+            "pending": int(g.pending or 0),
+            "risk": g.risk,
+            "window_neg_logprob_nats": g.signals.nlp,
+            "window_entropy_nats": g.signals.ent,
+            "window_ppl": g.signals.ppl,
+            "e_value": s.e_value,
+        }
 
     def _commit_and_sign(self, s: Session, step: int, o: StepOutcome, timestamp_ns: int, sign: bool = True) -> pb.Verdict:
         prev, chain = s.commit(step, o, timestamp_ns)
         m = o.metrics
+        # Nested messages given as dicts are built in place (a message given is copied in).
         v = pb.Verdict(
             session_id=s.session_id,
             step=step,
@@ -521,24 +523,24 @@ class GuardService:
             token_id=o.token,
             sampler=cast(pb.Sampler, int(o.sampler or 0)),
             reasons=[reason(r) for r in o.reasons],
-            metrics=pb.TokenMetrics(
-                entropy_nats=m.entropy,
-                neg_logprob_nats=m.neg_logprob,
-                rank=max(m.rank, 0),
-                margin=m.margin,
-                selected_prob=m.selected_prob,
-                max_prob=m.max_prob,
-                logit_variance=m.logit_variance,
-                l2_norm=m.l2_norm,
-                varentropy=m.varentropy,
-                running_ppl=m.running_ppl,
-            ),
+            metrics={
+                "entropy_nats": m.entropy,
+                "neg_logprob_nats": m.neg_logprob,
+                "rank": max(m.rank, 0),
+                "margin": m.margin,
+                "selected_prob": m.selected_prob,
+                "max_prob": m.max_prob,
+                "logit_variance": m.logit_variance,
+                "l2_norm": m.l2_norm,
+                "varentropy": m.varentropy,
+                "running_ppl": m.running_ppl,
+            },
             band=cast(pb.HealthBand, health_band(m.running_ppl) if m.finite else pb.HEALTH_BAND_HALT),
             prev_chain_hash=prev,
             chain_hash=chain,
             policy_digest=s.policy.digest,
             stream=self._stream_state(s),
-            proposals=[proposal(p) for p in o.proposals],
+            proposals=[{"token_id": p.token_id, "sampler": int(p.sampler), "reasons": p.reasons} for p in o.proposals],
         )
         if sign:
             self.signer.sign(v)

@@ -49,43 +49,52 @@ _METRICS = struct.Struct("<ddQdddddddI")
 _STREAM = struct.Struct("<IIddddd")
 
 
+_U32 = struct.Struct("<I")
+_HEAD = struct.Struct("<QIqII")  # u64 step | u32 decision | i64 token_id | u32 sampler | u32 reasons
+
+
 def verdict_bytes(v: pb.Verdict) -> bytes:
-    """Canonical encoding of Verdict fields 1-11, 13 and 14 (see proto/fse/v1/VERDICT.md)."""
-    m = v.metrics
-    parts = [
-        b"fse.v1.verdict",
-        cb.string(v.session_id),
-        struct.pack("<QIqII", v.step, v.decision, v.token_id, v.sampler, len(v.reasons)),
+    """Canonical encoding of Verdict fields 1-11, 13 and 14 (see proto/fse/v1/VERDICT.md).
+
+    Written flat (one read of each field, one pack per fixed run): it runs for every
+    verdict, on the sidecar's step path and in the engine's check."""
+    m, st = v.metrics, v.stream
+    floats = [
+        m.entropy_nats,
+        m.neg_logprob_nats,
+        m.margin,
+        m.selected_prob,
+        m.max_prob,
+        m.logit_variance,
+        m.l2_norm,
+        m.varentropy,
+        m.running_ppl,
+        st.risk,
+        st.window_neg_logprob_nats,
+        st.window_entropy_nats,
+        st.window_ppl,
+        st.e_value,
     ]
-    parts += [reason_bytes(r) for r in v.reasons]
-    f = cb.canonical_float
+    total = sum(floats)
+    if total != total:  # a NaN somewhere (or inf - inf): write every NaN as the one canonical NaN
+        floats = [cb.canonical_float(x) for x in floats]
+    entropy, nlp, margin, prob, max_prob, var, l2, varent, ppl, risk, w_nlp, w_ent, w_ppl, e_value = floats
+    sid, kid, policy = v.session_id.encode(), v.key_id.encode(), v.policy_digest.encode()
+    prev, chain, reasons = v.prev_chain_hash, v.chain_hash, v.reasons
+    parts = [b"fse.v1.verdict", _U32.pack(len(sid)), sid, _HEAD.pack(v.step, v.decision, v.token_id, v.sampler, len(reasons))]
+    if reasons:
+        parts += [reason_bytes(r) for r in reasons]
     parts += [
-        _METRICS.pack(
-            f(m.entropy_nats),
-            f(m.neg_logprob_nats),
-            m.rank,
-            f(m.margin),
-            f(m.selected_prob),
-            f(m.max_prob),
-            f(m.logit_variance),
-            f(m.l2_norm),
-            f(m.varentropy),
-            f(m.running_ppl),
-            v.band,
-        ),
-        cb.blob(v.prev_chain_hash),
-        cb.blob(v.chain_hash),
-        cb.string(v.key_id),
-        cb.string(v.policy_digest),
-        _STREAM.pack(
-            v.stream.band,
-            v.stream.pending,
-            f(v.stream.risk),
-            f(v.stream.window_neg_logprob_nats),
-            f(v.stream.window_entropy_nats),
-            f(v.stream.window_ppl),
-            f(v.stream.e_value),
-        ),
+        _METRICS.pack(entropy, nlp, m.rank, margin, prob, max_prob, var, l2, varent, ppl, v.band),
+        _U32.pack(len(prev)),
+        prev,
+        _U32.pack(len(chain)),
+        chain,
+        _U32.pack(len(kid)),
+        kid,
+        _U32.pack(len(policy)),
+        policy,
+        _STREAM.pack(st.band, st.pending, risk, w_nlp, w_ent, w_ppl, e_value),
         proposals_bytes(v.proposals),
     ]
     return b"".join(parts)

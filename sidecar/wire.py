@@ -7,7 +7,6 @@ from typing import cast
 from ._pb.fse.v1 import guard_pb2 as pb
 from .core.chain import ReasonLike, Tally
 from .core.ledger import receipt_record
-from .core.redo import ProposalRecord
 from .core.sampling import SamplingParams
 
 
@@ -48,10 +47,6 @@ def reason(t: ReasonLike) -> pb.Reason:
         span_start=t.span_start,
         span_end=t.span_end,
     )
-
-
-def proposal(p: ProposalRecord) -> pb.Proposal:
-    return pb.Proposal(token_id=p.token_id, sampler=cast(pb.Sampler, int(p.sampler)), reasons=p.reasons)
 
 
 def receipt_json(r: pb.Receipt) -> dict[str, object]:

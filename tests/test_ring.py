@@ -272,22 +272,26 @@ def test_a_batch_of_rows_is_read_in_one_pass_with_each_rows_error_in_its_place()
         reader.close()
 
 
-def test_the_compact_rows_of_a_frame_are_validated_as_one_batch_with_each_rows_error_in_its_place() -> None:
+@pytest.mark.parametrize("interleaved", [False, True], ids=["one read of their span", "far apart: a read each"])
+def test_the_compact_rows_of_a_frame_are_validated_as_one_batch_with_each_rows_error_in_its_place(interleaved: bool) -> None:
     rng = np.random.default_rng(3)
     n = VECTORISE_ROWS + 2
     shipped = [moments_and_top(rng.normal(size=1000).astype(np.float32), 16) for _ in range(n)]
-    with RingWriter.create(slots=1, rows=n, vocab_size=1000, topk=16) as w:
+    at = [2 * i if interleaved else i for i in range(n)]  # the COMPACT rows' places in the frame
+    with RingWriter.create(slots=1, rows=2 * n, vocab_size=1000, topk=16) as w:
         with w.frame(0) as f:
             for i, (m, v, ids) in enumerate(shipped):
                 f.write_compact(i + 1, 4, m, v[::-1].copy() if i == 2 else v, ids[::-1].copy() if i == 2 else ids)
+                if interleaved:
+                    f.write_row(99, 4, rng.normal(size=1000).astype(np.float32))
         reader = RingReader(w.name)
-        got = reader.rows(0, f.seq, [(i, i + 1, 4) for i in range(n)])
+        got = reader.rows(0, f.seq, [(at[i], i + 1, 4) for i in range(n)])
         assert isinstance(got[2], RowError) and "highest first" in str(got[2])  # that row alone
         for i, g in enumerate(got):
             if i == 2:
                 continue
             assert isinstance(g, BatchedRow) and g.batch.k == 16 and len(g.batch) == n
-            single = reader.row(0, i, f.seq, i + 1, 4)
+            single = reader.row(0, at[i], f.seq, i + 1, 4)
             row = g()
             assert isinstance(single, CompactRow) and np.array_equal(row.ids, single.ids) and row.moments == single.moments
         reader.close()

@@ -9,6 +9,7 @@ chain; the canonical encoding is written up in proto/fse/v1/VERDICT.md.
 from __future__ import annotations
 
 import hashlib
+import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
@@ -101,14 +102,24 @@ def reasons_bytes(reasons: Iterable[ReasonLike]) -> bytes:
     return cb.u32(len(items)) + b"".join(reason_bytes(r) for r in items)
 
 
+_NO_REASONS = hashlib.sha256(cb.u32(0)).digest()  # most steps: computed once
+
+
 def reasons_digest(reasons: Iterable[ReasonLike]) -> bytes:
-    return hashlib.sha256(reasons_bytes(reasons)).digest()
+    items = list(reasons)
+    return hashlib.sha256(reasons_bytes(items)).digest() if items else _NO_REASONS
+
+
+_PROPOSAL = struct.Struct("<qII")  # i64 token_id | u32 sampler | u32 reasons
 
 
 def proposals_bytes(proposals: Iterable[ProposalLike]) -> bytes:
     """u32 count, then i64 token_id | u32 sampler | u32 reasons of each proposal in order."""
     items = list(proposals)
-    return cb.u32(len(items)) + b"".join(cb.i64(p.token_id) + cb.u32(int(p.sampler)) + cb.u32(p.reasons) for p in items)
+    return cb.u32(len(items)) + b"".join([_PROPOSAL.pack(p.token_id, int(p.sampler), p.reasons) for p in items])
+
+
+_FRAME = struct.Struct("<QqII")  # u64 step | i64 token_id | u32 decision | u32 sampler
 
 
 def frame_bytes(
@@ -126,10 +137,7 @@ def frame_bytes(
         [
             b"fse.v1.frame",
             cb.string(session_id),
-            cb.u64(step),
-            cb.i64(token),
-            cb.u32(decision),
-            cb.u32(sampler),
+            _FRAME.pack(step, token, decision, sampler),
             proposals_bytes(proposals),
             reasons_digest(reasons),
         ]

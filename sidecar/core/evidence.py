@@ -78,10 +78,11 @@ class DriftTest:
         self._log_threshold = math.log(1.0 / cfg.alpha)
         # (step, wealths after its first proposal, their log e-value): reused by commit
         self._pending: tuple[int, tuple[float, ...], float] | None = None
+        self._log_e = _log_e_scalar(self.log_wealths)  # of the committed wealths: every verdict reports it
 
     @property
     def e_value(self) -> float:
-        return math.exp(min(_log_e_scalar(self.log_wealths), 700.0))
+        return math.exp(min(self._log_e, 700.0))
 
     def strict(self) -> bool:
         return False
@@ -111,5 +112,6 @@ class DriftTest:
     def commit(self, p: Proposal) -> None:
         if self._pending is not None and self._pending[0] == p.step:
             self.log_wealths = self._pending[1]
+            self._log_e = self._pending[2]
             self.crossed = self.crossed or self._pending[2] >= self._log_threshold
         self._pending = None

@@ -152,7 +152,7 @@ class RiskGate:
         return self.state.current >= Band.STRICT
 
     def _next(self, p: Proposal) -> tuple[Signals, float, GateState]:
-        if self._last is not None and self._last[0] == p:
+        if self._last is not None and (self._last[0] is p or self._last[0] == p):
             return self._last[1]
         m = p.metrics
         sig = self.signals.add(m.neg_logprob, m.entropy, m.rank, self.cfg.window)

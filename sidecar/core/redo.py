@@ -140,8 +140,9 @@ def accept_first(
     ``c`` (drawn from a finite row whose statistics are ``st``) and nothing trips on it:
     an ACCEPT. None when the step needs :func:`decide` (an evaluator asks for the strict
     sampler, or any trip, a flag included)."""
-    if any(ev.strict() for ev in evaluators):
-        return None
+    for ev in evaluators:
+        if ev.strict():
+            return None
     m = _metrics(st, c.token, c.neg_logprob, c.rank, c.margin, c.selected_prob, ppl_sum, generated)
     p = Proposal(c.token, Sampler.NORMAL, m, step, generated, 0, now_s)
     for ev in evaluators:
