@@ -86,12 +86,11 @@ def raw_band(score: float, cfg: GateConfig) -> Band:
 def _edges(band: Band, cfg: GateConfig) -> tuple[float, float]:
     """(lower, upper) edge of ``band`` on the risk score."""
     e = cfg.edges
-    return {
-        Band.HEALTHY: (-math.inf, e.drifting),
-        Band.DRIFTING: (e.drifting, e.strict),
-        Band.STRICT: (e.strict, e.halt),
-        Band.HALT: (e.halt, math.inf),
-    }[band]
+    if band == Band.HEALTHY:
+        return -math.inf, e.drifting
+    if band == Band.DRIFTING:
+        return e.drifting, e.strict
+    return (e.strict, e.halt) if band == Band.STRICT else (e.halt, math.inf)
 
 
 def target(score: float, current: Band, cfg: GateConfig) -> Band:
@@ -116,8 +115,8 @@ class GateState:
 def advance(state: GateState, score: float, now_s: float, cfg: GateConfig) -> GateState:
     """One token's update: seed 003's ``advance_state`` with a token debounce beside time."""
     t = target(score, state.current, cfg)
-    if t == state.current:
-        return GateState(state.current)  # back in the current band: the pending one is cancelled
+    if t == state.current:  # back in the current band: the pending one is cancelled
+        return state if state.pending is None else GateState(state.current)
     if state.pending != t:
         state = GateState(state.current, t, 0, now_s)  # a new target restarts the debounce
     state = replace(state, pending_tokens=state.pending_tokens + 1)
