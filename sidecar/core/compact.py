@@ -212,7 +212,7 @@ class CompactBatch:
         ids64 = ids.astype(np.int64)
         v32 = vals.astype(np.float32)
         mom = np.ascontiguousarray(m[:, :7])
-        order = np.argsort(ids64, axis=1, kind="stable")
+        order = np.argsort(ids64, axis=1)  # distinct in a valid row: no ties to keep in order
         sid = np.take_along_axis(ids64, order, axis=1)
         bad = (ids64.min(axis=1) < 0) | (ids64.max(axis=1) >= vocab_size) | (sid[:, 1:] == sid[:, :-1]).any(axis=1)
         finite = np.asarray(np.isfinite(v32).all(axis=1) & np.isfinite(mom).all(axis=1), dtype=bool)
