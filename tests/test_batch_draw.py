@@ -46,6 +46,8 @@ def _rows(rng: np.random.Generator, n: int, k: int, ties: bool) -> tuple[np.ndar
     return np.stack(ms), np.stack(vs), np.stack(ids)
 
 
+# test_sampling's strategy, weighted toward what the vectorised draw covers (greedy, no
+# penalty) and with a top-k above the 64 entries shipped (an uncovered draw).
 params_st = st.builds(
     SamplingParams,
     temperature=st.sampled_from([0.0, 0.0, 0.4, 0.8, 1.5]),
