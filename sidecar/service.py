@@ -408,15 +408,17 @@ class GuardService:
     def _first_draws(reqs: Sequence[pb.StepRequest], sessions: dict[int, Session], rows: dict[int, BatchRow]) -> dict[int, Draw]:
         """The first proposal of every COMPACT row of the batch, drawn per frame in one
         vectorised pass (rows it does not cover are judged one by one)."""
-        by_batch: dict[int, tuple[CompactBatch, list[int]]] = {}
+        by_batch: dict[int, tuple[CompactBatch, list[int], list[int]]] = {}  # the batch, request rows, batch rows
         for i, got in rows.items():
             if isinstance(got, BatchedRow) and got.batch.vocab_size == sessions[i].vocab_size:
-                by_batch.setdefault(id(got.batch), (got.batch, []))[1].append(i)
+                _, idx, at = by_batch.setdefault(id(got.batch), (got.batch, [], []))
+                idx.append(i)
+                at.append(got.index)
         draws: dict[int, Draw] = {}
-        for batch, idx in by_batch.values():
+        for batch, idx, at in by_batch.values():
             found = first_draws(
                 batch,
-                [cast(BatchedRow, rows[i]).index for i in idx],
+                at,
                 [sessions[i].params for i in idx],
                 [reqs[i].step for i in idx],
                 [sessions[i].history for i in idx],
