@@ -12,7 +12,7 @@ import hashlib
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from . import canonical as cb
 
@@ -150,8 +150,7 @@ def chain_next(prev: bytes, frame: bytes) -> bytes:
     return hashlib.sha256(prev + frame).digest()
 
 
-@dataclass(frozen=True, slots=True)
-class Tally:
+class Tally(NamedTuple):
     """The decisions of a session's steps, and the wall-clock span they took."""
 
     accepted: int = 0

@@ -10,16 +10,14 @@ evaluator (the gate, the loop guard, a drift test) never edits that flow.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from ..config import GuardSet
 from .fse import Cursor, Hit, Matcher, Scan
 from .guards import Action, Sampler, TokenMetrics, Trip, evaluate
 
 
-@dataclass(frozen=True, slots=True)
-class Proposal:
+class Proposal(NamedTuple):
     """One candidate of one step, with the metrics of the row it was drawn from."""
 
     token: int

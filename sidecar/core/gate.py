@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
 from enum import IntEnum
+from typing import NamedTuple
 
 from ..config import GateConfig
 from .evaluators import Proposal
@@ -44,8 +44,7 @@ class Band(IntEnum):
     HALT = 4
 
 
-@dataclass(frozen=True, slots=True)
-class Signals:
+class Signals(NamedTuple):
     n: int = 0  # committed tokens seen
     nlp: float = 0.0
     ent: float = 0.0
@@ -104,8 +103,7 @@ def target(score: float, current: Band, cfg: GateConfig) -> Band:
     return current
 
 
-@dataclass(frozen=True, slots=True)
-class GateState:
+class GateState(NamedTuple):
     current: Band = Band.HEALTHY
     pending: Band | None = None
     pending_tokens: int = 0  # consecutive tokens that pointed to ``pending``
@@ -119,14 +117,13 @@ def advance(state: GateState, score: float, now_s: float, cfg: GateConfig) -> Ga
         return state if state.pending is None else GateState(state.current)
     if state.pending != t:
         state = GateState(state.current, t, 0, now_s)  # a new target restarts the debounce
-    state = replace(state, pending_tokens=state.pending_tokens + 1)
+    state = state._replace(pending_tokens=state.pending_tokens + 1)
     if state.pending_tokens >= cfg.debounce_tokens and now_s - state.pending_since_s >= cfg.debounce_s:
         return GateState(t)
     return state
 
 
-@dataclass(frozen=True, slots=True)
-class GateView:
+class GateView(NamedTuple):
     """What a verdict reports of the gate after a step."""
 
     band: Band

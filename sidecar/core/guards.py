@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import NamedTuple
 
 from ..config import GuardSet
 
@@ -29,8 +30,7 @@ class Action(IntEnum):
     FLAG = 4  # a flag rule: record only
 
 
-@dataclass(frozen=True, slots=True)
-class TokenMetrics:
+class TokenMetrics(NamedTuple):
     """The Glass Box metrics of one candidate token (all floats are float64)."""
 
     token: int

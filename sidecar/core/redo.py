@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from enum import IntEnum
+from typing import NamedTuple
 
 import numpy as np
 
@@ -42,8 +42,7 @@ class Decision(IntEnum):
     ABORT = 3
 
 
-@dataclass(frozen=True, slots=True)
-class ProposalRecord:
+class ProposalRecord(NamedTuple):
     """One candidate the redo proposed (the audit's record of it; fse.v1.Proposal)."""
 
     token_id: int  # -1: the sampler had no allowed token left
@@ -51,8 +50,7 @@ class ProposalRecord:
     reasons: int  # how many of the outcome's reasons, in order, this proposal tripped
 
 
-@dataclass(frozen=True, slots=True)
-class StepOutcome:
+class StepOutcome(NamedTuple):
     decision: Decision
     token: int  # -1 on ABORT
     sampler: Sampler | None  # which attempt is committed; None on ABORT
