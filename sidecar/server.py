@@ -51,8 +51,8 @@ from .errors import (
 from .exporter import Exporter, serve_metrics
 from .lane import LaneServer
 from .reload import PolicyReloader
-from .service import GuardService, session_opened
-from .signing import Signer
+from .service import GuardService, Judged, session_opened
+from .signing import NO_VERDICT, Signer
 from .wire import reason
 
 log = logging.getLogger("fse.server")
@@ -107,7 +107,7 @@ def answer_batch(
         exc = MessageTooLarge(f"a batch of {len(reqs)} rows exceeds max_batch_rows ({service.config.max_batch_rows})")
         out.responses.extend(refusal(exc, metrics) for _ in reqs)
         return out
-    answers: list[pb.Verdict | FseError] = []
+    answers: list[Judged | FseError] = []
     good = {i for i, r in enumerate(reqs) if SESSION_ID.fullmatch(r.session_id)}
     judged = iter(service.step_batch([r for i, r in enumerate(reqs) if i in good], sealed=seal))
     for i, r in enumerate(reqs):
@@ -118,8 +118,9 @@ def answer_batch(
                 _checked_id(r.session_id)
             except FseError as exc:  # a malformed id is that row's refusal, never echoed
                 answers.append(exc)
-    if seal and any(isinstance(a, pb.Verdict) for a in answers):
-        out.seal.CopyFrom(service.signer.seal([a if isinstance(a, pb.Verdict) else None for a in answers]))
+    if seal and any(isinstance(a, Judged) for a in answers):
+        digests = b"".join(a.digest if isinstance(a, Judged) else NO_VERDICT for a in answers)
+        out.seal.CopyFrom(service.signer.seal_rows(digests, len(answers)))
     each = (time.perf_counter() - t0) / max(len(reqs), 1)
     for req, a in zip(reqs, answers, strict=True):
         if isinstance(a, FseError):
@@ -127,8 +128,8 @@ def answer_batch(
             out.responses.append(refusal(a, metrics, sid, req.step))
         else:
             if metrics is not None:
-                metrics.note_verdict(req.session_id, a, each)
-            out.responses.add(verdict=a)  # one copy (a StepResponse built first is copied again)
+                metrics.note_verdict(req.session_id, a.verdict, each)
+            out.responses.add(verdict=a.verdict)  # one copy (a StepResponse built first is copied again)
     return out
 
 

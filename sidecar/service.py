@@ -8,6 +8,7 @@ which the gRPC layer maps to status codes. No gRPC here, so it is tested directl
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import hmac
 import itertools
 import math
@@ -17,7 +18,7 @@ import uuid
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import NamedTuple, cast
 
 import numpy as np
 
@@ -51,9 +52,22 @@ from .errors import (
 )
 from .record import Recorder
 from .ring import BatchRow, RingReader
-from .signing import Signer
+from .signing import Signer, verdict_fields_bytes
 from .wire import params_from_pb, reason, receipt_json
 
+# The verdict's TokenMetrics / StreamState float fields, in verdict_fields_bytes' order.
+_METRIC_FIELDS = (
+    "entropy_nats",
+    "neg_logprob_nats",
+    "margin",
+    "selected_prob",
+    "max_prob",
+    "logit_variance",
+    "l2_norm",
+    "varentropy",
+    "running_ppl",
+)
+_STREAM_FIELDS = ("risk", "window_neg_logprob_nats", "window_entropy_nats", "window_ppl", "e_value")
 # Inline row element types (PROTOCOL.md "Logits"): bf16 travels as its 16 bits (<u2).
 _INLINE_DTYPES: dict[int, np.dtype] = {
     pb.DTYPE_F32: np.dtype("<f4"),
@@ -63,6 +77,14 @@ _INLINE_DTYPES: dict[int, np.dtype] = {
 
 
 MAX_MODEL_ID_BYTES = 256
+
+
+class Judged(NamedTuple):
+    """A batch row's verdict; ``digest``: SHA-256 of its canonical bytes when the batch is
+    sealed (the seal's entry for the row), else empty (the verdict is signed itself)."""
+
+    verdict: pb.Verdict
+    digest: bytes
 
 
 @dataclass
@@ -361,18 +383,19 @@ class GuardService:
         s = self.owned_session(req.session_id, req.session_secret)
         s.last_active = time.monotonic()
         s.check_step(req.step)
-        return self._verdict(s, req.step, self._row(s, req))
+        return self._verdict(s, req.step, self._row(s, req))[0]
 
-    def step_batch(self, reqs: Sequence[pb.StepRequest], sealed: bool = False) -> list[pb.Verdict | FseError]:
+    def step_batch(self, reqs: Sequence[pb.StepRequest], sealed: bool = False) -> list[Judged | FseError]:
         """Many sessions' steps (a batched engine's decoding step): each row's verdict, or
         the error that refused that row alone, in the request's order. ``sealed``: the
-        verdicts are left unsigned for one :meth:`Signer.seal` over the batch.
+        verdicts are left unsigned, each with its digest for one seal over the batch
+        (:meth:`Signer.seal_rows`).
 
         The rows that one ring frame holds are read in one pass (one read of its
         descriptors, one seqlock check for all; a FULL row is read when its turn comes);
         each row is then judged, committed and signed in order, so two rows of one session
         are its two next steps."""
-        out: list[pb.Verdict | FseError | None] = [None] * len(reqs)
+        out: list[Judged | FseError | None] = [None] * len(reqs)
         sessions: dict[int, Session] = {}
         frames: dict[tuple[tuple[int, int], int, int], list[int]] = {}
         for i, req in enumerate(reqs):
@@ -399,10 +422,11 @@ class GuardService:
                 got = rows[i] if i in rows else self._row(s, req)
                 if isinstance(got, FseError):
                     raise got
-                out[i] = self._verdict(s, req.step, got, sign=not sealed, draw=draws.get(i))
+                v, data = self._verdict(s, req.step, got, sign=not sealed, draw=draws.get(i))
+                out[i] = Judged(v, hashlib.sha256(data).digest() if sealed else b"")
             except FseError as exc:
                 out[i] = exc
-        return cast(list[pb.Verdict | FseError], out)
+        return cast(list[Judged | FseError], out)
 
     @staticmethod
     def _first_draws(reqs: Sequence[pb.StepRequest], sessions: dict[int, Session], rows: dict[int, BatchRow]) -> dict[int, Draw]:
@@ -457,9 +481,9 @@ class GuardService:
 
     def _verdict(
         self, s: Session, step: int, got: Row | Callable[[], Row], sign: bool = True, draw: Draw | None = None
-    ) -> pb.Verdict:
-        """``got``: the row, or a function that reads it (a FULL row of a batch, read just
-        before it is judged; a COMPACT row of a batch, built only if it is needed);
+    ) -> tuple[pb.Verdict, bytes]:
+        """The step's verdict and its canonical bytes. ``got``: the row, or a function that
+        reads it (a FULL row of a batch, read just before it is judged; a COMPACT row of a batch, built only if it is needed);
         ``draw``: its first proposal drawn with the batch's, taken when it stands."""
         outcome = s.accept_drawn(draw, step) if draw is not None else None
         row = None
@@ -498,52 +522,73 @@ class GuardService:
             self.recorder.frame(s.session_id, record)
         return o
 
-    @staticmethod
-    def _stream_state(s: Session) -> dict[str, float]:
-        """The verdict's StreamState, as the fields to build it with (no message copied in)."""
-        g = s.gate_view()
-        if g is None:
-            return {"e_value": s.e_value}
-        return {
-            "band": int(g.band),
-            "pending": int(g.pending or 0),
-            "risk": g.risk,
-            "window_neg_logprob_nats": g.signals.nlp,
-            "window_entropy_nats": g.signals.ent,
-            "window_ppl": g.signals.ppl,
-            "e_value": s.e_value,
-        }
-
-    def _commit_and_sign(self, s: Session, step: int, o: StepOutcome, timestamp_ns: int, sign: bool = True) -> pb.Verdict:
+    def _commit_and_sign(
+        self, s: Session, step: int, o: StepOutcome, timestamp_ns: int, sign: bool = True
+    ) -> tuple[pb.Verdict, bytes]:
+        """Commit ``o`` and build its verdict: the message and its canonical bytes (what its
+        signature, or a batch seal's digest, covers), written from the values as the message
+        is built rather than read back out of it."""
         prev, chain = s.commit(step, o, timestamp_ns)
         m = o.metrics
+        metrics = [
+            m.entropy,
+            m.neg_logprob,
+            m.margin,
+            m.selected_prob,
+            m.max_prob,
+            m.logit_variance,
+            m.l2_norm,
+            m.varentropy,
+            m.running_ppl,
+        ]
+        rank = max(m.rank, 0)
+        band = health_band(m.running_ppl) if m.finite else pb.HEALTH_BAND_HALT
+        gate = s.gate
+        if gate is None:
+            gate_band = pending = 0
+            stream = [0.0, 0.0, 0.0, 0.0, s.e_value]
+        else:
+            g = gate.signals
+            gate_band, pending = int(gate.state.current), int(gate.state.pending or 0)
+            stream = [gate.risk, g.nlp, g.ent, g.ppl, s.e_value]
+        decision, sampler, key_id = int(o.decision), int(o.sampler or 0), self.signer.key_id
+        data = verdict_fields_bytes(
+            s.session_id,
+            step,
+            decision,
+            o.token,
+            sampler,
+            o.reasons,
+            metrics,
+            rank,
+            band,
+            prev,
+            chain,
+            key_id,
+            s.policy.digest,
+            gate_band,
+            pending,
+            stream,
+            o.proposals,
+        )
         # Nested messages given as dicts are built in place (a message given is copied in).
+        metrics_pb: dict[str, float] = dict(zip(_METRIC_FIELDS, metrics, strict=True))
+        metrics_pb["rank"] = rank
         v = pb.Verdict(
             session_id=s.session_id,
             step=step,
-            decision=cast(pb.Decision, int(o.decision)),
+            decision=cast(pb.Decision, decision),
             token_id=o.token,
-            sampler=cast(pb.Sampler, int(o.sampler or 0)),
+            sampler=cast(pb.Sampler, sampler),
             reasons=[reason(r) for r in o.reasons],
-            metrics={
-                "entropy_nats": m.entropy,
-                "neg_logprob_nats": m.neg_logprob,
-                "rank": max(m.rank, 0),
-                "margin": m.margin,
-                "selected_prob": m.selected_prob,
-                "max_prob": m.max_prob,
-                "logit_variance": m.logit_variance,
-                "l2_norm": m.l2_norm,
-                "varentropy": m.varentropy,
-                "running_ppl": m.running_ppl,
-            },
-            band=cast(pb.HealthBand, health_band(m.running_ppl) if m.finite else pb.HEALTH_BAND_HALT),
+            metrics=metrics_pb,
+            band=cast(pb.HealthBand, band),
             prev_chain_hash=prev,
             chain_hash=chain,
+            key_id=key_id,
+            signature=self.signer.sign_bytes(data) if sign else b"",
             policy_digest=s.policy.digest,
-            stream=self._stream_state(s),
+            stream=dict(zip(_STREAM_FIELDS, stream, strict=True), band=gate_band, pending=pending),
             proposals=[{"token_id": p.token_id, "sampler": int(p.sampler), "reasons": p.reasons} for p in o.proposals],
         )
-        if sign:
-            self.signer.sign(v)
-        return v
+        return v, data

@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from ._pb.fse.v1 import guard_pb2 as pb
 from .core import canonical as cb
-from .core.chain import Tally, proposals_bytes, reason_bytes, receipt_bytes
+from .core.chain import ProposalLike, ReasonLike, Tally, proposals_bytes, reason_bytes, receipt_bytes
 from .errors import SigningKeyError
 
 ALGORITHMS = ("ed25519", "hmac-sha256")
@@ -54,54 +54,91 @@ _HEAD = struct.Struct("<QIqII")  # u64 step | u32 decision | i64 token_id | u32 
 
 
 def verdict_bytes(v: pb.Verdict) -> bytes:
-    """Canonical encoding of Verdict fields 1-11, 13 and 14 (see proto/fse/v1/VERDICT.md).
-
-    Written flat (one read of each field, one pack per fixed run): it runs for every
-    verdict, on the sidecar's step path and in the engine's check."""
+    """Canonical encoding of Verdict fields 1-11, 13 and 14 (see proto/fse/v1/VERDICT.md):
+    :func:`verdict_fields_bytes` of the message's fields (the engine's check)."""
     m, st = v.metrics, v.stream
-    floats = [
-        m.entropy_nats,
-        m.neg_logprob_nats,
-        m.margin,
-        m.selected_prob,
-        m.max_prob,
-        m.logit_variance,
-        m.l2_norm,
-        m.varentropy,
-        m.running_ppl,
-        st.risk,
-        st.window_neg_logprob_nats,
-        st.window_entropy_nats,
-        st.window_ppl,
-        st.e_value,
-    ]
+    return verdict_fields_bytes(
+        v.session_id,
+        v.step,
+        v.decision,
+        v.token_id,
+        v.sampler,
+        v.reasons,
+        [
+            m.entropy_nats,
+            m.neg_logprob_nats,
+            m.margin,
+            m.selected_prob,
+            m.max_prob,
+            m.logit_variance,
+            m.l2_norm,
+            m.varentropy,
+            m.running_ppl,
+        ],
+        m.rank,
+        v.band,
+        v.prev_chain_hash,
+        v.chain_hash,
+        v.key_id,
+        v.policy_digest,
+        st.band,
+        st.pending,
+        [st.risk, st.window_neg_logprob_nats, st.window_entropy_nats, st.window_ppl, st.e_value],
+        v.proposals,
+    )
+
+
+def verdict_fields_bytes(
+    session_id: str,
+    step: int,
+    decision: int,
+    token_id: int,
+    sampler: int,
+    reasons: Sequence[ReasonLike],
+    metrics: Sequence[float],
+    rank: int,
+    band: int,
+    prev_chain_hash: bytes,
+    chain_hash: bytes,
+    key_id: str,
+    policy_digest: str,
+    stream_band: int,
+    stream_pending: int,
+    stream: Sequence[float],
+    proposals: Sequence[ProposalLike],
+) -> bytes:
+    """The canonical verdict bytes from the fields' values: what the sidecar signs as it
+    builds a verdict (no message read back) and what :func:`verdict_bytes` reads out of
+    one. ``metrics``: entropy, -log p, margin, selected prob, max prob, logit variance,
+    L2 norm, varentropy, running PPL; ``stream``: risk, window -log p, window entropy,
+    window PPL, e-value. Written flat, one pack per fixed run."""
+    floats = [*metrics, *stream]
     total = sum(floats)
     if total != total:  # a NaN somewhere (or inf - inf): write every NaN as the one canonical NaN
         floats = [cb.canonical_float(x) for x in floats]
     entropy, nlp, margin, prob, max_prob, var, l2, varent, ppl, risk, w_nlp, w_ent, w_ppl, e_value = floats
-    sid, kid, policy = v.session_id.encode(), v.key_id.encode(), v.policy_digest.encode()
-    prev, chain, reasons = v.prev_chain_hash, v.chain_hash, v.reasons
-    parts = [b"fse.v1.verdict", _U32.pack(len(sid)), sid, _HEAD.pack(v.step, v.decision, v.token_id, v.sampler, len(reasons))]
+    sid, kid, policy = session_id.encode(), key_id.encode(), policy_digest.encode()
+    parts = [b"fse.v1.verdict", _U32.pack(len(sid)), sid, _HEAD.pack(step, decision, token_id, sampler, len(reasons))]
     if reasons:
         parts += [reason_bytes(r) for r in reasons]
     parts += [
-        _METRICS.pack(entropy, nlp, m.rank, margin, prob, max_prob, var, l2, varent, ppl, v.band),
-        _U32.pack(len(prev)),
-        prev,
-        _U32.pack(len(chain)),
-        chain,
+        _METRICS.pack(entropy, nlp, rank, margin, prob, max_prob, var, l2, varent, ppl, band),
+        _U32.pack(len(prev_chain_hash)),
+        prev_chain_hash,
+        _U32.pack(len(chain_hash)),
+        chain_hash,
         _U32.pack(len(kid)),
         kid,
         _U32.pack(len(policy)),
         policy,
-        _STREAM.pack(st.band, st.pending, risk, w_nlp, w_ent, w_ppl, e_value),
-        proposals_bytes(v.proposals),
+        _STREAM.pack(stream_band, stream_pending, risk, w_nlp, w_ent, w_ppl, e_value),
+        proposals_bytes(proposals),
     ]
     return b"".join(parts)
 
 
 SEAL_DIGEST_BYTES = 32
-_NO_VERDICT = bytes(SEAL_DIGEST_BYTES)
+NO_VERDICT = bytes(SEAL_DIGEST_BYTES)  # a seal's entry for a row answered with an error
 
 
 def verdict_digest(v: pb.Verdict) -> bytes:
@@ -112,7 +149,7 @@ def verdict_digest(v: pb.Verdict) -> bytes:
 def seal_digests(verdicts: Sequence[pb.Verdict | None]) -> bytes:
     """Each row's :func:`verdict_digest`, in order; 32 zero bytes for a row answered with
     an error (VERDICT.md "Batch seal")."""
-    return b"".join(_NO_VERDICT if v is None else verdict_digest(v) for v in verdicts)
+    return b"".join(NO_VERDICT if v is None else verdict_digest(v) for v in verdicts)
 
 
 def sealed_digest(seal: pb.BatchSeal, row: int) -> bytes:
@@ -153,10 +190,12 @@ class Signer(ABC):
         for v in verdicts:
             if v is not None:
                 v.key_id = self.key_id
-        digests = seal_digests(verdicts)
-        return pb.BatchSeal(
-            key_id=self.key_id, digests=digests, signature=self._tag(seal_bytes(self.key_id, len(verdicts), digests))
-        )
+        return self.seal_rows(seal_digests(verdicts), len(verdicts))
+
+    def seal_rows(self, digests: bytes, rows: int) -> pb.BatchSeal:
+        """The seal over ``rows`` verdict digests (:func:`seal_digests`) already computed,
+        of verdicts that carry this key's id."""
+        return pb.BatchSeal(key_id=self.key_id, digests=digests, signature=self._tag(seal_bytes(self.key_id, rows, digests)))
 
     def sign_receipt(self, r: pb.Receipt) -> None:
         r.key_id = self.key_id

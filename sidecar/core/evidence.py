@@ -63,7 +63,7 @@ def log_e_value(log_wealths: np.ndarray) -> np.ndarray:
 def _log_e_scalar(log_wealths: Sequence[float]) -> float:
     """:func:`log_e_value` for one stream, without numpy's per-call cost (the step path)."""
     top = max(log_wealths)
-    return top + math.log(sum(math.exp(w - top) for w in log_wealths) / len(log_wealths))
+    return top + math.log(sum([math.exp(w - top) for w in log_wealths]) / len(log_wealths))
 
 
 class DriftTest:
@@ -92,12 +92,12 @@ class DriftTest:
         margin = self.cfg.margin_nats
         s = neg_logprob - entropy - margin
         scale = max(entropy + margin, 1.0)
-        return tuple(math.log1p(c / scale * s) for c in self.cfg.bets)
+        return tuple([math.log1p(c / scale * s) for c in self.cfg.bets])
 
     def check(self, p: Proposal) -> Sequence[Trip]:
         if p.attempt == 0 or self._pending is None or self._pending[0] != p.step:  # the step's first proposal
             f = self._factors(p.metrics.neg_logprob, p.metrics.entropy)
-            wealths = tuple(w + x for w, x in zip(self.log_wealths, f, strict=True))
+            wealths = tuple([w + x for w, x in zip(self.log_wealths, f, strict=True)])
             self._pending = (p.step, wealths, _log_e_scalar(wealths))
         log_e = self._pending[2]
         if not (self.crossed or log_e >= self._log_threshold):
