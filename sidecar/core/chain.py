@@ -133,15 +133,25 @@ def frame_bytes(
 ) -> bytes:
     """ "fse.v1.frame" | str session_id | u64 step | i64 token_id | u32 decision | u32 sampler
     | proposals_bytes | SHA-256(reasons_bytes) (VERDICT.md)."""
-    return b"".join(
-        [
-            b"fse.v1.frame",
-            cb.string(session_id),
-            _FRAME.pack(step, token, decision, sampler),
-            proposals_bytes(proposals),
-            reasons_digest(reasons),
-        ]
-    )
+    return frame_bytes_after(frame_prefix(session_id), step, token, decision, sampler, proposals, reasons)
+
+
+def frame_prefix(session_id: str) -> bytes:
+    """The head of every frame of a session (a session computes it once)."""
+    return b"fse.v1.frame" + cb.string(session_id)
+
+
+def frame_bytes_after(
+    prefix: bytes,
+    step: int,
+    token: int,
+    decision: int,
+    sampler: int,
+    proposals: Iterable[ProposalLike],
+    reasons: Iterable[ReasonLike],
+) -> bytes:
+    """:func:`frame_bytes` after the session's :func:`frame_prefix`."""
+    return b"".join([prefix, _FRAME.pack(step, token, decision, sampler), proposals_bytes(proposals), reasons_digest(reasons)])
 
 
 def chain_next(prev: bytes, frame: bytes) -> bytes:
@@ -164,10 +174,11 @@ class Tally(NamedTuple):
         return self.accepted + self.healed + self.aborted
 
     def add(self, decision: int, timestamp_ns: int) -> Tally:
-        counts = [self.accepted, self.healed, self.aborted]
-        counts[decision - 1] += 1  # fse.v1.Decision: 1 ACCEPT, 2 HEALED, 3 ABORT
-        first = self.first_timestamp_ns or timestamp_ns
-        return Tally(counts[0], counts[1], counts[2], first, timestamp_ns)
+        accepted, healed, aborted, first, _ = self
+        # fse.v1.Decision: 1 ACCEPT, 2 HEALED, 3 ABORT
+        return Tally(
+            accepted + (decision == 1), healed + (decision == 2), aborted + (decision == 3), first or timestamp_ns, timestamp_ns
+        )
 
 
 def receipt_bytes(

@@ -14,7 +14,7 @@ from typing import NamedTuple, Protocol
 
 from ..config import GuardSet
 from .fse import Cursor, Hit, Matcher, Scan
-from .guards import Action, Sampler, TokenMetrics, Trip, evaluate
+from .guards import Action, Sampler, TokenMetrics, Trip, enabled_checks, evaluate
 
 
 class Proposal(NamedTuple):
@@ -52,12 +52,13 @@ class TokenGuards:
 
     def __init__(self, guards: GuardSet) -> None:
         self.guards = guards
+        self._checks = enabled_checks(guards)
 
     def strict(self) -> bool:
         return False
 
     def check(self, p: Proposal) -> Sequence[Trip]:
-        return evaluate(p.metrics, self.guards, p.sampler, p.generated)
+        return evaluate(p.metrics, self.guards, p.sampler, p.generated, self._checks)
 
     def commit(self, p: Proposal) -> None:
         pass

@@ -96,7 +96,8 @@ class DriftTest:
 
     def check(self, p: Proposal) -> Sequence[Trip]:
         if p.attempt == 0 or self._pending is None or self._pending[0] != p.step:  # the step's first proposal
-            f = self._factors(p.metrics.neg_logprob, p.metrics.entropy)
+            m = p.metrics
+            f = self._factors(m.neg_logprob, m.entropy)
             wealths = tuple([w + x for w, x in zip(self.log_wealths, f, strict=True)])
             self._pending = (p.step, wealths, _log_e_scalar(wealths))
         log_e = self._pending[2]

@@ -112,6 +112,8 @@ class GateState(NamedTuple):
 
 def advance(state: GateState, score: float, now_s: float, cfg: GateConfig) -> GateState:
     """One token's update: seed 003's ``advance_state`` with a token debounce beside time."""
+    if state.pending is None and raw_band(score, cfg) == state.current:
+        return state  # most tokens: still in the current band, nothing pending
     t = target(score, state.current, cfg)
     if t == state.current:  # back in the current band: the pending one is cancelled
         return state if state.pending is None else GateState(state.current)

@@ -80,27 +80,35 @@ _CHECKS: tuple[tuple[str, str, bool], ...] = (
 )
 
 
-def evaluate(metrics: TokenMetrics, guards: GuardSet, sampler: Sampler, generated: int) -> list[Trip]:
+def enabled_checks(guards: GuardSet) -> tuple[tuple[str, str, bool, float], ...]:
+    """The guards that are on, in :data:`_CHECKS` order: (name, metric attribute, trips
+    above?, threshold). A session computes them once."""
+    return tuple((name, attr, above, g.threshold) for name, attr, above in _CHECKS if (g := getattr(guards, name)).enabled)
+
+
+def evaluate(
+    metrics: TokenMetrics,
+    guards: GuardSet,
+    sampler: Sampler,
+    generated: int,
+    checks: tuple[tuple[str, str, bool, float], ...] | None = None,
+) -> list[Trip]:
     """Every guard that trips for this candidate, in a fixed order.
 
     ``generated`` is how many tokens the session has committed before this one (for the
-    perplexity warm-up).
+    perplexity warm-up); ``checks``: :func:`enabled_checks` of ``guards`` if known.
     """
     if not metrics.finite:
         return [Trip("non_finite", math.nan, 0.0, sampler, "logits row holds NaN or Inf", Action.HALT)]
     trips: list[Trip] = []
-    for name, attr, above in _CHECKS:
-        g = getattr(guards, name)
-        if not g.enabled:
-            continue
+    for name, attr, above, threshold in enabled_checks(guards) if checks is None else checks:
         if name == "running_ppl" and generated < guards.ppl_warmup_tokens:
             continue
         value = float(getattr(metrics, attr))
-        if (value > g.threshold) if above else (value < g.threshold):
+        if (value > threshold) if above else (value < threshold):
             op = ">" if above else "<"
-            trips.append(
-                Trip(name, value, g.threshold, sampler, f"{name} {value:.6g} {op} {g.threshold:.6g}", token_id=metrics.token)
-            )
+            detail = f"{name} {value:.6g} {op} {threshold:.6g}"
+            trips.append(Trip(name, value, threshold, sampler, detail, token_id=metrics.token))
     return trips
 
 

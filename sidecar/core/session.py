@@ -54,6 +54,7 @@ class Session:
     evaluators: list[Evaluator] = field(init=False)
     genesis_hash: bytes = field(init=False, default=b"")
     tally: chain.Tally = field(init=False, default_factory=chain.Tally)
+    _frame_prefix: bytes = field(init=False, default=b"", repr=False)
 
     def __post_init__(self) -> None:
         if not SESSION_ID.fullmatch(self.session_id):
@@ -62,6 +63,7 @@ class Session:
         if self.opening is None:
             self.opening = chain.Opening(self.session_id, b"", self.params.canonical_bytes(), self.policy.digest, "", "", "")
         self.genesis_hash = self.opening.genesis()
+        self._frame_prefix = chain.frame_prefix(self.session_id)
         if not self.chain_hash:
             self.chain_hash = self.genesis_hash
         # In this order: the order of their trips in a verdict.
@@ -120,8 +122,8 @@ class Session:
 
     def next_chain_hash(self, step: int, outcome: StepOutcome) -> bytes:
         """The chain hash that committing ``outcome`` at ``step`` would give (nothing changes)."""
-        frame = chain.frame_bytes(
-            self.session_id,
+        frame = chain.frame_bytes_after(
+            self._frame_prefix,
             step,
             outcome.token,
             int(outcome.decision),
