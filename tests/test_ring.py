@@ -272,8 +272,14 @@ def test_a_batch_of_rows_is_read_in_one_pass_with_each_rows_error_in_its_place()
         reader.close()
 
 
-@pytest.mark.parametrize("interleaved", [False, True], ids=["one read of their span", "far apart: a read each"])
-def test_the_compact_rows_of_a_frame_are_validated_as_one_batch_with_each_rows_error_in_its_place(interleaved: bool) -> None:
+@pytest.mark.parametrize(
+    ("interleaved", "reverse"),
+    [(False, False), (False, True), (True, False)],
+    ids=["one read of their span, each row a view", "their span asked for in another order: a gather", "far apart: a read each"],
+)
+def test_the_compact_rows_of_a_frame_are_validated_as_one_batch_with_each_rows_error_in_its_place(
+    interleaved: bool, reverse: bool
+) -> None:
     rng = np.random.default_rng(3)
     n = VECTORISE_ROWS + 2
     shipped = [moments_and_top(rng.normal(size=1000).astype(np.float32), 16) for _ in range(n)]
@@ -285,7 +291,9 @@ def test_the_compact_rows_of_a_frame_are_validated_as_one_batch_with_each_rows_e
                 if interleaved:
                     f.write_row(99, 4, rng.normal(size=1000).astype(np.float32))
         reader = RingReader(w.name)
-        got = reader.rows(0, f.seq, [(at[i], i + 1, 4) for i in range(n)])
+        order = list(reversed(range(n))) if reverse else list(range(n))
+        asked = reader.rows(0, f.seq, [(at[i], i + 1, 4) for i in order])
+        got = [asked[order.index(i)] for i in range(n)]
         assert isinstance(got[2], RowError) and "highest first" in str(got[2])  # that row alone
         for i, g in enumerate(got):
             if i == 2:
