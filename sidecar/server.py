@@ -51,7 +51,7 @@ from .errors import (
 from .exporter import Exporter, serve_metrics
 from .lane import LaneServer
 from .reload import PolicyReloader
-from .service import GuardService, Judged, session_opened
+from .service import GuardService, Judged, VerdictFields, session_opened
 from .signing import NO_VERDICT, Signer
 from .wire import reason
 
@@ -102,11 +102,9 @@ def answer_batch(
     """A batch's answers, one per row in order (each a verdict or that row's error);
     ``seal``: one signature over all of them instead of one a verdict."""
     t0 = time.perf_counter()
-    out = pb.StepBatchResponse()
     if len(reqs) > service.config.max_batch_rows:
         exc = MessageTooLarge(f"a batch of {len(reqs)} rows exceeds max_batch_rows ({service.config.max_batch_rows})")
-        out.responses.extend(refusal(exc, metrics) for _ in reqs)
-        return out
+        return pb.StepBatchResponse(responses=[refusal(exc, metrics) for _ in reqs])
     answers: list[Judged | FseError] = []
     good = {i for i, r in enumerate(reqs) if SESSION_ID.fullmatch(r.session_id)}
     judged = iter(service.step_batch([r for i, r in enumerate(reqs) if i in good], sealed=seal))
@@ -118,18 +116,22 @@ def answer_batch(
                 _checked_id(r.session_id)
             except FseError as exc:  # a malformed id is that row's refusal, never echoed
                 answers.append(exc)
-    if seal and any(isinstance(a, Judged) for a in answers):
-        digests = b"".join(a.digest if isinstance(a, Judged) else NO_VERDICT for a in answers)
-        out.seal.CopyFrom(service.signer.seal_rows(digests, len(answers)))
-    each = (time.perf_counter() - t0) / max(len(reqs), 1)
+    responses: list[pb.StepResponse | dict[str, VerdictFields]] = []
     for req, a in zip(reqs, answers, strict=True):
         if isinstance(a, FseError):
             sid = req.session_id if SESSION_ID.fullmatch(req.session_id) else ""
-            out.responses.append(refusal(a, metrics, sid, req.step))
+            responses.append(refusal(a, metrics, sid, req.step))
         else:
-            if metrics is not None:
-                metrics.note_verdict(req.session_id, a.verdict, each)
-            out.responses.add(verdict=a.verdict)  # one copy (a StepResponse built first is copied again)
+            responses.append({"verdict": a.fields})
+    out = pb.StepBatchResponse(responses=responses)  # every verdict built in place: no copies
+    if seal and any(isinstance(a, Judged) for a in answers):
+        digests = b"".join(a.digest if isinstance(a, Judged) else NO_VERDICT for a in answers)
+        out.seal.CopyFrom(service.signer.seal_rows(digests, len(answers)))
+    if metrics is not None:
+        each = (time.perf_counter() - t0) / max(len(reqs), 1)
+        for req, a, r in zip(reqs, answers, out.responses, strict=True):
+            if isinstance(a, Judged):
+                metrics.note_verdict(req.session_id, r.verdict, each)
     return out
 
 

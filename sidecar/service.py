@@ -18,7 +18,7 @@ import uuid
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, cast
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 
@@ -79,11 +79,17 @@ _INLINE_DTYPES: dict[int, np.dtype] = {
 MAX_MODEL_ID_BYTES = 256
 
 
-class Judged(NamedTuple):
-    """A batch row's verdict; ``digest``: SHA-256 of its canonical bytes when the batch is
-    sealed (the seal's entry for the row), else empty (the verdict is signed itself)."""
+# A verdict as the fields to build it with: a batch's verdicts are built in place, in one
+# StepBatchResponse, rather than built one by one and copied into it.
+VerdictFields = dict[str, Any]
 
-    verdict: pb.Verdict
+
+class Judged(NamedTuple):
+    """A batch row's verdict, as its fields; ``digest``: SHA-256 of its canonical bytes when
+    the batch is sealed (the seal's entry for the row), else empty (the verdict is signed
+    itself)."""
+
+    fields: VerdictFields
     digest: bytes
 
 
@@ -383,7 +389,7 @@ class GuardService:
         s = self.owned_session(req.session_id, req.session_secret)
         s.last_active = time.monotonic()
         s.check_step(req.step)
-        return self._verdict(s, req.step, self._row(s, req))[0]
+        return pb.Verdict(**self._verdict(s, req.step, self._row(s, req))[0])
 
     def step_batch(self, reqs: Sequence[pb.StepRequest], sealed: bool = False) -> list[Judged | FseError]:
         """Many sessions' steps (a batched engine's decoding step): each row's verdict, or
@@ -481,8 +487,8 @@ class GuardService:
 
     def _verdict(
         self, s: Session, step: int, got: Row | Callable[[], Row], sign: bool = True, draw: Draw | None = None
-    ) -> tuple[pb.Verdict, bytes]:
-        """The step's verdict and its canonical bytes. ``got``: the row, or a function that
+    ) -> tuple[VerdictFields, bytes]:
+        """The step's verdict (its fields) and its canonical bytes. ``got``: the row, or a function that
         reads it (a FULL row of a batch, read just before it is judged; a COMPACT row of a batch, built only if it is needed);
         ``draw``: its first proposal drawn with the batch's, taken when it stands."""
         outcome = s.accept_drawn(draw, step) if draw is not None else None
@@ -524,10 +530,10 @@ class GuardService:
 
     def _commit_and_sign(
         self, s: Session, step: int, o: StepOutcome, timestamp_ns: int, sign: bool = True
-    ) -> tuple[pb.Verdict, bytes]:
-        """Commit ``o`` and build its verdict: the message and its canonical bytes (what its
-        signature, or a batch seal's digest, covers), written from the values as the message
-        is built rather than read back out of it."""
+    ) -> tuple[VerdictFields, bytes]:
+        """Commit ``o`` and make its verdict: the message's fields and its canonical bytes
+        (what its signature, or a batch seal's digest, covers), written from the values
+        rather than read back out of a message."""
         prev, chain = s.commit(step, o, timestamp_ns)
         m = o.metrics
         metrics = [
@@ -571,10 +577,10 @@ class GuardService:
             stream,
             o.proposals,
         )
-        # Nested messages given as dicts are built in place (a message given is copied in).
+        # Nested messages as dicts: built in place with the message (a message given is copied in).
         metrics_pb: dict[str, float] = dict(zip(_METRIC_FIELDS, metrics, strict=True))
         metrics_pb["rank"] = rank
-        v = pb.Verdict(
+        fields = dict(
             session_id=s.session_id,
             step=step,
             decision=cast(pb.Decision, decision),
@@ -591,4 +597,4 @@ class GuardService:
             stream=dict(zip(_STREAM_FIELDS, stream, strict=True), band=gate_band, pending=pending),
             proposals=[{"token_id": p.token_id, "sampler": int(p.sampler), "reasons": p.reasons} for p in o.proposals],
         )
-        return v, data
+        return fields, data

@@ -261,7 +261,7 @@ def test_a_service_judging_a_compact_frame_signs_the_verdicts_of_single_steps_by
                 single = twins[1].step(_req(s, step, 0, g.seq))
                 judged = batched[r]
                 assert not isinstance(judged, FseError)
-                got = judged.verdict
+                got = pb.Verdict(**judged.fields)
                 assert got.SerializeToString(deterministic=True) == single.SerializeToString(deterministic=True)
                 decisions.add(got.decision)
     assert {pb.DECISION_ACCEPT, pb.DECISION_ABORT} <= decisions
