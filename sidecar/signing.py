@@ -54,7 +54,7 @@ _HEAD = struct.Struct("<QIqII")  # u64 step | u32 decision | i64 token_id | u32 
 
 
 def verdict_bytes(v: pb.Verdict) -> bytes:
-    """Canonical encoding of Verdict fields 1-11, 13 and 14 (see proto/fse/v1/VERDICT.md):
+    """Canonical encoding of Verdict fields 1-11, 13, 14 and 15 (see proto/fse/v1/VERDICT.md):
     :func:`verdict_fields_bytes` of the message's fields (the engine's check)."""
     m, st = v.metrics, v.stream
     return verdict_fields_bytes(
