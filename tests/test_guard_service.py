@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
+import math
+
 import numpy as np
 import pytest
 
 from sidecar._pb.fse.v1 import guard_pb2 as pb
-from sidecar.config import SidecarConfig
-from sidecar.errors import RowError, TooManySessions, UnknownVocabulary, VocabularyError
+from sidecar.config import Policy, Rule, SidecarConfig
+from sidecar.core.policy import compile_policies
+from sidecar.errors import FseError, RowError, TooManySessions, UnknownVocabulary, VocabularyError
 from sidecar.service import GuardService
-from sidecar.signing import Signer, Verifier
+from sidecar.signing import Signer, Verifier, verdict_bytes
 
 V = 100
 
@@ -197,3 +201,47 @@ def test_sessions_per_client_are_counted_only_where_the_transport_names_the_clie
         svc.open_session(pb.OpenSessionRequest(vocab_digest=d), client=None)  # a Unix socket: max_sessions only
     svc.close_session(a[0].session_id, a[0].secret)
     svc.open_session(pb.OpenSessionRequest(vocab_digest=d), client="ipv4:127.0.0.1:1")
+
+
+def test_the_bytes_signed_and_sealed_are_the_canonical_bytes_of_the_verdicts_sent(keys) -> None:
+    """The sidecar writes a verdict's signed bytes from its values as it builds the message
+    (not read back out of it): they must be verdict_bytes of the message the engine gets,
+    for an accepted step, a healed one (reasons with a rule's span), a step that aborts on
+    NaN metrics, and a session without the gate; signed each or sealed in a batch."""
+    policies = {
+        "default": Policy(rules=[Rule(id="no-q", kind="literal", patterns=["q"], action="block")]),
+        "bare": Policy(gate={"enabled": False}, drift={"enabled": False}),
+    }
+    signer = Signer.from_file(keys.private)
+    svc = GuardService(SidecarConfig(max_sessions=8, max_vocab_size=1000), signer)
+    svc.use_policies(compile_policies(policies))
+    verifier = Verifier.from_file(keys.public)
+    d = svc.register_vocabulary([b"q" if i == 7 else bytes([65 + i % 26]) for i in range(V)]).digest
+    opened = [
+        svc.open_session(pb.OpenSessionRequest(vocab_digest=d, session_id=f"s{i}", policy=p))
+        for i, p in enumerate(["default", "default", "default", "bare"])
+    ]
+    x = np.linspace(-3.0, 0.0, V).astype(np.float32)
+    x[7], x[9] = 8.0, 7.5  # greedy picks "q": the rule blocks it, the redo heals to 9
+    nan = x.copy()
+    nan[3] = np.nan
+    rows = [x, np.roll(x, 20), nan, x]
+    for step in range(2):
+        live = [(s, r) for s, r in zip(opened, rows, strict=True) if not s.aborted]
+        signed = [svc.step(inline(s, step, r)) for s, r in live[:2]]
+        for v in signed:
+            assert verifier.verify(v)
+        batch = svc.step_batch([inline(s, s.next_step, r) for s, r in live[2:]], sealed=True)
+        for j in batch:
+            assert not isinstance(j, FseError)
+            v = pb.Verdict(**j.fields)
+            assert j.digest == hashlib.sha256(verdict_bytes(v)).digest()
+            signed.append(v)
+        outcomes = {(v.session_id, v.decision) for v in signed}
+        if step == 0:
+            assert {("s0", pb.DECISION_HEALED), ("s1", pb.DECISION_ACCEPT), ("s2", pb.DECISION_ABORT)} <= outcomes
+            healed = next(v for v in signed if v.session_id == "s0")
+            assert healed.token_id == 9 and healed.reasons[0].code == "no-q" and healed.reasons[0].span_end == 1
+            assert math.isnan(next(v for v in signed if v.session_id == "s2").metrics.entropy_nats)
+            bare = next(v for v in signed if v.session_id == "s3")
+            assert bare.stream.band == 0 and bare.stream.e_value == 1.0  # no gate, no drift test
