@@ -488,9 +488,10 @@ class GuardService:
     def _verdict(
         self, s: Session, step: int, got: Row | Callable[[], Row], sign: bool = True, draw: Draw | None = None
     ) -> tuple[VerdictFields, bytes]:
-        """The step's verdict (its fields) and its canonical bytes. ``got``: the row, or a function that
-        reads it (a FULL row of a batch, read just before it is judged; a COMPACT row of a batch, built only if it is needed);
-        ``draw``: its first proposal drawn with the batch's, taken when it stands."""
+        """The step's verdict (its fields) and its canonical bytes. ``got``: the row, or a
+        function that reads it (a FULL row of a batch, read just before it is judged; a
+        COMPACT row of a batch, built only if it is needed); ``draw``: its first proposal
+        drawn with the batch's, taken when it stands."""
         outcome = s.accept_drawn(draw, step) if draw is not None else None
         row = None
         if outcome is None or self.recorder is not None:
@@ -549,14 +550,13 @@ class GuardService:
         ]
         rank = max(m.rank, 0)
         band = health_band(m.running_ppl) if m.finite else pb.HEALTH_BAND_HALT
-        gate = s.gate
-        if gate is None:
+        g = s.gate_view()
+        if g is None:
             gate_band = pending = 0
             stream = [0.0, 0.0, 0.0, 0.0, s.e_value]
         else:
-            g = gate.signals
-            gate_band, pending = int(gate.state.current), int(gate.state.pending or 0)
-            stream = [gate.risk, g.nlp, g.ent, g.ppl, s.e_value]
+            gate_band, pending = int(g.band), int(g.pending or 0)
+            stream = [g.risk, g.signals.nlp, g.signals.ent, g.signals.ppl, s.e_value]
         decision, sampler, key_id = int(o.decision), int(o.sampler or 0), self.signer.key_id
         data = verdict_fields_bytes(
             s.session_id,
