@@ -52,7 +52,7 @@ from .exporter import Exporter, serve_metrics
 from .lane import LaneServer
 from .reload import PolicyReloader
 from .service import GuardService, Judged, VerdictFields, session_opened
-from .signing import NO_VERDICT, Signer
+from .signing import Signer
 from .wire import reason
 
 log = logging.getLogger("fse.server")
@@ -125,8 +125,7 @@ def answer_batch(
             responses.append({"verdict": a.fields})
     out = pb.StepBatchResponse(responses=responses)  # every verdict built in place: no copies
     if seal and any(isinstance(a, Judged) for a in answers):
-        digests = b"".join(a.digest if isinstance(a, Judged) else NO_VERDICT for a in answers)
-        out.seal.CopyFrom(service.signer.seal_rows(digests, len(answers)))
+        out.seal.CopyFrom(service.signer.seal_rows([a.digest if isinstance(a, Judged) else None for a in answers]))
     if metrics is not None:
         each = (time.perf_counter() - t0) / max(len(reqs), 1)
         for req, a, r in zip(reqs, answers, out.responses, strict=True):

@@ -138,7 +138,7 @@ def verdict_fields_bytes(
 
 
 SEAL_DIGEST_BYTES = 32
-NO_VERDICT = bytes(SEAL_DIGEST_BYTES)  # a seal's entry for a row answered with an error
+_NO_VERDICT = bytes(SEAL_DIGEST_BYTES)  # a seal's entry for a row answered with an error
 
 
 def verdict_digest(v: pb.Verdict) -> bytes:
@@ -146,10 +146,10 @@ def verdict_digest(v: pb.Verdict) -> bytes:
     return hashlib.sha256(verdict_bytes(v)).digest()
 
 
-def seal_digests(verdicts: Sequence[pb.Verdict | None]) -> bytes:
-    """Each row's :func:`verdict_digest`, in order; 32 zero bytes for a row answered with
-    an error (VERDICT.md "Batch seal")."""
-    return b"".join(NO_VERDICT if v is None else verdict_digest(v) for v in verdicts)
+def seal_digests(digests: Sequence[bytes | None]) -> bytes:
+    """Each row's :func:`verdict_digest` in order, 32 zero bytes for a row answered with
+    an error (None) (VERDICT.md "Batch seal")."""
+    return b"".join(_NO_VERDICT if d is None else d for d in digests)
 
 
 def sealed_digest(seal: pb.BatchSeal, row: int) -> bytes:
@@ -190,12 +190,15 @@ class Signer(ABC):
         for v in verdicts:
             if v is not None:
                 v.key_id = self.key_id
-        return self.seal_rows(seal_digests(verdicts), len(verdicts))
+        return self.seal_rows([None if v is None else verdict_digest(v) for v in verdicts])
 
-    def seal_rows(self, digests: bytes, rows: int) -> pb.BatchSeal:
-        """The seal over ``rows`` verdict digests (:func:`seal_digests`) already computed,
-        of verdicts that carry this key's id."""
-        return pb.BatchSeal(key_id=self.key_id, digests=digests, signature=self._tag(seal_bytes(self.key_id, rows, digests)))
+    def seal_rows(self, digests: Sequence[bytes | None]) -> pb.BatchSeal:
+        """The seal over each row's :func:`verdict_digest`, already computed (None: a row
+        answered with an error), of verdicts that carry this key's id."""
+        joined = seal_digests(digests)
+        return pb.BatchSeal(
+            key_id=self.key_id, digests=joined, signature=self._tag(seal_bytes(self.key_id, len(digests), joined))
+        )
 
     def sign_receipt(self, r: pb.Receipt) -> None:
         r.key_id = self.key_id
