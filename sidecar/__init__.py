@@ -1,0 +1,6 @@
+"""libfse: the fail-closed inference guard sidecar."""
+
+from . import accel as _accel
+
+# before any compiled module can be imported: the compiled fast path, when built and current
+_accel.install()

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from . import accel
 from ._pb.fse.v1 import guard_pb2 as pb
 from .core.metrics import candidate, row_stats
 from .core.sampling import SamplingParams
@@ -470,6 +471,7 @@ def run_bench(args: argparse.Namespace) -> int:
             "python": platform.python_version(),
             "numpy": np.__version__,
             "grpcio": grpc.__version__,
+            "core": accel.status().describe(),
             "platform": platform.platform(),
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }

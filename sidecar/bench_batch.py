@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from . import accel
 from ._pb.fse.v1 import guard_pb2 as pb
 from .bench import _table
 from .config import SidecarConfig
@@ -197,6 +198,7 @@ def bench_batch(rounds: int, batches: tuple[int, ...] = BATCHES) -> dict[str, An
 
 
 def run_batch_bench(args: argparse.Namespace) -> int:
+    print(f"sidecar core: {accel.status().describe()}")
     result = bench_batch(args.batch_rounds)
     b = result["bytes_per_row"]
     print(
@@ -237,7 +239,7 @@ def run_batch_bench(args: argparse.Namespace) -> int:
         )
     out: Path = args.out.with_name("bench-batch.json") if args.out.name == "bench.json" else args.out
     out.parent.mkdir(parents=True, exist_ok=True)
-    result["machine"] = {"python": platform.python_version(), "numpy": np.__version__}
+    result["machine"] = {"python": platform.python_version(), "numpy": np.__version__, "core": accel.status().describe()}
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nwrote {out}")
     return 0

@@ -1,4 +1,4 @@
-"""``fse-sidecar`` command line: serve, demo, bench, keygen, audit, replay (also ``python -m sidecar``)."""
+"""``fse-sidecar`` command line: serve, demo, bench, keygen, audit, replay, accel (also ``python -m sidecar``)."""
 
 from __future__ import annotations
 
@@ -40,6 +40,23 @@ def _serve(args: argparse.Namespace) -> int:
 
     asyncio.run(main())
     return 0
+
+
+def _accel(args: argparse.Namespace) -> int:
+    from . import accel
+
+    if args.accel_command == "build":
+        if not args.force and accel.check_overlay()[0] is not None:
+            print(f"up to date: {accel.ACCEL_DIR} matches every source it was compiled from")
+            return 0
+        where = accel.build(jobs=args.jobs, quiet=not args.verbose)
+        print(f"compiled {len(accel.COMPILED_MODULES)} modules into {where}; new processes use them")
+        return 0
+    state = accel.status()
+    print(state.describe())
+    for module in state.modules:
+        print(f"  {module}")
+    return 0 if state.compiled or not args.require else 1
 
 
 def _keygen(args: argparse.Namespace) -> int:
@@ -219,6 +236,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="a key that may have signed the receipt (repeat during a key rotation); without one, signatures are not checked",
     )
     av.set_defaults(func=_audit_verify)
+
+    c = sub.add_parser("accel", help="the compiled fast path (mypyc): 'accel build', 'accel status'")
+    csub = c.add_subparsers(dest="accel_command", required=True, metavar="SUBCOMMAND")
+    cb = csub.add_parser("build", help="compile the pure core and the service into sidecar/_accel (needs mypy and a C compiler)")
+    cb.add_argument("--jobs", type=int, default=2, help="parallel C compiles")
+    cb.add_argument("--verbose", action="store_true", help="show the compiler's commands")
+    cb.add_argument("--force", action="store_true", help="build even when the overlay is current")
+    cb.set_defaults(func=_accel)
+    cs = csub.add_parser("status", help="say whether this process would run compiled or pure Python, and why")
+    cs.add_argument("--require", action="store_true", help="exit 1 unless the compiled modules are used")
+    cs.set_defaults(func=_accel)
 
     b = sub.add_parser(
         "bench",

@@ -19,6 +19,7 @@ import yaml
 
 from engine_adapters.llama_cpp import CHAT
 
+from . import accel
 from ._pb.fse.v1 import guard_pb2 as pb
 from .core.sampling import SamplingParams
 from .errors import FseError, GuardAbort
@@ -83,6 +84,7 @@ def run_demo(args: argparse.Namespace) -> int:
                 lane = "fast lane (shared memory + eventfds)" if args.lane == "shm" else "gRPC stream"
                 lane += ", speculating" if args.speculate else ""
                 print(f"model: {model}  vocab {len(guarded.vocab)}  sidecar pid {sc.proc.pid}  key {keys}  lane: {lane}")
+                print(f"sidecar core: {accel.status().describe()}")
                 print(f"prompt: {args.prompt!r}")
                 print(
                     f"sampling: T={sampling.temperature} top_k={sampling.top_k} top_p={sampling.top_p} "

@@ -14,6 +14,7 @@
     ├── MessageTooLarge        a request over its RPC's size limit (not parsed)
     ├── MalformedMessage       bytes that do not parse as the RPC's request
     ├── AuditError             an audit file cannot be created or written
+    ├── AccelBuildError        the compiled fast path cannot be built (no mypyc, no compiler)
     ├── LaneUnavailable        the fast lane asked of a sidecar that serves none
     ├── RingError              shared-memory ring problems
     │   ├── RingLayoutError    header does not describe a ring we can read
@@ -142,6 +143,10 @@ class AuditError(FseError):
     """An audit file could not be created or written: no step goes unaudited."""
 
     grpc_code = "UNAVAILABLE"
+
+
+class AccelBuildError(FseError):
+    """The compiled fast path (sidecar.accel) could not be built; the pure modules still run."""
 
 
 class GuardError(FseError):

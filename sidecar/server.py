@@ -34,6 +34,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
+from . import accel
 from ._pb.fse.v1 import guard_pb2 as pb
 from .config import SidecarConfig
 from .core.session import SESSION_ID
@@ -596,7 +597,14 @@ async def serve(
         lanes.start(loop)
     await hs.set("", health_pb2.HealthCheckResponse.SERVING)
     await hs.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-    log.info("fse-sidecar serving on %s (pid %d, %s key %s)", bound, os.getpid(), signer.algorithm, signer.key_id)
+    log.info(
+        "fse-sidecar serving on %s (pid %d, %s key %s, core %s)",
+        bound,
+        os.getpid(),
+        signer.algorithm,
+        signer.key_id,
+        accel.status().describe(),
+    )
     if ready is not None:
         ready.set()
     log.info("policies: %s", ", ".join(f"{n}={p.digest[:12]}" for n, p in sorted(service.policies.items())))

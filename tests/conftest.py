@@ -118,3 +118,9 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     out = os.environ.get("FSE_RELIABILITY_OUT")
     if out:
         Path(out).write_text(json.dumps(_OUTCOMES, indent=1) + "\n")
+
+
+def pytest_report_header() -> str:
+    from sidecar import accel
+
+    return f"libfse sidecar core: {accel.status().describe()}"

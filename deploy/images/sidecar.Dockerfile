@@ -8,13 +8,26 @@ ARG PYTHON_IMAGE=python:3.11.7-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+# gcc for the compiled fast path only (sidecar/accel.py); the final stage has no compiler
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY sidecar/ sidecar/
 COPY engine_adapters/ engine_adapters/
 # every dependency installs from a manylinux wheel (grpcio, numpy, pyahocorasick, hyperscan,
-# cryptography): nothing is compiled; pip byte-compiles, so a read-only /opt/venv is fine
-RUN python -m venv /opt/venv && /opt/venv/bin/pip install --prefer-binary .
+# cryptography); pip byte-compiles, so a read-only /opt/venv is fine. Then the pure core and
+# the service are compiled with mypyc into site-packages/sidecar/_accel (its manifest holds
+# the installed sources' hashes), the build's tools leave the venv, and the build fails
+# unless the installed sidecar loads the compiled modules.
+RUN python -m venv /opt/venv \
+    && /opt/venv/bin/pip install --prefer-binary . \
+    && /opt/venv/bin/pip install 'mypy==2.4.1' 'setuptools==84.2.1' \
+    && /opt/venv/bin/fse-sidecar accel build \
+    && /opt/venv/bin/pip uninstall -y mypy mypy_extensions librt pathspec \
+    && /opt/venv/bin/fse-sidecar accel status --require
 
 FROM ${PYTHON_IMAGE}
 ENV PATH=/opt/venv/bin:$PATH PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
