@@ -51,6 +51,7 @@ COMPILED_MODULES: tuple[str, ...] = (
     "sidecar.core.redo",
     "sidecar.core.sampling",
     "sidecar.core.session",
+    "sidecar.core.values",
     "sidecar.signing",
     "sidecar.service",
 )

@@ -18,7 +18,7 @@ import uuid
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple, cast
+from typing import Any, Final, cast
 
 import numpy as np
 
@@ -34,6 +34,7 @@ from .core.policy import CompiledPolicy, compile_policies
 from .core.redo import StepOutcome
 from .core.sampling import Row
 from .core.session import Session
+from .core.values import Value
 from .core.vocab import Vocabulary
 from .errors import (
     AuditError,
@@ -84,13 +85,17 @@ MAX_MODEL_ID_BYTES = 256
 VerdictFields = dict[str, Any]
 
 
-class Judged(NamedTuple):
+class Judged(Value):
     """A batch row's verdict, as its fields; ``digest``: SHA-256 of its canonical bytes when
     the batch is sealed (the seal's entry for the row), else empty (the verdict is signed
     itself)."""
 
-    fields: VerdictFields
-    digest: bytes
+    _fields = ("fields", "digest")
+    __slots__ = _fields
+
+    def __init__(self, fields: VerdictFields, digest: bytes) -> None:
+        self.fields: Final = fields
+        self.digest: Final = digest
 
 
 @dataclass

@@ -18,20 +18,25 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Final
 
 import numpy as np
 
 from .compact import CompactBatch
 from .metrics import Candidate, RowStats
 from .sampling import CANDIDATE_NATS, SamplingParams, uniform
+from .values import Value
 
 
-class Draw(NamedTuple):
+class Draw(Value):
     """A row's statistics and its first proposal's candidate metrics."""
 
-    stats: RowStats
-    candidate: Candidate
+    _fields = ("stats", "candidate")
+    __slots__ = _fields
+
+    def __init__(self, stats: RowStats, candidate: Candidate) -> None:
+        self.stats: Final = stats
+        self.candidate: Final = candidate
 
 
 def draws_itself(p: SamplingParams, history: Sequence[int]) -> bool:

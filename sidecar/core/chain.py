@@ -12,9 +12,10 @@ import hashlib
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import Final, Protocol
 
 from . import canonical as cb
+from .values import Value
 
 
 class ReasonLike(Protocol):
@@ -160,24 +161,38 @@ def chain_next(prev: bytes, frame: bytes) -> bytes:
     return hashlib.sha256(prev + frame).digest()
 
 
-class Tally(NamedTuple):
+class Tally(Value):
     """The decisions of a session's steps, and the wall-clock span they took."""
 
-    accepted: int = 0
-    healed: int = 0
-    aborted: int = 0
-    first_timestamp_ns: int = 0
-    last_timestamp_ns: int = 0
+    _fields = ("accepted", "healed", "aborted", "first_timestamp_ns", "last_timestamp_ns")
+    __slots__ = _fields
+
+    def __init__(
+        self,
+        accepted: int = 0,
+        healed: int = 0,
+        aborted: int = 0,
+        first_timestamp_ns: int = 0,
+        last_timestamp_ns: int = 0,
+    ) -> None:
+        self.accepted: Final = accepted
+        self.healed: Final = healed
+        self.aborted: Final = aborted
+        self.first_timestamp_ns: Final = first_timestamp_ns
+        self.last_timestamp_ns: Final = last_timestamp_ns
 
     @property
     def steps(self) -> int:
         return self.accepted + self.healed + self.aborted
 
     def add(self, decision: int, timestamp_ns: int) -> Tally:
-        accepted, healed, aborted, first, _ = self
         # fse.v1.Decision: 1 ACCEPT, 2 HEALED, 3 ABORT
         return Tally(
-            accepted + (decision == 1), healed + (decision == 2), aborted + (decision == 3), first or timestamp_ns, timestamp_ns
+            self.accepted + (decision == 1),
+            self.healed + (decision == 2),
+            self.aborted + (decision == 3),
+            self.first_timestamp_ns or timestamp_ns,
+            timestamp_ns,
         )
 
 

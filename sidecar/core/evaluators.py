@@ -10,23 +10,37 @@ evaluator (the gate, the loop guard, a drift test) never edits that flow.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple, Protocol
+from typing import Final, Protocol
 
 from ..config import GuardSet
 from .fse import Cursor, Hit, Matcher, Scan
 from .guards import Action, Sampler, TokenMetrics, Trip, enabled_checks, evaluate
+from .values import Value
 
 
-class Proposal(NamedTuple):
+class Proposal(Value):
     """One candidate of one step, with the metrics of the row it was drawn from."""
 
-    token: int
-    sampler: Sampler
-    metrics: TokenMetrics
-    step: int
-    generated: int  # tokens the session committed before this step
-    attempt: int = 0  # 0 for the step's first proposal, then 1, 2, ... in the redo
-    now_s: float = 0.0  # the step's timestamp (seconds), for time-based debounces
+    _fields = ("token", "sampler", "metrics", "step", "generated", "attempt", "now_s")
+    __slots__ = _fields
+
+    def __init__(
+        self,
+        token: int,
+        sampler: Sampler,
+        metrics: TokenMetrics,
+        step: int,
+        generated: int,
+        attempt: int = 0,
+        now_s: float = 0.0,
+    ) -> None:
+        self.token: Final = token
+        self.sampler: Final = sampler
+        self.metrics: Final = metrics
+        self.step: Final = step
+        self.generated: Final = generated  # tokens the session committed before this step
+        self.attempt: Final = attempt  # 0 for the step's first proposal, then 1, 2, ... in the redo
+        self.now_s: Final = now_s  # the step's timestamp (seconds), for time-based debounces
 
 
 class Evaluator(Protocol):

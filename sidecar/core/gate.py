@@ -28,11 +28,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from enum import IntEnum
-from typing import NamedTuple
+from typing import Final
 
 from ..config import GateConfig
 from .evaluators import Proposal
 from .guards import Action, Trip
+from .values import Value
 
 
 class Band(IntEnum):
@@ -44,11 +45,15 @@ class Band(IntEnum):
     HALT = 4
 
 
-class Signals(NamedTuple):
-    n: int = 0  # committed tokens seen
-    nlp: float = 0.0
-    ent: float = 0.0
-    lrank: float = 0.0
+class Signals(Value):
+    _fields = ("n", "nlp", "ent", "lrank")
+    __slots__ = _fields
+
+    def __init__(self, n: int = 0, nlp: float = 0.0, ent: float = 0.0, lrank: float = 0.0) -> None:
+        self.n: Final = n  # committed tokens seen
+        self.nlp: Final = nlp
+        self.ent: Final = ent
+        self.lrank: Final = lrank
 
     def add(self, neg_logprob: float, entropy: float, rank: int, window: int) -> Signals:
         w = max(2.0 / (window + 1), 1.0 / (self.n + 1))  # plain mean until the window fills
@@ -103,11 +108,21 @@ def target(score: float, current: Band, cfg: GateConfig) -> Band:
     return current
 
 
-class GateState(NamedTuple):
-    current: Band = Band.HEALTHY
-    pending: Band | None = None
-    pending_tokens: int = 0  # consecutive tokens that pointed to ``pending``
-    pending_since_s: float = 0.0
+class GateState(Value):
+    _fields = ("current", "pending", "pending_tokens", "pending_since_s")
+    __slots__ = _fields
+
+    def __init__(
+        self,
+        current: Band = Band.HEALTHY,
+        pending: Band | None = None,
+        pending_tokens: int = 0,
+        pending_since_s: float = 0.0,
+    ) -> None:
+        self.current: Final = current
+        self.pending: Final = pending
+        self.pending_tokens: Final = pending_tokens  # consecutive tokens that pointed to ``pending``
+        self.pending_since_s: Final = pending_since_s
 
 
 def advance(state: GateState, score: float, now_s: float, cfg: GateConfig) -> GateState:
@@ -119,19 +134,23 @@ def advance(state: GateState, score: float, now_s: float, cfg: GateConfig) -> Ga
         return state if state.pending is None else GateState(state.current)
     if state.pending != t:
         state = GateState(state.current, t, 0, now_s)  # a new target restarts the debounce
-    state = state._replace(pending_tokens=state.pending_tokens + 1)
+    state = GateState(state.current, state.pending, state.pending_tokens + 1, state.pending_since_s)
     if state.pending_tokens >= cfg.debounce_tokens and now_s - state.pending_since_s >= cfg.debounce_s:
         return GateState(t)
     return state
 
 
-class GateView(NamedTuple):
+class GateView(Value):
     """What a verdict reports of the gate after a step."""
 
-    band: Band
-    pending: Band | None
-    risk: float
-    signals: Signals
+    _fields = ("band", "pending", "risk", "signals")
+    __slots__ = _fields
+
+    def __init__(self, band: Band, pending: Band | None, risk: float, signals: Signals) -> None:
+        self.band: Final = band
+        self.pending: Final = pending
+        self.risk: Final = risk
+        self.signals: Final = signals
 
 
 class RiskGate:

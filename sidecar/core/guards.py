@@ -9,9 +9,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import NamedTuple
+from typing import Final
 
 from ..config import GuardSet
+from .values import Value
 
 
 class Sampler(IntEnum):
@@ -30,21 +31,52 @@ class Action(IntEnum):
     FLAG = 4  # a flag rule: record only
 
 
-class TokenMetrics(NamedTuple):
+class TokenMetrics(Value):
     """The Glass Box metrics of one candidate token (all floats are float64)."""
 
-    token: int
-    entropy: float
-    neg_logprob: float
-    rank: int
-    margin: float
-    selected_prob: float
-    max_prob: float
-    logit_variance: float
-    l2_norm: float
-    varentropy: float
-    running_ppl: float
-    finite: bool = True
+    _fields = (
+        "token",
+        "entropy",
+        "neg_logprob",
+        "rank",
+        "margin",
+        "selected_prob",
+        "max_prob",
+        "logit_variance",
+        "l2_norm",
+        "varentropy",
+        "running_ppl",
+        "finite",
+    )
+    __slots__ = _fields
+
+    def __init__(
+        self,
+        token: int,
+        entropy: float,
+        neg_logprob: float,
+        rank: int,
+        margin: float,
+        selected_prob: float,
+        max_prob: float,
+        logit_variance: float,
+        l2_norm: float,
+        varentropy: float,
+        running_ppl: float,
+        finite: bool = True,
+    ) -> None:
+        self.token: Final = token
+        self.entropy: Final = entropy
+        self.neg_logprob: Final = neg_logprob
+        self.rank: Final = rank
+        self.margin: Final = margin
+        self.selected_prob: Final = selected_prob
+        self.max_prob: Final = max_prob
+        self.logit_variance: Final = logit_variance
+        self.l2_norm: Final = l2_norm
+        self.varentropy: Final = varentropy
+        self.running_ppl: Final = running_ppl
+        self.finite: Final = finite
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,11 +33,12 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Final
 
 import numpy as np
 
 from ..errors import RowError
+from .values import Value
 
 _F32 = np.float32
 _NAN = math.nan
@@ -46,28 +47,47 @@ _NAN = math.nan
 _CANCEL = 32.0
 
 
-class RowStats(NamedTuple):
+class RowStats(Value):
     """Statistics of one row's softmax distribution (Python floats)."""
 
-    finite: bool
-    top1: int  # argmax id (first on ties)
-    top1_logit: float
-    lse: float  # log-sum-exp
-    entropy: float  # nats
-    varentropy: float  # Var[-log p], nats^2
-    max_prob: float
-    variance: float  # population variance of the logits
-    l2_norm: float
+    _fields = ("finite", "top1", "top1_logit", "lse", "entropy", "varentropy", "max_prob", "variance", "l2_norm")
+    __slots__ = _fields
+
+    def __init__(
+        self,
+        finite: bool,
+        top1: int,
+        top1_logit: float,
+        lse: float,
+        entropy: float,
+        varentropy: float,
+        max_prob: float,
+        variance: float,
+        l2_norm: float,
+    ) -> None:
+        self.finite: Final = finite
+        self.top1: Final = top1  # argmax id (first on ties)
+        self.top1_logit: Final = top1_logit
+        self.lse: Final = lse  # log-sum-exp
+        self.entropy: Final = entropy  # nats
+        self.varentropy: Final = varentropy  # Var[-log p], nats^2
+        self.max_prob: Final = max_prob
+        self.variance: Final = variance  # population variance of the logits
+        self.l2_norm: Final = l2_norm
 
 
-class Candidate(NamedTuple):
+class Candidate(Value):
     """Metrics of one chosen token."""
 
-    token: int
-    neg_logprob: float  # nats
-    selected_prob: float
-    rank: int  # 0 = the most probable token; -1 for a non-finite row
-    margin: float  # p(chosen) - max p(other); = top1 - top2 when chosen is top1
+    _fields = ("token", "neg_logprob", "selected_prob", "rank", "margin")
+    __slots__ = _fields
+
+    def __init__(self, token: int, neg_logprob: float, selected_prob: float, rank: int, margin: float) -> None:
+        self.token: Final = token
+        self.neg_logprob: Final = neg_logprob  # nats
+        self.selected_prob: Final = selected_prob
+        self.rank: Final = rank  # 0 = the most probable token; -1 for a non-finite row
+        self.margin: Final = margin  # p(chosen) - max p(other); = top1 - top2 when chosen is top1
 
 
 @functools.lru_cache(maxsize=8)
@@ -232,7 +252,7 @@ def distribution_stats(logits: np.ndarray) -> DistributionStats:
     batch through memory once per pass. Measured here, the 2-D version was 1.2-2x slower
     (64 x 49k: 4.3 ms against 2.9 ms; 128 x 128k: 31.5 ms against 17.4 ms).
     """
-    cols = list(zip(*(row_stats(r) for r in _batch(logits)), strict=True))
+    cols = list(zip(*(row_stats(r).values() for r in _batch(logits)), strict=True))
     if not cols:
         raise RowError("a batch needs at least one row")
     return DistributionStats(
@@ -246,7 +266,7 @@ def candidate_metrics(logits: np.ndarray, stats: DistributionStats, token: np.nd
     tok = np.asarray(token, dtype=np.int64).reshape(-1)
     if tok.shape != (x.shape[0],):
         raise RowError(f"need one token per row: {x.shape[0]} rows, {tok.shape[0]} tokens")
-    cols = list(zip(*(candidate(x[r], stats.row(r), int(tok[r])) for r in range(x.shape[0])), strict=True))
+    cols = list(zip(*(candidate(x[r], stats.row(r), int(tok[r])).values() for r in range(x.shape[0])), strict=True))
     return CandidateMetrics(
         np.array(cols[0], dtype=np.int64),
         np.array(cols[1], dtype=np.float64),

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from enum import IntEnum
-from typing import NamedTuple
+from typing import Final
 
 import numpy as np
 
@@ -32,6 +32,7 @@ from .evaluators import Evaluator, Proposal
 from .guards import Action, Sampler, TokenMetrics, Trip
 from .metrics import Candidate, RowStats, candidate, running_perplexity
 from .sampling import Row, SamplingParams, sample_normal, sample_strict
+from .values import Value
 
 
 class Decision(IntEnum):
@@ -42,22 +43,39 @@ class Decision(IntEnum):
     ABORT = 3
 
 
-class ProposalRecord(NamedTuple):
+class ProposalRecord(Value):
     """One candidate the redo proposed (the audit's record of it; fse.v1.Proposal)."""
 
-    token_id: int  # -1: the sampler had no allowed token left
-    sampler: Sampler
-    reasons: int  # how many of the outcome's reasons, in order, this proposal tripped
+    _fields = ("token_id", "sampler", "reasons")
+    __slots__ = _fields
+
+    def __init__(self, token_id: int, sampler: Sampler, reasons: int) -> None:
+        self.token_id: Final = token_id  # -1: the sampler had no allowed token left
+        self.sampler: Final = sampler
+        self.reasons: Final = reasons  # how many of the outcome's reasons, in order, this proposal tripped
 
 
-class StepOutcome(NamedTuple):
-    decision: Decision
-    token: int  # -1 on ABORT
-    sampler: Sampler | None  # which attempt is committed; None on ABORT
-    metrics: TokenMetrics  # of the committed candidate (of the last attempt on ABORT)
-    reasons: tuple[Trip, ...]  # each proposal's trips in proposal order, then the step's own
-    proposal: Proposal | None = None  # the committed proposal; None on ABORT
-    proposals: tuple[ProposalRecord, ...] = ()  # every proposal, in the order made
+class StepOutcome(Value):
+    _fields = ("decision", "token", "sampler", "metrics", "reasons", "proposal", "proposals")
+    __slots__ = _fields
+
+    def __init__(
+        self,
+        decision: Decision,
+        token: int,
+        sampler: Sampler | None,
+        metrics: TokenMetrics,
+        reasons: tuple[Trip, ...],
+        proposal: Proposal | None = None,
+        proposals: tuple[ProposalRecord, ...] = (),
+    ) -> None:
+        self.decision: Final = decision
+        self.token: Final = token  # -1 on ABORT
+        self.sampler: Final = sampler  # which attempt is committed; None on ABORT
+        self.metrics: Final = metrics  # of the committed candidate (of the last attempt on ABORT)
+        self.reasons: Final = reasons  # each proposal's trips in proposal order, then the step's own
+        self.proposal: Final = proposal  # the committed proposal; None on ABORT
+        self.proposals: Final = proposals  # every proposal, in the order made
 
     def aborted(self, trip: Trip) -> StepOutcome:
         """This outcome turned into an ABORT for ``trip`` (a step-wide reason, e.g. the
