@@ -40,6 +40,9 @@ def _rows(rng: np.random.Generator, n: int, k: int, ties: bool) -> tuple[np.ndar
         if ties:  # coarse logits: many equal values, at the top and at the cut
             x = np.round(x * 2.0).astype(np.float32) / 2.0
         m, v, i = moments_and_top(x, k)
+        if ties:  # an engine's top-k promises no order among equal logits: ship them shuffled
+            shuffled = np.lexsort((rng.random(k), -v))
+            v, i = v[shuffled], i[shuffled]
         ms.append(m)
         vs.append(v)
         ids.append(i)
@@ -92,6 +95,25 @@ def test_first_draws_equal_the_single_row_sampler_and_metrics_bit_for_bit(
         st_ = row.stats()
         assert d.stats == st_
         assert d.candidate == row.candidate(st_, token)
+
+
+def test_tied_logits_shipped_in_any_order_are_drawn_by_the_tie_rule() -> None:
+    """The batch keeps the engine's highest-first order instead of sorting again, except
+    where logits tie: there the lowest id comes first, whatever order they were shipped in."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(-4.0, 1.0, V).astype(np.float32)
+    x[[40, 7, 300]] = 9.0  # a three-way tie at the top
+    m, v, ids = moments_and_top(x, 8)
+    assert ids[:3].tolist() == [7, 40, 300]
+    v, ids = v[[2, 1, 0, *range(3, 8)]], ids[[2, 1, 0, *range(3, 8)]]  # shipped highest id first
+    rows = 4
+    batch = CompactBatch.from_top(V, np.stack([m] * rows), np.stack([v] * rows), np.stack([ids] * rows))
+    greedy = SamplingParams(temperature=0.0)
+    draws = first_draws(batch, list(range(rows)), [greedy] * rows, list(range(rows)), [[]] * rows)
+    assert [d.candidate.token if d else None for d in draws] == [7] * rows
+    assert all(d is not None and d.candidate.rank == 0 for d in draws)
+    row = CompactRow.from_top(V, m, v, ids)
+    assert sample_normal(row, [], greedy, 0) == 7  # the single row's own rule
 
 
 def test_first_draws_cover_a_healthy_batch_greedy_and_top_k() -> None:

@@ -80,8 +80,8 @@ def _draws(
 ) -> list[Draw | None]:
     n = len(rows)
     y = batch.logits[idx]  # (n, k) float32, entries in id order
-    order = np.argsort(-y, axis=1, kind="stable")  # logit descending, lowest id first on ties
-    ys = np.take_along_axis(y, order, axis=1)
+    order = batch.desc[idx]  # logit descending, lowest id first on ties
+    ys = batch.desc_logits[idx]  # y in that order
     k = y.shape[1]
     floor = batch.floor[idx]
     y_max = ys[:, 0].astype(np.float64)
@@ -89,29 +89,33 @@ def _draws(
     greedy = temps <= 0.0
     pick = np.zeros(n, dtype=np.intp)  # the drawn entry's place in the sorted order
     edge = y_max.copy()  # what defines the support: the best logit for greedy
-    normal = usable & ~greedy
-    if normal.any():
-        t = np.where(greedy, 1.0, temps)
-        cut = y_max - t * CANDIDATE_NATS
-        for j in np.flatnonzero(normal & np.array([p.min_p > 0.0 for p in params])).tolist():
-            cut[j] = max(cut[j], y_max[j] + t[j] * math.log(params[j].min_p))
+    sampled = np.flatnonzero(usable & ~greedy)
+    if len(sampled):  # the rows drawn at a temperature, in passes over those rows only
+        at_t = sampled.tolist()
+        ps = [params[j] for j in at_t]
+        yt, t, y_top = ys[sampled], temps[sampled], y_max[sampled]
+        m = len(at_t)
+        cut = y_top - t * CANDIDATE_NATS
+        for j, p in enumerate(ps):
+            if p.min_p > 0.0:
+                cut[j] = max(cut[j], y_top[j] + t[j] * math.log(p.min_p))
         # The single row compares its float32 logits with a Python float: in float32.
-        count = (ys >= cut.astype(np.float32)[:, None]).sum(axis=1)
-        top_k = np.array([p.top_k for p in params])
+        count = (yt >= cut.astype(np.float32)[:, None]).sum(axis=1)
+        top_k = np.array([p.top_k for p in ps])
         topped = (top_k > 0) & (count >= top_k)
         keep = np.where(topped, top_k, count)
-        edge = np.where(normal, np.where(topped, ys[np.arange(n), np.clip(top_k - 1, 0, k - 1)].astype(np.float64), cut), edge)
+        edge[sampled] = np.where(topped, yt[np.arange(m), np.clip(top_k - 1, 0, k - 1)].astype(np.float64), cut)
         cols = np.arange(k)
-        z = np.where(cols < keep[:, None], ys.astype(np.float64) / t[:, None], -np.inf)
+        z = np.where(cols < keep[:, None], yt.astype(np.float64) / t[:, None], -np.inf)
         cdf = np.cumsum(np.exp(z - z[:, :1]), axis=1)
-        rowsn = np.arange(n)
-        total = cdf[rowsn, keep - 1]
-        top_p = np.array([p.top_p for p in params])
+        rowsm = np.arange(m)
+        total = cdf[rowsm, keep - 1]
+        top_p = np.array([p.top_p for p in ps])
         nucleus = np.where(top_p < 1.0, ((cdf < (top_p * total)[:, None]) & (cols < keep[:, None])).sum(axis=1) + 1, keep)
-        total = cdf[rowsn, nucleus - 1]
-        u = np.array([uniform(p.seed, s) if ok else 0.0 for p, s, ok in zip(params, steps, normal.tolist(), strict=True)])
+        total = cdf[rowsm, nucleus - 1]
+        u = np.array([uniform(p.seed, steps[j]) for p, j in zip(ps, at_t, strict=True)])
         drawn = ((cdf <= (u * total)[:, None]) & (cols < nucleus[:, None])).sum(axis=1)
-        pick = np.where(normal, np.minimum(drawn, nucleus - 1), 0)
+        pick[sampled] = np.minimum(drawn, nucleus - 1)
     covered = usable & ((floor == -math.inf) | (edge > floor))
     if not covered.any():
         return out

@@ -185,6 +185,11 @@ class CompactBatch:
     floor: np.ndarray  # float64 (B,): the smallest shipped logit (-inf when k is the vocabulary)
     finite: np.ndarray  # bool (B,): every moment and entry finite (what the guards need to judge it)
     errors: tuple[RowError | None, ...]
+    # The samplers' order, kept from the engine's own (highest first) instead of sorted again:
+    # per row, the places in id order of the entries by logit descending, lowest id first on
+    # ties, and the logits in that order (meaningful for the rows without an error).
+    desc: np.ndarray  # intp (B, k)
+    desc_logits: np.ndarray  # float32 (B, k)
 
     @property
     def k(self) -> int:
@@ -213,7 +218,9 @@ class CompactBatch:
         v32 = vals.astype(np.float32)
         mom = np.ascontiguousarray(m[:, :7])
         order = np.argsort(ids64, axis=1)  # distinct in a valid row: no ties to keep in order
-        sid = np.take_along_axis(ids64, order, axis=1)
+        flat = (order + np.arange(0, rows * k, k)[:, None]).ravel()  # `order` as places in the flat (B*k) arrays
+        sid = ids64.ravel()[flat].reshape(rows, k)
+        v_id = v32.ravel()[flat].reshape(rows, k)
         bad = (ids64.min(axis=1) < 0) | (ids64.max(axis=1) >= vocab_size) | (sid[:, 1:] == sid[:, :-1]).any(axis=1)
         finite = np.asarray(np.isfinite(v32).all(axis=1) & np.isfinite(mom).all(axis=1), dtype=bool)
         check = finite & ~bad
@@ -243,7 +250,14 @@ class CompactBatch:
             else:  # pragma: no cover - the two checks must agree
                 raise AssertionError(f"COMPACT batch row {i} was refused by the batch check but not by the single one")
         floor = v32[:, -1].astype(np.float64) if k < vocab_size else np.full(rows, -math.inf)
-        return cls(vocab_size, sid, np.take_along_axis(v32, order, axis=1), mom, floor, finite, tuple(errors))
+        # A valid row is shipped highest first, so the inverse of `order` lists the entries by
+        # logit descending; where two logits tie, the row is sorted again for its tie rule.
+        desc = np.empty(rows * k, dtype=np.intp)
+        desc[flat] = np.tile(np.arange(k), rows)
+        desc = desc.reshape(rows, k)
+        for i in np.flatnonzero((v32[:, 1:] == v32[:, :-1]).any(axis=1)).tolist():
+            desc[i] = np.argsort(-v_id[i], kind="stable")
+        return cls(vocab_size, sid, v_id, mom, floor, finite, tuple(errors), desc, np.ascontiguousarray(v32))
 
     def row(self, i: int) -> CompactRow:
         """Row ``i`` as the :class:`CompactRow` that ``from_top`` builds (views of the batch)."""
