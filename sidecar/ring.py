@@ -553,9 +553,9 @@ class RingReader:
         for all of them at once (:mod:`sidecar.core.batch_draw`)."""
         lay = self.layout
         try:
-            rows = [r for r, _, _ in wanted]
-            if not rows:
+            if not wanted:
                 return []
+            rows, tags, steps = (list(c) for c in zip(*wanted, strict=True))
             last = max(rows)
             if min(rows) < 0 or last >= lay.row_capacity:
                 for row in rows:  # the first bad reference's own error
@@ -578,8 +578,8 @@ class RingReader:
             heap = np.uint64(lay.heap_size)
             ok = (
                 (np.asarray(rows) < n)
-                & (desc["session_tag"] == np.array([t for _, t, _ in wanted], dtype=np.uint64))
-                & (desc["step"] == np.array([st for _, _, st in wanted], dtype=np.uint64))
+                & (desc["session_tag"] == np.array(tags, dtype=np.uint64))
+                & (desc["step"] == np.array(steps, dtype=np.uint64))
                 & (desc["kind"] == KIND_COMPACT)
                 & (count >= MIN_K)
                 & (count <= lay.topk_capacity)
@@ -587,8 +587,13 @@ class RingReader:
                 & (size <= heap)
                 & (off <= heap - np.minimum(size, heap))
             )
-            for place, k, o in zip(np.flatnonzero(ok).tolist(), count[ok].tolist(), off[ok].tolist(), strict=True):
-                compact.setdefault(k, []).append((place, o))
+            good = np.flatnonzero(ok)
+            ks = count[good]
+            if len(good) and (ks == ks[0]).all():  # the common frame: every row of one k
+                compact[int(ks[0])] = list(zip(good.tolist(), off[good].tolist(), strict=True))
+            else:
+                for place, k, o in zip(good.tolist(), ks.tolist(), off[good].tolist(), strict=True):
+                    compact.setdefault(k, []).append((place, o))
             for place in np.flatnonzero(~ok).tolist():
                 row, tag, step = wanted[place]
                 try:

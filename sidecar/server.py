@@ -106,33 +106,39 @@ def answer_batch(
     if len(reqs) > service.config.max_batch_rows:
         exc = MessageTooLarge(f"a batch of {len(reqs)} rows exceeds max_batch_rows ({service.config.max_batch_rows})")
         return pb.StepBatchResponse(responses=[refusal(exc, metrics) for _ in reqs])
-    answers: list[Judged | FseError] = []
-    good = {i for i, r in enumerate(reqs) if SESSION_ID.fullmatch(r.session_id)}
-    judged = iter(service.step_batch([r for i, r in enumerate(reqs) if i in good], sealed=seal))
-    for i, r in enumerate(reqs):
-        if i in good:
-            answers.append(next(judged))
-        else:
-            try:
-                _checked_id(r.session_id)
-            except FseError as exc:  # a malformed id is that row's refusal, never echoed
-                answers.append(exc)
+    well_formed = [SESSION_ID.fullmatch(r.session_id) is not None for r in reqs]
+    answers: list[Judged | FseError]
+    if all(well_formed):  # the common batch
+        answers = service.step_batch(reqs, sealed=seal)
+    else:  # a malformed id is that row's refusal, never echoed nor looked up
+        judged = iter(service.step_batch([r for r, ok in zip(reqs, well_formed, strict=True) if ok], sealed=seal))
+        answers = [next(judged) if ok else _malformed_id(r.session_id) for r, ok in zip(reqs, well_formed, strict=True)]
     responses: list[pb.StepResponse | dict[str, VerdictFields]] = []
-    for req, a in zip(reqs, answers, strict=True):
-        if isinstance(a, FseError):
-            sid = req.session_id if SESSION_ID.fullmatch(req.session_id) else ""
-            responses.append(refusal(a, metrics, sid, req.step))
-        else:
+    digests: list[bytes | None] = []
+    for req, a, ok in zip(reqs, answers, well_formed, strict=True):
+        if isinstance(a, Judged):
             responses.append({"verdict": a.fields})
+            digests.append(a.digest)
+        else:
+            responses.append(refusal(a, metrics, req.session_id if ok else "", req.step))
+            digests.append(None)
     out = pb.StepBatchResponse(responses=responses)  # every verdict built in place: no copies
-    if seal and any(isinstance(a, Judged) for a in answers):
-        out.seal.CopyFrom(service.signer.seal_rows([a.digest if isinstance(a, Judged) else None for a in answers]))
+    if seal and len(digests) > digests.count(None):
+        out.seal.CopyFrom(service.signer.seal_rows(digests))
     if metrics is not None:
         each = (time.perf_counter() - t0) / max(len(reqs), 1)
         for req, a, r in zip(reqs, answers, out.responses, strict=True):
             if isinstance(a, Judged):
                 metrics.note_verdict(req.session_id, r.verdict, each)
     return out
+
+
+def _malformed_id(session_id: str) -> FseError:
+    try:
+        _checked_id(session_id)
+    except FseError as exc:
+        return exc
+    raise AssertionError("a session id that matches SESSION_ID was taken for malformed")  # pragma: no cover
 
 
 def refusal(exc: FseError, metrics: Exporter | None, session_id: str = "", step: int = 0) -> pb.StepResponse:

@@ -305,6 +305,24 @@ def test_the_compact_rows_of_a_frame_are_validated_as_one_batch_with_each_rows_e
         reader.close()
 
 
+def test_compact_rows_of_two_ks_in_one_frame_are_validated_as_one_batch_per_k() -> None:
+    rng = np.random.default_rng(4)
+    n = 2 * VECTORISE_ROWS
+    ks = [16 if i % 2 else 8 for i in range(n)]  # interleaved, as an engine mixing samplers writes them
+    shipped = [moments_and_top(rng.normal(size=1000).astype(np.float32), k) for k in ks]
+    with RingWriter.create(slots=1, rows=n, vocab_size=1000, topk=16) as w:
+        with w.frame(0) as f:
+            for i, (m, v, ids) in enumerate(shipped):
+                f.write_compact(i + 1, 4, m, v, ids)
+        reader = RingReader(w.name)
+        got = reader.rows(0, f.seq, [(i, i + 1, 4) for i in range(n)])
+        for i, g in enumerate(got):
+            assert isinstance(g, BatchedRow) and g.batch.k == ks[i] and len(g.batch) == n // 2
+            single = reader.row(0, i, f.seq, i + 1, 4)
+            assert isinstance(single, CompactRow) and np.array_equal(g().ids, single.ids) and g().moments == single.moments
+        reader.close()
+
+
 def test_a_row_descriptor_pointing_outside_the_heap_is_refused(ring: RingWriter) -> None:
     with ring.frame(0) as f:
         f.write_row(1, 0, np.ones(1000, np.float32))

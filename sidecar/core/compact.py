@@ -28,12 +28,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Final, NamedTuple
 
 import numpy as np
 
 from ..errors import CoverageError, RowError
 from .metrics import Candidate, RowStats, candidate_at
+from .values import Value
 
 if TYPE_CHECKING:
     from .sampling import SamplingParams
@@ -253,7 +254,7 @@ class CompactBatch:
         # A valid row is shipped highest first, so the inverse of `order` lists the entries by
         # logit descending; where two logits tie, the row is sorted again for its tie rule.
         desc = np.empty(rows * k, dtype=np.intp)
-        desc[flat] = np.tile(np.arange(k), rows)
+        desc[flat] = np.arange(rows * k) % k
         desc = desc.reshape(rows, k)
         for i in np.flatnonzero((v32[:, 1:] == v32[:, :-1]).any(axis=1)).tolist():
             desc[i] = np.argsort(-v_id[i], kind="stable")
@@ -266,12 +267,15 @@ class CompactBatch:
         return CompactRow(self.vocab_size, self.ids[i], self.logits[i], Moments(*self.moments[i].tolist()), float(self.floor[i]))
 
 
-@dataclass(frozen=True, slots=True)
-class BatchedRow:
+class BatchedRow(Value):
     """Row ``index`` of a :class:`CompactBatch`; called, it is that row as a CompactRow."""
 
-    batch: CompactBatch
-    index: int
+    _fields = ("batch", "index")
+    __slots__ = _fields
+
+    def __init__(self, batch: CompactBatch, index: int) -> None:
+        self.batch: Final = batch
+        self.index: Final = index
 
     def __call__(self) -> CompactRow:
         return self.batch.row(self.index)
