@@ -149,7 +149,7 @@ def verdict_digest(v: pb.Verdict) -> bytes:
 def seal_digests(digests: Sequence[bytes | None]) -> bytes:
     """Each row's :func:`verdict_digest` in order, 32 zero bytes for a row answered with
     an error (None) (VERDICT.md "Batch seal")."""
-    return b"".join(_NO_VERDICT if d is None else d for d in digests)
+    return b"".join([_NO_VERDICT if d is None else d for d in digests])
 
 
 def sealed_digest(seal: pb.BatchSeal, row: int) -> bytes:

@@ -100,7 +100,7 @@ def reason_bytes(r: ReasonLike) -> bytes:
 
 def reasons_bytes(reasons: Iterable[ReasonLike]) -> bytes:
     items = list(reasons)
-    return cb.u32(len(items)) + b"".join(reason_bytes(r) for r in items)
+    return cb.u32(len(items)) + b"".join([reason_bytes(r) for r in items])
 
 
 _NO_REASONS = hashlib.sha256(cb.u32(0)).digest()  # most steps: computed once
@@ -209,7 +209,7 @@ def receipt_bytes(
             cb.string(session_id),
             cb.blob(genesis_hash),
             cb.blob(chain_hash),
-            *(cb.u64(n) for n in (t.steps, t.accepted, t.healed, t.aborted, t.first_timestamp_ns, t.last_timestamp_ns)),
+            *[cb.u64(n) for n in (t.steps, t.accepted, t.healed, t.aborted, t.first_timestamp_ns, t.last_timestamp_ns)],
             cb.string(policy_digest),
             cb.string(key_id),
         ]

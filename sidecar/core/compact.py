@@ -104,7 +104,7 @@ class CompactRow:
         sid = ids64[order]
         if (sid[1:] == sid[:-1]).any():
             raise RowError(f"COMPACT token ids must be distinct; {int(sid[1:][sid[1:] == sid[:-1]][0])} repeats")
-        mom = Moments(*(float(x) for x in m[:7]))
+        mom = Moments(*[float(x) for x in m[:7]])
         finite = bool(np.isfinite(v32).all()) and all(math.isfinite(x) for x in mom)
         if finite:
             if (np.diff(v32) > 0).any():

@@ -221,7 +221,7 @@ class DistributionStats:
     l2_norm: np.ndarray
 
     def row(self, r: int) -> RowStats:
-        return RowStats(*(a[r].item() for a in (getattr(self, f) for f in RowStats._fields)))
+        return RowStats(*[getattr(self, f)[r].item() for f in RowStats._fields])
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,11 +252,11 @@ def distribution_stats(logits: np.ndarray) -> DistributionStats:
     batch through memory once per pass. Measured here, the 2-D version was 1.2-2x slower
     (64 x 49k: 4.3 ms against 2.9 ms; 128 x 128k: 31.5 ms against 17.4 ms).
     """
-    cols = list(zip(*(row_stats(r).values() for r in _batch(logits)), strict=True))
+    cols = list(zip(*[row_stats(r).values() for r in _batch(logits)], strict=True))
     if not cols:
         raise RowError("a batch needs at least one row")
     return DistributionStats(
-        np.array(cols[0], dtype=bool), np.array(cols[1], dtype=np.int64), *(np.array(c, dtype=np.float64) for c in cols[2:])
+        np.array(cols[0], dtype=bool), np.array(cols[1], dtype=np.int64), *[np.array(c, dtype=np.float64) for c in cols[2:]]
     )
 
 
@@ -266,7 +266,7 @@ def candidate_metrics(logits: np.ndarray, stats: DistributionStats, token: np.nd
     tok = np.asarray(token, dtype=np.int64).reshape(-1)
     if tok.shape != (x.shape[0],):
         raise RowError(f"need one token per row: {x.shape[0]} rows, {tok.shape[0]} tokens")
-    cols = list(zip(*(candidate(x[r], stats.row(r), int(tok[r])).values() for r in range(x.shape[0])), strict=True))
+    cols = list(zip(*[candidate(x[r], stats.row(r), int(tok[r])).values() for r in range(x.shape[0])], strict=True))
     return CandidateMetrics(
         np.array(cols[0], dtype=np.int64),
         np.array(cols[1], dtype=np.float64),
