@@ -249,9 +249,12 @@ def build(*, jobs: int = 2, quiet: bool = True, package_dir: Path = PACKAGE_DIR)
         if paths is None:
             raise AccelBuildError(f"the compiled overlay is incomplete: {reason}")
         old = package_dir / f".accel-old-{os.getpid()}"
-        if accel_dir.exists():
-            accel_dir.rename(old)
-        staging.rename(accel_dir)
+        try:
+            if accel_dir.exists():
+                accel_dir.rename(old)
+            staging.rename(accel_dir)
+        except OSError as exc:  # another build swapped its overlay in at the same moment
+            raise AccelBuildError(f"could not install the overlay at {accel_dir} ({exc}); build again") from exc
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
