@@ -1,6 +1,6 @@
 """The compiled fast path: the pure core and the service compiled with mypyc, used only when current.
 
-The per-verdict cost of a batched step is Python per row (issue 14); mypyc compiles these fully
+What a verdict costs past the numpy passes is Python, row by row; mypyc compiles these fully
 typed modules to C extensions with the same semantics. The extensions are an *overlay*: they live
 in ``sidecar/_accel/`` beside a manifest of the sha256 of every source they were compiled from,
 and a finder placed first on ``sys.meta_path`` loads them only when every one of those sources
@@ -10,8 +10,9 @@ modules run, all of them (compiled modules call each other directly, so a mix is
 a stale overlay says so with an :class:`AccelStaleWarning`.
 
 This module is imported by ``sidecar/__init__.py`` before any other, so it uses the standard
-library only. ``build()`` (``fse-sidecar accel build``, run by ``make setup``) needs mypy, which
-carries mypyc, setuptools and a C compiler; loading needs none of them.
+library and ``sidecar.errors`` (itself standard library only). ``build()`` (``fse-sidecar accel
+build``, run by ``make setup``) needs mypy, which carries mypyc, setuptools and a C compiler;
+loading needs none of them.
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ from typing import NamedTuple
 from .errors import AccelBuildError
 
 #: The modules compiled: every pure-core module a verdict passes through, and the service and
-#: signing shells around them. Not the gRPC server, the ring or the lane (they wait on I/O),
-#: nor the policy loader (run once at start-up).
+#: signing shells around them. Not the gRPC server, the ring or the lane (I/O and numpy calls:
+#: the ring compiled measured no faster), nor the policy loader (run once at start-up).
 COMPILED_MODULES: tuple[str, ...] = (
     "sidecar.core.batch_draw",
     "sidecar.core.canonical",
