@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+import resource
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,12 +74,15 @@ def start_local_sidecar(
     workdir: Path,
     config: dict[str, Any] | None = None,
     keys: tuple[Path, Path] | None = None,
-    preexec: Callable[[], None] | None = None,
+    rlimits: Mapping[int, tuple[int, int]] | None = None,
 ) -> LocalSidecar:
     """``python -m sidecar serve`` on a Unix socket in ``workdir``; ``config`` extends the
     generated one (its ``listen`` and ``signing_key_file`` are replaced). ``keys`` is a
-    (private, public) pair; a fresh one is made when it is None. ``preexec`` runs in the
-    child before it starts (tests limit its resources with it)."""
+    (private, public) pair; a fresh one is made when it is None. ``rlimits`` (a
+    ``resource.RLIMIT_*`` -> (soft, hard) map; tests give it a disk that fills up) are set on
+    the child from here as soon as it exists, before it can open a session: no Python runs
+    between fork and exec (a ``preexec_fn`` there can meet gRPC's fork handlers restarting
+    their poller on a closed epoll descriptor, which aborts the child)."""
     priv, pub = keys if keys is not None else generate_keypair(workdir / "keys")
     sock = workdir / "fse.sock"
     cfg = {**(config or {}), "listen": f"unix://{sock}", "signing_key_file": str(priv)}
@@ -91,6 +95,7 @@ def start_local_sidecar(
             stdout=out,
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            preexec_fn=preexec,
         )
+    for limit, values in (rlimits or {}).items():
+        resource.prlimit(proc.pid, limit, values)
     return LocalSidecar(proc, f"unix:{sock}", pub, log, cfg_path)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -212,11 +213,11 @@ def test_audit_verify_the_command_exits_0_and_1(real_audit, tmp_path, keys) -> N
     assert missing.returncode == 2 and "cannot read" in missing.stderr
 
 
-def _start(tmp_path: Path, keys, config: dict, preexec=None) -> LocalSidecar:
-    """``serve`` in its own process, as deployed (with ``preexec`` run in the child first)."""
+def _start(tmp_path: Path, keys, config: dict, rlimits=None) -> LocalSidecar:
+    """``serve`` in its own process, as deployed (with ``rlimits`` set on it)."""
     from sidecar.launch import start_local_sidecar
 
-    sc = start_local_sidecar(tmp_path, config, (keys.private, keys.public), preexec)
+    sc = start_local_sidecar(tmp_path, config, (keys.private, keys.public), rlimits)
     sc.wait_started()
     return sc
 
@@ -240,15 +241,12 @@ def test_a_sidecar_killed_mid_session_leaves_an_intact_unclosed_prefix(tmp_path,
     assert rc == 0 and "12 frames" in out and "NOT CLOSED" in out, out
 
 
-def _limit_file_size() -> None:
-    import resource
-
-    resource.setrlimit(resource.RLIMIT_FSIZE, (24_000, 24_000))  # a disk that fills up
+FULL_DISK = {resource.RLIMIT_FSIZE: (24_000, 24_000)}  # no file of the sidecar grows past 24 kB
 
 
 def test_a_full_audit_disk_aborts_the_step_and_no_token_goes_out_without_its_frame(tmp_path, keys, capsys) -> None:
     audit = tmp_path / "audit"
-    sc = _start(tmp_path, keys, {"audit": {"dir": str(audit)}, "log_level": "error"}, preexec=_limit_file_size)
+    sc = _start(tmp_path, keys, {"audit": {"dir": str(audit)}, "log_level": "error"}, rlimits=FULL_DISK)
     try:
         c = GuardClient(sc.target, keys.public)
         c.wait_ready()

@@ -23,7 +23,7 @@ from sidecar.errors import GuardAbort, GuardUnavailable, StepRefused, VerdictRej
 from sidecar.launch import LocalSidecar, start_local_sidecar
 from sidecar.ring import RingWriter
 from tests.faults import Guarded, Mitm, Rig, fault, row
-from tests.test_audit import _limit_file_size  # an audit file that cannot grow
+from tests.test_audit import FULL_DISK  # an audit file that cannot grow
 from tests.test_trust import _foreign_segment
 
 STEP_TIMEOUT = 1.0
@@ -53,11 +53,11 @@ def own(tmp_path, keys, lane: str) -> Iterator[Callable[..., tuple[LocalSidecar,
     """A sidecar of the case's own, for faults that stop, kill or reconfigure it."""
     made: list[tuple[LocalSidecar, Rig]] = []
 
-    def start(preexec: Callable[[], None] | None = None, **config: object) -> tuple[LocalSidecar, Rig]:
+    def start(rlimits: dict[int, tuple[int, int]] | None = None, **config: object) -> tuple[LocalSidecar, Rig]:
         d = tmp_path / f"own{len(made)}"
         d.mkdir()
         cfg = {"audit": {"dir": str(d / "audit")}, "log_level": "error", **config}
-        sc = start_local_sidecar(d, cfg, (keys.private, keys.public), preexec=preexec)
+        sc = start_local_sidecar(d, cfg, (keys.private, keys.public), rlimits=rlimits)
         sc.wait_started()
         r = Rig(sc.target, keys.public, d / "audit", lane, STEP_TIMEOUT)
         made.append((sc, r))
@@ -472,7 +472,7 @@ def _batch_fault(shared, keys, mitm: Mitm, lane: str, mode: str, match: str) -> 
 
 @fault("audit-disk-full", "audit", "audit file cannot grow (disk full)", "a signed ABORT naming the audit; no token")
 def test_a_full_audit_disk_aborts_the_step(own, lane: str) -> None:
-    _, rig = own(preexec=_limit_file_size)
+    _, rig = own(rlimits=FULL_DISK)
     victim, bystander = rig.pair()
     with pytest.raises(GuardAbort, match="audit"):
         for i in range(10_000):
