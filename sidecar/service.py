@@ -53,22 +53,9 @@ from .errors import (
 )
 from .record import Recorder
 from .ring import BatchRow, RingReader
-from .signing import Signer, verdict_fields_bytes
+from .signing import VERDICT_METRIC_FIELDS, VERDICT_STREAM_FIELDS, Signer, verdict_fields_bytes
 from .wire import params_from_pb, reason, receipt_json
 
-# The verdict's TokenMetrics / StreamState float fields, in verdict_fields_bytes' order.
-_METRIC_FIELDS = (
-    "entropy_nats",
-    "neg_logprob_nats",
-    "margin",
-    "selected_prob",
-    "max_prob",
-    "logit_variance",
-    "l2_norm",
-    "varentropy",
-    "running_ppl",
-)
-_STREAM_FIELDS = ("risk", "window_neg_logprob_nats", "window_entropy_nats", "window_ppl", "e_value")
 # Inline row element types (PROTOCOL.md "Logits"): bf16 travels as its 16 bits (<u2).
 _INLINE_DTYPES: dict[int, np.dtype] = {
     pb.DTYPE_F32: np.dtype("<f4"),
@@ -583,7 +570,7 @@ class GuardService:
             o.proposals,
         )
         # Nested messages as dicts: built in place with the message (a message given is copied in).
-        metrics_pb: dict[str, float] = dict(zip(_METRIC_FIELDS, metrics, strict=True))
+        metrics_pb: dict[str, float] = dict(zip(VERDICT_METRIC_FIELDS, metrics, strict=True))
         metrics_pb["rank"] = rank
         fields = dict(
             session_id=s.session_id,
@@ -599,7 +586,7 @@ class GuardService:
             key_id=key_id,
             signature=self.signer.sign_bytes(data) if sign else b"",
             policy_digest=s.policy.digest,
-            stream=dict(zip(_STREAM_FIELDS, stream, strict=True), band=gate_band, pending=pending),
+            stream=dict(zip(VERDICT_STREAM_FIELDS, stream, strict=True), band=gate_band, pending=pending),
             proposals=[{"token_id": p.token_id, "sampler": int(p.sampler), "reasons": p.reasons} for p in o.proposals],
         )
         return fields, data

@@ -53,6 +53,21 @@ _U32 = struct.Struct("<I")
 _HEAD = struct.Struct("<QIqII")  # u64 step | u32 decision | i64 token_id | u32 sampler | u32 reasons
 
 
+# The verdict's TokenMetrics / StreamState float fields, in the order verdict_fields_bytes takes them.
+VERDICT_METRIC_FIELDS = (
+    "entropy_nats",
+    "neg_logprob_nats",
+    "margin",
+    "selected_prob",
+    "max_prob",
+    "logit_variance",
+    "l2_norm",
+    "varentropy",
+    "running_ppl",
+)
+VERDICT_STREAM_FIELDS = ("risk", "window_neg_logprob_nats", "window_entropy_nats", "window_ppl", "e_value")
+
+
 def verdict_bytes(v: pb.Verdict) -> bytes:
     """Canonical encoding of Verdict fields 1-11, 13, 14 and 15 (see proto/fse/v1/VERDICT.md):
     :func:`verdict_fields_bytes` of the message's fields (the engine's check)."""
@@ -64,17 +79,7 @@ def verdict_bytes(v: pb.Verdict) -> bytes:
         v.token_id,
         v.sampler,
         v.reasons,
-        [
-            m.entropy_nats,
-            m.neg_logprob_nats,
-            m.margin,
-            m.selected_prob,
-            m.max_prob,
-            m.logit_variance,
-            m.l2_norm,
-            m.varentropy,
-            m.running_ppl,
-        ],
+        [getattr(m, name) for name in VERDICT_METRIC_FIELDS],
         m.rank,
         v.band,
         v.prev_chain_hash,
@@ -83,7 +88,7 @@ def verdict_bytes(v: pb.Verdict) -> bytes:
         v.policy_digest,
         st.band,
         st.pending,
-        [st.risk, st.window_neg_logprob_nats, st.window_entropy_nats, st.window_ppl, st.e_value],
+        [getattr(st, name) for name in VERDICT_STREAM_FIELDS],
         v.proposals,
     )
 
