@@ -589,11 +589,9 @@ class RingReader:
             )
             good = np.flatnonzero(ok)
             ks = count[good]
-            if len(good) and (ks == ks[0]).all():  # the common frame: every row of one k
-                compact[int(ks[0])] = list(zip(good.tolist(), off[good].tolist(), strict=True))
-            else:
-                for place, k, o in zip(good.tolist(), ks.tolist(), off[good].tolist(), strict=True):
-                    compact.setdefault(k, []).append((place, o))
+            for k in np.unique(ks).tolist():  # one group per k (a frame usually has one)
+                of_k = good[ks == k]
+                compact[k] = list(zip(of_k.tolist(), off[of_k].tolist(), strict=True))
             for place in np.flatnonzero(~ok).tolist():
                 row, tag, step = wanted[place]
                 try:
