@@ -178,9 +178,10 @@ def install() -> AccelStatus:
     except OSError as exc:  # the sidecar starts whatever state the overlay is in
         paths, reason = None, f"stale: cannot read the overlay ({exc})"
     if paths is None:
-        if reason.startswith("stale:"):
-            warnings.warn(f"compiled fast path not used, pure Python runs: {reason[7:]}", AccelStaleWarning, stacklevel=2)
-        _status = AccelStatus(False, (), reason.removeprefix("stale: "))
+        why = reason.removeprefix("stale: ")
+        if why != reason:
+            warnings.warn(f"compiled fast path not used, pure Python runs: {why}", AccelStaleWarning, stacklevel=2)
+        _status = AccelStatus(False, (), why)
         return _status
     sys.meta_path.insert(0, _OverlayFinder(paths))
     _status = AccelStatus(True, COMPILED_MODULES, "")
