@@ -337,23 +337,38 @@ def bench_metrics(reps: int) -> list[dict[str, Any]]:
 
 class _TransportFloor:
     """What any guard pays here before doing any work: per token, copy the logits into
-    the ring and make one bare gRPC round trip (Echo), then force llama.cpp's own greedy
-    choice. The ceiling for guarded/unguarded with Python gRPC on this machine."""
+    the ring and make one bare round trip, then force llama.cpp's own greedy choice. On
+    gRPC the round trip is an Echo on a stream; on the fast lane it is an ECHO request
+    (the request record, both doorbells, an empty verdict area written and read). The
+    ceiling of guarded/unguarded on each lane on this machine."""
 
-    def __init__(self, llama: Any, client: Any) -> None:
+    def __init__(self, llama: Any, client: Any, lane: str = "grpc", vocab_digest: str = "") -> None:
         from engine_adapters.client import StreamCall
+        from engine_adapters.llama_cpp import LANE_VERDICT_CAPACITY
 
         from .ring import RingWriter
 
         self.llama = llama
-        self.ring = RingWriter.create(slots=1, vocab_size=llama.n_vocab())
-        self.echo = StreamCall(client._stub.Echo)
+        self.session: Any = None
+        self.echo: Any = None
+        self.seq = iter(range(2, 1 << 62, 2))
+        if lane == "shm":
+            self.ring = RingWriter.create(slots=1, vocab_size=llama.n_vocab(), verdict_capacity=LANE_VERDICT_CAPACITY)
+            self.session = client.open_session(vocab_digest, SamplingParams(temperature=0.0), ring=self.ring, lane="shm")
+        else:
+            self.ring = RingWriter.create(slots=1, vocab_size=llama.n_vocab())
+            self.echo = StreamCall(client._stub.Echo)
         self.msg = pb.EchoRequest(payload=b"\0" * 320)  # about a verdict's size
 
     def _processor(self, input_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        from .ring import REQUEST_ECHO
+
         with self.ring.frame(0) as f:
             f.write_row(1, 0, scores)
-        self.echo.roundtrip(self.msg, 5.0, "echo")
+        if self.session is not None:
+            self.session.lane.roundtrip(0, f.seq, 5.0, "echo", REQUEST_ECHO)
+        else:
+            self.echo.roundtrip(self.msg, 5.0, "echo")
         best = int(np.argmax(scores))
         scores[:] = -np.inf
         scores[best] = 0.0
@@ -367,7 +382,10 @@ class _TransportFloor:
         return unguarded_greedy(self.llama, ids, tokens, LogitsProcessorList([self._processor]))
 
     def close(self) -> None:
-        self.echo.close()
+        if self.session is not None:
+            self.session.close()
+        else:
+            self.echo.close()
         self.ring.close()
 
 
@@ -402,10 +420,12 @@ def bench_model(ed: LocalSidecar, hm: LocalSidecar, tokens: int, repeats: int, t
         phases[name] += [t.phases_s for t in done.tokens[1:]]
         return done.token_ids
 
-    floor = _TransportFloor(llama, clients["ed25519"])
+    floor = _TransportFloor(llama, clients["hmac"])
+    lane_floor = _TransportFloor(llama, clients["hmac"], "shm", guarded["hmac_shm"].vocab_digest)
     runs: dict[str, Callable[[], list[int]]] = {
         "unguarded": lambda: unguarded_greedy(llama, ids, tokens),
         "transport_floor": lambda: floor.run(ids, tokens),
+        "lane_floor": lambda: lane_floor.run(ids, tokens),
         "ed25519": lambda: run_guarded("ed25519"),
         "hmac": lambda: run_guarded("hmac"),
         "ed25519_shm": lambda: run_guarded("ed25519_shm"),
@@ -414,9 +434,12 @@ def bench_model(ed: LocalSidecar, hm: LocalSidecar, tokens: int, repeats: int, t
     }
     tps: dict[str, list[float]] = {k: [] for k in runs}
     same = True
+    names = list(runs)
     for i in range(repeats + 1):  # the first round warms caches and is not counted
         outputs = {}
-        for name, fn in runs.items():
+        k = i % len(names)  # rotate who goes first, as _interleave does
+        for name in names[k:] + names[:k]:
+            fn = runs[name]
             llama.reset()  # each run evaluates the prompt from scratch
             t0 = time.perf_counter()
             outputs[name] = fn()
@@ -427,6 +450,7 @@ def bench_model(ed: LocalSidecar, hm: LocalSidecar, tokens: int, repeats: int, t
             for lat in step_latency.values():
                 lat.clear()  # like the tokens/s, the warm-up round's latencies do not count
     floor.close()
+    lane_floor.close()
     for g in guarded.values():
         g.close()
     for c in clients.values():
@@ -444,7 +468,7 @@ def bench_model(ed: LocalSidecar, hm: LocalSidecar, tokens: int, repeats: int, t
             "sidecar": float(np.median(ph[:, 3])),  # inside the wait; reported by the fast lane only
         }
     out["speculation"] = dict(guarded["hmac_shm_spec"].speculation)
-    for name in ("transport_floor", "ed25519", "hmac", "ed25519_shm", "hmac_shm", "hmac_shm_spec"):
+    for name in ("transport_floor", "lane_floor", "ed25519", "hmac", "ed25519_shm", "hmac_shm", "hmac_shm_spec"):
         pairs = list(zip(tps[name], tps["unguarded"], strict=True))
         out[f"{name}_over_unguarded_median"] = _median_ratio(tps[name], tps["unguarded"])
         out[f"{name}_overhead_ms_per_token_median"] = statistics.median(1e3 / g - 1e3 / b for g, b in pairs)
@@ -588,7 +612,8 @@ def run_bench(args: argparse.Namespace) -> int:
         print()
         print(
             _table(
-                f"SmolLM2-135M, greedy, {m['tokens']} tokens, {m['repeats']} rounds of each in turn; ratio = vs unguarded",
+                f"SmolLM2-135M, greedy, {m['tokens']} tokens, {m['repeats']} rounds of each in turn, the order rotating; "
+                "ratio = vs unguarded",
                 [
                     "run",
                     "tok/s",
@@ -611,6 +636,7 @@ def run_bench(args: argparse.Namespace) -> int:
                     for key, label in (
                         ("unguarded", "unguarded"),
                         ("transport_floor", "ring + bare gRPC echo (floor)"),
+                        ("lane_floor", "ring + bare fast-lane echo (floor)"),
                         ("ed25519", "gRPC lane, Ed25519"),
                         ("hmac", "gRPC lane, HMAC-SHA256"),
                         ("ed25519_shm", "fast lane, Ed25519"),

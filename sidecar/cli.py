@@ -268,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--rounds", type=int, default=2000, help="round trips per transport measurement")
     b.add_argument("--tokens", type=int, default=64, help="tokens per generation in the model benchmark")
-    b.add_argument("--repeats", type=int, default=5, help="alternating guarded/unguarded generations")
+    b.add_argument("--repeats", type=int, default=9, help="rounds of every model run in turn (the order rotates each round)")
     b.add_argument("--skip-model", action="store_true", help="skip the llama.cpp tokens/s benchmark")
     b.add_argument("--threads", type=int, default=2, help="llama.cpp threads in the model benchmark (the aims are for 2)")
     b.add_argument("--fse-tokens", type=int, default=2000, help="fse: tokens of text streamed per rule set")

@@ -46,10 +46,11 @@ def test_bench_writes_json_and_prints_tables(tmp_path) -> None:
     audit = data["audit"]
     assert all(audit[m]["p50_us"] > 0 for m in ("off", "close", "interval", "every_frame"))
     assert all(300 < audit[f"{m}_bytes_per_frame"] < 5000 for m in ("close", "interval", "every_frame"))  # frames were written
-    assert data["model"]["identical_greedy_output"] is True  # all four guarded runs and the floor
+    assert data["model"]["identical_greedy_output"] is True  # every guarded run and both floors
     m = data["model"]
     assert m["ed25519_step_latency"]["n"] == m["hmac_step_latency"]["n"] == m["ed25519_shm_step_latency"]["n"] > 0
     assert all(m[f"{k}_phases_us_p50"]["wait"] > 0 for k in ("ed25519", "hmac_shm"))
+    assert all(m[f"{k}_over_unguarded_median"] > 0 for k in ("transport_floor", "lane_floor"))  # both lanes' floors ran
     assert all(data["lane"][k]["p50_us"] > 0 for k in ("eventfd_ping", "lane_echo", "lane_step", "grpc_echo", "grpc_step"))
     for table in (
         "verdict round trip",
