@@ -351,7 +351,6 @@ class _TransportFloor:
         self.llama = llama
         self.session: Any = None
         self.echo: Any = None
-        self.seq = iter(range(2, 1 << 62, 2))
         if lane == "shm":
             self.ring = RingWriter.create(slots=1, vocab_size=llama.n_vocab(), verdict_capacity=LANE_VERDICT_CAPACITY)
             self.session = client.open_session(vocab_digest, SamplingParams(temperature=0.0), ring=self.ring, lane="shm")
