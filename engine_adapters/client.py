@@ -141,6 +141,11 @@ class StreamCall:
         finally:
             self._watchdog.disarm()
 
+    @property
+    def finished(self) -> bool:
+        """The RPC has ended (the sidecar went away while the stream was idle)."""
+        return bool(self._call.done())
+
     def close(self) -> None:
         self._requests.put(_CLOSED)
         self._watchdog.stop()
@@ -418,6 +423,10 @@ class GuardClient:
                 else:
                     r.inline.data = np.ascontiguousarray(row, dtype="<f4").tobytes()
                     r.inline.dtype = pb.DTYPE_F32
+            if self._batch_stream is not None and self._batch_stream.finished:
+                # it ended while idle (a sidecar restart): nothing of this batch went on it
+                self._batch_stream.close()
+                self._batch_stream = None
             if self._batch_stream is None:
                 self._batch_stream = StreamCall(self._stub.Steps)
             resp = self._batch_stream.roundtrip(batch, self.step_timeout, f"a batch of {len(live)} steps").batch

@@ -24,8 +24,10 @@ the boundary that every token it returns is the one its verdict named.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -87,6 +89,30 @@ def load_embedded() -> tuple[Any, Any]:
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     model.eval()
     return model, tokenizer
+
+
+def save_embedded(dest: str | Path) -> Path:
+    """Write the embedded model as a Hugging Face folder (safetensors, float32, ~540 MB) that
+    engines loading no GGUF (vLLM) can serve; ``dest/config.json`` is written last, so a
+    folder with it is whole. Nothing is done when it is there already."""
+    dest = Path(dest)
+    if (dest / "config.json").is_file():
+        return dest
+    model, tokenizer = load_embedded()
+    # dequantised to float32 on load: nothing of the GGUF quantisation is left to describe
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = dest.with_name(dest.name + ".partial")
+    for stale in (tmp, dest):  # an earlier run that stopped half-way
+        shutil.rmtree(stale, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    config = (tmp / "config.json").read_bytes()
+    (tmp / "config.json").unlink()
+    tmp.rename(dest)
+    (dest / "config.json").write_bytes(config)
+    return dest
 
 
 class FseLogitsProcessor(LogitsProcessor):

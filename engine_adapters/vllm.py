@@ -1,131 +1,206 @@
-"""vLLM under guard: logits processors for both of vLLM's interfaces (targets vLLM 0.33.0).
+"""vLLM under guard: one logits processor for both of vLLM's model runners (vLLM 0.32/0.33).
 
-    vllm serve MODEL --logits-processors engine_adapters.vllm:FseLogitsProcessor
-    # or nothing: installing libfse registers the "vllm.logits_processors" entry point "fse"
-    # (the same class; registered both ways, the second instance passes rows through)
-    curl .../v1/completions -d '{"prompt": "...", "vllm_xargs": {"fse": {"top_k": 40, "temperature": 0.7, "seed": 1}}}'
+    fse-vllm serve MODEL [vLLM's own options]      # engine_adapters/vllm_serve.py: both pieces
+    # or by hand: python -m vllm.entrypoints.openai.api_server --model MODEL \\
+    #   --logits-processors engine_adapters.vllm:FseLogitsProcessor \\
+    #   --middleware engine_adapters.vllm_api.FseGuardMiddleware      (with FSE_OUTCOMES_DIR set)
+
+**The operator decides, not the client.** Where this processor is loaded, *every* request
+is guarded: there is no per-request switch, and nothing a request leaves out turns the
+guard off. A request may name one of the policies the operator allows
+(``vllm_xargs: {"fse_policy": "strict"}``, a string as vLLM's REST typing requires);
+without one it gets the operator's default. The sidecar samples with the request's own
+``temperature``, ``top_k``, ``top_p``, ``min_p``, ``repetition_penalty`` and ``seed``
+(a request without a seed gets a random one); vLLM then only ever sees one finite logit
+per row, so its sampler can only pick the verdict's token.
 
 Environment (the engine container's, deploy/): ``FSE_SIDECAR`` (``unix:///run/fse/fse.sock``),
 ``FSE_PUBLIC_KEY`` (the verifying key file), optional ``FSE_STEP_TIMEOUT`` (seconds, 2),
 ``FSE_COMPACT_K`` (largest COMPACT row, 64; 0: FULL rows only), ``FSE_POLICY`` (the
-policy of requests that name none).
+default policy, "default"), ``FSE_POLICIES`` (the policies a request may name,
+comma-separated; the default alone when unset), ``FSE_REPETITION_WINDOW`` (the
+repetition penalty's window, 64 tokens), ``FSE_OUTCOMES_DIR`` (where ended requests are
+reported to the API server's middleware: :mod:`engine_adapters.outcomes`).
 
-A request asks for the guard through ``SamplingParams.extra_args["fse"]`` (``vllm_xargs``
-in the REST body): ``true``, or the sidecar's sampling parameters (temperature, top_k,
-top_p, min_p, repetition_penalty, repetition_window, seed) and ``policy``. The sidecar
-samples; vLLM only ever sees one finite logit per guarded row, so its own sampler can only
-pick the verdict's token. Requests without ``fse`` pass untouched and cost nothing.
-vLLM's own logit-changing options (penalties, logit_bias, allowed/bad words, min_tokens,
-structured outputs) are refused for guarded requests at admission (``validate_params``):
-they would change the logits the sidecar judges, or mask the end-of-sequence token an
-ending request needs.
+Refused at admission (``validate_params``, vLLM's 400 naming the field): anything that
+would change the logits after the guard judged them or let the engine emit after the
+guard ended a request: ``ignore_eos``, ``min_tokens``, presence/frequency penalties,
+``logit_bias``, ``allowed_token_ids``, ``bad_words``, structured outputs, a thinking
+budget; a policy the operator does not allow; an unknown ``fse_*`` key. Refused at
+start-up: tensor or pipeline parallelism (every rank would step the sidecar),
+speculative decoding (several rows per request and step), watermarking (it re-draws the
+token after the guard).
 
-Every decoding step, the guarded rows of the batch go to the sidecar as one ring frame
-(COMPACT rows computed on the GPU where the request's sampler allows) and one batch
-message (:class:`~engine_adapters.batch.BatchGuard`). A row whose verdict is ABORT,
-refused or missing gets the end-of-sequence token forced: that request ends, the others
-go on. vLLM's logits-processor interface cannot set a finish reason: such a request
-finishes with ``finish_reason: "stop"``; why is in the sidecar's audit (the ABORT frame,
-its reasons), its metrics (``fse_verdicts_total{decision="abort"}``) and this adapter's
-WARNING log line naming the session. The token vLLM actually committed is checked against
-the verdict at the next step (the boundary); a mismatch ends the request.
+Every decoding step, the rows of the batch go to the sidecar as one ring frame (COMPACT
+rows computed on the device where the request's sampler allows) and one batch message
+(:class:`~engine_adapters.batch.BatchGuard`). A row whose verdict is ABORT, refused or
+missing gets the end-of-sequence token forced, and so does *every later row* of that
+request: nothing the engine does after the guard ended a request is left unjudged. The
+request is recorded on the outcome board (``content_filter`` or ``guard_error``) before
+the row is returned. The token vLLM actually committed is checked against the verdict at
+the next step (the boundary); a mismatch ends the request.
 
-Not supported (refused at start-up, naming the setting): tensor or pipeline parallelism
-(every rank would step the sidecar) and speculative decoding (a request then owns several
-rows per step).
+A sidecar that restarts is found again: a session that cannot open because the new
+sidecar does not know the vocabulary registers it again and retries once. The ring is
+closed and unlinked when the engine process exits.
 
-Two interfaces, as vLLM has them:
-- **Model Runner V2** (the default): :class:`FseLogitsProcessorV2`, state per request
-  slot (``add_request``), rows reordered every step through ``ctx.idx_mapping_np``.
-- **V1** (``VLLM_USE_V2_MODEL_RUNNER=0``): :class:`FseLogitsProcessorV1`, state per
-  persistent-batch index, kept in step with ``update_state(BatchUpdate)`` (removed, then
-  added, then moved: one-way moves and swaps).
-
-:data:`FseLogitsProcessor` is the one for the runner this process uses (vLLM rejects the
-other kind at load).
+Two interfaces, as vLLM has them; :class:`FseLogitsProcessor` is the one name to load and
+becomes the one vLLM's own configuration picks (``VllmConfig.use_v2_model_runner``: the
+``VLLM_USE_V2_MODEL_RUNNER`` switch, then Triton present and the features in use):
+- **Model Runner V2**: :class:`FseLogitsProcessorV2`, state per request slot
+  (``add_request``), rows reordered every step through ``ctx.idx_mapping_np``.
+- **V1**: :class:`FseLogitsProcessorV1`, state per persistent-batch index, kept in step
+  with ``update_state(BatchUpdate)`` (removed, then added, then moved).
 """
 
 from __future__ import annotations
 
 import logging
+import multiprocessing.util
 import os
+import secrets
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from multiprocessing import resource_tracker
 from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
 from sidecar.core.sampling import SamplingParams
-from sidecar.errors import ConfigError, FseError, VerdictRejected
+from sidecar.errors import ConfigError, FseError, GuardError, GuardUnavailable, StepRefused, VerdictRejected
 from sidecar.ring import RingWriter
 
 from .batch import BatchGuard, GuardedRequest
 from .client import GuardClient
 from .hf import vocabulary_of
+from .outcomes import KEY, Outcome, OutcomeBoard
 
 log = logging.getLogger("fse.vllm")
 _T = TypeVar("_T")
 
-XARGS_KEY = "fse"
-_PARAMS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "repetition_window", "seed")
+POLICY_KEY = "fse_policy"  # vllm_xargs: the policy a request picks among those allowed
+REQUEST_KEY = "fse_request"  # vllm_xargs: the middleware's key for the outcome board
 _TORCH_RING_DTYPES = {torch.bfloat16: "bf16", torch.float16: "f16"}  # logits are upcast from these exactly
 
+# vLLM's own options that act on the logits after the guard forced them, or keep a request
+# going after the guard ended it: (field, its "off" value, why it is refused).
+_REFUSED = (
+    ("ignore_eos", False, "the engine would go on after the guard ended the request"),
+    ("min_tokens", 0, "it masks the end-of-sequence token the guard ends a request with"),
+    ("presence_penalty", 0.0, "the guard samples; it has no presence penalty"),
+    ("frequency_penalty", 0.0, "the guard samples; it has no frequency penalty"),
+    ("logit_bias", None, "it would change the logits the guard judged"),
+    ("allowed_token_ids", None, "it would change the logits the guard judged"),
+    ("bad_words", None, "it would change the logits the guard judged"),
+    ("structured_outputs", None, "it would change the logits the guard judged"),
+    ("thinking_token_budget", None, "it forces tokens after the guard judged the row"),
+)
 
-def guard_args(sp: Any) -> tuple[SamplingParams, str] | None:
-    """The guard's sampling parameters and policy of a request, or None when it did not ask
-    for the guard. ValueError (vLLM's admission error) naming what is wrong."""
-    extra = getattr(sp, "extra_args", None) or {}
-    if XARGS_KEY not in extra:
-        return None
-    args = extra[XARGS_KEY]
-    if args is True:
-        args = {}
-    if not isinstance(args, dict):
-        raise ValueError(f"extra_args.{XARGS_KEY} must be true or an object, got {type(args).__name__}")
-    unknown = sorted(set(args) - {*_PARAMS, "policy"})
-    if unknown:
-        raise ValueError(f"extra_args.{XARGS_KEY} has unknown keys {unknown} (known: {[*_PARAMS, 'policy']})")
-    policy = args.get("policy", os.environ.get("FSE_POLICY", ""))
-    if not isinstance(policy, str):
-        raise ValueError(f"extra_args.{XARGS_KEY}.policy must be a string")
-    conflicts = [
-        name
-        for name, off in (
-            ("repetition_penalty", 1.0),
-            ("presence_penalty", 0.0),
-            ("frequency_penalty", 0.0),
-            ("logit_bias", None),
-            ("allowed_token_ids", None),
-            ("bad_words", None),
-            ("min_tokens", 0),
-            ("structured_outputs", None),
-        )
-        if getattr(sp, name, off) not in (off, [], {})
-    ]
+
+@dataclass(frozen=True)
+class GuardArgs:
+    """What the guard needs of one request: the sidecar's sampling, the policy, and the
+    middleware's key for reporting how it ended (None outside the API server)."""
+
+    params: SamplingParams
+    policy: str
+    key: str | None
+
+
+def log_to_stderr(process: str) -> None:
+    """vLLM configures its own loggers only: the guard's ("fse.*") go to stderr beside them."""
+    root = logging.getLogger("fse")
+    if not root.hasHandlers():
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter(f"({process} pid=%(process)d) %(levelname)s %(asctime)s [fse] %(message)s"))
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+
+
+def operator_policies() -> tuple[str, frozenset[str]]:
+    """(the default policy, the policies a request may name), from the environment."""
+    default = os.environ.get("FSE_POLICY", "").strip() or "default"
+    allowed = {p.strip() for p in os.environ.get("FSE_POLICIES", "").split(",") if p.strip()}
+    return default, frozenset(allowed | {default})
+
+
+def _is_set(value: Any, off: Any) -> bool:
+    return value is not None and value != off and not (isinstance(value, list | dict) and not value)
+
+
+def guard_args(sp: Any) -> GuardArgs:
+    """The guard's arguments for a request (every request: the guard is not optional).
+    ValueError (vLLM's admission error, a 400) naming what is wrong."""
+    conflicts = [f"{name} ({why})" for name, off, why in _REFUSED if _is_set(getattr(sp, name, off), off)]
     if conflicts:
+        raise ValueError("the guard refuses " + "; ".join(conflicts) + ": leave them unset")
+    extra = getattr(sp, "extra_args", None) or {}
+    unknown = sorted(k for k in extra if isinstance(k, str) and k.startswith("fse") and k not in (POLICY_KEY, REQUEST_KEY))
+    if unknown:
         raise ValueError(
-            f"a guarded request takes its sampling from extra_args.{XARGS_KEY}; vLLM's own {', '.join(conflicts)} "
-            "would change the logits the guard judges: leave them unset"
+            f"vllm_xargs has unknown guard keys {unknown}: a request may set only {POLICY_KEY!r} "
+            "(sampling comes from the request's own temperature, top_p, top_k, min_p, repetition_penalty, seed)"
         )
+    default, allowed = operator_policies()
+    policy = extra.get(POLICY_KEY, default)
+    if not isinstance(policy, str) or policy not in allowed:
+        raise ValueError(f"vllm_xargs.{POLICY_KEY}: {policy!r} is not a policy this server allows (allowed: {sorted(allowed)})")
+    key = extra.get(REQUEST_KEY)
+    if key is not None and not (isinstance(key, str) and KEY.fullmatch(key)):
+        raise ValueError(f"vllm_xargs.{REQUEST_KEY} is the server's own key (32 hex digits); a client does not set it")
+    temperature = float(getattr(sp, "temperature", 1.0))
+    top_k = int(getattr(sp, "top_k", 0) or 0)
+    seed = getattr(sp, "seed", None)
     try:
-        params = SamplingParams(**{k: args[k] for k in _PARAMS if k in args})
-    except (ConfigError, TypeError) as exc:
-        raise ValueError(f"extra_args.{XARGS_KEY}: {exc}") from None
-    return params, policy
+        params = SamplingParams(
+            temperature=temperature if temperature >= 1e-5 else 0.0,  # vLLM's own greedy cut-off
+            top_k=max(top_k, 0),  # vLLM: 0 or -1 means every token
+            top_p=float(getattr(sp, "top_p", 1.0)),
+            min_p=float(getattr(sp, "min_p", 0.0)),
+            repetition_penalty=float(getattr(sp, "repetition_penalty", 1.0)),
+            repetition_window=int(os.environ.get("FSE_REPETITION_WINDOW", "64")),
+            seed=(int(seed) % 2**64) if seed is not None else secrets.randbits(63),
+        )
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None
+    return GuardArgs(params, policy, key)
+
+
+@dataclass
+class _Tracked:
+    """A request the guard holds: its session (None: it never opened, ``error`` says why),
+    the board key, and whether its end was reported."""
+
+    req: GuardedRequest | None
+    key: str | None
+    error: str = ""
+    reported: bool = False
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.req.tokens if self.req is not None else []
 
 
 class _Guard:
     """What one engine process holds for the guard: a client, one ring sized for the
-    scheduler's largest batch, and the model's vocabulary registered once."""
+    scheduler's largest batch, and the model's vocabulary (registered again after a
+    sidecar restart)."""
 
     def __init__(self, vllm_config: Any) -> None:
+        log_to_stderr("Engine")
         par = vllm_config.parallel_config
         if getattr(par, "tensor_parallel_size", 1) != 1 or getattr(par, "pipeline_parallel_size", 1) != 1:
             raise ValueError("engine_adapters.vllm guards single-GPU engines: tensor/pipeline parallelism would step twice")
         if getattr(vllm_config, "speculative_config", None) is not None:
             raise ValueError("engine_adapters.vllm does not support speculative decoding (several rows per request)")
+        if getattr(vllm_config, "watermark_config", None) is not None:
+            raise ValueError("engine_adapters.vllm does not support watermarking (it re-draws the guard's token)")
         target, key = os.environ.get("FSE_SIDECAR"), os.environ.get("FSE_PUBLIC_KEY")
         if not target or not key:
             raise ValueError("set FSE_SIDECAR (e.g. unix:///run/fse/fse.sock) and FSE_PUBLIC_KEY (the verifying key file)")
+        operator_policies()
         mc = vllm_config.model_config
         from transformers import AutoTokenizer  # vLLM's own dependency
 
@@ -138,7 +213,8 @@ class _Guard:
             raise ValueError(f"tokenizer {mc.tokenizer} has no end-of-sequence token to end a request with")
         self.client = GuardClient(target, key, step_timeout=float(os.environ.get("FSE_STEP_TIMEOUT", "2")))
         self.client.wait_ready()
-        self.digest = self.client.register_vocabulary(vocabulary_of(tokenizer, self.vocab_size))
+        self.vocabulary = vocabulary_of(tokenizer, self.vocab_size)
+        self.digest = self.client.register_vocabulary(self.vocabulary)
         self.model_id = str(mc.model)
         topk = min(int(os.environ.get("FSE_COMPACT_K", "64")), self.vocab_size)
         self.ring = RingWriter.create(
@@ -148,45 +224,116 @@ class _Guard:
             dtype=_TORCH_RING_DTYPES.get(getattr(mc, "dtype", torch.float32), "f32"),
             topk=topk,
         )
+        # The engine process owns the ring: unlink it at exit. vLLM's workers are multiprocessing
+        # children that leave through os._exit: atexit never runs there, multiprocessing's
+        # finalizers do (and in a main process they run at its exit too).
+        multiprocessing.util.Finalize(self, self.shutdown, exitpriority=10)
         self.batch = BatchGuard(self.client, self.ring, int(eos))
+        self._last_wait = -1e9  # monotonic time of the last wait for a sidecar that was down
+        self.board = OutcomeBoard.from_env()
+        if self.board is None:
+            log.warning("fse: FSE_OUTCOMES_DIR is not set: a guard abort will reach API clients as a plain 'stop'")
+        else:  # the server unlinks it at exit: vLLM SIGKILLs this process, nothing here runs then
+            self.board.adopt_ring(self.ring.name)
+            resource_tracker.unregister(f"/{self.ring.name}", "shared_memory")
 
-    def open(self, args: tuple[SamplingParams, str], prompt: list[int]) -> GuardedRequest | None:
-        """A session for a new request; None (and the request ends at once) if it cannot open."""
-        params, policy = args
+    def shutdown(self) -> None:
+        if self.board is not None:  # unregistered at start; unlink() unregisters it again
+            resource_tracker.register(f"/{self.ring.name}", "shared_memory")
+        self.ring.close()
+        self.client.close()
+        log.info("fse: ring %s closed and unlinked", self.ring.name)
+
+    def open(self, sp: Any, prompt: list[int]) -> _Tracked:
+        """A session for a new request; a request that cannot open is tracked unopened and
+        ends at its first row (never an exception: this runs inside vLLM's engine loop)."""
         try:
-            s = self.client.open_session(
-                self.digest, params, ring=self.ring, prompt_token_ids=prompt, policy=policy, model_id=self.model_id
-            )
+            args = guard_args(sp)
+        except ValueError as exc:  # validate_params refused it already; an engine bypassing it ends here
+            return _Tracked(None, None, f"refused: {exc}")
+        try:
+            return _Tracked(GuardedRequest(self._open_session(args, prompt), args.params, list(prompt)), args.key)
         except FseError as exc:
             log.warning("fse: a guarded request could not open its session: %s", exc)
-            return None
-        return GuardedRequest(s, params, list(prompt))
+            return _Tracked(None, args.key, f"the session did not open: {exc}")
+
+    def _open_session(self, args: GuardArgs, prompt: list[int]) -> Any:
+        """Open, finding a restarted sidecar again: waited for once if the channel is between
+        reconnects, and given the vocabulary again if it does not know it."""
+        waited = registered = False
+        while True:
+            try:
+                return self.client.open_session(
+                    self.digest, args.params, ring=self.ring, prompt_token_ids=prompt, policy=args.policy, model_id=self.model_id
+                )
+            except StepRefused as exc:
+                if registered or exc.code != "NOT_FOUND" or "vocabulary" not in str(exc):
+                    raise
+                log.info("fse: the sidecar does not know this model's vocabulary (restarted?): registering it again")
+                self.client.register_vocabulary(self.vocabulary)
+                registered = True
+            except GuardUnavailable:
+                if waited or not self._sidecar_back():
+                    raise
+                waited = True
+
+    def _sidecar_back(self) -> bool:
+        """gRPC fails calls at once while it backs off between reconnects (up to 1 s): wait up
+        to 1 s for the sidecar, at most once every 2 s, so that while it stays down new
+        requests fail at once instead of stalling the engine loop."""
+        now = time.monotonic()
+        if now - self._last_wait < 2.0:
+            return False
+        self._last_wait = now
+        try:
+            self.client.wait_ready(timeout=1.0)
+        except GuardUnavailable:
+            return False
+        return True
 
     @staticmethod
-    def close(q: GuardedRequest | None) -> None:
-        if q is not None and not isinstance(q, _Unopened):
-            q.session.close()
+    def close(t: _Tracked | None) -> None:
+        if t is not None and t.req is not None and t.req.session.dead is None:
+            try:
+                t.req.session.close()
+            except GuardError as exc:
+                log.warning("fse: closing session %s: %s", t.req.session.session_id, exc)
 
-    def step(self, logits: torch.Tensor, rows: list[tuple[int, GuardedRequest, int | None]]) -> None:
-        """Guard ``rows`` (logits row, request, the token the engine committed last) in place;
-        a request that never opened, or whose committed token is not its verdict's, ends."""
-        live, end = [], []
-        for r, q, committed in rows:
-            if isinstance(q, _Unopened) or not _checked(q, committed):
+    def step(self, logits: torch.Tensor, rows: list[tuple[int, _Tracked, int | None]], unknown: Sequence[int] = ()) -> None:
+        """Guard ``rows`` (logits row, request, the token the engine committed last) in place.
+        A request that never opened, whose committed token is not its verdict's, or that the
+        guard ended at an earlier step gets end-of-sequence; so do ``unknown`` rows (no request
+        state: a bookkeeping fault is never a free row)."""
+        live: list[tuple[int, GuardedRequest]] = []
+        end = list(unknown)
+        for r, t, committed in rows:
+            if t.req is None or t.req.finish_reason is not None or not _checked(t.req, committed):
                 end.append(r)
             else:
-                live.append((r, q))
+                live.append((r, t.req))
         self.batch.guard(logits, live)
         _force_end(logits, end, self.batch.eos)
+        for _, t, _ in rows:
+            if not t.reported:
+                self._report(t)
 
-
-class _Unopened(GuardedRequest):
-    """Stands for a guarded request whose session did not open: ended before its first step."""
-
-    def __init__(self) -> None:  # no session: BatchGuard skips ended requests
-        self.finish_reason = "guard_error"
-        self.error = None
-        self.tokens = []
+    def _report(self, t: _Tracked) -> None:
+        """Put a request the guard ended on the board (before vLLM samples its last token)."""
+        q = t.req
+        if q is None:
+            finish, detail = "guard_error", t.error
+        elif q.finish_reason in ("guard_abort", "guard_error"):
+            finish = "content_filter" if q.finish_reason == "guard_abort" else "guard_error"
+            detail = str(q.error)
+        else:
+            return
+        t.reported = True
+        if self.board is None or t.key is None:
+            return
+        try:
+            self.board.record(t.key, Outcome(finish, detail, len(t.tokens)))
+        except OSError as exc:
+            log.error("fse: could not record how request %s ended (%s): its client will see 'stop'", t.key, exc)
 
 
 def _force_end(logits: torch.Tensor, rows: list[int], eos: int) -> None:
@@ -213,8 +360,8 @@ _claimed = False
 
 def _inert() -> bool:
     """True for every processor built after this process's first guard, which then does
-    nothing: registered both by the entry point and by ``--logits-processors``, vLLM builds
-    two, and a second guard would judge rows the first had already forced."""
+    nothing: listed twice, vLLM builds two, and a second guard would judge rows the first
+    had already forced."""
     if _claimed:
         log.info("fse: the guard is already registered in this engine; this instance passes rows through")
     return _claimed
@@ -258,12 +405,12 @@ class FseLogitsProcessorV1(_V1Base):  # type: ignore[misc,valid-type]
 
     def __init__(self, vllm_config: Any, device: torch.device, is_pin_memory: bool) -> None:
         self.inert = _inert()
-        self.reqs: dict[int, GuardedRequest] = {}
+        self.reqs: dict[int, _Tracked] = {}
         if self.inert:
             return
         self.guard = _Guard(vllm_config)
         _claim()
-        self.outputs: dict[int, list[int]] = {}  # vLLM's running output list of each guarded index
+        self.outputs: dict[int, list[int]] = {}  # vLLM's running output list of each index
 
     @classmethod
     def validate_params(cls, sampling_params: Any) -> None:
@@ -279,10 +426,8 @@ class FseLogitsProcessorV1(_V1Base):  # type: ignore[misc,valid-type]
             self._drop(i)
         for i, sp, prompt, output in batch_update.added:
             self._drop(i)  # an added request may replace the one at its index
-            args = guard_args(sp)
-            if args is not None:
-                self.reqs[i] = self.guard.open(args, list(prompt or []) + list(output)) or _Unopened()
-                self.outputs[i] = output
+            self.reqs[i] = self.guard.open(sp, list(prompt or []) + list(output))
+            self.outputs[i] = output
         for a, b, how in batch_update.moved:
             if how == MoveDirectionality.SWAP:
                 _swap(self.reqs, a, b)
@@ -299,12 +444,17 @@ class FseLogitsProcessorV1(_V1Base):  # type: ignore[misc,valid-type]
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         if self.inert:
             return logits
-        rows = []
-        for i, q in self.reqs.items():
-            if i < logits.shape[0]:
-                out = self.outputs.get(i, [])
-                rows.append((i, q, out[-1] if out and q.tokens else None))
-        self.guard.step(logits, rows)
+        rows, unknown = [], []
+        for i in range(logits.shape[0]):
+            t = self.reqs.get(i)
+            if t is None:
+                unknown.append(i)
+                continue
+            out = self.outputs.get(i, [])
+            rows.append((i, t, out[-1] if out and t.tokens else None))
+        if unknown:
+            log.error("fse: logits rows %s have no request the guard knows: ended", unknown)
+        self.guard.step(logits, rows, unknown)
         return logits
 
 
@@ -318,8 +468,8 @@ class FseLogitsProcessorV2(_V2Base):  # type: ignore[misc,valid-type]
         self.guard = _Guard(vllm_config)
         _claim()
         self.state = req_states
-        self.pending: dict[int, tuple[SamplingParams, str]] = {}  # slot -> args, opened at its first row
-        self.reqs: dict[int, GuardedRequest] = {}
+        self.pending: dict[int, Any] = {}  # slot -> vLLM's sampling params, opened at its first row
+        self.reqs: dict[int, _Tracked] = {}
 
     @classmethod
     def validate_params(cls, sampling_params: Any) -> None:
@@ -329,11 +479,7 @@ class FseLogitsProcessorV2(_V2Base):  # type: ignore[misc,valid-type]
         if self.inert:
             return False
         self.guard.close(self.reqs.pop(req_idx, None))  # the slot's previous occupant is done
-        self.pending.pop(req_idx, None)
-        args = guard_args(sampling_params)
-        if args is None:
-            return False
-        self.pending[req_idx] = args
+        self.pending[req_idx] = sampling_params
         return True
 
     def apply_staged_writes(self) -> None:
@@ -342,23 +488,41 @@ class FseLogitsProcessorV2(_V2Base):  # type: ignore[misc,valid-type]
     def apply(self, logits: torch.Tensor, ctx: LogitsContext) -> torch.Tensor:
         if self.inert:
             return logits
-        slots = np.asarray(ctx.idx_mapping_np)
+        slots = [int(s) for s in np.asarray(ctx.idx_mapping_np)]
         st = self.state
-        for slot in [int(s) for s in slots if int(s) in self.pending]:
-            args = self.pending.pop(slot)
+        for slot in [s for s in slots if s in self.pending]:
+            sp = self.pending.pop(slot)
             n = int(st.prefill_len.np[slot])  # the prompt, and any output before a preemption
-            prompt = st.all_token_ids.gpu[slot, :n].tolist()
-            self.reqs[slot] = self.guard.open(args, prompt) or _Unopened()
-        guarded = [(pos, int(slot), self.reqs[int(slot)]) for pos, slot in enumerate(slots) if int(slot) in self.reqs]
-        stepped = [(pos, slot, q) for pos, slot, q in guarded if not isinstance(q, _Unopened) and q.tokens]
+            self.reqs[slot] = self.guard.open(sp, st.all_token_ids.gpu[slot, :n].tolist())
+        guarded = [(pos, slot, self.reqs[slot]) for pos, slot in enumerate(slots) if slot in self.reqs]
+        unknown = [pos for pos, slot in enumerate(slots) if slot not in self.reqs]
+        stepped = [(pos, slot, t) for pos, slot, t in guarded if t.tokens]
         committed: dict[int, int] = {}
         if stepped:  # one gather for the boundary check: each request's last committed token
             idx = torch.tensor([slot for _, slot, _ in stepped], device=st.all_token_ids.gpu.device)
             last = st.all_token_ids.gpu[idx, st.total_len.gpu[idx].long() - 1].tolist()
             committed = {slot: int(t) for (_, slot, _), t in zip(stepped, last, strict=True)}
-        self.guard.step(logits, [(pos, q, committed.get(slot)) for pos, slot, q in guarded])
+        if unknown:
+            log.error("fse: logits rows %s have no request the guard knows: ended", unknown)
+        self.guard.step(logits, [(pos, t, committed.get(slot)) for pos, slot, t in guarded], unknown)
         return logits
 
 
-# The processor for this process's model runner (vLLM refuses the other interface at load).
-FseLogitsProcessor = FseLogitsProcessorV1 if os.environ.get("VLLM_USE_V2_MODEL_RUNNER") == "0" else FseLogitsProcessorV2
+class FseLogitsProcessor:
+    """The name to load (``--logits-processors engine_adapters.vllm:FseLogitsProcessor``):
+    builds the V1 or the V2 processor as the engine's own configuration says
+    (``VllmConfig.use_v2_model_runner``), and passes both of vLLM's loaders' type checks."""
+
+    def __new__(cls, vllm_config: Any, *args: Any) -> Any:  # type: ignore[misc]
+        if getattr(vllm_config, "use_v2_model_runner", False):
+            return FseLogitsProcessorV2(vllm_config, *args)
+        return FseLogitsProcessorV1(vllm_config, *args)
+
+    @classmethod
+    def validate_params(cls, sampling_params: Any) -> None:
+        guard_args(sampling_params)
+
+
+for _base in (_V1Base, _V2Base):
+    if _base is not object:
+        _base.register(FseLogitsProcessor)  # an ABC: vLLM's issubclass check accepts the dispatcher
