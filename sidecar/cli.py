@@ -157,6 +157,10 @@ def _bench(args: argparse.Namespace) -> int:
         from .bench_quality import run_quality_bench
 
         return run_quality_bench(args)
+    if args.suite == "vllm":
+        from .bench_vllm import run_vllm_bench
+
+        return run_vllm_bench(args)
     from .bench import run_bench
 
     return run_bench(args)
@@ -256,12 +260,13 @@ def build_parser() -> argparse.ArgumentParser:
         "suite",
         nargs="?",
         default="all",
-        choices=["all", "batch", "fse", "load", "quality", "ring"],
+        choices=["all", "batch", "fse", "load", "quality", "ring", "vllm"],
         help="all: transport, metrics, model (default); fse: the streaming matcher against rescanning; "
         "quality: the default policy on healthy, garbage and looping generations; "
         "ring: reading a row by pread against a view of a mapping; "
         "batch: the sidecar's cost per row of a batch step, FULL against COMPACT frames; "
-        "load: a soak of many concurrent sessions (verdicts/s, latency, the sidecar's memory, the audit files)",
+        "load: a soak of many concurrent sessions (verdicts/s, latency, the sidecar's memory, the audit files); "
+        "vllm: real vLLM (make setup-vllm), guarded against unguarded tokens/s at batch 1, 8, 32",
     )
     b.add_argument(
         "--out", type=Path, default=Path("bench-results/bench.json"), help="JSON results file (fse: bench-fse.json beside it)"
@@ -291,6 +296,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--public-key", type=Path, help="load: with --target, the key its verdicts verify with")
     b.add_argument("--pid", type=int, help="load: with --target, its process id (memory is read from /proc)")
     b.add_argument("--audit-dir", type=Path, help="load: with --target, its audit directory (files checked at the end)")
+    b.add_argument("--vllm-batches", default="1,8,32", help="vllm: batch sizes, comma-separated")
+    b.add_argument("--vllm-rounds", type=int, default=5, help="vllm: rounds of every batch size on both servers in turn")
+    b.add_argument("--guarded-url", help="vllm: a running guarded server (http://host:port/v1) instead of starting one")
+    b.add_argument("--plain-url", help="vllm: with --guarded-url, the unguarded server to compare with")
     b.set_defaults(func=_bench)
     return p
 

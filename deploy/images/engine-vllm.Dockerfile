@@ -1,10 +1,11 @@
 # syntax=docker/dockerfile:1
-# vLLM's OpenAI-compatible server with the fse logits processor (engine_adapters.vllm).
+# vLLM's OpenAI-compatible server under the guard: `fse-vllm serve` adds the fse logits processor
+# (engine_adapters.vllm: every request guarded) and its middleware (engine_adapters.vllm_api).
 # Build from the repository root:
 #   docker build -f deploy/images/engine-vllm.Dockerfile -t libfse/fse-engine-vllm:0.2.0 .
 # vLLM's own image carries CUDA, PyTorch and vLLM; this adds the libfse client into its
 # Python and runs it as the pod's numeric user.
-ARG VLLM_IMAGE=vllm/vllm-openai:v0.11.0
+ARG VLLM_IMAGE=vllm/vllm-openai:v0.33.0
 
 FROM ${VLLM_IMAGE}
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -18,4 +19,4 @@ RUN python3 -m pip install --no-deps . \
        'pyahocorasick>=2.1' 'hyperscan==0.9.1' 'prometheus-client>=0.20'
 USER 10001:10001
 EXPOSE 8080
-ENTRYPOINT ["vllm", "serve"]
+ENTRYPOINT ["fse-vllm", "serve"]

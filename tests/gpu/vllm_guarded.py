@@ -7,12 +7,13 @@ here with transformers, or a small instruct model carried over. Needs vLLM 0.33.
 project installed in the same environment (`pip install -e .`; the wheels carried).
 
 What it checks and prints:
-1. 64 concurrent requests, greedy, unguarded, then the same 64 guarded (extra_args.fse):
-   every guarded completion equals its unguarded one token for token;
+1. 64 concurrent requests, greedy, on a plain engine, then the same 64 on an engine with the
+   guard's processor (every request guarded): equal token for token;
 2. throughput: output tokens/s unguarded vs guarded (median of --repeats runs each,
    alternated), and the ratio;
-3. the batch changes vLLM made (V1: every BatchUpdate) are written to
-   bench-results/vllm-batch-updates.json, the recorded sequences the CI stand-ins stand for.
+3. the batch changes vLLM made (V1: every BatchUpdate; V2: every add_request and row
+   order), recorded in the engine process by tests/gpu/recording.py, are written to
+   bench-results/vllm-batch-updates.json: the sequences the CI stand-ins stand for.
 """
 
 from __future__ import annotations
@@ -50,34 +51,19 @@ def main() -> int:
 
     from vllm import LLM, SamplingParams
 
-    import engine_adapters.vllm as adapter
-
-    updates: list[dict] = []
-    if args.runner == "v1":  # record every batch change vLLM makes
-        original = adapter.FseLogitsProcessorV1.update_state
-
-        def recording(self, bu):  # type: ignore[no-untyped-def]
-            if bu is not None:
-                updates.append(
-                    {
-                        "batch_size": bu.batch_size,
-                        "removed": list(bu.removed),
-                        "added": [a[0] for a in bu.added],
-                        "moved": [[a, b, d.name] for a, b, d in bu.moved],
-                    }
-                )
-            return original(self, bu)
-
-        adapter.FseLogitsProcessorV1.update_state = recording  # type: ignore[method-assign]
-
-    llm = LLM(model=args.model, max_num_seqs=args.requests, logits_processors=[adapter.FseLogitsProcessor])
+    record = work / "batch-updates.jsonl"
+    os.environ["FSE_RECORD"] = str(record)  # inherited by vLLM's engine processes
+    # Two engines: every request of the guarded one is guarded (the operator's choice).
+    common = {"model": args.model, "max_num_seqs": args.requests, "gpu_memory_utilization": 0.4}
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))  # for the engine's import
+    plain = LLM(**common)
+    guarded = LLM(**common, logits_processors=["tests.gpu.recording:Recording"])
     prompts = [f"Write a short line about the number {i}." for i in range(args.requests)]
-    plain = SamplingParams(temperature=0.0, max_tokens=args.tokens)
-    guarded = SamplingParams(temperature=0.0, max_tokens=args.tokens, extra_args={"fse": True})
+    greedy = SamplingParams(temperature=0.0, max_tokens=args.tokens)
 
-    def run(params: SamplingParams) -> tuple[list[list[int]], float]:
+    def run(llm: LLM) -> tuple[list[list[int]], float]:
         t0 = time.perf_counter()
-        outs = llm.generate(prompts, params)
+        outs = llm.generate(prompts, greedy)
         dt = time.perf_counter() - t0
         return [list(o.outputs[0].token_ids) for o in outs], sum(len(o.outputs[0].token_ids) for o in outs) / dt
 
@@ -97,8 +83,9 @@ def main() -> int:
     out = ROOT / "bench-results"
     out.mkdir(exist_ok=True)
     (out / "vllm-gpu.json").write_text(json.dumps({"equal": same, "requests": len(want), "tokens_per_s": med}, indent=2) + "\n")
-    if updates:
-        (out / "vllm-batch-updates.json").write_text(json.dumps(updates, indent=1) + "\n")
+    updates = [json.loads(line) for line in record.read_text().splitlines()] if record.exists() else []
+    print(f"batch changes recorded in the engine process: {len(updates)}")
+    (out / "vllm-batch-updates.json").write_text(json.dumps(updates, indent=1) + "\n")
     sc.stop()
     return 0 if same == len(want) else 1
 
