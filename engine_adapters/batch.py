@@ -47,6 +47,15 @@ class GuardedRequest:
             self.finish_reason, self.error = why, error
 
 
+def force(logits: torch.Tensor, rows: Sequence[int], tokens: Sequence[int]) -> None:
+    """Leave each of ``rows`` one finite score, 0 at its token: two indexed writes for all of them."""
+    if not rows:
+        return
+    idx = torch.tensor(rows, dtype=torch.long, device=logits.device)
+    logits.index_fill_(0, idx, float("-inf"))
+    logits[idx, torch.tensor(tokens, dtype=torch.long, device=logits.device)] = 0.0
+
+
 class BatchGuard:
     """Guards rows of a logits batch in place through one ``client`` and one ``ring``."""
 
@@ -67,7 +76,8 @@ class BatchGuard:
         shipped: list[np.ndarray | Compact | None] = [None] * len(live)
         compact_at = [n for n, k in enumerate(ks) if k]
         if compact_at:  # one device pass and one transfer for every COMPACT row
-            picked = compact_rows(logits[[live[n][0] for n in compact_at]], max(ks[n] for n in compact_at))
+            at = [live[n][0] for n in compact_at]
+            picked = compact_rows(logits if at == list(range(logits.shape[0])) else logits[at], max(ks[n] for n in compact_at))
             for n, c in zip(compact_at, picked, strict=True):
                 shipped[n] = c
         full_at = [n for n, k in enumerate(ks) if not k]
@@ -78,18 +88,18 @@ class BatchGuard:
         self.rows_sent["compact"] += len(compact_at)
         self.rows_sent["full"] += len(full_at)
         outcomes = self.client.step_batch([(q.session, s) for (_, q), s in zip(live, shipped, strict=True)], self.ring)  # type: ignore[misc]
-        idx = [r for r, _ in live]
-        logits[idx] = float("-inf")
-        for (r, q), got in zip(live, outcomes, strict=True):
+        forced = []
+        for (_, q), got in zip(live, outcomes, strict=True):
             if isinstance(got, pb.Verdict):
                 token = int(got.token_id)
-                logits[r, token] = 0.0
                 q.verdicts.append(got)
                 q.tokens.append(token)
                 q.history.append(token)
                 if token == self.eos:
                     q.end("stop")
             else:
-                logits[r, self.eos] = 0.0  # this request ends here; the others go on
+                token = self.eos  # this request ends here; the others go on
                 q.end("guard_abort" if isinstance(got, GuardAbort) else "guard_error", got)
                 log.warning("fse: session %s ends: %s", q.session.session_id, got)
+            forced.append(token)
+        force(logits, [r for r, _ in live], forced)

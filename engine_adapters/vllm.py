@@ -72,7 +72,7 @@ from sidecar.core.sampling import SamplingParams
 from sidecar.errors import ConfigError, FseError, GuardError, GuardUnavailable, StepRefused, VerdictRejected
 from sidecar.ring import RingWriter
 
-from .batch import BatchGuard, GuardedRequest
+from .batch import BatchGuard, GuardedRequest, force
 from .client import GuardClient
 from .hf import vocabulary_of
 from .outcomes import KEY, Outcome, OutcomeBoard
@@ -126,6 +126,13 @@ def operator_policies() -> tuple[str, frozenset[str]]:
     return default, frozenset(allowed | {default})
 
 
+def repetition_window() -> int:
+    raw = os.environ.get("FSE_REPETITION_WINDOW", "64")
+    if not raw.isdigit():
+        raise ValueError(f"FSE_REPETITION_WINDOW must be a whole number of tokens, got {raw!r}")
+    return int(raw)
+
+
 def _is_set(value: Any, off: Any) -> bool:
     return value is not None and value != off and not (isinstance(value, list | dict) and not value)
 
@@ -160,7 +167,7 @@ def guard_args(sp: Any) -> GuardArgs:
             top_p=float(getattr(sp, "top_p", 1.0)),
             min_p=float(getattr(sp, "min_p", 0.0)),
             repetition_penalty=float(getattr(sp, "repetition_penalty", 1.0)),
-            repetition_window=int(os.environ.get("FSE_REPETITION_WINDOW", "64")),
+            repetition_window=repetition_window(),
             seed=(int(seed) % 2**64) if seed is not None else secrets.randbits(63),
         )
     except ConfigError as exc:
@@ -201,6 +208,7 @@ class _Guard:
         if not target or not key:
             raise ValueError("set FSE_SIDECAR (e.g. unix:///run/fse/fse.sock) and FSE_PUBLIC_KEY (the verifying key file)")
         operator_policies()
+        repetition_window()  # the operator's settings fail the start, not a request
         mc = vllm_config.model_config
         from transformers import AutoTokenizer  # vLLM's own dependency
 
@@ -312,7 +320,7 @@ class _Guard:
             else:
                 live.append((r, t.req))
         self.batch.guard(logits, live)
-        _force_end(logits, end, self.batch.eos)
+        force(logits, end, [self.batch.eos] * len(end))
         for _, t, _ in rows:
             if not t.reported:
                 self._report(t)
@@ -334,12 +342,6 @@ class _Guard:
             self.board.record(t.key, Outcome(finish, detail, len(t.tokens)))
         except OSError as exc:
             log.error("fse: could not record how request %s ended (%s): its client will see 'stop'", t.key, exc)
-
-
-def _force_end(logits: torch.Tensor, rows: list[int], eos: int) -> None:
-    if rows:
-        logits[rows] = float("-inf")
-        logits[rows, eos] = 0.0
 
 
 def _checked(q: GuardedRequest, committed: int | None) -> bool:

@@ -4,9 +4,10 @@ unguarded output tokens/s at batch 1, 8 and 32, through vLLM's OpenAI server.
 Two servers run side by side on the embedded model (float32, eager): ``fse-vllm serve``
 with a sidecar of its own, and vLLM's plain server. Each round sends every batch size to
 both, the order rotating round by round (:func:`sidecar.bench._rotation`) so that machine
-noise falls on both alike: ``batch`` completions at once (greedy, ``--tokens`` each, one
-prompt per request), timed from the first send to the last answer; tokens/s is the
-completion tokens vLLM reports over that time. Ratios are medians of per-round ratios.
+noise falls on both alike: ``batch`` chat completions at once (greedy, ``--tokens`` each,
+one of eight prompts that ask for long answers, so requests rarely end early), timed from
+the first send to the last answer; tokens/s is the completion tokens vLLM reports over
+that time. Ratios are medians of per-round ratios.
 ``--guarded-url`` and ``--plain-url`` measure servers already running instead.
 
 Prints a table, writes JSON, asserts nothing.
@@ -46,11 +47,12 @@ def _post(url: str, body: dict[str, Any]) -> dict[str, Any]:
 
 
 def _batch(base_url: str, model: str, batch: int, tokens: int, pool: ThreadPoolExecutor) -> tuple[float, int]:
-    """(seconds, completion tokens) of ``batch`` greedy completions sent at once."""
+    """(seconds, completion tokens) of ``batch`` greedy chat completions sent at once."""
 
     def one(i: int) -> int:
-        body = {"model": model, "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": tokens, "temperature": 0}
-        return int(_post(f"{base_url}/completions", body)["usage"]["completion_tokens"])
+        messages = [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]
+        body = {"model": model, "messages": messages, "max_tokens": tokens, "temperature": 0}
+        return int(_post(f"{base_url}/chat/completions", body)["usage"]["completion_tokens"])
 
     t0 = time.perf_counter()
     done = sum(pool.map(one, range(batch)))

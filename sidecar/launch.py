@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import resource
+import socket
 import subprocess
 import sys
 import time
@@ -20,6 +21,13 @@ from ._pb.fse.v1 import guard_pb2 as pb
 from .signing import generate_keypair
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GuardService"].full_name
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback now (for a server started next)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 @dataclass

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,15 +12,8 @@ from pathlib import Path
 import pytest
 
 from engine_adapters.llama_cpp import CHAT  # noqa: F401 - the tests' prompts import it from here
-from sidecar.launch import LocalSidecar, start_local_sidecar
+from sidecar.launch import LocalSidecar, free_port, start_local_sidecar  # noqa: F401 - tests import free_port from here
 from sidecar.signing import generate_keypair
-
-
-def free_port() -> int:
-    """A TCP port free on the loopback now (for a server the test starts next)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
