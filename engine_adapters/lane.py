@@ -25,7 +25,7 @@ from sidecar.ring import LANE_GOODBYE_BYTES, REQUEST_PING, RingWriter
 class LaneChannel:
     def __init__(self, path: str, token: bytes, ring: RingWriter, timeout: float = 5.0) -> None:
         self.ring = ring
-        self.request_fd = os.eventfd(0, os.EFD_CLOEXEC)
+        self.request_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)  # the sidecar refuses blocking ones
         self.answer_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import secrets
@@ -62,6 +63,9 @@ class _Lane:
             os.eventfd_read(self.request_fd)
         except BlockingIOError:
             return
+        except OSError as exc:  # checked to be an eventfd at the hello: this lane alone ends
+            self.fault(f"the lane's request eventfd failed: {exc.strerror}")
+            return
         t0 = time.perf_counter_ns()
         service = self.server.service
         try:
@@ -72,6 +76,12 @@ class _Lane:
         for slot in range(self.reader.layout.slot_count):
             try:
                 frame_seq, _deadline, n_rows, flags = self.reader.request(slot)
+                # Several sessions may share a ring: answer only this session's frames (a
+                # doorbell answering another's slot would fail that session's step)
+                if frame_seq > self.done[slot] and not flags & (REQUEST_PING | REQUEST_ECHO):
+                    tag = self.reader.frame_tag(slot, frame_seq)
+                    if tag is not None and tag != s.tag:
+                        continue
             except FseError as exc:  # the ring cannot be read (truncated under us): no answer can go in it
                 log.debug("lane %s: %s", self.session_id, exc)
                 self.fault(str(exc))
@@ -80,7 +90,8 @@ class _Lane:
                 continue
             self.done[slot] = frame_seq
             if flags & REQUEST_PING:
-                os.eventfd_write(self.answer_fd, 1)
+                if not self._ring_back():
+                    return
                 continue
             if flags & REQUEST_ECHO:
                 answers = [b""]
@@ -93,10 +104,22 @@ class _Lane:
                 log.warning("lane %s: %s", self.session_id, exc)
                 self.fault(str(exc))
                 return
-            os.eventfd_write(self.answer_fd, 1)
+            if not self._ring_back():
+                return
         after = self.server.after_answer
         if after is not None:
             after()
+
+    def _ring_back(self) -> bool:
+        """Ring the engine's answer eventfd; False (the lane has ended) if that fails. It is
+        non-blocking (checked at the hello): a full counter is the engine's fault, and
+        never stalls the loop every other session shares."""
+        try:
+            os.eventfd_write(self.answer_fd, 1)
+        except OSError as exc:
+            self.fault(f"the lane's answer eventfd cannot be rung: {exc.strerror or exc}")
+            return False
+        return True
 
     def _answer(self, s: Session, slot: int, row: int, frame_seq: int) -> bytes:
         """One row's StepResponse, by the same call as a gRPC Step, as ring bytes."""
@@ -147,6 +170,19 @@ class _Lane:
         self.server.lanes.pop(self.session_id, None)
 
 
+def _check_eventfd(fd: int, name: str) -> None:
+    """An engine's doorbell must be a non-blocking eventfd: a blocking one whose counter is
+    full would stall the sidecar's loop at the first write, a pipe at EOF would spin it."""
+    try:
+        kind = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        kind = "?"
+    if kind != "anon_inode:[eventfd]":
+        raise FseError(f"the lane's {name} fd is not an eventfd ({kind})")
+    if not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK:
+        raise FseError(f"the lane's {name} eventfd must be non-blocking (EFD_NONBLOCK)")
+
+
 class LaneServer:
     """The lane socket: hands out lane tokens at OpenSession, binds connections to sessions."""
 
@@ -191,6 +227,8 @@ class LaneServer:
             session_id = self.tokens.pop(bytes(msg), None)
             if len(fds) != 2 or session_id is None:
                 raise FseError("the lane wants a session's lane token and two eventfds")
+            for fd, name in zip(fds, ("request", "answer"), strict=True):
+                _check_eventfd(fd, name)
             if session_id in self.lanes:
                 raise FseError("this session's lane is already connected")
             self.lanes[session_id] = _Lane(self, session_id, conn, fds[0], fds[1])

@@ -671,6 +671,16 @@ class RingReader:
         frame_seq, deadline, n_rows, flags = _REQUEST.unpack(buf)
         return frame_seq, deadline, n_rows, flags
 
+    def frame_tag(self, slot: int, frame_seq: int) -> int | None:
+        """The session tag of the slot's first row while the slot holds the whole frame
+        ``frame_seq``; None while it holds another or one being written (whose it is cannot
+        be told then)."""
+        buf = bytearray(SLOT_HEAD + DESCRIPTOR.itemsize)
+        self._read_exact(memoryview(buf), self.layout.slot_offset(slot))
+        if int.from_bytes(buf[:8], "little") != frame_seq:
+            return None
+        return int(_DESC.unpack_from(buf, SLOT_HEAD)[0])
+
     def write_verdicts(self, slot: int, frame_seq: int, answers: list[bytes], service_us: int = 0) -> None:
         """Publish ``answers`` (serialized StepResponses) for ``frame_seq`` under the verdict
         area's seqlock: odd while writing, then ``frame_seq`` itself. ``service_us``: the
