@@ -294,6 +294,9 @@ class SidecarConfig(_Strict):
     # 0o660) when the engine runs as another user that shares it.
     unix_socket_mode: int = Field(default=0o600, ge=0, le=0o770)
     unix_socket_group: str | None = None
+    # The longest repetition window a session may ask for (the ids the sidecar keeps of
+    # each session's prompt and output for the penalty): bounds a session's memory.
+    max_repetition_window: int = Field(default=4096, ge=0, le=1 << 20)
     # TCP: mutual TLS. Required for any non-loopback address unless allow_insecure_tcp.
     tls: TlsConfig | None = None
     allow_insecure_tcp: bool = False
@@ -314,6 +317,14 @@ class SidecarConfig(_Strict):
     watch_config_s: float | None = Field(default=None, gt=0, le=3600)
 
     _health_listen = field_validator("health_listen")(_host_port)
+
+    @field_validator("unix_socket_mode")
+    @classmethod
+    def _owner_and_group_only(cls, v: int) -> int:
+        if v & 0o007:
+            raise ValueError(f"{v:#o} lets every user of the machine connect: give a group (0o660 and unix_socket_group)")
+        return v
+
     # serve --record DIR: every session's opening, rows and ledger, for `fse-sidecar replay`.
     record_dir: Path | None = None
 

@@ -68,7 +68,7 @@ DTYPES: dict[int, tuple[np.dtype, str]] = {
     3: (np.dtype("<u2"), "bf16"),  # stored as raw 16-bit words, widened on read
 }
 DTYPE_CODES = {name: code for code, (_, name) in DTYPES.items()}
-RING_NAME = re.compile(r"/?[A-Za-z0-9._-]{1,200}")
+RING_NAME = re.compile(r"/?[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}")  # never "." or "..": shm_open would open /dev/shm's directory
 
 # magic ver hdr slots rows vocab dtype topk flags | slot_stride heap_off heap_size lane_off | vcap pid | ring_id
 _HEADER = struct.Struct("<8sIIIIIIIIQQQQII16s")

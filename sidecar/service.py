@@ -206,6 +206,11 @@ class GuardService:
         if len(req.model_id.encode()) > MAX_MODEL_ID_BYTES:
             raise MalformedMessage(f"model_id must be at most {MAX_MODEL_ID_BYTES} bytes, got {len(req.model_id.encode())}")
         params = params_from_pb(req.sampling)
+        if params.repetition_window > self.config.max_repetition_window:  # the ids a session keeps
+            raise RowError(
+                f"sampling.repetition_window {params.repetition_window} exceeds max_repetition_window "
+                f"({self.config.max_repetition_window})"
+            )
         n_prompt = len(req.prompt_token_ids)
         if n_prompt > self.config.max_prompt_tokens:
             raise RowError(f"a prompt of {n_prompt} tokens exceeds max_prompt_tokens ({self.config.max_prompt_tokens})")

@@ -218,15 +218,25 @@ class Signer(ABC):
         if path is None:
             raise SigningKeyError(f"no signing key configured (signing_key_file); {KEYGEN_HINT}")
         p, data = _read(path, "signing key")
+        signer: Signer
         if data.startswith(HMAC_HEADER):
-            return HmacSigner(_hmac_secret(p, data))
-        try:
-            key = serialization.load_pem_private_key(data, password=None)
-        except (ValueError, TypeError):
-            raise SigningKeyError(f"{p} is neither an unencrypted PEM private key nor an fse HMAC key; {KEYGEN_HINT}") from None
-        if not isinstance(key, Ed25519PrivateKey):
-            raise SigningKeyError(f"{p} holds a {type(key).__name__}, an Ed25519 key is required; {KEYGEN_HINT}")
-        return Ed25519Signer(key)
+            signer = HmacSigner(_hmac_secret(p, data))
+        else:
+            try:
+                key = serialization.load_pem_private_key(data, password=None)
+            except (ValueError, TypeError):
+                why = f"{p} is neither an unencrypted PEM private key nor an fse HMAC key; {KEYGEN_HINT}"
+                raise SigningKeyError(why) from None
+            if not isinstance(key, Ed25519PrivateKey):
+                raise SigningKeyError(f"{p} holds a {type(key).__name__}, an Ed25519 key is required; {KEYGEN_HINT}")
+            signer = Ed25519Signer(key)
+        mode = p.stat().st_mode & 0o777
+        if mode & 0o007:  # a Kubernetes Secret's defaultMode 0644 included: refuse, do not sign with it
+            raise SigningKeyError(
+                f"signing key {p} is readable by every user (mode {mode:#o}): chmod o-rwx {p} "
+                "(a Kubernetes Secret: defaultMode: 0440 or 0400)"
+            )
+        return signer
 
 
 class Verifier(ABC):
