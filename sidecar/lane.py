@@ -42,6 +42,9 @@ from .service import GuardService
 log = logging.getLogger("fse.lane")
 TOKEN_BYTES = 32
 HELLO_OK = b"OK"
+HELLO_TIMEOUT_S = 5  # a connection that has not said hello by then is closed
+MAX_PENDING_HELLOS = 64  # connections waiting to say hello; more are refused at once
+ACCEPT_PAUSE_S = 0.5  # accepts paused this long when the process is out of descriptors
 
 
 class _Lane:
@@ -193,6 +196,7 @@ class LaneServer:
         self.sock: socket.socket | None = None  # bound by the server, with the gRPC socket's access rules
         self.after_answer: Callable[[], None] | None = None  # run once the engine has been rung (the metrics)
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._hellos: dict[socket.socket, asyncio.TimerHandle] = {}  # accepted, hello not read yet
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -216,11 +220,37 @@ class LaneServer:
             conn, _ = self.sock.accept()
         except BlockingIOError:
             return
+        except OSError as exc:  # EMFILE/ENFILE: the connection stays queued; stop polling for a while, not spin
+            log.warning("lane: cannot accept (%s): pausing accepts for %.1f s", exc.strerror or exc, ACCEPT_PAUSE_S)
+            self.loop.remove_reader(self.sock.fileno())
+            self.loop.call_later(ACCEPT_PAUSE_S, self._resume_accepts)
+            return
+        if len(self._hellos) >= MAX_PENDING_HELLOS:  # connections that never say hello are not kept
+            with contextlib.suppress(OSError):
+                conn.send(b"NOtoo many lane connections are waiting to say hello")
+            conn.close()
+            return
         conn.setblocking(False)
+        self._hellos[conn] = self.loop.call_later(HELLO_TIMEOUT_S, self._hello_timeout, conn)
         self.loop.add_reader(conn.fileno(), self._hello, conn)
+
+    def _resume_accepts(self) -> None:
+        if self.sock is not None and self.sock.fileno() >= 0:
+            self.loop.add_reader(self.sock.fileno(), self._accept)
+
+    def _hello_timeout(self, conn: socket.socket) -> None:
+        if self._hellos.pop(conn, None) is not None:
+            with contextlib.suppress(Exception):
+                self.loop.remove_reader(conn.fileno())
+            with contextlib.suppress(OSError):
+                conn.send(b"NOno hello within %d s" % HELLO_TIMEOUT_S)
+            conn.close()
 
     def _hello(self, conn: socket.socket) -> None:
         self.loop.remove_reader(conn.fileno())
+        timer = self._hellos.pop(conn, None)
+        if timer is not None:
+            timer.cancel()
         fds: list[int] = []
         try:
             msg, fds, _flags, _addr = socket.recv_fds(conn, TOKEN_BYTES, 2)
@@ -254,6 +284,12 @@ class LaneServer:
     def close(self) -> None:
         for lane in list(self.lanes.values()):
             lane.close()
+        for conn, timer in list(self._hellos.items()):
+            timer.cancel()
+            with contextlib.suppress(Exception):
+                self.loop.remove_reader(conn.fileno())
+            conn.close()
+        self._hellos.clear()
         if self.sock is not None:
             if self._loop is not None:
                 with contextlib.suppress(Exception):

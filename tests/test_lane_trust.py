@@ -132,3 +132,66 @@ def test_a_client_ringing_its_own_lane_on_a_victims_ring_cannot_fail_the_victim(
         assert victim.collect(p).token_id == 30 + step
     victim.close()
     other.close()
+
+
+def test_lane_connections_that_never_say_hello_are_capped_and_closed_at_the_timeout(lane) -> None:
+    from sidecar.lane import HELLO_TIMEOUT_S, MAX_PENDING_HELLOS
+
+    sc, c, digest, ring, channel = lane
+    path = str(sc.socket) + ".lane"
+    idle = []
+    for _ in range(MAX_PENDING_HELLOS):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(path)
+        idle.append(s)
+    time.sleep(0.3)
+    extra = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    extra.settimeout(5)
+    extra.connect(path)
+    assert extra.recv(256).startswith(b"NOtoo many lane connections")  # refused at once, not held
+    extra.close()
+    time.sleep(HELLO_TIMEOUT_S + 1)
+    for s in idle:  # each was closed with the reason
+        s.settimeout(2)
+        assert s.recv(256).startswith(b"NOno hello within")
+        s.close()
+    s = c.open_session(digest, SamplingParams(), ring=ring, lane="shm")  # the lane serves again
+    assert s.step(row(5)).token_id == 5
+    s.close()
+
+
+def test_out_of_descriptors_the_lane_pauses_its_accepts_instead_of_spinning(tmp_path, keys) -> None:
+    import resource
+
+    from sidecar.launch import start_local_sidecar
+
+    sc = start_local_sidecar(tmp_path, None, (keys.private, keys.public), {resource.RLIMIT_NOFILE: (64, 64)})
+    try:
+        sc.wait_started()
+        path = str(sc.socket) + ".lane"
+        conns = []
+        for _ in range(120):  # past the sidecar's 64 descriptors: the rest wait in the backlog
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.setblocking(False)
+            try:
+                s.connect(path)
+            except OSError:
+                s.close()
+                break
+            conns.append(s)
+        time.sleep(2.0)
+        assert "pausing accepts" in sc.log_text()
+        assert sc.log.stat().st_size < 50_000  # a warning every pause, not a spin (12 MB in 3 s before)
+        for s in conns:
+            s.close()
+        time.sleep(1.0)
+        c = GuardClient(sc.target, keys.public)
+        c.wait_ready()
+        digest = c.register_vocabulary(VOCAB)
+        with RingWriter.create(slots=2, vocab_size=V, verdict_capacity=4096) as ring:
+            s = c.open_session(digest, SamplingParams(), ring=ring, lane="shm")
+            assert s.step(row(9)).token_id == 9
+            s.close()
+        c.close()
+    finally:
+        sc.stop()
