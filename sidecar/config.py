@@ -284,6 +284,8 @@ class SidecarConfig(_Strict):
     # Rows of one StepBatch (a batched engine's decoding step): bounds the message and the
     # time one call holds the event loop.
     max_batch_rows: int = Field(default=256, gt=0, le=4096)
+    # Slots of a fast-lane ring: a doorbell reads each slot's request record.
+    max_lane_slots: int = Field(default=64, gt=0, le=4096)
     # Longest prompt an OpenSession may carry (only its last repetition_window ids are kept).
     max_prompt_tokens: int = Field(default=1 << 20, gt=0)
     # A session with no step for this long is closed (an engine that died without

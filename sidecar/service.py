@@ -252,6 +252,17 @@ class GuardService:
                 if use.sessions == 0:
                     use.reader.close()
                 raise RowError(f"ring {shown(req.ring_name)} has no fast-lane area: create it with a verdict capacity (RING.md)")
+            lay = use.reader.layout
+            if req.fast_lane and (lay.slot_count > self.config.max_lane_slots or lay.row_capacity > self.config.max_batch_rows):
+                # a doorbell reads every slot's request and answers up to a frame's rows on the
+                # loop all sessions share: the ring's shape bounds that work
+                if use.sessions == 0:
+                    use.reader.close()
+                raise RowError(
+                    f"ring {shown(req.ring_name)} has {lay.slot_count} slots of {lay.row_capacity} rows; a fast-lane ring "
+                    f"may have at most max_lane_slots ({self.config.max_lane_slots}) of max_batch_rows "
+                    f"({self.config.max_batch_rows})"
+                )
             if use.reader.layout.vocab_size != vocab.size:
                 if use.sessions == 0:
                     use.reader.close()

@@ -18,6 +18,7 @@ from engine_adapters.client import GuardClient
 from sidecar._pb.fse.v1 import guard_pb2 as pb
 from sidecar._pb.fse.v1 import guard_pb2_grpc as pb_grpc
 from sidecar.core.sampling import SamplingParams
+from sidecar.errors import StepRefused
 from sidecar.ring import REQUEST_PING, RingWriter
 from sidecar.wire import params_to_pb
 
@@ -195,3 +196,15 @@ def test_out_of_descriptors_the_lane_pauses_its_accepts_instead_of_spinning(tmp_
         c.close()
     finally:
         sc.stop()
+
+
+@pytest.mark.parametrize(("slots", "rows"), [(65, 1), (2, 257)])
+def test_a_fast_lane_ring_shaped_past_the_bounds_is_refused_at_open(lane, slots: int, rows: int) -> None:
+    sc, c, digest, ring, channel = lane
+    with RingWriter.create(slots=slots, rows=rows, vocab_size=V, verdict_capacity=512) as big:
+        with pytest.raises(
+            StepRefused, match=r"a fast-lane ring may have at most max_lane_slots \(64\) of max_batch_rows \(256\)"
+        ):
+            c.open_session(digest, SamplingParams(), ring=big, lane="shm")
+        s = c.open_session(digest, SamplingParams(), ring=big)  # the gRPC lane reads a named row only: fine
+        s.close()
