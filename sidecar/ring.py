@@ -692,7 +692,15 @@ class RingReader:
         for a in answers:
             if len(a) > lay.verdict_capacity - 4:
                 raise RingError(f"an answer of {len(a)} bytes exceeds the ring's verdict capacity ({lay.verdict_capacity - 4})")
-        try:  # pwrite extends a file its owner shrank; it never faults like a mapping would
+        last = len(answers[-1]) if answers else 0
+        end = head + LANE_VERDICT_HEAD + max(len(answers) - 1, 0) * lay.verdict_capacity + 4 + last
+        try:
+            # pwrite past the end would grow back a segment its owner shrank: the sidecar never
+            # resizes a ring. (A shrink between this check and the writes grows it by at most
+            # this area; the engine that shrinks its own ring mid-step fails its own step.)
+            size = os.fstat(fd).st_size
+            if size < end:
+                raise RingError(f"ring {self.name} is {size} bytes, truncated under the sidecar: no verdict can go in it")
             os.pwrite(fd, struct.pack("<Q", frame_seq - 1), head)
             for r, a in enumerate(answers):  # each row's size and bytes only: no padding to the capacity
                 os.pwrite(fd, struct.pack("<I", len(a)) + a, head + LANE_VERDICT_HEAD + r * lay.verdict_capacity)

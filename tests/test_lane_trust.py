@@ -208,3 +208,20 @@ def test_a_fast_lane_ring_shaped_past_the_bounds_is_refused_at_open(lane, slots:
             c.open_session(digest, SamplingParams(), ring=big, lane="shm")
         s = c.open_session(digest, SamplingParams(), ring=big)  # the gRPC lane reads a named row only: fine
         s.close()
+
+
+def test_the_lane_never_grows_back_a_ring_its_engine_shrank(lane) -> None:
+    from sidecar.errors import GuardUnavailable
+    from sidecar.ring import LANE_REQUEST
+
+    sc, c, digest, small_ring, channel = lane
+    with RingWriter.create(slots=1, vocab_size=V, verdict_capacity=4096) as ring:
+        s = c.open_session(digest, SamplingParams(), ring=ring, lane="shm")
+        path = f"/dev/shm/{ring.name.lstrip('/')}"
+        cut = ring.layout.slot_offset(0) + ring.layout.lane_offset + LANE_REQUEST  # the frame and request fit, no verdict
+        os.truncate(path, cut)
+        with pytest.raises(GuardUnavailable, match="truncated"):
+            s.step(row(3))
+        assert os.stat(path).st_size == cut
+        os.truncate(path, ring.layout.total_size)  # (so that closing the mapping is safe)
+    assert _serving(channel)
