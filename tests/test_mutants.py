@@ -97,7 +97,8 @@ MUTANTS = [
 
 
 def _copy_tree(dest: Path) -> None:
-    skip = {".venv", ".git", "bench-results", ".pytest_cache", ".mypy_cache", ".ruff_cache", ".hypothesis", "__pycache__"}
+    skip = {".venv", ".venv-vllm", ".fse-models", ".git", "bench-results", ".pytest_cache", ".mypy_cache", ".ruff_cache"}
+    skip |= {".hypothesis", "__pycache__"}  # (vLLM's venv and the converted model: 4 GB)
     shutil.copytree(ROOT, dest, ignore=lambda _d, names: [n for n in names if n in skip])
 
 
