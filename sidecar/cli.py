@@ -297,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--pid", type=int, help="load: with --target, its process id (memory is read from /proc)")
     b.add_argument("--audit-dir", type=Path, help="load: with --target, its audit directory (files checked at the end)")
     b.add_argument("--vllm-batches", default="1,8,32", help="vllm: batch sizes, comma-separated")
-    b.add_argument("--vllm-rounds", type=int, default=5, help="vllm: rounds of every batch size on both servers in turn")
+    b.add_argument("--vllm-rounds", type=int, default=7, help="vllm: rounds of every batch size on both servers in turn")
     b.add_argument("--guarded-url", help="vllm: a running guarded server (http://host:port/v1) instead of starting one")
     b.add_argument("--plain-url", help="vllm: with --guarded-url, the unguarded server to compare with")
     b.set_defaults(func=_bench)
