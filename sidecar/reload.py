@@ -7,8 +7,10 @@ Used by the ReloadPolicy RPC and SIGHUP (``sidecar.server``).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import multiprocessing
+from collections.abc import Mapping
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -71,6 +73,8 @@ class PolicyReloader:
             except SigningKeyError as exc:
                 log.error("reload refused, the policies and key in force stay: %s", exc)
                 raise ConfigError(f"signing_key_file: {exc}") from None
+            for warning in removed_rules(self.service.policies, policies):
+                log.warning("policy reload removes %s", warning)
             self.service.use_policies(policies)
             if signer.key_id != self.service.signer.key_id:
                 log.info(
@@ -91,6 +95,24 @@ class PolicyReloader:
             digests = {name: p.digest for name, p in policies.items()}
             log.info("policies reloaded from %s: %s", path, ", ".join(f"{n}={d[:12]}" for n, d in sorted(digests.items())))
             return digests
+
+
+def removed_rules(old: Mapping[str, CompiledPolicy], new: Mapping[str, CompiledPolicy]) -> list[str]:
+    """What a reload from ``old`` to ``new`` takes away: whole policies, and rules by id (new
+    sessions are weaker for it; an operator must see it, not find it in a diff)."""
+
+    def ids(p: CompiledPolicy) -> set[str]:
+        return {str(r["id"]) for r in json.loads(p.source_json).get("rules", [])} if p.source_json else set()
+
+    out = []
+    for name in sorted(old):
+        if name not in new:
+            out.append(f"policy {name!r} (new sessions naming it are refused)")
+            continue
+        gone = sorted(ids(old[name]) - ids(new[name]))
+        if gone:
+            out.append(f"rules {gone} from policy {name!r}")
+    return out
 
 
 def _load_and_compile(path: Path, listen: str, record_dir: Path | None) -> tuple[SidecarConfig, dict[str, CompiledPolicy]]:

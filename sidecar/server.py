@@ -509,15 +509,24 @@ def _file_signature(path: Path) -> tuple[int, int, int, int] | None:
 
 async def _watch_config(reloader: PolicyReloader, path: Path, period_s: float) -> None:
     """Reload the configuration file when it changes (polled: inotify does not see a
-    ConfigMap's symlink swap reliably, and polling one stat is nothing)."""
+    ConfigMap's symlink swap reliably, and polling one stat is nothing), once it has stayed
+    the same for a whole period: a writer that rewrites the file in place shows a valid
+    prefix (the file without its rules) while it writes, which must never be loaded.
+    Replace the file atomically (write another, then rename) and nothing is ever half seen."""
     seen = _file_signature(path)
+    changed: tuple[int, int, int, int] | None = None
     while True:
         await asyncio.sleep(period_s)
         now = _file_signature(path)
-        if now is not None and now != seen:
-            seen = now
-            log.info("configuration file %s changed: reloading", path)
-            await _reload_logged(reloader)
+        if now is None or now == seen:
+            changed = None
+            continue
+        if now != changed:  # changed since the last look: a writer may still be at it
+            changed = now
+            continue
+        seen, changed = now, None
+        log.info("configuration file %s changed and is stable: reloading", path)
+        await _reload_logged(reloader)
 
 
 async def _start_health_port(config: SidecarConfig, health_servicer: health.aio.HealthServicer) -> grpc.aio.Server | None:

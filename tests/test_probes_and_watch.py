@@ -73,3 +73,49 @@ def test_a_changed_configuration_file_is_reloaded_without_a_signal(start_sidecar
         time.sleep(0.2)
     assert policy_now() == after  # the policies in force stay
     c.close()
+
+
+RULES = {"rules": [{"id": "no-paris", "kind": "literal", "patterns": ["Paris"], "action": "block"}]}
+
+
+def test_the_watch_never_loads_a_file_caught_half_written(start_sidecar, keys) -> None:
+    # issue 28 item 8: a writer that rewrites the file in place shows a valid prefix (the
+    # policy without its rules) for a moment; sessions opened on it would keep it for life.
+    sc = start_sidecar(watch_config_s=1.0, policies={"default": RULES})
+    cfg = yaml.safe_load(sc.config.read_text())
+    cfg["policies"]["default"]["guards"] = {"neg_logprob": {"enabled": True, "threshold": 9.0}}
+    # the policies last, their rules at the very end: the prefix is the file without its rules
+    text = yaml.safe_dump({k: v for k, v in cfg.items() if k != "policies"}) + yaml.safe_dump({"policies": cfg["policies"]})
+    cut = text.index("rules:")
+    for _ in range(2):
+        with open(sc.config, "w") as f:  # in place, not replaced: half of it for 0.9 s
+            f.write(text[:cut])
+            f.flush()
+            time.sleep(0.9)
+            f.write(text[cut:])
+        time.sleep(3.5)
+    from sidecar.config import parse_config
+    from sidecar.core.policy import compile_policies
+
+    full = compile_policies(parse_config(cfg).policies)["default"].digest
+    prefix = compile_policies(parse_config(yaml.safe_load(text[:cut])).policies)["default"].digest
+    reloads = [line for line in sc.log_text().splitlines() if "policies reloaded" in line]
+    assert reloads and all(f"default={full[:12]}" in line for line in reloads), reloads  # never the prefix's
+    assert not any(prefix[:12] in line for line in reloads)
+    c = GuardClient(sc.target, keys.public)
+    c.wait_ready()
+    s = c.open_session(c.register_vocabulary(VOCAB), SamplingParams())
+    s.close()
+    assert s.policy_digest == full
+
+
+def test_a_reload_that_removes_rules_or_policies_says_so() -> None:
+    from sidecar.config import parse_config
+    from sidecar.core.policy import compile_policies
+    from sidecar.reload import removed_rules
+
+    old = compile_policies(parse_config({"policies": {"default": RULES, "strict": RULES}}).policies)
+    new = compile_policies(parse_config({"policies": {"default": {}}}).policies)
+    want = ["rules ['no-paris'] from policy 'default'", "policy 'strict' (new sessions naming it are refused)"]
+    assert removed_rules(old, new) == want
+    assert removed_rules(new, old) == []
