@@ -30,7 +30,7 @@ import uuid
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import Any
 
-from .outcomes import OutcomeBoard
+from .outcomes import Outcome, OutcomeBoard
 from .vllm import POLICY_KEY, REQUEST_KEY, log_to_stderr, operator_policies
 
 log = logging.getLogger("fse.vllm.api")
@@ -76,7 +76,9 @@ def _finished(event: dict[str, Any]) -> bool:
     return any(c.get("finish_reason") is not None for c in event.get("choices") or ())
 
 
-def _content_filter(event: dict[str, Any]) -> None:
+def _content_filter(event: dict[str, Any], key: str, outcome: Outcome) -> None:
+    """The guard ended this request: the finishing choices say so (why goes to the log)."""
+    log.info("fse: request %s ended by the guard after %d tokens: %s", key, outcome.tokens, outcome.detail)
     for c in event.get("choices") or ():
         if c.get("finish_reason") is not None:
             c["finish_reason"] = "content_filter"
@@ -219,9 +221,8 @@ class _Whole:
             return await _respond(
                 self.out, 503, self.mw.unavailable(self.key, outcome.detail), [(b"retry-after", self.mw.retry_after)]
             )
-        log.info("fse: request %s ended by the guard after %d tokens: %s", self.key, outcome.tokens, outcome.detail)
         answer = json.loads(body)
-        _content_filter(answer)
+        _content_filter(answer, self.key, outcome)
         await _respond(self.out, 200, json.dumps(answer, separators=(",", ":")).encode())
 
 
@@ -278,8 +279,7 @@ class _Stream:
             if outcome is not None and outcome.finish == "guard_error":
                 return await self._fail(outcome.detail)
             if outcome is not None:
-                log.info("fse: request %s ended by the guard after %d tokens: %s", self.key, outcome.tokens, outcome.detail)
-                _content_filter(event)
+                _content_filter(event, self.key, outcome)
                 ev = b"data: " + json.dumps(event, separators=(",", ":")).encode() + b"\n\n"
             await self._emit(ev)
             return await self._begin()

@@ -79,9 +79,11 @@ class _Lane:
         for slot in range(self.reader.layout.slot_count):
             try:
                 frame_seq, _deadline, n_rows, flags = self.reader.request(slot)
+                if frame_seq <= self.done[slot]:
+                    continue
                 # Several sessions may share a ring: answer only this session's frames (a
                 # doorbell answering another's slot would fail that session's step)
-                if frame_seq > self.done[slot] and not flags & (REQUEST_PING | REQUEST_ECHO):
+                if not flags & (REQUEST_PING | REQUEST_ECHO):
                     tag = self.reader.frame_tag(slot, frame_seq)
                     if tag is not None and tag != s.tag:
                         continue
@@ -89,8 +91,6 @@ class _Lane:
                 log.debug("lane %s: %s", self.session_id, exc)
                 self.fault(str(exc))
                 return
-            if frame_seq <= self.done[slot]:
-                continue
             self.done[slot] = frame_seq
             if flags & REQUEST_PING:
                 if not self._ring_back():
