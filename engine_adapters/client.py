@@ -298,7 +298,7 @@ class GuardClient:
         try:
             r = self._stub.RegisterVocabulary(pb.RegisterVocabularyRequest(tokens=list(tokens)), timeout=self.rpc_timeout)
         except grpc.RpcError as exc:
-            raise _unavailable(exc, "RegisterVocabulary") from None
+            raise _rpc_error(exc, "RegisterVocabulary") from None
         expected = vocab_digest(tokens)
         if r.vocab_digest != expected:
             raise VerdictRejected(f"sidecar registered vocabulary {r.vocab_digest}, expected {expected}")

@@ -54,3 +54,46 @@ def receipt_json(r: pb.Receipt) -> dict[str, object]:
     file's close record holds it): bytes in hex."""
     tally = Tally(r.accepted, r.healed, r.aborted, r.first_timestamp_ns, r.last_timestamp_ns)
     return receipt_record(r.session_id, r.genesis_hash, r.chain_hash, tally, r.policy_digest, r.key_id, r.signature)
+
+
+def _varint(raw: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while shift < 64:
+        b = raw[pos]  # IndexError past the end: truncated
+        value |= (b & 0x7F) << shift
+        pos += 1
+        if b < 0x80:
+            return value, pos
+        shift += 7
+    raise ValueError("varint longer than 10 bytes")
+
+
+def count_field_upto(raw: bytes, field: int, limit: int) -> int:
+    """How many times ``field`` occurs at the top level of the encoded message ``raw``,
+    counting no further than ``limit + 1``: what a repeated field's length will be, known
+    before the message is parsed. A walk of the wire format in Python, so a thread running
+    it hands the GIL back every switch interval (a protobuf parse holds it for the whole
+    message); it stops at the first malformed byte and returns what it counted, leaving
+    the refusal of the malformed message to the parser."""
+    count = pos = 0
+    n = len(raw)
+    try:
+        while pos < n and count <= limit:
+            key, pos = _varint(raw, pos)
+            wire = key & 7
+            if wire == 0:
+                _, pos = _varint(raw, pos)
+            elif wire == 1:
+                pos += 8
+            elif wire == 2:
+                size, pos = _varint(raw, pos)
+                pos += size
+            elif wire == 5:
+                pos += 4
+            else:
+                break
+            if key >> 3 == field:
+                count += 1
+    except (IndexError, ValueError):
+        pass
+    return count

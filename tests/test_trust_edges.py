@@ -8,6 +8,8 @@ import shutil
 
 import grpc
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from engine_adapters.client import GuardClient
 from sidecar.config import parse_config
@@ -15,6 +17,7 @@ from sidecar.core.sampling import SamplingParams
 from sidecar.errors import ConfigError, RingLayoutError, SigningKeyError, StepRefused
 from sidecar.ring import RingReader
 from sidecar.signing import Signer
+from sidecar.wire import count_field_upto
 
 VOCAB = [f"t{i}".encode() for i in range(100)]
 
@@ -54,4 +57,34 @@ def test_a_repetition_window_past_the_configured_bound_is_refused(start_sidecar,
     assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT.name
     s = c.open_session(digest, SamplingParams(repetition_window=512))  # at the bound: opens
     s.close()
+    c.close()
+
+
+def _encoded_vocabulary(tokens: list[bytes]) -> bytes:
+    from sidecar._pb.fse.v1 import guard_pb2 as pb
+
+    return pb.RegisterVocabularyRequest(tokens=tokens).SerializeToString()
+
+
+@given(st.lists(st.binary(max_size=300), max_size=60), st.integers(0, 80))
+def test_the_token_count_read_off_the_wire_is_the_parsed_count_up_to_the_limit(tokens: list[bytes], limit: int) -> None:
+    raw = _encoded_vocabulary(tokens)
+    assert count_field_upto(raw, 1, limit) == min(len(tokens), limit + 1)
+
+
+@given(st.binary(max_size=400))
+def test_counting_tokens_of_random_bytes_never_raises(raw: bytes) -> None:
+    assert 0 <= count_field_upto(raw, 1, 1 << 20) <= len(raw)
+
+
+def test_a_vocabulary_with_more_tokens_than_allowed_is_refused_before_it_is_parsed(start_sidecar, keys, monkeypatch) -> None:
+    # 10M one-byte tokens under max_vocab_bytes held the GIL ~1.4 s in the parse; the count
+    # now comes off the wire first (the message says it was never parsed).
+    sc = start_sidecar(max_vocab_size=1000)
+    c = GuardClient(sc.target, keys.public)
+    c.wait_ready()
+    with pytest.raises(StepRefused, match=r"more than 1000 tokens exceeds max_vocab_size 1000; refused unparsed") as e:
+        c.register_vocabulary([b"x"] * 2_000_000)
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT.name
+    assert c.register_vocabulary(VOCAB)  # the sidecar goes on
     c.close()
