@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import grp
+import hashlib
 import logging
 import os
 import signal
@@ -180,12 +181,15 @@ def message_limits(config: SidecarConfig) -> dict[str, tuple[int, str]]:
 
 
 def _client(context: grpc.aio.ServicerContext) -> str | None:
-    """Who opens a session, for max_sessions_per_client: the client certificate's name
-    under mTLS, else the TCP connection; None on a Unix socket (gRPC shows every Unix
-    client as the same peer, so only max_sessions bounds them there)."""
-    names = context.auth_context().get("x509_common_name")
-    if names:
-        return "x509:" + b",".join(names).decode(errors="replace")
+    """Who opens a session, for max_sessions_per_client: the client certificate under mTLS
+    (its SHA-256, so certificates sharing a common name, or with none, as SPIFFE's URI-SAN
+    ones, are told apart), else the TCP connection; None on a Unix socket (gRPC shows every
+    Unix client as the same peer, so only max_sessions bounds them there)."""
+    auth = context.auth_context()
+    certs = auth.get("x509_pem_cert")
+    if certs:
+        names = auth.get("x509_common_name") or auth.get("x509_subject_alternative_name") or [b"?"]
+        return f"x509:{hashlib.sha256(certs[0]).hexdigest()[:32]}:{names[0].decode(errors='replace')}"
     peer = context.peer()
     return peer if peer.startswith(("ipv4:", "ipv6:")) else None
 

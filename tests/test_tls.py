@@ -24,13 +24,13 @@ from sidecar._pb.fse.v1 import guard_pb2 as pb
 from sidecar._pb.fse.v1 import guard_pb2_grpc as pb_grpc
 from sidecar.config import parse_config
 from sidecar.core.sampling import SamplingParams
-from sidecar.errors import ConfigError, GuardUnavailable
+from sidecar.errors import ConfigError, GuardUnavailable, StepRefused
 
 VOCAB = [f"t{i}".encode() for i in range(100)]
 
 
 def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)] if cn else [])  # "": no common name (SPIFFE)
 
 
 def _cert(subject: str, key, issuer: str, issuer_key, ca: bool, san: list | None = None) -> x509.Certificate:
@@ -68,9 +68,13 @@ def pki(tmp_path_factory) -> dict[str, Path]:
         ("server", "fse test CA", ca_key, [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]),
         ("client", "fse test CA", ca_key, None),
         ("stranger", "someone else's CA", other_key, None),
+        ("client_twin", "fse test CA", ca_key, None),  # the common name "client" again, its own key
+        ("spiffe_a", "fse test CA", ca_key, [x509.UniformResourceIdentifier("spiffe://fse.test/ns/a/sa/engine")]),
+        ("spiffe_b", "fse test CA", ca_key, [x509.UniformResourceIdentifier("spiffe://fse.test/ns/b/sa/engine")]),
     ):
         key = ec.generate_private_key(ec.SECP256R1())
-        out[f"{name}_crt"], out[f"{name}_key"] = _write(d, name, _cert(name, key, issuer, ikey, False, san), key)
+        subject = {"client_twin": "client", "spiffe_a": "", "spiffe_b": ""}.get(name, name)
+        out[f"{name}_crt"], out[f"{name}_key"] = _write(d, name, _cert(subject, key, issuer, ikey, False, san), key)
     return out
 
 
@@ -81,11 +85,14 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def tls_sidecar(tmp_path, keys, pki):
+def tls_sidecar(tmp_path, keys, pki, request):
     port = _free_port()
     cfg = tmp_path / "sidecar.yaml"
     tls = {"cert_file": str(pki["server_crt"]), "key_file": str(pki["server_key"]), "client_ca_file": str(pki["ca"])}
-    cfg.write_text(yaml.safe_dump({"listen": f"tcp://127.0.0.1:{port}", "signing_key_file": str(keys.private), "tls": tls}))
+    extra = getattr(request, "param", {})
+    cfg.write_text(
+        yaml.safe_dump({"listen": f"tcp://127.0.0.1:{port}", "signing_key_file": str(keys.private), "tls": tls, **extra})
+    )
     log = (tmp_path / "sidecar.log").open("wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "sidecar", "serve", "--config", str(cfg)], stdout=log, stderr=subprocess.STDOUT
@@ -144,3 +151,26 @@ def test_a_non_loopback_listener_without_tls_is_refused_unless_explicitly_allowe
     assert parse_config({"listen": "tcp://[::1]:50051"}).tls is None
     with pytest.raises(ConfigError, match="tls applies to tcp"):
         parse_config({"listen": "unix:///tmp/x.sock", "tls": {"cert_file": "a", "key_file": "b", "client_ca_file": "c"}})
+
+
+@pytest.mark.parametrize("tls_sidecar", [{"max_sessions_per_client": 1}], indirect=True)
+def test_the_session_quota_is_per_certificate_not_per_common_name_or_connection(tls_sidecar, keys, pki) -> None:
+    def client(name: str) -> GuardClient:
+        c = GuardClient(tls_sidecar, keys.public, tls=ClientTls(pki["ca"], pki[f"{name}_crt"], pki[f"{name}_key"]))
+        c.wait_ready()
+        return c
+
+    names = ["client", "client_twin", "spiffe_a", "spiffe_b"]
+    clients = [client(n) for n in names]
+    digest = clients[0].register_vocabulary(VOCAB)
+    # one session each: same-CN and CN-less certificates are separate clients
+    sessions = [c.open_session(digest, SamplingParams()) for c in clients]
+    for name in names:  # a second one from the same certificate, over a new connection, is over the quota
+        again = client(name)
+        with pytest.raises(StepRefused, match=r"max_sessions_per_client \(1\)"):
+            again.open_session(digest, SamplingParams())
+        again.close()
+    for s in sessions:
+        s.close()
+    for c in clients:
+        c.close()
