@@ -41,6 +41,8 @@ class SessionAudit:
         self._count = threading.Lock()  # _unsynced: the step path against the syncer (never held across I/O)
         self._syncing = threading.Lock()  # one fsync at a time, and none while the file closes
         self.broken: str = ""
+        self.unsigned = 0  # frames since the last signed checkpoint
+        self.last_checkpoint_ns = time.time_ns()
 
     def append(self, record: dict[str, Any]) -> None:
         """Write one record whole, or raise AuditError and leave the file as it was."""
@@ -62,6 +64,15 @@ class SessionAudit:
         with self._count:
             self._unsynced += 1
         self._syncer.wrote(self)
+
+    def checkpoint_due(self, cfg: AuditConfig, now_ns: int) -> bool:
+        """After a frame: whether the file is owed a signed checkpoint."""
+        self.unsigned += 1
+        late = now_ns - self.last_checkpoint_ns >= cfg.checkpoint_interval_ms * 1e6
+        return self.unsigned >= cfg.checkpoint_every_frames or late
+
+    def checkpointed(self, now_ns: int) -> None:
+        self.unsigned, self.last_checkpoint_ns = 0, now_ns
 
     def due(self, cfg: AuditConfig, now: float) -> bool:
         if not self._unsynced:

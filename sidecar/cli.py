@@ -9,8 +9,12 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import FseError
+
+if TYPE_CHECKING:
+    from .core import ledger
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -74,36 +78,99 @@ def _keygen(args: argparse.Namespace) -> int:
     return 0
 
 
+# audit verify's exit status: the worst over the files
+AUDIT_VERIFIED, AUDIT_BROKEN, AUDIT_UNREADABLE, AUDIT_UNVERIFIED = 0, 1, 2, 3
+_AUDIT_SEVERITY = (AUDIT_VERIFIED, AUDIT_UNVERIFIED, AUDIT_UNREADABLE, AUDIT_BROKEN)
+_AUDIT_NAMES = dict(zip(_AUDIT_SEVERITY, ("verified", "unverified", "unreadable", "broken"), strict=True))
+
+
+def _audit_files(paths: list[Path]) -> list[Path]:
+    files: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            found = sorted(p.glob("*.audit"))
+            if not found:
+                raise FseError(f"{p}: a directory with no .audit files")
+            files += found
+        else:
+            files.append(p)
+    return files
+
+
 def _audit_verify(args: argparse.Namespace) -> int:
-    """Exit 0: intact (closed, or an unclosed prefix, said so); 1: the first bad record named."""
+    """Exit 0: every file verified (the whole session there, every frame under a checked
+    signature); 1: a file is broken (its first bad record named); 2: a file cannot be
+    read; 3: a file's chain holds but not all of it is signed and checked (no key given,
+    an unsigned tail after a crash, a file that ends without its close)."""
     import json
 
     from .core import ledger
     from .signing import TrustedKeys
 
+    if args.public_key and args.no_signatures:
+        raise FseError("--public-key and --no-signatures: give one or the other")
+    if not args.public_key and not args.no_signatures:
+        print("note: no --public-key: signatures are not checked, so no file can be VERIFIED (exit 3)")
+    files = _audit_files(args.paths)
+    if args.receipt and len(files) != 1:
+        raise FseError(f"--receipt holds one file to a receipt; {len(files)} files given")
     try:
-        lines = args.file.read_bytes().splitlines(keepends=True)
         receipt = json.loads(args.receipt.read_text()) if args.receipt else None
     except OSError as exc:
         raise FseError(f"cannot read {exc.filename}: {exc.strerror}") from None
-    except ValueError as exc:
-        raise FseError(f"--receipt {args.receipt} is not a JSON receipt: {exc}") from None
+    except (ValueError, RecursionError) as exc:
+        raise FseError(f"--receipt {args.receipt} is not a JSON receipt: {type(exc).__name__}: {str(exc)[:200]}") from None
     if receipt is not None and not isinstance(receipt, dict):
         raise FseError(f"--receipt {args.receipt} is not a JSON object")
     check = TrustedKeys.load(args.public_key).check if args.public_key else None
-    rep = ledger.verify(lines, receipt, check)
+    worst = AUDIT_VERIFIED
+    counts = dict.fromkeys(_AUDIT_NAMES.values(), 0)
+    for f in files:
+        try:
+            lines = f.read_bytes().splitlines(keepends=True)
+        except OSError as exc:
+            print(f"{f}: UNREADABLE: {exc.strerror}")
+            status = AUDIT_UNREADABLE
+        else:
+            status = _audit_report(f, ledger.verify(lines, receipt, check), args.no_signatures)
+        counts[_AUDIT_NAMES[status]] += 1
+        worst = max(worst, status, key=_AUDIT_SEVERITY.index)
+    if len(files) > 1:
+        print(f"{len(files)} files: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
+    return worst
+
+
+def _audit_report(path: Path, rep: ledger.Report, unsigned_ok: bool) -> int:
     t = rep.tally
     counts = f"{t.accepted} accepted, {t.healed} healed, {t.aborted} aborted"
     if not rep.ok:
-        print(f"{args.file}: BROKEN at line {rep.bad_line}: {rep.error}")
-        print(f"intact before it: session {rep.session_id or '?'}, {rep.frames} frames ({counts})")
-        return 1
-    state = "closed, receipt matches" if rep.closed else "NOT CLOSED (the sidecar stopped before CloseSession): intact prefix"
-    print(f"{args.file}: intact: session {rep.session_id}, {rep.frames} frames ({counts}), {state}")
+        print(f"{path}: BROKEN at line {rep.bad_line}: {rep.error}")
+        print(f"chain holds before it: session {rep.session_id or '?'}, {rep.frames} frames ({counts})")
+        return AUDIT_BROKEN
+    end = "closed (receipt)" if rep.closed else f"ended by the sidecar ({rep.ended})" if rep.ended else "NOT CLOSED"
+    what = f"session {rep.session_id}, {rep.frames} frames ({counts}), {end}"
+    if rep.verified:
+        print(f"{path}: VERIFIED: {what}, every frame signed and checked")
+        status = AUDIT_VERIFIED
+    elif not rep.signatures_checked:
+        label = "chain consistent, signatures not checked (--no-signatures)" if unsigned_ok else "UNVERIFIED"
+        print(f"{path}: {label}: {what}")
+        status = AUDIT_VERIFIED if unsigned_ok and rep.complete else AUDIT_UNVERIFIED
+    else:
+        why = []
+        if rep.signed_frames < rep.frames:
+            why.append(
+                f"frames {rep.signed_frames}-{rep.frames - 1} are chained but under no signature "
+                "(written after the last checkpoint: anyone who can write the file could have made them)"
+            )
+        if not rep.complete:
+            why.append("no close record or final checkpoint: the sidecar stopped, or the file was cut, after it")
+        print(f"{path}: UNVERIFIED: {what}; signed and checked through frame {rep.signed_frames}: " + "; ".join(why))
+        status = AUDIT_UNVERIFIED
     print(f"chain head {rep.chain_hash}")
     for note in rep.notes:
         print(f"note: {note}")
-    return 0
+    return status
 
 
 def _ring_size(args: argparse.Namespace) -> int:
@@ -230,14 +297,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("audit", help="audit files: 'audit verify FILE'")
     asub = a.add_subparsers(dest="audit_command", required=True, metavar="SUBCOMMAND")
-    av = asub.add_parser("verify", help="check an .audit file's chain, genesis and receipt; exit 1 at the first bad frame")
-    av.add_argument("file", type=Path, help="the .audit file")
+    av = asub.add_parser(
+        "verify",
+        help="check .audit files' chains, checkpoints and receipts: exit 0 verified, 1 broken, 2 unreadable, 3 not all signed",
+    )
+    av.add_argument("paths", type=Path, nargs="+", metavar="PATH", help=".audit files, or directories of them")
     av.add_argument("--receipt", type=Path, help="a receipt the adapter kept (JSON): the file must match it")
     av.add_argument(
         "--public-key",
         type=Path,
         action="append",
-        help="a key that may have signed the receipt (repeat during a key rotation); without one, signatures are not checked",
+        help="a key that may have signed the checkpoints and receipt (repeat during a key rotation)",
+    )
+    av.add_argument(
+        "--no-signatures",
+        action="store_true",
+        help="check the chains only, and say so: a complete file then exits 0 (without it and without a key: exit 3)",
     )
     av.set_defaults(func=_audit_verify)
 

@@ -228,6 +228,12 @@ class AuditConfig(_Strict):
     fsync: Literal["every_frame", "interval", "close"] = "interval"
     fsync_every_frames: int = Field(default=64, ge=1)
     fsync_interval_ms: float = Field(default=200.0, gt=0)
+    # A signed checkpoint (the receipt's fields, its own domain) after every
+    # checkpoint_every_frames frames, or after the first frame checkpoint_interval_ms past
+    # the last one: a file whose close record never comes (a crash) is signed up to there,
+    # so `audit verify` can tell a forged frame from a real one without the close record.
+    checkpoint_every_frames: int = Field(default=64, ge=1)
+    checkpoint_interval_ms: float = Field(default=1000.0, gt=0)
 
 
 def _host_port(v: str | None) -> str | None:

@@ -127,7 +127,7 @@ def _audit_summary(audit_dir: Path, receipt: pb.Receipt | None, public_key: Path
     rep = ledger.verify(
         f.read_bytes().splitlines(keepends=True), receipt_json(receipt) if receipt else None, TrustedKeys.load(public_key).check
     )
-    state = "intact, receipt signature and chain verified" if rep.ok and rep.closed else (rep.error or "NOT CLOSED")
+    state = "VERIFIED: chain, checkpoints and receipt signed and checked" if rep.verified else (rep.error or "NOT VERIFIED")
     where = f" (kept: fse-sidecar audit verify {f})" if kept else " (use --audit-dir DIR to keep it)"
     print(f"audit file: {rep.frames} frames, {state}{where}")
 

@@ -27,7 +27,7 @@ from .audit import AuditDir, SessionAudit
 from .config import SidecarConfig
 from .core import ledger
 from .core.batch_draw import Draw, first_draws
-from .core.chain import Opening
+from .core.chain import Opening, Tally, checkpoint_bytes
 from .core.compact import BatchedRow, CompactBatch, CompactRow
 from .core.guards import Action, Sampler, Trip, health_band
 from .core.policy import CompiledPolicy, compile_policies
@@ -351,7 +351,8 @@ class GuardService:
         if self.recorder is not None:
             self.recorder.close(session_id)
         log = self._audits.pop(session_id, None)
-        if log is not None:  # reaped or dropped at shutdown: no receipt; verify says "not closed"
+        if log is not None:  # reaped, dropped or shut down: no receipt, a signed final checkpoint instead
+            self._checkpoint(s, log, s.tally, s.chain_hash, ended=why)
             log.close()
         client = self._session_client.pop(session_id, None)
         if client is not None:
@@ -525,6 +526,8 @@ class GuardService:
         try:
             if log is not None:
                 log.append(record)
+                if log.checkpoint_due(self.config.audit, timestamp_ns):
+                    self._checkpoint(s, log, s.tally.add(int(o.decision), timestamp_ns), bytes.fromhex(record["chain_hash"]))
         except AuditError as exc:
             trip = Trip(
                 "audit", math.nan, 0.0, o.sampler or Sampler.NORMAL, f"the step's audit frame was not written: {exc}", Action.HALT
@@ -536,6 +539,19 @@ class GuardService:
         if self.recorder is not None:
             self.recorder.frame(s.session_id, record)
         return o
+
+    def _checkpoint(self, s: Session, log: SessionAudit, tally: Tally, chain_hash: bytes, ended: str = "") -> None:
+        """Append a signed checkpoint of the file so far (its frames are written first)."""
+        if log.broken:
+            return
+        key_id, now = self.signer.key_id, time.time_ns()
+        data = checkpoint_bytes(s.session_id, s.genesis_hash, chain_hash, tally, s.policy.digest, key_id)
+        record = ledger.checkpoint_record(
+            s.session_id, s.genesis_hash, chain_hash, tally, s.policy.digest, key_id, self.signer.sign_bytes(data), now, ended
+        )
+        with contextlib.suppress(AuditError):  # the file is then broken: the next frame's append says so
+            log.append(record)
+            log.checkpointed(now)
 
     def _commit_and_sign(
         self, s: Session, step: int, o: StepOutcome, timestamp_ns: int, sign: bool = True

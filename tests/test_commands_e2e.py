@@ -25,7 +25,8 @@ def test_demo_prints_verdicts_ecg_and_summary() -> None:
     assert any(ln.strip().startswith("entropy") for ln in lines)  # the ECG
     assert any(ln.startswith("summary:") and "tokens" in ln for ln in lines)
     assert any(ln.startswith("audit chain head: ") for ln in lines)
-    assert any(ln.startswith("audit file: ") and "intact, receipt signature and chain verified" in ln for ln in lines)
+    verified = "VERIFIED: chain, checkpoints and receipt signed and checked"
+    assert any(ln.startswith("audit file: ") and verified in ln for ln in lines)
 
 
 def test_bench_writes_json_and_prints_tables(tmp_path) -> None:

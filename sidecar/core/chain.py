@@ -202,10 +202,26 @@ def receipt_bytes(
     """ "fse.v1.receipt" | str session_id | blob genesis_hash | blob chain_hash | u64 steps
     | u64 accepted | u64 healed | u64 aborted | u64 first_timestamp_ns
     | u64 last_timestamp_ns | str policy_digest | str key_id (VERDICT.md)."""
+    return _prefix_statement(b"fse.v1.receipt", session_id, genesis_hash, chain_hash, tally, policy_digest, key_id)
+
+
+def checkpoint_bytes(
+    session_id: str, genesis_hash: bytes, chain_hash: bytes, tally: Tally, policy_digest: str, key_id: str
+) -> bytes:
+    """ "fse.v1.checkpoint" then the receipt's fields (VERDICT.md "Checkpoint"): what the
+    sidecar signs of an open session's file every so many frames, so a file whose close
+    record never came (a crash, a reaped session) is still signed up to its last
+    checkpoint. Its own domain: a checkpoint can never pass for a receipt."""
+    return _prefix_statement(b"fse.v1.checkpoint", session_id, genesis_hash, chain_hash, tally, policy_digest, key_id)
+
+
+def _prefix_statement(
+    domain: bytes, session_id: str, genesis_hash: bytes, chain_hash: bytes, tally: Tally, policy_digest: str, key_id: str
+) -> bytes:
     t = tally
     return b"".join(
         [
-            b"fse.v1.receipt",
+            domain,
             cb.string(session_id),
             cb.blob(genesis_hash),
             cb.blob(chain_hash),

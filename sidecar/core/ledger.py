@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterable, Sequence
+import struct
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -159,13 +160,39 @@ def receipt_record(
     }
 
 
-def receipt_signed_bytes(r: dict[str, Any]) -> bytes:
+def checkpoint_record(
+    session_id: str,
+    genesis_hash: bytes,
+    chain_hash: bytes,
+    tally: chain.Tally,
+    policy_digest: str,
+    key_id: str,
+    signature: bytes,
+    timestamp_ns: int,
+    ended: str = "",
+) -> dict[str, Any]:
+    """A signed statement of the file so far (the receipt's fields, its own domain):
+    ``ended`` names why a session ended without a close record (reaped, dropped,
+    shutdown), and is then the file's last record."""
+    rec: dict[str, Any] = {
+        "kind": "checkpoint",
+        "session": session_id,
+        "checkpoint": receipt_record(session_id, genesis_hash, chain_hash, tally, policy_digest, key_id, signature),
+        "timestamp_ns": timestamp_ns,
+    }
+    if ended:
+        rec["ended"] = ended
+    return rec
+
+
+def receipt_signed_bytes(r: dict[str, Any], domain: str = "receipt") -> bytes:
     tally = chain.Tally(
         int(r["accepted"]), int(r["healed"]), int(r["aborted"]), int(r["first_timestamp_ns"]), int(r["last_timestamp_ns"])
     )
     if tally.steps != int(r["steps"]):
         raise ValueError(f"steps {r['steps']} is not accepted + healed + aborted ({tally.steps})")
-    return chain.receipt_bytes(
+    statement = chain.checkpoint_bytes if domain == "checkpoint" else chain.receipt_bytes
+    return statement(
         str(r["session_id"]),
         bytes.fromhex(r["genesis_hash"]),
         bytes.fromhex(r["chain_hash"]),
@@ -183,11 +210,16 @@ ReceiptCheck = Callable[[str, bytes, bytes], bool | None]
 
 @dataclass
 class Report:
-    """What :func:`verify` found. ``ok`` is False at the first bad record, which ``error`` names."""
+    """What :func:`verify` found. ``ok`` is False at the first bad record, which ``error``
+    names; ``verified`` is True only when the whole session is in the file (closed, or
+    ended by the sidecar) and every frame is under a signature that was checked."""
 
     session_id: str = ""
-    frames: int = 0  # intact frames
-    closed: bool = False
+    frames: int = 0  # frames whose chain checks out
+    closed: bool = False  # a close record with the receipt
+    ended: str = ""  # a final checkpoint: why the session ended without a close
+    signed_frames: int = 0  # frames under the last signed statement (checkpoint or receipt)
+    signatures_checked: bool = False  # a key was given, and every signature in the file verified under it
     tally: chain.Tally = field(default_factory=chain.Tally)
     chain_hash: str = ""
     error: str = ""
@@ -198,9 +230,22 @@ class Report:
     def ok(self) -> bool:
         return not self.error
 
+    @property
+    def complete(self) -> bool:
+        return self.closed or bool(self.ended)
+
+    @property
+    def verified(self) -> bool:
+        return self.ok and self.complete and self.signatures_checked and self.signed_frames == self.frames
+
 
 class _Bad(Exception):
     pass
+
+
+# What a hostile record can raise while it is read (a JSON type where another belongs, a
+# number no field can hold): each becomes "BROKEN at line N", never a traceback.
+_UNREADABLE = (KeyError, TypeError, ValueError, AttributeError, OverflowError, IndexError, RecursionError, struct.error)
 
 
 def _genesis(rec: dict[str, Any]) -> tuple[str, bytes, str, str]:
@@ -210,12 +255,16 @@ def _genesis(rec: dict[str, Any]) -> tuple[str, bytes, str, str]:
         raise _Bad(f"format {rec.get('format')!r} is not {FORMAT!r}")
     try:
         params = SamplingParams(**rec["sampling"])
-    except (TypeError, ValueError) as exc:
+        sampling = params.canonical_bytes()
+    except _UNREADABLE as exc:
         raise _Bad(f"genesis sampling parameters are unreadable: {exc}") from None
+    for k in ("session", "policy_digest", "vocab_digest", "model_id", "key_id", "genesis_hash", "opening_nonce"):
+        if not isinstance(rec.get(k), str):
+            raise _Bad(f"genesis field {k} is missing or not a string")
     opening = chain.Opening(
         rec["session"],
         bytes.fromhex(rec["opening_nonce"]),
-        params.canonical_bytes(),
+        sampling,
         rec["policy_digest"],
         rec["vocab_digest"],
         rec["model_id"],
@@ -233,8 +282,8 @@ def _frame(rec: dict[str, Any], session: str, step: int, prev: bytes) -> tuple[b
     if rec["session"] != session:
         raise _Bad(f"frame of session {rec['session']!r} in the file of session {session!r}")
     if rec["step"] != step:
-        what = "missing or reordered" if rec["step"] > step else "repeated or reordered"
-        raise _Bad(f"frame {rec['step']} where frame {step} should be (a frame {what})")
+        what = "missing or reordered" if isinstance(rec["step"], int) and rec["step"] > step else "repeated or reordered"
+        raise _Bad(f"frame {rec['step']!r} where frame {step} should be (a frame {what})")
     if rec["prev_chain_hash"] != prev.hex():
         raise _Bad(f"frame {step} does not link to the previous chain hash (inserted, deleted or reordered)")
     reasons: list[Trip] = []
@@ -252,105 +301,117 @@ def _frame(rec: dict[str, Any], session: str, step: int, prev: bytes) -> tuple[b
     h = chain.chain_next(prev, frame)
     if h.hex() != rec["chain_hash"]:
         raise _Bad(f"frame {step}: chain hash does not match the frame's contents (a field was modified)")
-    return h, int(decision), int(rec["timestamp_ns"])
+    timestamp = rec["timestamp_ns"]
+    if isinstance(timestamp, bool) or not isinstance(timestamp, int):
+        raise _Bad(f"frame {step}: timestamp_ns {timestamp!r} is not an integer")
+    return h, int(decision), timestamp
 
 
-def _close(rec: dict[str, Any], session: str, genesis: bytes, head: bytes, tally: chain.Tally, policy: str) -> dict[str, Any]:
-    r = rec["receipt"]
+def _statement(
+    rec: dict[str, Any], what: str, session: str, genesis: bytes, head: bytes, tally: chain.Tally, policy: str
+) -> dict[str, Any]:
+    """The receipt (of a close record) or checkpoint, held to the frames read so far."""
+    r = rec[what]
+    if not isinstance(r, dict):
+        raise _Bad(f"the {what} is not an object")
     want = receipt_record(session, genesis, head, tally, policy, "", b"")
     del want["key_id"], want["signature"]  # whoever signed it: check_receipt says
     for k, v in want.items():
         if r.get(k) != v:
-            raise _Bad(f"the close record's receipt says {k} = {r.get(k)!r}, the frames give {v!r}")
+            raise _Bad(f"the {rec['kind']} record's {what} says {k} = {r.get(k)!r}, the frames give {v!r}")
     return dict(r)
 
 
-def check_receipt(r: dict[str, Any], check: ReceiptCheck | None) -> str:
-    """'' when the receipt's signature verifies; else why not (or that it was not checked)."""
+def check_receipt(r: dict[str, Any], check: ReceiptCheck | None, domain: str = "receipt") -> str:
+    """'' when the receipt's (or checkpoint's) signature verifies; else why not (or that
+    it was not checked)."""
     if check is None:
-        return "receipt signature not checked (no key given)"
+        return f"{domain} signature not checked (no key given)"
     try:
-        ok = check(str(r["key_id"]), receipt_signed_bytes(r), bytes.fromhex(r["signature"]))
-    except (KeyError, ValueError) as exc:
-        return f"receipt is malformed: {exc}"
+        ok = check(str(r["key_id"]), receipt_signed_bytes(r, domain), bytes.fromhex(r["signature"]))
+    except _UNREADABLE as exc:
+        return f"{domain} is malformed: {exc}"
     if ok is None:
-        return f"receipt is signed by key {r['key_id']}, which is not among the keys given"
-    return "" if ok else f"receipt signature does not verify with key {r['key_id']}"
+        return f"{domain} is signed by key {r['key_id']}, which is not among the keys given"
+    return "" if ok else f"{domain} signature does not verify with key {r['key_id']}"
 
 
 def verify(lines: Sequence[bytes], receipt: dict[str, Any] | None = None, check: ReceiptCheck | None = None) -> Report:
-    """Check an audit file's lines; ``receipt``: one the adapter kept, to hold the file to.
+    """Check an audit file's lines; ``receipt``: one the adapter kept, to hold the file to;
+    ``check``: the trusted keys (None: signatures are not checked, and the report is never
+    ``verified``).
 
     A last line without its newline is a frame the writer never finished (a crash): it is
-    reported, not counted. The first bad record stops the check and is named.
+    reported, not counted (the genesis, though, must be whole). The first bad record stops
+    the check and is named.
     """
-    rep = Report()
+    rep = Report(signatures_checked=check is not None)
     if not lines:
         rep.error, rep.bad_line = "the file is empty (no genesis record)", 1
         return rep
-    body: Iterable[tuple[int, bytes]] = enumerate(lines, 1)
     last = len(lines)
-    head = b""
-    genesis = b""
-    policy = key = ""
+    head = genesis = b""
+    policy = ""
     closing: dict[str, Any] | None = None
+    n = 1
     try:
-        for n, raw in body:
+        for n, raw in enumerate(lines, 1):
             if not raw.endswith(b"\n"):
+                if n == 1:
+                    raise _Bad("the genesis record is incomplete (no line end): nothing in the file can be checked")
                 if n == last:
                     rep.notes.append(f"line {n} is a frame the sidecar was writing when it stopped (ignored)")
                     break
                 raise _Bad("a record without its line end inside the file")
             try:
                 rec = json.loads(raw)
-                if not isinstance(rec, dict):
-                    raise ValueError("not an object")
-            except ValueError as exc:
-                raise _Bad(f"not a JSON record ({exc})") from None
+            except (ValueError, RecursionError) as exc:
+                raise _Bad(f"not a JSON record ({type(exc).__name__}: {str(exc)[:200]})") from None
+            if not isinstance(rec, dict):
+                raise _Bad(f"not a JSON object but {type(rec).__name__}")
             try:
                 if n == 1:
-                    rep.session_id, genesis, policy, key = _genesis(rec)
+                    rep.session_id, genesis, policy, _key = _genesis(rec)
                     head = genesis
-                elif closing is not None:
-                    raise _Bad("a record after the close record")
-                elif rec.get("kind") == "close":
+                elif closing is not None or rep.ended:
+                    raise _Bad(f"a record after the {'close' if closing is not None else 'final checkpoint'} record")
+                elif rec.get("kind") in ("close", "checkpoint"):
+                    kind = rec["kind"]
                     if rec.get("session") != rep.session_id:
-                        raise _Bad(f"close record of session {rec.get('session')!r}")
-                    closing = _close(rec, rep.session_id, genesis, head, rep.tally, policy)
-                    rep.closed = True
+                        raise _Bad(f"{kind} record of session {rec.get('session')!r}")
+                    what = "receipt" if kind == "close" else "checkpoint"
+                    statement = _statement(rec, what, rep.session_id, genesis, head, rep.tally, policy)
+                    why = check_receipt(statement, check, what)
+                    if why and check is not None:
+                        raise _Bad(f"{kind} record: {why}")
+                    if not why:
+                        rep.signed_frames = rep.frames
+                    if kind == "close":
+                        closing, rep.closed = statement, True
+                    elif "ended" in rec:
+                        rep.ended = str(rec["ended"]) or "?"
                 else:
                     head, decision, ts = _frame(rec, rep.session_id, rep.frames, head)
                     rep.tally = rep.tally.add(decision, ts)
                     rep.frames += 1
-            except (KeyError, TypeError, ValueError) as exc:
-                raise _Bad(f"a field is missing or malformed ({type(exc).__name__}: {exc})") from None
+            except _UNREADABLE as exc:
+                raise _Bad(f"a field is missing or malformed ({type(exc).__name__}: {str(exc)[:200]})") from None
     except _Bad as exc:
         rep.error, rep.bad_line = str(exc), n
         rep.chain_hash = head.hex()
         return rep
     rep.chain_hash = head.hex()
-    if closing is not None:
-        why = check_receipt(closing, check)
-        if why and check is not None:
-            rep.error, rep.bad_line = f"close record: {why}", len(lines)
-            return rep
-        if why:
-            rep.notes.append(why)
+    if check is None:
+        rep.notes.append("signatures not checked (no key given)")
     if receipt is not None:
-        for k in ("session_id", "genesis_hash", "chain_hash", "steps"):
-            mine = {
-                "session_id": rep.session_id,
-                "genesis_hash": genesis.hex(),
-                "chain_hash": rep.chain_hash,
-                "steps": rep.frames,
-            }[k]
-            if receipt.get(k) != mine:
-                rep.error = f"the receipt given says {k} = {receipt.get(k)!r}, the file gives {mine!r}"
+        mine = {"session_id": rep.session_id, "genesis_hash": genesis.hex(), "chain_hash": rep.chain_hash, "steps": rep.frames}
+        for k, v in mine.items():
+            if receipt.get(k) != v:
+                rep.error = f"the receipt given says {k} = {receipt.get(k)!r}, the file gives {v!r}"
                 rep.bad_line = len(lines)
                 return rep
         why = check_receipt(receipt, check)
         if why and check is not None:
             rep.error, rep.bad_line = f"the receipt given: {why}", len(lines)
             return rep
-    del key
     return rep
