@@ -45,6 +45,9 @@ Outcome: TypeAlias = "pb.Verdict | GuardError"  # one row of a batch: a verified
 _CODE_NAMES = {c.value[0]: c.name for c in grpc.StatusCode}
 
 
+_PROBE_VOCAB = [b"\x00fse-probe-0", b"\x00fse-probe-1"]
+
+
 def _unavailable(exc: grpc.RpcError, what: str) -> GuardUnavailable:
     code = exc.code() if hasattr(exc, "code") else None
     detail = exc.details() if hasattr(exc, "details") else str(exc)
@@ -293,6 +296,22 @@ class GuardClient:
                 last = exc
             time.sleep(0.05)
         raise GuardUnavailable(f"sidecar at {self.target} not ready after {timeout:.1f}s ({last})")
+
+    def check_usable(self, timeout: float = 1.0) -> str:
+        """Readiness: the sidecar is SERVING *and* signs with a key this client trusts (a
+        sidecar whose verdicts would all be refused is not ready). A two-token probe
+        vocabulary is registered (cheap, idempotent: the same digest each time) for the
+        key id it answers with; returns that key id, raises GuardUnavailable or
+        VerdictRejected saying why not."""
+        self.wait_ready(timeout)
+        try:
+            r = self._stub.RegisterVocabulary(pb.RegisterVocabularyRequest(tokens=_PROBE_VOCAB), timeout=timeout)
+        except grpc.RpcError as exc:
+            raise _rpc_error(exc, "RegisterVocabulary (readiness probe)") from None
+        if not self.trusted.trusts(r.key_id):
+            said = f"key {r.key_id}" if r.key_id else "no key id (an older sidecar)"
+            raise VerdictRejected(f"the sidecar signs with {said}; this engine trusts {', '.join(self.trusted.key_ids)}")
+        return r.key_id
 
     def register_vocabulary(self, tokens: Sequence[bytes]) -> str:
         try:

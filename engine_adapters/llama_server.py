@@ -10,12 +10,14 @@ serves requests one at a time from a bounded queue; a full queue answers 503 at 
 and ``chat``) and answers ``choices[0].text`` with ``finish_reason`` ``stop``, ``length``
 or ``content_filter`` (the guard aborted the sequence: the text is what it had verified).
 No verdict (sidecar down, a verdict that fails verification) answers 503 with no text:
-fail closed. ``GET /healthz`` is 200 while the sidecar says SERVING.
+fail closed. ``GET /healthz`` is 200 while the sidecar says SERVING and signs with a key
+this engine trusts (503 naming the key otherwise: every request would fail).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -23,6 +25,7 @@ import queue
 import signal
 import sys
 import threading
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -32,7 +35,7 @@ from typing import Any
 
 from sidecar._pb.fse.v1 import guard_pb2 as pb
 from sidecar.core.sampling import SamplingParams
-from sidecar.errors import ConfigError, FseError, GuardAbort
+from sidecar.errors import ConfigError, FseError, GuardAbort, StepRefused
 
 from .client import GuardClient
 from .llama_cpp import CHAT
@@ -40,6 +43,8 @@ from .llama_cpp import CHAT
 log = logging.getLogger("fse.engine.llama")
 
 MAX_BODY = 1 << 20
+# control characters (and DEL) of a request line as escapes in the log: a client cannot forge log lines
+_LOG_ESCAPES = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F]}
 FIELDS = {"prompt", "max_tokens", "temperature", "top_k", "top_p", "min_p", "seed", "policy", "chat", "model"}
 
 
@@ -70,6 +75,8 @@ def parse_completion(raw: bytes, max_tokens_limit: int) -> Completion:
         body = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BadRequest(f"the body is not JSON: {exc}") from None
+    except RecursionError:
+        raise BadRequest("the body is nested too deeply") from None
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object")
     unknown = sorted(set(body) - FIELDS)
@@ -78,12 +85,16 @@ def parse_completion(raw: bytes, max_tokens_limit: int) -> Completion:
     prompt = body.get("prompt")
     if not isinstance(prompt, str) or not prompt:
         raise BadRequest("prompt must be a non-empty string")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate ("\\ud800" in the JSON)
+        raise BadRequest(f"prompt is not valid Unicode: {exc.reason} at character {exc.start}") from None
     max_tokens = _number(body, "max_tokens", min(64, max_tokens_limit), int)
     if not 1 <= max_tokens <= max_tokens_limit:
         raise BadRequest(f"max_tokens must be in [1, {max_tokens_limit}], got {max_tokens}")
     policy = body.get("policy", "")
-    if not isinstance(policy, str):
-        raise BadRequest("policy must be a string")
+    if not isinstance(policy, str) or len(policy) > 128:
+        raise BadRequest(f"policy must be a policy's name (a string of at most 128 characters), got {json.dumps(policy)[:80]}")
     chat = body.get("chat", True)
     if not isinstance(chat, bool):
         raise BadRequest("chat must be true or false")
@@ -100,6 +111,10 @@ def parse_completion(raw: bytes, max_tokens_limit: int) -> Completion:
     return Completion(prompt, max_tokens, sampling, policy, chat)
 
 
+def _refused_at_open(done: Any, code: str) -> bool:
+    return isinstance(done.error, StepRefused) and done.error.code == code and not done.tokens
+
+
 class Engine:
     """The model and its guard, owned by one worker thread."""
 
@@ -110,8 +125,19 @@ class Engine:
         self.model = Path(getattr(llama, "model_path", "model")).name
         self.requests: queue.Queue[tuple[Completion, Future[dict[str, Any]]] | None] = queue.Queue(queue_size)
         self._guarded: Any = None
+        self._ready_lock = threading.Lock()
+        self._ready_at = -1e9
         self._worker = threading.Thread(target=self._run, name="fse-engine", daemon=True)
         self._worker.start()
+
+    def ready(self) -> None:
+        """Raises unless the sidecar serves (asked each time) and signs with a trusted key
+        (asked at most once a second: a flood of probes costs one registration a second)."""
+        self.client.wait_ready(timeout=1.0)
+        with self._ready_lock:
+            if time.monotonic() - self._ready_at > 1.0:
+                self.client.check_usable(timeout=1.0)
+                self._ready_at = time.monotonic()
 
     def submit(self, req: Completion) -> Future[dict[str, Any]]:
         fut: Future[dict[str, Any]] = Future()
@@ -123,16 +149,13 @@ class Engine:
         self._worker.join(30)
 
     def _run(self) -> None:
-        from .llama_cpp import GuardedLlama
-
         while (item := self.requests.get()) is not None:
             req, fut = item
             if not fut.set_running_or_notify_cancel():
                 continue
             try:
-                if self._guarded is None:  # first use, or the sidecar restarted and forgot the vocabulary
-                    self.client.wait_ready(timeout=5.0)
-                    self._guarded = GuardedLlama(self.llama, self.client, lane=self.lane)
+                if self._guarded is None:  # first use, or after a failure
+                    self._renew()
                 fut.set_result(self._complete(req))
             except BaseException as exc:  # noqa: BLE001 - the request thread answers for it
                 if not isinstance(exc, (GuardAbort, BadRequest)) and self._guarded is not None:
@@ -141,6 +164,16 @@ class Engine:
                 fut.set_exception(exc)
         if self._guarded is not None:
             self._guarded.close()
+
+    def _renew(self) -> None:
+        """A new GuardedLlama: the vocabulary registered again."""
+        from .llama_cpp import GuardedLlama
+
+        if self._guarded is not None:
+            self._guarded.close()
+            self._guarded = None
+        self.client.wait_ready(timeout=5.0)
+        self._guarded = GuardedLlama(self.llama, self.client, lane=self.lane)
 
     def _complete(self, req: Completion) -> dict[str, Any]:
         prompt = CHAT.format(req.prompt) if req.chat else req.prompt
@@ -151,6 +184,15 @@ class Engine:
                 f"{self.llama.n_ctx()} tokens"
             )
         done = self._guarded.complete(ids, max_tokens=req.max_tokens, sampling=req.sampling, policy=req.policy)
+        if _refused_at_open(done, "NOT_FOUND"):
+            # an unknown vocabulary (the sidecar restarted and forgot it) or an unknown policy:
+            # register again and try once more; still NOT_FOUND, it is the request's policy
+            self._renew()
+            done = self._guarded.complete(ids, max_tokens=req.max_tokens, sampling=req.sampling, policy=req.policy)
+            if _refused_at_open(done, "NOT_FOUND"):
+                raise BadRequest(str(done.error))
+        if _refused_at_open(done, "INVALID_ARGUMENT"):
+            raise BadRequest(str(done.error))  # OpenSession refused what the request asked for
         if done.error is not None and not isinstance(done.error, GuardAbort):
             raise done.error
         healed = sum(1 for t in done.tokens if t.verdict.decision == pb.DECISION_HEALED)
@@ -170,12 +212,71 @@ class Engine:
         }
 
 
-def make_handler(engine: Engine, max_tokens_limit: int, request_timeout: float) -> type[BaseHTTPRequestHandler]:
+class GuardedHTTPServer(ThreadingHTTPServer):
+    """A thread per connection, at most ``max_connections`` of them (more are answered 503
+    and closed at once), with a listen backlog that takes a burst without resets."""
+
+    request_queue_size = 128
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], max_connections: int) -> None:
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self.max_connections = max_connections
+        super().__init__(address, handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            with contextlib.suppress(OSError):
+                request.sendall(_BUSY)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
+_BUSY_BODY = b'{"error": {"message": "the engine is busy: too many open connections", "code": 503}}'
+_BUSY = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\nConnection: close\r\n"
+    b"Content-Length: " + str(len(_BUSY_BODY)).encode() + b"\r\n\r\n" + _BUSY_BODY
+)
+
+
+def make_handler(
+    engine: Engine, max_tokens_limit: int, request_timeout: float, io_timeout: float = 10.0
+) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         server_version = "fse-engine-llama"
+        # each read of the request line, headers and body: a client that stops sending is cut off
+        timeout = io_timeout
 
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
-            log.info("%s %s", self.address_string(), format % args)
+            # the request line is the client's bytes: control characters are escaped, never logged raw
+            log.info("%s %s", self.address_string(), (format % args).translate(_LOG_ESCAPES))
+
+        def _read_body(self, length: int) -> bytes | None:
+            """The body, or None when the client sends it slower than ``io_timeout`` in all."""
+            deadline, parts, left = time.monotonic() + io_timeout, [], length
+            while left:
+                if time.monotonic() > deadline:
+                    return None
+                try:
+                    chunk = self.rfile.read1(min(left, 1 << 16))
+                except (TimeoutError, OSError):
+                    return None
+                if not chunk:
+                    return None
+                parts.append(chunk)
+                left -= len(chunk)
+            return b"".join(parts)
 
         def _answer(self, status: HTTPStatus, body: dict[str, Any]) -> None:
             data = json.dumps(body).encode()
@@ -194,7 +295,7 @@ def make_handler(engine: Engine, max_tokens_limit: int, request_timeout: float) 
             if self.path != "/healthz":
                 return self._error(HTTPStatus.NOT_FOUND, f"no such path: {self.path[:80]}")
             try:
-                engine.client.wait_ready(timeout=1.0)
+                engine.ready()
             except FseError as exc:
                 return self._error(HTTPStatus.SERVICE_UNAVAILABLE, str(exc))
             self._answer(HTTPStatus.OK, {"status": "serving", "model": engine.model, "lane": engine.lane})
@@ -208,8 +309,12 @@ def make_handler(engine: Engine, max_tokens_limit: int, request_timeout: float) 
                 return self._error(HTTPStatus.LENGTH_REQUIRED, "Content-Length is required")
             if not 0 <= length <= MAX_BODY:
                 return self._error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"the body is over {MAX_BODY} bytes")
+            raw = self._read_body(length)
+            if raw is None:
+                self.close_connection = True
+                return self._error(HTTPStatus.REQUEST_TIMEOUT, f"the body did not arrive within {io_timeout:.0f} s")
             try:
-                req = parse_completion(self.rfile.read(length), max_tokens_limit)
+                req = parse_completion(raw, max_tokens_limit)
             except BadRequest as exc:
                 return self._error(HTTPStatus.BAD_REQUEST, str(exc))
             try:
@@ -250,6 +355,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=512, help="the largest max_tokens a request may ask for")
     p.add_argument("--queue", type=int, default=16, help="requests waiting beyond the one running; more get 503")
     p.add_argument("--request-timeout", type=float, default=120.0, help="seconds a request may wait and run")
+    p.add_argument(
+        "--io-timeout", type=float, default=10.0, help="seconds to receive a request's headers (each read) and its whole body"
+    )
+    p.add_argument("--max-connections", type=int, default=64, help="open connections at once; more are answered 503")
     return p
 
 
@@ -265,7 +374,9 @@ def main(argv: list[str] | None = None) -> int:
         host, _, port = args.listen.rpartition(":")
         if not host or not port.isdigit():
             raise ConfigError(f'--listen must be "host:port", got {args.listen!r}')
-        for name in ("max_tokens", "queue", "n_threads"):
+        if args.io_timeout <= 0:
+            raise ConfigError("--io-timeout must be > 0")
+        for name in ("max_tokens", "queue", "n_threads", "max_connections"):
             if getattr(args, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
         target = args.sidecar.replace("unix://", "unix:", 1)
@@ -273,7 +384,8 @@ def main(argv: list[str] | None = None) -> int:
         from .llama_cpp import load_llama
 
         engine = Engine(load_llama(args.model, n_threads=args.n_threads), client, args.lane, args.queue)
-        httpd = ThreadingHTTPServer((host, int(port)), make_handler(engine, args.max_tokens, args.request_timeout))
+        handler = make_handler(engine, args.max_tokens, args.request_timeout, args.io_timeout)
+        httpd = GuardedHTTPServer((host, int(port)), handler, args.max_connections)
     except (FseError, OSError) as exc:
         print(f"fse-engine-llama: error: {exc}", file=sys.stderr)
         return 2

@@ -254,7 +254,7 @@ class GuardServicer:
             v = self.service.add_vocabulary(vocab)
         except FseError as exc:
             await context.abort(_code(exc), str(exc))
-        return pb.RegisterVocabularyResponse(vocab_digest=v.digest, vocab_size=v.size)
+        return pb.RegisterVocabularyResponse(vocab_digest=v.digest, vocab_size=v.size, key_id=self.service.signer.key_id)
 
     async def OpenSession(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.OpenSessionResponse:
         def parse() -> tuple[pb.OpenSessionRequest, np.ndarray]:

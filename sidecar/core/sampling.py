@@ -46,11 +46,11 @@ class SamplingParams:
     def __post_init__(self) -> None:
         checks = [
             ("temperature", self.temperature >= 0.0 and np.isfinite(self.temperature), ">= 0"),
-            ("top_k", self.top_k >= 0, ">= 0"),
+            ("top_k", 0 <= self.top_k < 2**32, "in [0, 2^32)"),  # u32 in the genesis bytes
             ("top_p", 0.0 < self.top_p <= 1.0, "in (0, 1]"),
             ("min_p", 0.0 <= self.min_p < 1.0, "in [0, 1)"),
             ("repetition_penalty", self.repetition_penalty > 0.0 and np.isfinite(self.repetition_penalty), "> 0"),
-            ("repetition_window", self.repetition_window >= 0, ">= 0"),
+            ("repetition_window", 0 <= self.repetition_window < 2**32, "in [0, 2^32)"),
             ("seed", 0 <= self.seed < 2**64, "in [0, 2^64)"),
         ]
         for name, ok, rule in checks:

@@ -100,12 +100,14 @@ class RegisterVocabularyRequest(_message.Message):
     def __init__(self, tokens: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class RegisterVocabularyResponse(_message.Message):
-    __slots__ = ("vocab_digest", "vocab_size")
+    __slots__ = ("vocab_digest", "vocab_size", "key_id")
     VOCAB_DIGEST_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
     vocab_digest: str
     vocab_size: int
-    def __init__(self, vocab_digest: _Optional[str] = ..., vocab_size: _Optional[int] = ...) -> None: ...
+    key_id: str
+    def __init__(self, vocab_digest: _Optional[str] = ..., vocab_size: _Optional[int] = ..., key_id: _Optional[str] = ...) -> None: ...
 
 class OpenSessionRequest(_message.Message):
     __slots__ = ("session_id", "vocab_digest", "sampling", "policy", "prompt_token_ids", "ring_name", "model_id", "fast_lane")
