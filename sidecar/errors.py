@@ -14,6 +14,7 @@
     ├── MessageTooLarge        a request over its RPC's size limit (not parsed)
     ├── MalformedMessage       bytes that do not parse as the RPC's request
     ├── AuditError             an audit file cannot be created or written
+    ├── RecordingError         a recording (serve --record) that replay cannot read
     ├── AccelBuildError        the compiled fast path cannot be built (no mypyc, no compiler)
     ├── LaneUnavailable        the fast lane asked of a sidecar that serves none
     ├── RingError              shared-memory ring problems
@@ -143,6 +144,10 @@ class AuditError(FseError):
     """An audit file could not be created or written: no step goes unaudited."""
 
     grpc_code = "UNAVAILABLE"
+
+
+class RecordingError(FseError):
+    """A recording that ``replay`` cannot read: the message names the file and what."""
 
 
 class AccelBuildError(FseError):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import struct
 import threading
@@ -32,7 +33,7 @@ import numpy as np
 from .core import ledger
 from .core.compact import CompactRow
 from .core.session import Session
-from .errors import FseError
+from .errors import FseError, RecordingError
 
 log = logging.getLogger("fse.record")
 _ROW = struct.Struct("<QI")
@@ -43,22 +44,43 @@ def vocab_file(root: Path, digest: str) -> Path:
     return root / f"vocab-{digest}.bin"
 
 
+def _private(path: Path, data: bytes, append: bool = False) -> None:
+    """Write (or append) ``data`` to a file only its owner can read: a recording holds
+    prompts and the model's logits, whatever the umask says."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_APPEND if append else os.O_TRUNC)
+    fd = os.open(path, flags, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # a file made before, under another mode
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
 def write_vocab(path: Path, tokens: tuple[bytes, ...]) -> None:
     parts = [struct.pack("<I", len(tokens))]
     parts += [struct.pack("<I", len(t)) + t for t in tokens]
     tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(b"".join(parts))
+    _private(tmp, b"".join(parts))
     tmp.replace(path)
 
 
 def read_vocab(path: Path) -> list[bytes]:
+    """The recorded vocabulary; RecordingError naming what is wrong with a malformed file."""
     data = path.read_bytes()
-    (n,) = struct.unpack_from("<I", data, 0)
-    out, off = [], 4
-    for _ in range(n):
-        (size,) = struct.unpack_from("<I", data, off)
-        out.append(data[off + 4 : off + 4 + size])
-        off += 4 + size
+    try:
+        (n,) = struct.unpack_from("<I", data, 0)
+        if n > len(data) // 4:
+            raise RecordingError(f"{path.name}: claims {n} tokens in {len(data)} bytes")
+        out: list[bytes] = []
+        off = 4
+        for _ in range(n):
+            (size,) = struct.unpack_from("<I", data, off)
+            if off + 4 + size > len(data):
+                raise RecordingError(f"{path.name}: token {len(out)} runs past the end of the file")
+            out.append(data[off + 4 : off + 4 + size])
+            off += 4 + size
+    except struct.error:
+        raise RecordingError(f"{path.name}: cut short") from None
     return out
 
 
@@ -122,20 +144,18 @@ class Recorder:
             try:
                 if kind == "open":
                     d, meta, vpath, vocab = args
-                    d.mkdir(exist_ok=True)
-                    (d / "open.json").write_text(json.dumps(meta, sort_keys=True, indent=1) + "\n")
+                    d.mkdir(exist_ok=True, mode=0o700)
+                    _private(d / "open.json", (json.dumps(meta, sort_keys=True, indent=1) + "\n").encode())
                     if not vpath.exists():
                         write_vocab(vpath, vocab)
                 elif kind == "row":
                     d, step, row = args
                     flag, raw = (_COMPACT_FLAG, compact_bytes(row)) if isinstance(row, CompactRow) else (0, row.tobytes())
                     packed = zlib.compress(raw, 1)
-                    with (d / "rows.bin").open("ab") as f:
-                        f.write(_ROW.pack(step, len(packed) | flag) + packed)
+                    _private(d / "rows.bin", _ROW.pack(step, len(packed) | flag) + packed, append=True)
                 else:
                     d, record = args
-                    with (d / "ledger.jsonl").open("ab") as f:
-                        f.write(ledger.encode(record))
+                    _private(d / "ledger.jsonl", ledger.encode(record), append=True)
             except OSError as exc:  # the recording is incomplete; serving goes on, the log says so
                 if not self.failed:
                     self.failed = f"{exc.filename}: {exc.strerror}"
@@ -154,22 +174,49 @@ def compact_bytes(row: CompactRow) -> bytes:
     return head + moments.tobytes() + row.logits[order].astype("<f4").tobytes() + row.ids[order].astype("<u4").tobytes()
 
 
-def read_rows(path: Path) -> dict[int, np.ndarray | CompactRow]:
+def _inflate(packed: bytes, limit: int, where: str) -> bytes:
+    """Decompress at most ``limit`` bytes: a row never inflates past its vocabulary's size
+    (a hostile 1.2 MB entry would otherwise become 1.2 GB)."""
+    d = zlib.decompressobj()
+    try:
+        raw = d.decompress(packed, limit)
+    except zlib.error as exc:
+        raise RecordingError(f"{where}: not zlib data ({exc})") from None
+    if d.unconsumed_tail or not d.eof:
+        raise RecordingError(f"{where}: inflates past {limit} bytes (the most a row of this vocabulary takes) or is cut short")
+    return raw
+
+
+def read_rows(path: Path, vocab_size: int) -> dict[int, np.ndarray | CompactRow]:
+    """The recorded rows by step; RecordingError naming the first malformed one."""
     data = path.read_bytes() if path.exists() else b""
     out: dict[int, np.ndarray | CompactRow] = {}
     off = 0
+    full = 4 * vocab_size
     while off < len(data):
+        if off + _ROW.size > len(data):
+            raise RecordingError(f"{path.name}: a row header cut short at byte {off}")
         step, n = _ROW.unpack_from(data, off)
         off += _ROW.size
         size = n & ~_COMPACT_FLAG
-        raw = zlib.decompress(data[off : off + size])
+        where = f"{path.name}: the row of step {step}"
+        if off + size > len(data):
+            raise RecordingError(f"{where} runs past the end of the file")
         if n & _COMPACT_FLAG:
+            raw = _inflate(data[off : off + size], 72 + 8 * vocab_size, where)
+            if len(raw) < 72:
+                raise RecordingError(f"{where}: a COMPACT row of {len(raw)} bytes")
             vocab, k = struct.unpack_from("<II", raw)
+            if vocab != vocab_size or len(raw) != 72 + 8 * k:
+                raise RecordingError(f"{where}: a COMPACT row of vocabulary {vocab}, k {k} in {len(raw)} bytes")
             body = np.frombuffer(raw, dtype=np.uint8, offset=8)
             out[step] = CompactRow.from_top(
                 vocab, body[:64].view("<f8"), body[64 : 64 + 4 * k].view("<f4"), body[64 + 4 * k : 64 + 8 * k].view("<u4")
             )
         else:
+            raw = _inflate(data[off : off + size], full, where)
+            if len(raw) != full:
+                raise RecordingError(f"{where}: {len(raw)} bytes, a row of this vocabulary is {full}")
             out[step] = np.frombuffer(raw, dtype="<f4")
         off += size
     return out

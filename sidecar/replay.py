@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from .core.chain import Opening
 from .core.policy import compile_policy
 from .core.sampling import SamplingParams
 from .core.session import Session
-from .errors import FseError
+from .errors import FseError, RecordingError
 from .record import read_rows, read_vocab, vocab_file
 
 # what a frame decides; the rest (timestamp, key id) says when and who signed
@@ -76,7 +77,7 @@ def replay_session(d: Path, policy_override: Policy | None) -> SessionReplay:
     recorded = (
         [json.loads(line) for line in (d / "ledger.jsonl").read_bytes().splitlines()] if (d / "ledger.jsonl").exists() else []
     )
-    rows = read_rows(d / "rows.bin")
+    rows = read_rows(d / "rows.bin", len(tokens))
     out = SessionReplay(meta["session_id"], 0)
     h = hashlib.sha256()
     frames = {rec["step"]: rec for rec in recorded}
@@ -113,21 +114,31 @@ def run_replay(args: argparse.Namespace) -> int:
     sessions = sorted(p for p in root.iterdir() if (p / "open.json").exists())
     if not sessions:
         raise FseError(f"{root} holds no recorded session")
-    differ = 0
+    differ = malformed = 0
     total = 0
     for d in sessions:
-        pol = None
-        if override is not None:
-            name = json.loads((d / "open.json").read_text())["policy"]
-            if name not in override:
-                raise FseError(f"--config {args.config} has no policy {name!r} (session {d.name} ran under it)")
-            pol = override[name]
-        r = replay_session(d, pol)
+        try:
+            pol = None
+            if override is not None:
+                name = json.loads((d / "open.json").read_text())["policy"]
+                if name not in override:
+                    raise FseError(f"--config {args.config} has no policy {name!r} (session {d.name} ran under it)")
+                pol = override[name]
+            r = replay_session(d, pol)
+        except RecordingError as exc:
+            malformed += 1
+            print(f"{d.name}: MALFORMED recording: {exc}")
+            continue
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError, RecursionError, struct.error) as exc:
+            malformed += 1  # a hostile or damaged open.json or ledger: named, never a traceback
+            print(f"{d.name}: MALFORMED recording: {type(exc).__name__}: {str(exc)[:200]}")
+            continue
         total += r.steps
         if r.first_difference:
             differ += 1
             print(f"{r.session_id}: DIFFERS at {r.first_difference}")
         else:
             print(f"{r.session_id}: {r.steps} steps, ledger identical (sha256 {r.ledger_sha256[:16]}...)")
-    print(f"replayed {len(sessions)} sessions, {total} steps: {differ} differ")
-    return 1 if differ else 0
+    bad = f", {malformed} malformed" if malformed else ""
+    print(f"replayed {len(sessions)} sessions, {total} steps: {differ} differ{bad}")
+    return 2 if malformed else 1 if differ else 0
