@@ -17,7 +17,6 @@ this engine trusts (503 naming the key otherwise: every request would fail).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
@@ -29,11 +28,12 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any
 
 from sidecar._pb.fse.v1 import guard_pb2 as pb
+from sidecar.bounded_http import BoundedThreadingMixIn
 from sidecar.core.sampling import SamplingParams
 from sidecar.errors import ConfigError, FseError, GuardAbort, StepRefused
 
@@ -212,42 +212,13 @@ class Engine:
         }
 
 
-class GuardedHTTPServer(ThreadingHTTPServer):
+class GuardedHTTPServer(BoundedThreadingMixIn, HTTPServer):
     """A thread per connection, at most ``max_connections`` of them (more are answered 503
     and closed at once), with a listen backlog that takes a burst without resets."""
 
-    request_queue_size = 128
-    daemon_threads = True
-
     def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], max_connections: int) -> None:
-        self._slots = threading.BoundedSemaphore(max_connections)
-        self.max_connections = max_connections
+        self.bound(max_connections)
         super().__init__(address, handler)
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._slots.acquire(blocking=False):
-            with contextlib.suppress(OSError):
-                request.sendall(_BUSY)
-            self.shutdown_request(request)
-            return
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self._slots.release()
-            raise
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._slots.release()
-
-
-_BUSY_BODY = b'{"error": {"message": "the engine is busy: too many open connections", "code": 503}}'
-_BUSY = (
-    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\nConnection: close\r\n"
-    b"Content-Length: " + str(len(_BUSY_BODY)).encode() + b"\r\n\r\n" + _BUSY_BODY
-)
 
 
 def make_handler(

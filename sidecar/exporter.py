@@ -23,15 +23,17 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from importlib import metadata
-from wsgiref.simple_server import WSGIServer
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import grpc
-from prometheus_client import CollectorRegistry, Histogram, Info, start_http_server
+from prometheus_client import CollectorRegistry, Histogram, Info, make_wsgi_app
 from prometheus_client import Counter as PromCounter
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from ._pb.fse.v1 import guard_pb2 as pb
+from .bounded_http import BoundedThreadingMixIn, best_family
 from .config import GuardSet
 
 LATENCY_BUCKETS = (5e-5, 1e-4, 2e-4, 3e-4, 5e-4, 7.5e-4, 1e-3, 1.5e-3, 2e-3, 3e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1)
@@ -214,7 +216,30 @@ class Exporter:
         self.refused.labels(_CODE_NAMES.get(code, "UNKNOWN")).inc()
 
 
-def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> tuple[int, threading.Thread, WSGIServer]:
-    """``/metrics`` over HTTP in a daemon thread; returns the bound port, the thread and the server."""
-    server, thread = start_http_server(port, addr=host, registry=registry)
+class _MetricsServer(BoundedThreadingMixIn, WSGIServer):
+    pass
+
+
+class _MetricsHandler(WSGIRequestHandler):
+    timeout = 5.0  # a scrape's request is a few hundred bytes: a client that stalls is cut off
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+        """Scrapes are not logged."""
+
+
+def serve_metrics(
+    registry: CollectorRegistry, host: str, port: int, max_connections: int = 16
+) -> tuple[int, threading.Thread, WSGIServer]:
+    """``/metrics`` over HTTP in a daemon thread (prometheus_client's WSGI app; our server:
+    at most ``max_connections`` handler threads, each read bounded by a timeout, where
+    prometheus_client's own keeps a thread per slow client for ever); returns the bound
+    port, the thread and the server."""
+    family, addr = best_family(host, port)
+    server_class = type("MetricsServer", (_MetricsServer,), {"address_family": family})
+    server: _MetricsServer = make_server(  # type: ignore[assignment]
+        addr, port, make_wsgi_app(registry), server_class, handler_class=_MetricsHandler
+    )
+    server.bound(max_connections)
+    thread = threading.Thread(target=server.serve_forever, name="fse-metrics", daemon=True)
+    thread.start()
     return server.server_port, thread, server

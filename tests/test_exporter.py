@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import time
 import urllib.request
 
 import numpy as np
@@ -148,3 +149,31 @@ def test_every_guard_code_the_sidecar_can_trip_has_a_series_from_the_start() -> 
         and reg.get_sample_value("fse_guard_trips_total", {"guard": g}) is not None
         for g in GUARDS
     )
+
+
+def _threads(pid: int) -> int:
+    return int(next(ln for ln in open(f"/proc/{pid}/status") if ln.startswith("Threads:")).split()[1])
+
+
+def test_slow_metrics_clients_hold_a_bounded_number_of_threads_and_are_cut_off(start_sidecar) -> None:
+    # prometheus_client's own server kept a thread per half-sent request, for ever
+    port = free_port()
+    sc = start_sidecar(metrics={"listen": f"127.0.0.1:{port}"})
+    url = f"http://127.0.0.1:{port}/metrics"
+    assert urllib.request.urlopen(url, timeout=10).status == 200
+    before = _threads(sc.proc.pid)
+    held = []
+    for _ in range(60):  # request lines that never end
+        c = socket.create_connection(("127.0.0.1", port), timeout=15)
+        c.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+        held.append(c)
+    time.sleep(0.5)
+    assert _threads(sc.proc.pid) <= before + 16 + 1, (before, _threads(sc.proc.pid))
+    answers = []
+    for c in held:  # 16 are cut off by the read timeout (5 s); the rest were answered 503 at once
+        answers.append(b"".join(iter(lambda c=c: c.recv(65536), b"")))
+        c.close()
+    busy = [a for a in answers if a.startswith(b"HTTP/1.1 503")]
+    assert len(busy) >= 60 - 16 and all(a in (b"",) or a.startswith(b"HTTP/1.1 503") for a in answers)
+    assert urllib.request.urlopen(url, timeout=10).status == 200  # the slots came back
+    assert _threads(sc.proc.pid) <= before + 1
