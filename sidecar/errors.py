@@ -15,6 +15,7 @@
     ├── MalformedMessage       bytes that do not parse as the RPC's request
     ├── AuditError             an audit file cannot be created or written
     ├── RecordingError         a recording (serve --record) that replay cannot read
+    ├── ReloadFailed           a policy reload timed out or ran out of its memory bound
     ├── AccelBuildError        the compiled fast path cannot be built (no mypyc, no compiler)
     ├── LaneUnavailable        the fast lane asked of a sidecar that serves none
     ├── RingError              shared-memory ring problems
@@ -148,6 +149,12 @@ class AuditError(FseError):
 
 class RecordingError(FseError):
     """A recording that ``replay`` cannot read: the message names the file and what."""
+
+
+class ReloadFailed(FseError):
+    """A policy reload that did not finish: the policies in force stay."""
+
+    grpc_code = "RESOURCE_EXHAUSTED"
 
 
 class AccelBuildError(FseError):

@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 import multiprocessing
+import resource
 from collections.abc import Mapping
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from .config import SidecarConfig, load_config
 from .core.policy import CompiledPolicy, compile_policies
-from .errors import ConfigError, FseError, SigningKeyError
+from .errors import ConfigError, FseError, ReloadFailed, SigningKeyError
 from .signing import Signer
 
 if TYPE_CHECKING:  # the child process that compiles imports this module: keep it light
@@ -51,20 +52,39 @@ class PolicyReloader:
         if self.config_path is None:
             raise ConfigError("this sidecar was not started from a configuration file; nothing to reload")
         path = self.config_path
+        cfg = self.service.config
         async with self._lock:
             loop = asyncio.get_running_loop()
             try:
-                pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+                pool = ProcessPoolExecutor(
+                    max_workers=1,
+                    mp_context=multiprocessing.get_context("spawn"),
+                    initializer=_limit_memory,
+                    initargs=(cfg.reload_max_memory_mb << 20,),
+                )
                 try:
                     # --listen and --record given on the command line stay what they were
-                    config, policies = await loop.run_in_executor(
-                        pool, _load_and_compile, path, self.service.config.listen, self.service.config.record_dir
-                    )
+                    job = loop.run_in_executor(pool, _load_and_compile, path, cfg.listen, cfg.record_dir)
+                    config, policies = await asyncio.wait_for(job, cfg.reload_timeout_s)
+                except TimeoutError:
+                    for child in list(getattr(pool, "_processes", {}).values()):  # stuck reading or compiling
+                        child.kill()
+                    raise ReloadFailed(
+                        f"policy reload took longer than reload_timeout_s ({cfg.reload_timeout_s:g} s): is {path} "
+                        "a file (not a FIFO or a slow mount)? The compiling process was killed"
+                    ) from None
                 finally:
-                    pool.shutdown(wait=False)  # joining the child here would block the loop
+                    pool.shutdown(wait=False, cancel_futures=True)  # joining the child here would block the loop
             except ConfigError as exc:
                 log.error("policy reload refused, the policies in force stay: %s", exc)
                 raise
+            except ReloadFailed as exc:
+                log.error("policy reload failed, the policies in force stay: %s", exc)
+                raise
+            except MemoryError:
+                why = f"compiling the policies needs more than reload_max_memory_mb ({cfg.reload_max_memory_mb} MB)"
+                log.error("policy reload failed, the policies in force stay: %s", why)
+                raise ReloadFailed(why) from None
             except Exception as exc:  # the child died (out of memory, killed): keep serving the old ones
                 log.error("policy reload failed, the policies in force stay: %s: %s", type(exc).__name__, exc)
                 raise FseError(f"policy reload failed in its worker process: {type(exc).__name__}: {exc}") from None
@@ -113,6 +133,12 @@ def removed_rules(old: Mapping[str, CompiledPolicy], new: Mapping[str, CompiledP
         if gone:
             out.append(f"rules {gone} from policy {name!r}")
     return out
+
+
+def _limit_memory(max_bytes: int) -> None:
+    """In the child, before anything is read: its address space is bounded (MemoryError
+    past it, reported to the parent; the sidecar's own memory is untouched)."""
+    resource.setrlimit(resource.RLIMIT_AS, (max_bytes, max_bytes))
 
 
 def _load_and_compile(path: Path, listen: str, record_dir: Path | None) -> tuple[SidecarConfig, dict[str, CompiledPolicy]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -157,3 +158,46 @@ def test_serve_refuses_to_start_on_a_bad_policy_file(tmp_path: Path, keys, rules
     assert r.returncode == 2
     assert message in r.stderr
     assert not (tmp_path / "s.sock").exists()
+
+
+def test_a_reload_that_blocks_reading_the_file_times_out_and_the_next_one_works(start_sidecar, keys) -> None:
+    sc = start_sidecar(policies=policies("flag"), reload_timeout_s=2)
+    c = GuardClient(sc.target, keys.public, rpc_timeout=30)
+    c.wait_ready()
+    digest = c.register_vocabulary(VOCAB)
+    before = c.open_session(digest, SamplingParams()).policy_digest
+    text = sc.config.read_text()
+    sc.config.unlink()
+    os.mkfifo(sc.config)  # nobody ever writes it: reading blocks
+    try:
+        with pytest.raises(StepRefused, match=r"reload_timeout_s \(2 s\).*compiling process was killed") as e:
+            c.reload_policy()
+        assert e.value.code == "RESOURCE_EXHAUSTED"
+    finally:
+        sc.config.unlink()
+        sc.config.write_text(text)
+    assert c.open_session(digest, SamplingParams()).policy_digest == before  # the old policies stay
+    rewrite(sc, policies("block"))
+    assert c.reload_policy()["default"] != before  # the lock was given back
+    c.close()
+
+
+def test_a_reload_past_its_memory_bound_fails_and_the_old_policies_stay(start_sidecar, keys) -> None:
+    sc = start_sidecar(policies=policies("flag"), reload_max_memory_mb=256)
+    c = GuardClient(sc.target, keys.public, rpc_timeout=120)
+    c.wait_ready()
+    digest = c.register_vocabulary(VOCAB)
+    rewrite(sc, policies("block"))
+    small = c.reload_policy()["default"]  # a small file compiles under the bound
+    # 20 000 rules, and 40 policies that alias them: 41 automata from a 1 MB file
+    cfg = yaml.safe_load(sc.config.read_text())
+    del cfg["policies"]
+    rules = "\n".join(
+        f"      - {{id: r{i}, kind: literal, patterns: [w{i}x{i * 7919 % 100003}q], action: block}}" for i in range(20_000)
+    )
+    aliases = "\n".join(f"  p{i}: *base" for i in range(40))
+    sc.config.write_text(yaml.safe_dump(cfg) + f"policies:\n  default: &base\n    rules:\n{rules}\n{aliases}\n")
+    with pytest.raises(StepRefused, match=r"needs more than reload_max_memory_mb \(256 MB\)"):
+        c.reload_policy()
+    assert c.open_session(digest, SamplingParams()).policy_digest == small
+    c.close()
