@@ -56,6 +56,7 @@ class _Lane:
         self.reader = server.service.ring_reader(session_id)
         self.reader.open_lane()
         self.done = [0] * self.reader.layout.slot_count
+        self.cursor = 0  # the slot answered last: where the next doorbell's scan starts
         self.closed = False
         loop = server.loop
         loop.add_reader(request_fd, self._rung)
@@ -63,7 +64,7 @@ class _Lane:
 
     def _rung(self) -> None:
         try:
-            os.eventfd_read(self.request_fd)
+            rung = os.eventfd_read(self.request_fd)  # the engine writes 1 per request: how many are new
         except BlockingIOError:
             return
         except OSError as exc:  # checked to be an eventfd at the hello: this lane alone ends
@@ -76,7 +77,14 @@ class _Lane:
         except FseError as exc:
             self.close(str(exc))
             return
-        for slot in range(self.reader.layout.slot_count):
+        # Scan from the slot answered last (an engine reusing one slot, or going round them,
+        # is found at the first or second read) and stop once as many requests as rings were
+        # answered: a doorbell costs the reads of its own requests, not one per slot.
+        count, answered = self.reader.layout.slot_count, 0
+        for i in range(count):
+            if answered >= rung:
+                break
+            slot = (self.cursor + i) % count
             try:
                 frame_seq, _deadline, n_rows, flags = self.reader.request(slot)
                 if frame_seq <= self.done[slot]:
@@ -92,6 +100,7 @@ class _Lane:
                 self.fault(str(exc))
                 return
             self.done[slot] = frame_seq
+            self.cursor, answered = slot, answered + 1
             if flags & REQUEST_PING:
                 if not self._ring_back():
                     return

@@ -19,7 +19,7 @@ from sidecar._pb.fse.v1 import guard_pb2 as pb
 from sidecar.config import parse_config
 from sidecar.core.sampling import SamplingParams
 from sidecar.errors import GuardUnavailable, VerdictRejected
-from sidecar.ring import LANE_REQUEST, RingWriter
+from sidecar.ring import LANE_REQUEST, RingReader, RingWriter
 from sidecar.server import serve
 from sidecar.service import GuardService
 from sidecar.signing import Signer
@@ -276,3 +276,26 @@ def test_a_sidecar_without_the_lane_refuses_it_before_opening_anything(start_sid
             c.open_session(digest, SamplingParams(), ring=ring, lane="shm")
     assert err.value.code == "FAILED_PRECONDITION"
     assert not list(audit.glob("*.audit"))  # refused before a session (or its audit file) existed
+
+
+def test_a_doorbell_reads_the_request_records_of_its_own_requests_not_every_slot(inprocess_sidecar, keys, monkeypatch) -> None:
+    # a doorbell used to read all the ring's request records (O(slots) on the shared loop)
+    reads = []
+    real = RingReader.request
+
+    def counted(self: RingReader, slot: int) -> tuple[int, int, int, int]:
+        reads.append(slot)
+        return real(self, slot)
+
+    monkeypatch.setattr(RingReader, "request", counted)
+    c = GuardClient(inprocess_sidecar, keys.public)
+    c.wait_ready()
+    digest = c.register_vocabulary(VOCAB)
+    with RingWriter.create(slots=64, vocab_size=V, verdict_capacity=8192) as ring:
+        s = c.open_session(digest, HOT, ring=ring, lane="shm")
+        reads.clear()
+        for x in rows(30):
+            s.step(x)
+        s.close()
+    assert 30 <= len(reads) <= 2 * 30, len(reads)  # was 64 x 30
+    c.close()
