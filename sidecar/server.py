@@ -194,6 +194,20 @@ def _client(context: grpc.aio.ServicerContext) -> str | None:
     return peer if peer.startswith(("ipv4:", "ipv6:")) else None
 
 
+def _reload_refusal(config: SidecarConfig, context: grpc.aio.ServicerContext) -> str:
+    """'' when this caller may ask for a reload (allow_reload_rpc, reload_identities)."""
+    if not config.allow_reload_rpc:
+        return "ReloadPolicy is off on this sidecar (allow_reload_rpc: false): reload with SIGHUP or watch_config_s"
+    if config.reload_identities is None:
+        return ""
+    auth = context.auth_context()
+    names = {n.decode(errors="replace") for k in ("x509_common_name", "x509_subject_alternative_name") for n in auth.get(k, [])}
+    if names & set(config.reload_identities):
+        return ""
+    shown_names = ", ".join(sorted(names))[:200] or "no client certificate"
+    return f"ReloadPolicy is allowed to reload_identities only; this client is {shown_names}"
+
+
 def _identity(raw: bytes) -> bytes:
     return raw
 
@@ -297,6 +311,10 @@ class GuardServicer:
         )
 
     async def ReloadPolicy(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.ReloadPolicyResponse:
+        why = _reload_refusal(self.service.config, context)
+        if why:
+            log.warning("ReloadPolicy refused: %s", why)
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
         try:
             await self._request("ReloadPolicy", pb.ReloadPolicyRequest, raw)
             digests = await self.reloader.reload()

@@ -201,3 +201,22 @@ def test_a_reload_past_its_memory_bound_fails_and_the_old_policies_stay(start_si
         c.reload_policy()
     assert c.open_session(digest, SamplingParams()).policy_digest == small
     c.close()
+
+
+def test_with_the_reload_rpc_off_only_sighup_reloads(start_sidecar, keys) -> None:
+    sc = start_sidecar(policies=policies("flag"), allow_reload_rpc=False)
+    c = GuardClient(sc.target, keys.public)
+    c.wait_ready()
+    digest = c.register_vocabulary(VOCAB)
+    before = c.open_session(digest, SamplingParams()).policy_digest
+    rewrite(sc, policies("block"))
+    with pytest.raises(StepRefused, match=r"ReloadPolicy is off on this sidecar \(allow_reload_rpc: false\)") as e:
+        c.reload_policy()
+    assert e.value.code == "PERMISSION_DENIED"
+    assert c.open_session(digest, SamplingParams()).policy_digest == before
+    sc.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 30
+    while c.open_session(digest, SamplingParams()).policy_digest == before:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    c.close()

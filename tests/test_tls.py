@@ -174,3 +174,20 @@ def test_the_session_quota_is_per_certificate_not_per_common_name_or_connection(
         s.close()
     for c in clients:
         c.close()
+
+
+@pytest.mark.parametrize("tls_sidecar", [{"reload_identities": ["spiffe://fse.test/ns/a/sa/engine"]}], indirect=True)
+def test_reload_policy_is_allowed_to_the_named_certificate_identities_only(tls_sidecar, keys, pki) -> None:
+    def client(name: str) -> GuardClient:
+        c = GuardClient(tls_sidecar, keys.public, tls=ClientTls(pki["ca"], pki[f"{name}_crt"], pki[f"{name}_key"]))
+        c.wait_ready()
+        return c
+
+    allowed, other = client("spiffe_a"), client("client")
+    assert set(allowed.reload_policy()) == {"default"}
+    with pytest.raises(StepRefused, match=r"allowed to reload_identities only; this client is client") as e:
+        other.reload_policy()
+    assert e.value.code == "PERMISSION_DENIED"
+    other.register_vocabulary(VOCAB)  # everything else it may still do
+    allowed.close()
+    other.close()
