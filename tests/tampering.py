@@ -6,6 +6,8 @@ compromised or confused sidecar sends. Not a mock: real server, real service, re
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 from concurrent import futures
 from pathlib import Path
 
@@ -32,7 +34,14 @@ class TamperingServicer(pb_grpc.GuardServiceServicer):
 
     def OpenSession(self, request, context):
         s = self.service.open_session(request)
-        return session_opened(s, self.claimed_key_id)
+        r = session_opened(s, self.claimed_key_id)
+        if self.mode == "other_genesis":  # a genesis that binds another opening
+            r.genesis_hash = hashlib.sha256(b"another opening").digest()
+        elif self.mode == "short_nonce":  # an 8-byte nonce, and a genesis honestly computed over it
+            assert s.opening is not None
+            r.opening_nonce = s.opening.opening_nonce[:8]
+            r.genesis_hash = dataclasses.replace(s.opening, opening_nonce=r.opening_nonce).genesis()
+        return r
 
     def CloseSession(self, request, context):
         closed = self.service.close_session(request.session_id, request.session_secret)

@@ -233,3 +233,39 @@ def test_a_directory_and_several_files_are_checked_each_and_the_worst_sets_the_e
     empty = tmp_path / "empty"
     empty.mkdir()
     assert main(["audit", "verify", str(empty)]) == 2
+
+
+def test_a_frame_whose_prev_chain_hash_field_lies_is_broken_even_if_its_chain_hash_holds(closed_file, tmp_path, capsys) -> None:
+    """Mutation audit: each record's prev_chain_hash link is checked, not only the chain
+    hash recomputed from the frame before."""
+    records = _records(closed_file)
+    records[3]["prev_chain_hash"] = "ab" * 32  # frame 2: its own chain hash untouched
+    rc, out = _verify(capsys, _write(tmp_path / "link.audit", records), "--no-signatures")
+    assert rc == 1 and "BROKEN at line 4: frame 2 does not link to the previous chain hash" in out, out
+
+
+def test_a_failed_audit_write_is_cut_back_to_the_last_whole_frame(tmp_path, monkeypatch) -> None:
+    """Mutation audit: a short write (a full disk) leaves no half frame behind."""
+    from sidecar import audit as audit_mod
+    from sidecar.config import AuditConfig
+    from sidecar.errors import AuditError
+
+    cfg = AuditConfig(dir=tmp_path, fsync="close")
+    syncer = audit_mod.Syncer(cfg)
+    log = audit_mod.SessionAudit(tmp_path / "s.audit", syncer)
+    log.append({"kind": "genesis", "n": 1})
+    whole = (tmp_path / "s.audit").read_bytes()
+    real_write = os.write
+
+    def half_write(fd: int, data: bytes) -> int:
+        return real_write(fd, data[: len(data) // 2])  # the disk fills mid-frame
+
+    monkeypatch.setattr(audit_mod.os, "write", half_write)
+    with pytest.raises(AuditError, match="short write"):
+        log.append({"kind": "frame", "padding": "x" * 200})
+    monkeypatch.setattr(audit_mod.os, "write", real_write)
+    assert (tmp_path / "s.audit").read_bytes() == whole
+    with pytest.raises(AuditError, match="failed earlier"):  # and the file takes nothing more
+        log.append({"kind": "frame"})
+    log.close()
+    syncer.stop()

@@ -121,3 +121,22 @@ def test_an_abort_ends_only_its_own_row_with_the_reason(hf, client) -> None:
     assert "Paris" not in tokenizer.decode(done[0].token_ids)
     assert want[0][: len(done[0].token_ids)] == done[0].token_ids  # everything before the word was the model's
     assert [d.token_ids for d in done[1:]] == want[1:]
+
+
+def test_tokens_the_engine_produced_against_the_verdicts_are_never_returned(hf, client, monkeypatch) -> None:
+    """Mutation audit: the boundary compares the engine's tokens with the verdicts. A
+    processor that judges but fails to force lets greedy decoding differ from the
+    sidecar's seeded draws: that row returns no token at all, "guard_error"."""
+    real = FseLogitsProcessor.__call__
+
+    def judging_not_forcing(self, input_ids, scores):
+        real(self, input_ids, scores)  # the verdicts are taken and recorded...
+        return scores  # ...and the engine's own scores used
+
+    monkeypatch.setattr(FseLogitsProcessor, "__call__", judging_not_forcing)
+    model, tokenizer = hf
+    c = client()
+    hot = SamplingParams(temperature=1.5, top_k=200, seed=5, repetition_penalty=1.0)
+    done = generate_guarded(model, tokenizer, PROMPTS, c, [hot] * len(PROMPTS), max_new_tokens=N, compact_capacity=0)
+    assert all(d.finish_reason == "guard_error" and d.token_ids == [] and d.text == "" for d in done), done
+    assert all("the engine produced tokens no verdict named" in d.error for d in done)

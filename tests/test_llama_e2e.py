@@ -194,3 +194,26 @@ def test_processor_failure_is_recorded_and_blanks_the_scores(guarded) -> None:
     assert run.stopping(None, None) is True
     with pytest.raises(GuardUnavailable):
         run.admit(0, 0)
+
+
+def test_a_token_llama_cpp_produced_against_its_verdict_never_reaches_the_caller(llama, guarded, monkeypatch) -> None:
+    """Mutation audit: the boundary runs before a token is handed over. A processor that
+    fails to force (what the trap would do) lets llama.cpp's greedy pick differ from the
+    sidecar's seeded draw; that token is refused, and every token the caller got is the
+    one its verdict allows."""
+
+    def not_forcing(self: _Run, input_ids, scores):
+        v = self.session.step(scores)
+        self.verdicts[self.step] = v  # recorded, but the scores left as they were
+        self.step += 1
+        return scores
+
+    monkeypatch.setattr(_Run, "processor", not_forcing)
+    g, _ = guarded()
+    llama.reset()
+    hot = SamplingParams(temperature=1.5, top_k=200, seed=11, repetition_penalty=1.0)
+    done = g.complete(PROMPTS[1], max_tokens=48, sampling=hot)
+    assert isinstance(done.error, VerdictRejected) and "the verdict allows" in str(done.error), done.error
+    assert all(t.token_id == t.verdict.token_id for t in done.tokens)
+    refused_step = int(str(done.error).split()[1].rstrip(":"))
+    assert len(done.tokens) == refused_step  # nothing at or after the refused step was handed over

@@ -87,6 +87,119 @@ MUTANTS = [
         (("        if kind == KIND_FULL:", "        if kind != KIND_COMPACT:"),),  # an unknown kind read as FULL
         ("tests/test_ring.py::test_a_compact_row_is_read_whole_beside_full_rows_and_an_unknown_kind_is_refused",),
     ),
+    # the mutation audit of issue 28: twelve changes the suite let through before
+    Mutant(
+        "llama-adapter-hands-a-token-over-before-admit-verified-it",
+        "engine_adapters/llama_cpp.py",
+        (
+            (
+                """                v = run.admit(step, int(token))
+                if token == eos:
+                    return
+                yield GuardedToken(
+                    step, int(token), self.vocab[token], v, run.latencies.pop(step, 0.0), run.phases.pop(step, Phases())
+                )""",
+                """                if token != eos:
+                    yield GuardedToken(step, int(token), self.vocab[token], run.verdicts.get(step) or pb.Verdict(), 0.0, Phases())
+                v = run.admit(step, int(token))
+                if token == eos:
+                    return""",
+            ),
+        ),
+        ("tests/test_llama_e2e.py::test_a_token_llama_cpp_produced_against_its_verdict_never_reaches_the_caller",),
+    ),
+    Mutant(
+        "transformers-adapter-boundary-check-disabled",
+        "engine_adapters/hf.py",
+        (("if new != allowed[: len(new)] or len(new) != len(allowed):", "if False:"),),
+        ("tests/test_hf_e2e.py::test_tokens_the_engine_produced_against_the_verdicts_are_never_returned",),
+    ),
+    Mutant(
+        "client-does-not-check-the-genesis-hash",
+        "engine_adapters/client.py",
+        ((" or r.genesis_hash != opening.genesis():", ":"),),
+        ("tests/test_service.py::test_an_opening_whose_genesis_or_nonce_does_not_bind_it_is_refused[other_genesis]",),
+    ),
+    Mutant(
+        "client-does-not-check-the-opening-nonce-length",
+        "engine_adapters/client.py",
+        (("if len(r.opening_nonce) < 16 or ", "if "),),
+        ("tests/test_service.py::test_an_opening_whose_genesis_or_nonce_does_not_bind_it_is_refused[short_nonce]",),
+    ),
+    Mutant(
+        "engine-takes-answers-from-another-slots-verdict-area",
+        "sidecar/ring.py",
+        (
+            (
+                "        lane = self._lane(slot)\n        head = LANE_REQUEST\n",
+                "        lane = self._lane((slot + 1) % self.layout.slot_count)\n        head = LANE_REQUEST\n",
+            ),
+        ),
+        ("tests/test_ring.py::test_the_engine_takes_a_slots_answers_from_that_slots_verdict_area_only",),
+    ),
+    Mutant(
+        "engine-does-not-recheck-the-verdict-area-after-the-copy",
+        "sidecar/ring.py",
+        (
+            (
+                '        if int.from_bytes(lane[head : head + 8], "little") != frame_seq:\n'
+                "            return None\n        return out, service_us",
+                "        return out, service_us",
+            ),
+        ),
+        ("tests/test_ring.py::test_the_engine_refuses_answers_whose_verdict_area_changed_while_they_were_copied",),
+    ),
+    Mutant(
+        "node-client-writes-a-frame-without-making-its-seq-odd",
+        "clients/node/fse.js",
+        (("    fs.writeSync(this.fd, u64(seq + 1n), 0, 8, base); // odd: being written\n", ""),),
+        ("tests/test_node_client.py::test_the_node_client_passes_the_conformance_vectors",),
+    ),
+    Mutant(
+        "batch-reader-skips-the-seqlock-check-before-the-copy",
+        "sidecar/ring.py",
+        (
+            (
+                '            now, n = struct.unpack_from("<QI", head)\n            self._check_seq(slot, seq, now)\n'
+                "        except FseError as exc:\n            return [exc] * len(wanted)",
+                '            now, n = struct.unpack_from("<QI", head)\n'
+                "        except FseError as exc:\n            return [exc] * len(wanted)",
+            ),
+        ),
+        ("tests/test_ring.py::test_a_batch_frame_published_before_it_was_whole_is_refused_for_every_row",),
+    ),
+    Mutant(
+        "batch-reader-skips-the-seqlock-check-after-the-copy",
+        "sidecar/ring.py",
+        (
+            (
+                "            self._read_exact(memoryview(self._seq_now), base)\n"
+                '            self._check_seq(slot, seq, int.from_bytes(self._seq_now, "little"))\n'
+                "        except FseError as exc:\n            return [exc] * len(wanted)",
+                "            self._read_exact(memoryview(self._seq_now), base)\n"
+                "        except FseError as exc:\n            return [exc] * len(wanted)",
+            ),
+        ),
+        ("tests/test_ring.py::test_a_batch_frame_replaced_while_its_rows_are_copied_is_refused_for_every_row",),
+    ),
+    Mutant(
+        "audit-writer-leaves-a-failed-write-half-written",
+        "sidecar/audit.py",
+        (("os.ftruncate(self._fd, self._size)", "pass"),),
+        ("tests/test_audit_verify.py::test_a_failed_audit_write_is_cut_back_to_the_last_whole_frame",),
+    ),
+    Mutant(
+        "audit-verify-skips-the-prev-chain-hash-link",
+        "sidecar/core/ledger.py",
+        (('if rec["prev_chain_hash"] != prev.hex():', "if False:"),),
+        ("tests/test_audit_verify.py::test_a_frame_whose_prev_chain_hash_field_lies_is_broken_even_if_its_chain_hash_holds",),
+    ),
+    Mutant(
+        "audit-verify-skips-the-receipt-signature",
+        "sidecar/core/ledger.py",
+        (("why = check_receipt(statement, check, what)", 'why = ""'),),
+        ("tests/test_audit_verify.py::test_a_forged_receipt_signature_is_broken_with_the_key",),
+    ),
     Mutant(
         "sidecar-does-not-check-the-session-owner",
         "sidecar/service.py",

@@ -9,7 +9,7 @@ import pytest
 
 from sidecar.core.compact import BatchedRow, CompactRow, moments_and_top
 from sidecar.errors import RingError, RingLayoutError, RowError, TornFrameError
-from sidecar.ring import VECTORISE_ROWS, RingLayout, RingReader, RingWriter
+from sidecar.ring import LANE_REQUEST, LANE_VERDICT_HEAD, VECTORISE_ROWS, RingLayout, RingReader, RingWriter
 
 
 @pytest.fixture
@@ -391,3 +391,100 @@ def test_a_ring_is_private_to_its_user_unless_a_group_mode_is_asked_for() -> Non
     for bad in (0o644, 0o666, 0o200, 0o700):
         with pytest.raises(RingLayoutError, match="ring mode"):
             RingWriter.create(slots=1, vocab_size=8, mode=bad)
+
+
+def _compact_rows(f, n: int, fill: float = 0.0) -> list[tuple[int, int, int]]:
+    """``n`` COMPACT rows into frame ``f``: (row, session_tag, step) of each, as rows() takes them."""
+    rng = np.random.default_rng(int(fill))
+    return [
+        (f.write_compact(i + 1, 4, *moments_and_top(rng.normal(size=1000).astype(np.float32) + fill, 16)), i + 1, 4)
+        for i in range(n)
+    ]
+
+
+def _write_batch(w: RingWriter, slot: int, n: int, fill: float = 0.0) -> tuple[int, list[tuple[int, int, int]]]:
+    with w.frame(slot) as f:
+        wanted = _compact_rows(f, n, fill)
+    return f.seq, wanted
+
+
+def test_a_batch_frame_published_before_it_was_whole_is_refused_for_every_row(monkeypatch) -> None:
+    """The seqlock checked before the copy (mutation audit): the head is read while the
+    frame is still being written, and the frame is whole again by the check after it."""
+    with RingWriter.create(slots=1, rows=4, vocab_size=1000, topk=16) as w:
+        frame = w.frame(0)
+        wanted = _compact_rows(frame.__enter__(), 4)
+        published = int(w._seq[0]) + 1
+        reader = RingReader(w.name)
+        read = reader._read_exact
+        calls = []
+
+        def read_then_finish(buf, offset):
+            read(buf, offset)
+            calls.append(offset)
+            if len(calls) == 1:  # the head and descriptors, read mid-frame: the writer finishes now
+                frame.__exit__(None, None, None)
+
+        monkeypatch.setattr(reader, "_read_exact", read_then_finish)
+        got = reader.rows(0, published, wanted)
+        assert len(got) == 4 and all(isinstance(g, TornFrameError) and "being written" in str(g) for g in got), got
+        reader.close()
+
+
+def test_a_batch_frame_replaced_while_its_rows_are_copied_is_refused_for_every_row(monkeypatch) -> None:
+    """The seqlock checked after the copy (mutation audit): a torn batch frame is never judged."""
+    with RingWriter.create(slots=1, rows=4, vocab_size=1000, topk=16) as w:
+        seq, wanted = _write_batch(w, 0, 4)
+        reader = RingReader(w.name)
+        read = reader._read_exact
+        calls = []
+
+        def read_then_replace(buf, offset):
+            read(buf, offset)
+            calls.append(offset)
+            if len(calls) == 1:  # the head is read: the engine writes the next frame into the slot
+                _write_batch(w, 0, 4, fill=5.0)
+
+        monkeypatch.setattr(reader, "_read_exact", read_then_replace)
+        got = reader.rows(0, seq, wanted)
+        assert all(isinstance(g, TornFrameError) and "replaced by a newer frame" in str(g) for g in got), got
+        reader.close()
+
+
+def test_the_engine_takes_a_slots_answers_from_that_slots_verdict_area_only() -> None:
+    """Mutation audit: answers written for the same frame seq into another slot's verdict
+    area are never this slot's."""
+    with RingWriter.create(slots=2, vocab_size=1000, verdict_capacity=256) as w:
+        reader = RingReader(w.name)
+        reader.open_lane()
+        w.submit(0, 6, 1, 0)
+        reader.write_verdicts(1, 6, [b"slot one's answer"])  # the other slot, the same seq
+        assert w.verdicts(0, 6) is None
+        reader.write_verdicts(0, 6, [b"slot zero's answer"])
+        assert w.verdicts(0, 6) == ([b"slot zero's answer"], 0)
+        reader.close()
+
+
+class _RewrittenWhileCopied(bytearray):
+    """A slot's lane area whose verdict seq changes (the sidecar starts another write) the
+    moment an answer's bytes are copied out of it."""
+
+    def __getitem__(self, key):  # type: ignore[override]
+        got = super().__getitem__(key)
+        if isinstance(key, slice) and key.start is not None and key.start >= LANE_REQUEST + LANE_VERDICT_HEAD + 4:
+            self[LANE_REQUEST : LANE_REQUEST + 8] = (7).to_bytes(8, "little")  # odd: being rewritten
+        return got
+
+
+def test_the_engine_refuses_answers_whose_verdict_area_changed_while_they_were_copied(monkeypatch) -> None:
+    """Mutation audit: the verdict area's seq is checked again after the copy."""
+    with RingWriter.create(slots=1, vocab_size=1000, verdict_capacity=256) as w:
+        reader = RingReader(w.name)
+        reader.open_lane()
+        w.submit(0, 6, 1, 0)
+        reader.write_verdicts(0, 6, [b"an answer"])
+        assert w.verdicts(0, 6) == ([b"an answer"], 0)
+        racing = _RewrittenWhileCopied(w._lane(0))
+        monkeypatch.setattr(w, "_lane", lambda slot: racing)
+        assert w.verdicts(0, 6) is None
+        reader.close()

@@ -217,6 +217,20 @@ def test_forged_or_misbound_verdicts_are_rejected(tmp_path, keys, other_keys, mo
         server.stop(0)
 
 
+@pytest.mark.parametrize("mode", ["other_genesis", "short_nonce"])
+def test_an_opening_whose_genesis_or_nonce_does_not_bind_it_is_refused(tmp_path, keys, mode: str) -> None:
+    # mutation audit: the client not checking the genesis hash, or the opening nonce's length
+    server, target = start_tampering_server(tmp_path, Signer.from_file(keys.private), None, mode)
+    try:
+        c = GuardClient(target, keys.public)
+        digest = c.register_vocabulary(VOCAB)
+        with pytest.raises(VerdictRejected, match="the genesis does not bind this opening"):
+            c.open_session(digest, SamplingParams())
+        c.close()
+    finally:
+        server.stop(0)
+
+
 def test_adapter_refuses_a_sidecar_signing_with_an_untrusted_key(start_sidecar, keys, other_keys) -> None:
     sc = start_sidecar(signing=other_keys)
     c = GuardClient(sc.target, keys.public)
