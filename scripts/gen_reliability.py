@@ -2,7 +2,8 @@
 
     python scripts/gen_reliability.py [--soak bench-results/bench-load.json]
 
-1. runs the fault matrix and the hostile-input tests (pytest, recording each case's outcome);
+1. runs the fault matrix, the hostile-input tests and the tests of issue 28's findings
+   (tests/reliability_table.EDGES) with pytest, recording each case's outcome;
 2. runs the soak as CI runs it (table.CI_SOAK: 4 sessions, 12 s, 2 engine processes);
 3. takes the long soak from ``--soak`` (a ``fse-sidecar bench load`` JSON; without it the
    one already in tests/reliability.json is kept);
@@ -45,6 +46,7 @@ def run_suite() -> list[dict[str, Any]]:
         out = Path(f.name)
     env = {**os.environ, "FSE_RELIABILITY_OUT": str(out)}
     tests = ["tests/test_fault_matrix.py", "tests/test_hostile_input.py"]
+    tests += sorted({t for e in table.EDGES for t in e["tests"]})
     subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], cwd=ROOT, env=env, check=False)
     try:
         return list(json.loads(out.read_text()))
@@ -81,12 +83,14 @@ def build(outcomes: list[dict[str, Any]], soak: dict[str, Any] | None, soak_ci: 
             target = hostile.FUZZ_TARGETS[o["function"]].format(param=param)
             examples = fn._hypothesis_internal_use_settings.max_examples
             fuzz.append({"target": target, "test": o["function"], "examples": examples, "outcome": o["outcome"]})
+    edges = [{**e, "outcome": table.edge_outcome(e["tests"], outcomes)} for e in table.EDGES]
     return {
         "generated_by": "scripts/gen_reliability.py",
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
         "machine": f"{os.cpu_count()} cores, Python {platform.python_version()}",
         "faults": faults,
         "fuzz": fuzz,
+        "edges": edges,
         "soak": soak,
         "soak_ci": soak_ci,
     }
@@ -115,6 +119,7 @@ def main() -> int:
     write_readme(data)
     bad = [f["id"] for f in data["faults"] if any(v != "passed" for v in f["lanes"].values())]
     bad += [z["test"] for z in data["fuzz"] if z["outcome"] != "passed"]
+    bad += [f"issue 28 item {e['item']}" for e in data["edges"] if e["outcome"] != "passed"]
     print(f"wrote {table.RESULTS.relative_to(ROOT)} and README.md; {'not held: ' + ', '.join(bad) if bad else 'all held'}")
     return 1 if bad else 0
 

@@ -17,6 +17,223 @@ LANES = ("stream", "unary", "batch", "shm")
 CI_SOAK = {"sessions": 4, "seconds": 12.0, "engines": 2, "vocab": 8000, "tokens_per_session": 64}
 
 
+# Issue 28 ("trust at the edges"): each attack that failed against the code, and each gap
+# the mutation audit found, with the tests that failed on the code before the fix and pass
+# now. scripts/gen_reliability.py runs them; a parametrized test counts when every case held.
+_M = "tests/test_mutants.py::test_every_mutant_of_a_fail_closed_check_is_killed"
+EDGES: list[dict[str, Any]] = [
+    {
+        "item": "1",
+        "severity": "high",
+        "what": "a blocking answer eventfd with a full counter froze the sidecar's loop",
+        "tests": [
+            "tests/test_lane_trust.py::test_a_blocking_answer_eventfd_with_a_full_counter_is_refused_and_never_freezes_the_sidecar"
+        ],
+    },
+    {
+        "item": "2",
+        "severity": "high",
+        "what": "a lane session on a victim's ring failed the victim's steps",
+        "tests": [
+            "tests/test_lane_trust.py::test_two_fast_lane_sessions_on_one_ring_each_get_their_own_verdicts",
+            "tests/test_lane_trust.py::test_a_client_ringing_its_own_lane_on_a_victims_ring_cannot_fail_the_victim",
+        ],
+    },
+    {
+        "item": "3",
+        "severity": "medium",
+        "what": "a pipe at EOF as the request fd: a busy loop of tracebacks",
+        "tests": ["tests/test_lane_trust.py::test_a_pipe_as_the_request_fd_is_refused_at_the_hello"],
+    },
+    {
+        "item": "4",
+        "severity": "medium",
+        "what": "lane hellos never timed out, were not capped; EMFILE spun the accept loop",
+        "tests": [
+            "tests/test_lane_trust.py::test_lane_connections_that_never_say_hello_are_capped_and_closed_at_the_timeout",
+            "tests/test_lane_trust.py::test_out_of_descriptors_the_lane_pauses_its_accepts_instead_of_spinning",
+        ],
+    },
+    {
+        "item": "5",
+        "severity": "medium",
+        "what": "client-shaped lane rings made a doorbell cost O(slots + rows)",
+        "tests": [
+            "tests/test_lane_trust.py::test_a_fast_lane_ring_shaped_past_the_bounds_is_refused_at_open",
+            "tests/test_lane.py::test_a_doorbell_reads_the_request_records_of_its_own_requests_not_every_slot",
+        ],
+    },
+    {
+        "item": "6",
+        "severity": "medium",
+        "what": "10M one-byte tokens were parsed holding the GIL before being counted",
+        "tests": [
+            "tests/test_trust_edges.py::test_a_vocabulary_with_more_tokens_than_allowed_is_refused_before_it_is_parsed",
+            "tests/test_trust_edges.py::test_the_token_count_read_off_the_wire_is_the_parsed_count_up_to_the_limit",
+        ],
+    },
+    {
+        "item": "7",
+        "severity": "medium",
+        "what": "an unbounded repetition_window kept 1M-id prompts whole",
+        "tests": ["tests/test_trust_edges.py::test_a_repetition_window_past_the_configured_bound_is_refused"],
+    },
+    {
+        "item": "8",
+        "severity": "medium",
+        "what": "the config watch loaded a half-written file (rules lost, silently)",
+        "tests": [
+            "tests/test_probes_and_watch.py::test_the_watch_never_loads_a_file_caught_half_written",
+            "tests/test_probes_and_watch.py::test_a_reload_that_removes_rules_or_policies_says_so",
+        ],
+    },
+    {
+        "item": "9",
+        "severity": "medium",
+        "what": "the session quota was keyed on the certificate's CN",
+        "tests": ["tests/test_tls.py::test_the_session_quota_is_per_certificate_not_per_common_name_or_connection"],
+    },
+    {
+        "item": "10",
+        "severity": "medium",
+        "what": "forged audit files passed `audit verify` (unkeyed chain, unchecked receipt)",
+        "tests": [
+            "tests/test_audit_verify.py::test_a_forged_frame_of_a_file_without_its_close_record_is_caught_with_the_key",
+            "tests/test_audit_verify.py::test_a_forged_tail_after_the_last_checkpoint_is_never_called_verified",
+            "tests/test_audit_verify.py::test_without_a_key_nothing_is_called_verified_unless_asked_to_skip_signatures",
+            "tests/test_audit_verify.py::test_a_killed_sidecar_leaves_a_file_signed_up_to_its_last_checkpoint",
+            "tests/test_audit_verify.py::test_a_reaped_session_ends_with_a_signed_final_checkpoint_and_verifies",
+        ],
+    },
+    {
+        "item": "11",
+        "severity": "medium",
+        "what": "fse-engine-llama: no socket timeouts, a listen backlog of 5",
+        "tests": [
+            "tests/test_llama_server.py::test_half_sent_requests_are_cut_off_and_open_connections_are_capped",
+            "tests/test_llama_server.py::test_the_listen_backlog_takes_a_burst_and_every_connection_is_answered",
+        ],
+    },
+    {
+        "item": "12",
+        "severity": "low",
+        "what": "`audit verify` on hostile files: tracebacks, a headless file intact; one file only",
+        "tests": [
+            "tests/test_audit_verify.py::test_hostile_files_end_in_broken_at_their_line_never_in_a_traceback",
+            "tests/test_audit_verify.py::test_a_deeply_nested_receipt_is_a_clear_error",
+            "tests/test_audit_verify.py::test_a_directory_and_several_files_are_checked_each_and_the_worst_sets_the_exit",
+        ],
+    },
+    {
+        "item": "13",
+        "severity": "low",
+        "what": "replay: unbounded decompression, tracebacks, recordings 0644",
+        "tests": [
+            "tests/test_replay_hostile.py::test_the_recording_is_readable_by_its_owner_only_and_replays",
+            "tests/test_replay_hostile.py::test_a_row_that_inflates_past_its_vocabulary_is_refused_without_inflating_it",
+            "tests/test_replay_hostile.py::test_a_damaged_recording_is_named_and_never_a_traceback",
+        ],
+    },
+    {
+        "item": "14",
+        "severity": "low",
+        "what": "fse-engine-llama: deep JSON, surrogates, huge top_k, unknown policy 503, raw log",
+        "tests": [
+            "tests/test_llama_server.py::test_malformed_requests_are_400s_and_never_tear_the_guarded_model_down",
+            "tests/test_llama_server.py::test_bad_requests_get_400_naming_the_field_and_the_engine_keeps_serving",
+        ],
+    },
+    {
+        "item": "15",
+        "severity": "low",
+        "what": "/metrics kept a thread per slow client",
+        "tests": ["tests/test_exporter.py::test_slow_metrics_clients_hold_a_bounded_number_of_threads_and_are_cut_off"],
+    },
+    {
+        "item": "16",
+        "severity": "low",
+        "what": "a policy reload had no timeout; its compile child no memory bound",
+        "tests": [
+            "tests/test_policy_reload.py::test_a_reload_that_blocks_reading_the_file_times_out_and_the_next_one_works",
+            "tests/test_policy_reload.py::test_a_reload_past_its_memory_bound_fails_and_the_old_policies_stay",
+        ],
+    },
+    {
+        "item": "17",
+        "severity": "low",
+        "what": "world-accessible socket modes and a 0644 private key were accepted",
+        "tests": [
+            "tests/test_trust_edges.py::test_a_socket_mode_that_lets_every_user_connect_is_refused",
+            "tests/test_trust_edges.py::test_a_signing_key_readable_by_every_user_is_refused",
+        ],
+    },
+    {
+        "item": "18",
+        "severity": "low",
+        "what": "ring names `.` and `..` were opened before being refused",
+        "tests": [
+            "tests/test_trust_edges.py::test_ring_names_that_are_directories_or_hidden_are_refused_before_anything_is_opened"
+        ],
+    },
+    {
+        "item": "19",
+        "severity": "low",
+        "what": "the lane's verdict write grew back a ring its engine shrank",
+        "tests": ["tests/test_lane_trust.py::test_the_lane_never_grows_back_a_ring_its_engine_shrank"],
+    },
+    {
+        "item": "20",
+        "severity": "low",
+        "what": "readiness said SERVING while the engine trusted another key",
+        "tests": [
+            "tests/test_llama_server.py::test_readiness_fails_while_the_sidecar_signs_with_a_key_the_engine_does_not_trust"
+        ],
+    },
+    {
+        "item": "reload",
+        "severity": "decision",
+        "what": "who may call ReloadPolicy (allow_reload_rpc, reload_identities)",
+        "tests": [
+            "tests/test_policy_reload.py::test_with_the_reload_rpc_off_only_sighup_reloads",
+            "tests/test_tls.py::test_reload_policy_is_allowed_to_the_named_certificate_identities_only",
+        ],
+    },
+] + [
+    {"item": f"M{i}", "severity": "mutation audit", "what": what, "tests": [f"{_M}[{name}]"]}
+    for i, (name, what) in enumerate(
+        [
+            ("llama-adapter-hands-a-token-over-before-admit-verified-it", "llama.cpp adapter hands a token over before admit"),
+            ("transformers-adapter-boundary-check-disabled", "transformers adapter's boundary check disabled"),
+            ("client-does-not-check-the-genesis-hash", "client skips OpenSession's genesis hash"),
+            ("client-does-not-check-the-opening-nonce-length", "client skips the opening nonce's length"),
+            ("engine-takes-answers-from-another-slots-verdict-area", "engine reads another slot's verdict area"),
+            ("engine-does-not-recheck-the-verdict-area-after-the-copy", "engine skips the verdict area's recheck"),
+            ("node-client-writes-a-frame-without-making-its-seq-odd", "Node.js client writes a frame with seq even"),
+            ("batch-reader-skips-the-seqlock-check-before-the-copy", "batch frame read without the seqlock check before"),
+            ("batch-reader-skips-the-seqlock-check-after-the-copy", "batch frame read without the seqlock check after"),
+            ("audit-writer-leaves-a-failed-write-half-written", "audit writer leaves a failed write half-written"),
+            ("audit-verify-skips-the-prev-chain-hash-link", "`audit verify` skips the prev_chain_hash link"),
+            ("audit-verify-skips-the-receipt-signature", "`audit verify` skips the receipt's signature"),
+        ],
+        1,
+    )
+]
+
+
+def edge_outcome(tests: list[str], outcomes: list[dict[str, Any]]) -> str:
+    """'passed' when every recorded case of every test passed; else the first other outcome."""
+    seen = False
+    for t in tests:
+        mine = [o for o in outcomes if o["test"] == t or o["test"].startswith(t + "[")]
+        if not mine:
+            return "not run"
+        for o in mine:
+            seen = True
+            if o["outcome"] != "passed":
+                return str(o["outcome"])
+    return "passed" if seen else "not run"
+
+
 def _cell(lanes: dict[str, str], lane: str) -> str:
     got = lanes.get(lane)
     return "—" if got is None else ("held" if got == "passed" else f"**{got.upper()}**")
@@ -56,6 +273,22 @@ def render(data: dict[str, Any]) -> str:
     for z in data["fuzz"]:
         outcome = "held" if z["outcome"] == "passed" else f"**{z['outcome'].upper()}**"
         lines.append(f"| {z['target']} | `{z['test']}` | {z['examples']} | {outcome} |")
+    edges = data.get("edges", [])
+    if edges:
+        held = sum(e["outcome"] == "passed" for e in edges)
+        lines += [
+            "",
+            f"Trust at the edges (issue 28): **{len(edges)} findings, {held} held**: each attack that had "
+            "worked against the sidecar and its tools, and each change the mutation audit saw the suite let "
+            "through, pinned by tests that failed on the code before the fix:",
+            "",
+            "| # | severity | what failed before | tests | now |",
+            "|---|---|---|---|---|",
+        ]
+        for e in edges:
+            names = ", ".join(f"`{t.split('::')[-1]}`" for t in e["tests"])
+            outcome = "held" if e["outcome"] == "passed" else f"**{e['outcome'].upper()}**"
+            lines.append(f"| {e['item']} | {e['severity']} | {e['what']} | {names} | {outcome} |")
     for key, title in (("soak", "Soak"), ("soak_ci", "Soak as CI runs it")):
         s = data.get(key)
         if not s:

@@ -59,6 +59,29 @@ def test_the_results_cover_every_fuzz_test_and_all_held() -> None:
     assert targets("test_well_formed_messages_with_hostile_fields_are_refused_or_answered_cleanly") == calls
 
 
+def test_the_results_cover_every_finding_of_issue_28_and_all_held() -> None:
+    got = _data()["edges"]
+    assert [{k: v for k, v in e.items() if k != "outcome"} for e in got] == table.EDGES, (
+        "the findings changed: run python scripts/gen_reliability.py"
+    )
+    assert all(e["outcome"] == "passed" for e in got), [e["item"] for e in got if e["outcome"] != "passed"]
+
+
+def test_every_test_a_finding_names_exists() -> None:
+    import importlib
+
+    for e in table.EDGES:
+        for t in e["tests"]:
+            path, _, name = t.partition("::")
+            module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
+            fn = name.partition("[")[0]
+            assert callable(getattr(module, fn, None)), f"issue 28 item {e['item']}: {t} does not exist"
+            if "[" in name:  # a mutant, by its id
+                from tests.test_mutants import MUTANTS
+
+                assert name.partition("[")[2].rstrip("]") in {m.name for m in MUTANTS}, t
+
+
 def test_the_published_soaks_lost_no_audit_frame_and_had_no_error() -> None:
     d = _data()
     for key in ("soak", "soak_ci"):
