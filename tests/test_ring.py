@@ -69,15 +69,16 @@ def test_frame_left_half_written_is_detected_as_torn(ring: RingWriter) -> None:
     reader.close()
 
 
-def _tear_after_the_copy(reader: RingReader, monkeypatch, tear) -> None:
-    """Run ``tear`` right after the reader copies a row's logits (the third read of a step)."""
+def _tear_after_the_copy(reader: RingReader, monkeypatch, tear, reads: int = 2) -> None:
+    """Run ``tear`` right after the reader's ``reads``-th read: by default after it copies a
+    row's logits (head + descriptors, then the logits); 1: after a batch's head."""
     read = reader._read_exact
     calls = []
 
     def read_then_tear(buf, offset):
         read(buf, offset)
         calls.append(offset)
-        if len(calls) == 2:  # head + descriptors, then the logits: the engine strikes now
+        if len(calls) == reads:  # the engine strikes now
             tear()
 
     monkeypatch.setattr(reader, "_read_exact", read_then_tear)
@@ -416,16 +417,8 @@ def test_a_batch_frame_published_before_it_was_whole_is_refused_for_every_row(mo
         wanted = _compact_rows(frame.__enter__(), 4)
         published = int(w._seq[0]) + 1
         reader = RingReader(w.name)
-        read = reader._read_exact
-        calls = []
-
-        def read_then_finish(buf, offset):
-            read(buf, offset)
-            calls.append(offset)
-            if len(calls) == 1:  # the head and descriptors, read mid-frame: the writer finishes now
-                frame.__exit__(None, None, None)
-
-        monkeypatch.setattr(reader, "_read_exact", read_then_finish)
+        # the head and descriptors are read mid-frame; the writer finishes right after
+        _tear_after_the_copy(reader, monkeypatch, lambda: frame.__exit__(None, None, None), reads=1)
         got = reader.rows(0, published, wanted)
         assert len(got) == 4 and all(isinstance(g, TornFrameError) and "being written" in str(g) for g in got), got
         reader.close()
@@ -436,16 +429,8 @@ def test_a_batch_frame_replaced_while_its_rows_are_copied_is_refused_for_every_r
     with RingWriter.create(slots=1, rows=4, vocab_size=1000, topk=16) as w:
         seq, wanted = _write_batch(w, 0, 4)
         reader = RingReader(w.name)
-        read = reader._read_exact
-        calls = []
-
-        def read_then_replace(buf, offset):
-            read(buf, offset)
-            calls.append(offset)
-            if len(calls) == 1:  # the head is read: the engine writes the next frame into the slot
-                _write_batch(w, 0, 4, fill=5.0)
-
-        monkeypatch.setattr(reader, "_read_exact", read_then_replace)
+        # the head is read: the engine writes the next frame into the slot
+        _tear_after_the_copy(reader, monkeypatch, lambda: _write_batch(w, 0, 4, fill=5.0), reads=1)
         got = reader.rows(0, seq, wanted)
         assert all(isinstance(g, TornFrameError) and "replaced by a newer frame" in str(g) for g in got), got
         reader.close()
