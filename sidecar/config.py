@@ -181,6 +181,14 @@ class DriftConfig(_Strict):
     margin_nats: float = Field(default=0.5, ge=0)
     # Bet sizes of the mixture (each a fraction of the largest safe bet).
     bets: tuple[float, ...] = (0.25, 0.5, 0.9)
+    # What a crossing of 1/alpha does. protect (heal first): the session enters the
+    # protective band: each step's sampler draw is redone by the strict sampler (HEALED),
+    # and the band is left once the sampler's evidence, restarted at the entry, has stayed
+    # below release_e for release_tokens tokens (hysteresis and debounce, seed 003). halt:
+    # the session is aborted at the crossing.
+    on_drift: Literal["protect", "halt"] = "protect"
+    release_e: float = Field(default=0.1, gt=0, lt=1)
+    release_tokens: int = Field(default=8, ge=1)
 
     @field_validator("bets")
     @classmethod

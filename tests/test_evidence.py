@@ -75,8 +75,8 @@ def test_shifted_streams_are_halted_and_the_delay_is_reported(temperature, margi
     assert delay < 60
 
 
-def test_the_evaluator_follows_the_first_proposal_of_each_step_and_a_crossing_is_permanent() -> None:
-    cfg = DriftConfig(alpha=0.01, margin_nats=0.5)
+def test_with_on_drift_halt_the_first_proposal_of_each_step_decides_and_a_crossing_is_permanent() -> None:
+    cfg = DriftConfig(alpha=0.01, margin_nats=0.5, on_drift="halt")
     d = DriftTest(cfg)
     surprising = TokenMetrics(0, 1.0, 12.0, 500, 0.0, 1e-5, 0.5, 1.0, 1.0, 0.0, 1.0)
     healed = TokenMetrics(1, 1.0, 0.1, 0, 0.5, 0.9, 0.9, 1.0, 1.0, 0.0, 1.0)
@@ -114,3 +114,74 @@ def test_greedy_decoding_never_builds_evidence() -> None:
         assert not d.check(p)
         d.commit(p)
     assert d.e_value <= 1.0
+
+
+SURPRISING = TokenMetrics(0, 1.0, 12.0, 500, 0.0, 1e-5, 0.5, 1.0, 1.0, 0.0, 1.0)  # the sampler's garbage
+CALM = TokenMetrics(1, 1.0, 0.1, 0, 0.5, 0.9, 0.9, 1.0, 1.0, 0.0, 1.0)  # the strict sampler's pick
+
+
+def _step(d: DriftTest, step: int, first: TokenMetrics, redo: TokenMetrics = CALM) -> tuple[list, list]:
+    """One step as the redo runs it: the first (NORMAL) proposal, a STRICT one if it was
+    rejected; the accepted one committed. Returns both proposals' trips."""
+    p = Proposal(first.token, Sampler.NORMAL, first, step, step, attempt=0)
+    trips = list(d.check(p))
+    if not any(t.rejects for t in trips):
+        d.commit(p)
+        return trips, []
+    q = Proposal(redo.token, Sampler.STRICT, redo, step, step, attempt=1)
+    again = list(d.check(q))
+    if not any(t.rejects for t in again):
+        d.commit(q)
+    return trips, again
+
+
+def test_a_drifting_sampler_moves_the_session_into_the_protective_band_instead_of_halting_it() -> None:
+    d = DriftTest(DriftConfig())
+    entered = None
+    for step in range(200):
+        trips, again = _step(d, step, SURPRISING)
+        assert not again  # the strict sampler's token is committed: never a halt
+        if trips and entered is None:
+            entered = step
+            [t] = trips
+            assert t.code == "drift" and t.action.name == "REDO" and "enters the protective band" in t.detail
+        elif entered is not None:
+            [t] = trips  # every later step: the sampler's draw is redone, the trip says why
+            assert t.action.name == "REDO" and "protective band" in t.detail
+    assert entered is not None and entered < 10
+    assert d.protecting and not d.crossed and d.e_value <= 1.0  # capped while the band holds
+
+
+def test_the_band_ends_once_the_sampler_recovers_and_the_next_step_says_so() -> None:
+    cfg = DriftConfig()
+    d = DriftTest(cfg)
+    step = 0
+    while not d.protecting:
+        _step(d, step, SURPRISING)
+        step += 1
+    healthy_first = TokenMetrics(2, 3.0, 1.0, 1, 0.2, 0.4, 0.5, 1.0, 1.0, 0.0, 1.0)  # -log p well under H
+    protected = 0
+    while d.protecting:
+        trips, _ = _step(d, step, healthy_first)
+        assert [t.action.name for t in trips] == ["REDO"]  # hysteresis: still redone until released
+        protected += 1
+        step += 1
+        assert protected < 400
+    assert protected >= cfg.release_tokens  # debounce: never sooner
+    trips, _ = _step(d, step, healthy_first)
+    assert [(t.action.name, "protective band ends" in t.detail) for t in trips] == [("FLAG", True)]
+    trips, _ = _step(d, step + 1, healthy_first)
+    assert trips == []  # back to the request's own sampler
+
+
+def test_what_the_session_commits_drifting_halts_it_as_healing_cannot_hold() -> None:
+    d = DriftTest(DriftConfig())
+    for step in range(200):
+        trips, again = _step(d, step, SURPRISING, redo=SURPRISING)  # even the strict picks are garbage
+        if again:
+            [t] = again
+            assert t.code == "drift" and t.action.name == "HALT" and "what the session commits" in t.detail
+            break
+    else:
+        pytest.fail("a committed stream of 12-nat surprises was never halted")
+    assert step < 10  # as soon as the sampler's crossing found no calm token to commit instead

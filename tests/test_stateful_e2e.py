@@ -94,3 +94,18 @@ def test_temperature_3_under_the_default_policy_stays_within_the_healthy_band(gu
         assert (acted and acted[0] < 16) or (isinstance(d.error, GuardAbort) and len(d.tokens) < 16)
     unguarded = g.complete(HEALTHY[0], max_tokens=48, sampling=SamplingParams(temperature=3.0, seed=5), policy="off")
     assert max_window_mean([t.verdict.metrics.neg_logprob_nats for t in unguarded.tokens]) > 2 * band  # it was garbage
+
+
+def test_hot_sampling_is_healed_into_whole_answers_not_stubs(guarded) -> None:
+    """Heal first (issue 29): at temperature 3.0 the drift test moves the session into the
+    protective band instead of aborting; every later token is the strict sampler's, each
+    verdict HEALED with the drift trip saying so, and the answer runs to its end."""
+    g = guarded()
+    for prompt in HEALTHY:
+        d = g.complete(prompt, max_tokens=64, sampling=SamplingParams(temperature=3.0, seed=5))
+        assert d.error is None, (d.text, d.error)
+        assert len(d.tokens) >= 32 or d.tokens[-1].step + 1 < 64, d.text  # length, or the model's own end
+        band = [t for t in d.tokens if any(r.code == "drift" and "protective band" in r.detail for r in t.verdict.reasons)]
+        assert band and all(t.verdict.decision == pb.DECISION_HEALED for t in band)
+        assert band[0].step < 16  # entered early, then held
+        assert max_window_mean([t.verdict.metrics.neg_logprob_nats for t in band]) < 3.0, d.text  # readable
