@@ -12,7 +12,8 @@ the gate, the loop guard and the drift test disabled: the same sampler, unguarde
     loop-greedy      prompts that make the model repeat itself under greedy decoding
 
 Per group: runs healed or aborted within 16 tokens (of those that reached 16 tokens or
-were acted on sooner), runs aborted, heals per 100 emitted
+were acted on sooner), runs aborted, runs completed (not aborted, and 32 tokens or the
+model's own end), stubs (aborted before 16 tokens), heals per 100 emitted
 tokens, the distinct-4-gram ratio of the emitted tokens (mean, and the worst run), the
 highest 16-token mean -log p of the emitted text (median and worst run), for loops the
 step the loop guard first acted, and the per-token excess -log p - H of the unguarded
@@ -99,10 +100,14 @@ def groups(n_healthy: int, n_garbage: int, n_loops: int) -> list[Group]:
     ]
 
 
+COMPLETE = 32  # a complete answer: not aborted, and at least this many tokens (or the model's own end)
+
+
 @dataclass
 class Run:
     tokens: int
     aborted: bool
+    ended: str  # "abort", "eos" (the model's own end) or "length"
     first_action: int | None  # first step HEALED or ABORT
     heals: int
     loop_step: int | None  # first step where the loop guard acted
@@ -142,6 +147,7 @@ def one_run(guarded: Any, prompt: str, sampling: SamplingParams, policy: str, ma
     return Run(
         tokens=len(done.tokens),
         aborted=aborted,
+        ended="abort" if aborted else ("length" if len(done.tokens) >= max_tokens else "eos"),
         first_action=min(actions) if actions else None,
         heals=len(healed),
         loop_step=min(loop_steps) if loop_steps else None,
@@ -162,6 +168,10 @@ def summarize(runs: list[Run]) -> dict[str, Any]:
         "acted_within_16": sum(1 for r in runs if r.first_action is not None and r.first_action < WITHIN)
         / max(sum(1 for r in runs if r.tokens >= WITHIN or (r.first_action is not None and r.first_action < WITHIN)), 1),
         "aborted": sum(r.aborted for r in runs) / n,
+        # a whole answer: not aborted, and at least COMPLETE tokens or the model's own end
+        "completed": sum(1 for r in runs if not r.aborted and (r.tokens >= COMPLETE or r.ended == "eos")) / n,
+        # an answer cut off early: aborted before WITHIN tokens ("The sky", then ABORT)
+        "stubs": sum(1 for r in runs if r.aborted and r.tokens < WITHIN) / n,
         "heals_per_100_tokens": 100.0 * sum(r.heals for r in runs) / max(emitted, 1),
         "tokens_per_run": emitted / n,
         "distinct4_mean": statistics.fmean(r.distinct4 for r in runs),
@@ -224,6 +234,8 @@ def print_quality(result: dict[str, Any]) -> None:
                     str(s["runs"]),
                     f"{s['acted_within_16']:.0%}",
                     f"{s['aborted']:.0%}",
+                    f"{s['completed']:.0%}",
+                    f"{s['stubs']:.0%}",
                     f"{s['heals_per_100_tokens']:.1f}",
                     f"{s['tokens_per_run']:.0f}",
                     f"{s['distinct4_mean']:.2f} / {s['distinct4_worst']:.2f}",
@@ -241,6 +253,8 @@ def print_quality(result: dict[str, Any]) -> None:
                 "runs",
                 "acted <16",
                 "aborted",
+                "completed",
+                "stubs",
                 "heals/100",
                 "tokens",
                 "distinct-4 mean / worst",

@@ -99,6 +99,7 @@ def test_bench_quality_reports_every_group_guarded_and_unguarded(tmp_path) -> No
     for by in data["groups"].values():
         assert set(by) == {"guarded", "unguarded"}
         assert by["unguarded"]["heals_per_100_tokens"] == 0 and by["unguarded"]["aborted"] == 0  # everything off
+        assert by["unguarded"]["stubs"] == 0 and 0 <= by["guarded"]["completed"] <= 1
     hot = data["groups"]["garbage-t3.0"]
     assert hot["unguarded"]["max16_nlp_median"] > hot["guarded"]["max16_nlp_median"]
     assert "quality: SmolLM2-135M" in r.stdout
