@@ -133,11 +133,12 @@ class Engine:
     def ready(self) -> None:
         """Raises unless the sidecar serves (asked each time) and signs with a trusted key
         (asked at most once a second: a flood of probes costs one registration a second)."""
-        self.client.wait_ready(timeout=1.0)
         with self._ready_lock:
             if time.monotonic() - self._ready_at > 1.0:
-                self.client.check_usable(timeout=1.0)
+                self.client.check_usable(timeout=1.0)  # SERVING, and a trusted key
                 self._ready_at = time.monotonic()
+                return
+        self.client.wait_ready(timeout=1.0)
 
     def submit(self, req: Completion) -> Future[dict[str, Any]]:
         fut: Future[dict[str, Any]] = Future()

@@ -24,17 +24,14 @@ class BoundedThreadingMixIn(ThreadingMixIn):
 
     daemon_threads = True
     request_queue_size = 128
-    max_connections = 64
     _slots: threading.BoundedSemaphore | None = None
 
     def bound(self, max_connections: int) -> None:
-        self.max_connections = max_connections
         self._slots = threading.BoundedSemaphore(max_connections)
 
     def process_request(self, request: Any, client_address: Any) -> None:
         slots = self._slots
-        if slots is None:
-            slots = self._slots = threading.BoundedSemaphore(self.max_connections)
+        assert slots is not None, "call bound() before serving"
         if not slots.acquire(blocking=False):
             with contextlib.suppress(OSError):
                 request.settimeout(1.0)

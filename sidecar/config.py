@@ -305,16 +305,16 @@ class SidecarConfig(_Strict):
     # A session with no step for this long is closed (an engine that died without
     # CloseSession would otherwise hold its slot and its ring mapping forever).
     session_idle_timeout_s: float = Field(default=300.0, gt=0)
-    # A policy reload (ReloadPolicy, SIGHUP, the config watch) compiles in a child process:
-    # it is killed past reload_timeout_s (a config path that blocks, e.g. a FIFO, would hold
-    # the reload lock for ever) and may use at most reload_max_memory_mb of address space
-    # (100k literal rules peak at ~160 MB; YAML aliases can multiply a rule list).
     # Who may call the ReloadPolicy RPC. It only makes the sidecar read its own file again
     # (no client sends policy content), so by default anyone who may connect may ask;
     # false keeps reloads to SIGHUP and watch_config_s; under mTLS, reload_identities
     # names the client certificates (common name or URI SAN, e.g. a SPIFFE id) allowed.
     allow_reload_rpc: bool = True
     reload_identities: list[str] | None = None
+    # A policy reload (ReloadPolicy, SIGHUP, the config watch) compiles in a child process:
+    # it is killed past reload_timeout_s (a config path that blocks, e.g. a FIFO, would hold
+    # the reload lock for ever) and may use at most reload_max_memory_mb of address space
+    # (100k literal rules peak at ~160 MB; YAML aliases can multiply a rule list).
     reload_timeout_s: float = Field(default=60.0, gt=0)
     reload_max_memory_mb: int = Field(default=1024, ge=128)
     log_level: Literal["debug", "info", "warning", "error"] = "info"

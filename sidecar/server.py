@@ -188,10 +188,16 @@ def _client(context: grpc.aio.ServicerContext) -> str | None:
     auth = context.auth_context()
     certs = auth.get("x509_pem_cert")
     if certs:
-        names = auth.get("x509_common_name") or auth.get("x509_subject_alternative_name") or [b"?"]
-        return f"x509:{hashlib.sha256(certs[0]).hexdigest()[:32]}:{names[0].decode(errors='replace')}"
+        names = _certificate_names(auth) or ["?"]
+        return f"x509:{hashlib.sha256(certs[0]).hexdigest()[:32]}:{names[0]}"
     peer = context.peer()
     return peer if peer.startswith(("ipv4:", "ipv6:")) else None
+
+
+def _certificate_names(auth: dict[str, list[bytes]]) -> list[str]:
+    """The client certificate's common names, then its subject alternative names (a
+    SPIFFE id among them); empty without a client certificate."""
+    return [n.decode(errors="replace") for k in ("x509_common_name", "x509_subject_alternative_name") for n in auth.get(k, [])]
 
 
 def _reload_refusal(config: SidecarConfig, context: grpc.aio.ServicerContext) -> str:
@@ -200,8 +206,7 @@ def _reload_refusal(config: SidecarConfig, context: grpc.aio.ServicerContext) ->
         return "ReloadPolicy is off on this sidecar (allow_reload_rpc: false): reload with SIGHUP or watch_config_s"
     if config.reload_identities is None:
         return ""
-    auth = context.auth_context()
-    names = {n.decode(errors="replace") for k in ("x509_common_name", "x509_subject_alternative_name") for n in auth.get(k, [])}
+    names = set(_certificate_names(context.auth_context()))
     if names & set(config.reload_identities):
         return ""
     shown_names = ", ".join(sorted(names))[:200] or "no client certificate"

@@ -520,14 +520,13 @@ class GuardService:
         log = self._audits.get(s.session_id)
         if log is None and self.recorder is None:
             return o
-        record = ledger.frame_record(
-            s.session_id, step, o, s.chain_hash, s.next_chain_hash(step, o), timestamp_ns, self.signer.key_id
-        )
+        chain_hash = s.next_chain_hash(step, o)
+        record = ledger.frame_record(s.session_id, step, o, s.chain_hash, chain_hash, timestamp_ns, self.signer.key_id)
         try:
             if log is not None:
                 log.append(record)
                 if log.checkpoint_due(self.config.audit, timestamp_ns):
-                    self._checkpoint(s, log, s.tally.add(int(o.decision), timestamp_ns), bytes.fromhex(record["chain_hash"]))
+                    self._checkpoint(s, log, s.tally.add(int(o.decision), timestamp_ns), chain_hash)
         except AuditError as exc:
             trip = Trip(
                 "audit", math.nan, 0.0, o.sampler or Sampler.NORMAL, f"the step's audit frame was not written: {exc}", Action.HALT
@@ -545,10 +544,11 @@ class GuardService:
         if log.broken:
             return
         key_id, now = self.signer.key_id, time.time_ns()
-        data = checkpoint_bytes(s.session_id, s.genesis_hash, chain_hash, tally, s.policy.digest, key_id)
-        record = ledger.checkpoint_record(
-            s.session_id, s.genesis_hash, chain_hash, tally, s.policy.digest, key_id, self.signer.sign_bytes(data), now, ended
+        signature = self.signer.sign_bytes(
+            checkpoint_bytes(s.session_id, s.genesis_hash, chain_hash, tally, s.policy.digest, key_id)
         )
+        statement = ledger.receipt_record(s.session_id, s.genesis_hash, chain_hash, tally, s.policy.digest, key_id, signature)
+        record = ledger.checkpoint_record(statement, now, ended)
         with contextlib.suppress(AuditError):  # the file is then broken: the next frame's append says so
             log.append(record)
             log.checkpointed(now)

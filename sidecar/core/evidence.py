@@ -79,6 +79,11 @@ def _log_e_scalar(log_wealths: Sequence[float]) -> float:
     return top + math.log(sum([math.exp(w - top) for w in log_wealths]) / len(log_wealths))
 
 
+def _e(log_e: float) -> float:
+    """An e-value from its log, bounded so that a runaway stream never overflows."""
+    return math.exp(min(log_e, 700.0))
+
+
 class DriftTest:
     """The e-processes as an evaluator: the protective band on the sampler's, a halt on the
     committed tokens' (or on the sampler's, with ``on_drift: halt``)."""
@@ -102,7 +107,7 @@ class DriftTest:
 
     @property
     def e_value(self) -> float:
-        return math.exp(min(self._log_e, 700.0))
+        return _e(self._log_e)
 
     def strict(self) -> bool:
         return False
@@ -143,13 +148,13 @@ class DriftTest:
         log_e = self._pending[2]
         if self.cfg.on_drift == "halt":
             if self.crossed or log_e >= self._log_threshold:
-                return (self._halt(p, math.exp(min(log_e, 700.0)), "the sampler"),)
+                return (self._halt(p, _e(log_e), "the sampler"),)
             return ()
         if self.crossed:
             return (self._halt(p, self.committed_e, "what the session commits"),)
         trips: list[Trip] = []
         if first and p.sampler == Sampler.NORMAL and (self.protecting or log_e >= self._log_threshold):
-            e = math.exp(min(log_e, 700.0))
+            e = _e(log_e)
             if self.protecting:
                 why = (
                     f"drift: protective band: the sampler's e-value since the band began is {e:.3g} (it ends once "
@@ -170,12 +175,12 @@ class DriftTest:
         if not any(t.rejects for t in trips):  # this candidate may be committed: what it would add
             _w, committed_log_e = self._candidate(p)
             if committed_log_e >= self._log_threshold:
-                trips.append(self._halt(p, math.exp(min(committed_log_e, 700.0)), "what the session commits"))
+                trips.append(self._halt(p, _e(committed_log_e), "what the session commits"))
         return trips
 
     @property
     def committed_e(self) -> float:
-        return math.exp(min(_log_e_scalar(self.committed_wealths), 700.0))
+        return _e(_log_e_scalar(self.committed_wealths))
 
     def commit(self, p: Proposal) -> None:
         self._released = False

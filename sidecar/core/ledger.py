@@ -160,24 +160,14 @@ def receipt_record(
     }
 
 
-def checkpoint_record(
-    session_id: str,
-    genesis_hash: bytes,
-    chain_hash: bytes,
-    tally: chain.Tally,
-    policy_digest: str,
-    key_id: str,
-    signature: bytes,
-    timestamp_ns: int,
-    ended: str = "",
-) -> dict[str, Any]:
-    """A signed statement of the file so far (the receipt's fields, its own domain):
-    ``ended`` names why a session ended without a close record (reaped, dropped,
-    shutdown), and is then the file's last record."""
+def checkpoint_record(statement: dict[str, Any], timestamp_ns: int, ended: str = "") -> dict[str, Any]:
+    """A signed statement of the file so far (a :func:`receipt_record`, signed under the
+    checkpoint's own domain): ``ended`` names why a session ended without a close record
+    (reaped, dropped, shutdown), and is then the file's last record."""
     rec: dict[str, Any] = {
         "kind": "checkpoint",
-        "session": session_id,
-        "checkpoint": receipt_record(session_id, genesis_hash, chain_hash, tally, policy_digest, key_id, signature),
+        "session": statement["session_id"],
+        "checkpoint": statement,
         "timestamp_ns": timestamp_ns,
     }
     if ended:
