@@ -158,17 +158,32 @@ class GateConfig(_Strict):
 
 
 class LoopGuardConfig(_Strict):
-    """Repeated n-grams of generated tokens (sidecar.core.loops)."""
+    """Text that repeats itself back to back (sidecar.core.loops)."""
 
     enabled: bool = True
-    n: int = Field(default=4, ge=1, le=64)
-    window: int = Field(default=256, ge=2, le=1 << 16)  # generated tokens remembered
-    # An n-gram may occur this often in the window; the token that would make it occur
-    # once more is excluded (heal) or ends the session (halt).
-    max_repeats: int = Field(default=2, ge=1, le=1024)
+    # The longest unit looked for, in normalised characters (letters and digits).
+    max_period_chars: int = Field(default=256, ge=1, le=4096)
+    # A unit may repeat back to back this many times (the first character of a fourth
+    # repetition is refused), and is never refused while its repetition covers at most
+    # min_chars characters ("no no no" stays free, a sixth "the" does not).
+    max_repeats: float = Field(default=3, ge=1.5, le=1024)
+    min_chars: int = Field(default=16, ge=2, le=1 << 16)
+    # A long unit (a sentence) twice in a row is a loop once the repetition runs past this.
+    max_loop_chars: int = Field(default=100, ge=2, le=1 << 16)
+    # A unit that occurs in the prompt (requested repetition) may repeat this often.
+    prompt_repeats: float = Field(default=8, ge=1.5, le=1024)
+    prompt_chars: int = Field(default=4096, ge=0, le=1 << 20)  # normalised characters of the prompt's end kept
+    # A span of recur_chars characters may recur this often in the window, with other text
+    # between (a loop of variants: "I'm not sure what you're asking / looking for ...").
+    recur_chars: int = Field(default=24, ge=8, le=4096)
+    max_recurrences: int = Field(default=3, ge=1, le=1 << 16)
+    # Tokens in a row with no letter or digit (whitespace, punctuation) before the next is refused.
+    max_blank_tokens: int = Field(default=32, ge=1, le=1 << 16)
     action: Literal["heal", "halt"] = "heal"
-    # Steps in the window in which the guard had to exclude a token; one more halts.
-    max_heals: int = Field(default=24, ge=0, le=1 << 16)
+    # Steps over which heals are counted and a healed loop's unit is remembered.
+    window: int = Field(default=256, ge=2, le=1 << 16)
+    # Steps in the window in which the guard had to refuse a token; one more halts.
+    max_heals: int = Field(default=8, ge=0, le=1 << 16)
 
 
 class DriftConfig(_Strict):

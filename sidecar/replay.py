@@ -72,6 +72,7 @@ def replay_session(d: Path, policy_override: Policy | None) -> SessionReplay:
         policy=compiled,
         tokens=tokens,
         history=list(meta["history"]),
+        prompt=meta.get("prompt"),  # recordings before the loop guard read the prompt: the history
         opening=opening,
     )
     recorded = (

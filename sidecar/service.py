@@ -226,6 +226,7 @@ class GuardService:
             policy=policy,
             tokens=vocab.tokens,
             history=prompt,
+            prompt=ids[-policy.loop_guard.prompt_chars :].tolist() if policy.loop_guard.prompt_chars else [],  # chars >= tokens
             ring_name=req.ring_name,
             last_active=time.monotonic(),
             opening=Opening(

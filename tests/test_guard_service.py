@@ -152,6 +152,30 @@ def test_a_long_session_keeps_only_the_history_its_samplers_read(service: GuardS
         assert s.history[-16:] == (prompt + stream)[-16:]  # what the repetition penalty reads
 
 
+def test_the_loop_guard_reads_the_prompt_for_requested_repetition(service: GuardService) -> None:
+    """The prompt's end (not only the repetition penalty's window of it) reaches the loop
+    guard: a sentence the prompt holds may repeat prompt_repeats times; unasked, its
+    fourth repetition is refused and healed."""
+    pieces = [b"Say", b" '", b"I", b" love", b" pizza", b"'", b" four", b" times", b".", b"!", b"x"]
+    d = service.register_vocabulary(pieces).digest
+    asked = [*range(9)] + [10] * 200  # the request, then 200 ids the penalty window leaves out
+    sentence = [2, 3, 4, 9]  # "I love pizza!"
+
+    def run(prompt: list[int]) -> list[int]:
+        req = pb.OpenSessionRequest(vocab_digest=d, prompt_token_ids=prompt, sampling=pb.SamplingParams(repetition_window=16))
+        s = service.open_session(req)
+        decisions = []
+        for step, t in enumerate(sentence * 4):
+            x = np.zeros(len(pieces), np.float32)
+            x[t] = 9.0
+            decisions.append(service.step(inline(s, step, x)).decision)
+        service.close_session(s.session_id, s.secret)
+        return decisions
+
+    assert run(asked) == [pb.DECISION_ACCEPT] * 16
+    assert run([10] * 9)[12] == pb.DECISION_HEALED  # the fourth "I": refused, the redo took another
+
+
 def test_a_prompt_over_the_limit_is_refused_naming_it(keys) -> None:
     svc = GuardService(SidecarConfig(max_prompt_tokens=1000), Signer.from_file(keys.private))
     d = svc.register_vocabulary([bytes([i]) for i in range(V)]).digest

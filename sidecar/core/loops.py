@@ -1,19 +1,46 @@
-"""The loop guard: repeated n-grams of generated tokens, in O(1) per token. Pure.
+"""The loop guard: text that repeats itself back to back. Pure.
 
 Seed 001's "healthy loop" gap: a greedy loop ("the the the ...", a sentence again and
 again) has low perplexity, low entropy and high variance, so every per-token signal
-looks healthier than normal text. The guard counts n-grams of the generated tokens
-(not the prompt) over a sliding window of ``window`` tokens. A candidate that would make
-an n-gram occur more than ``max_repeats`` times is refused with a BLOCK trip, so the
-redo excludes it and takes the next candidate: Hugging Face transformers'
-``no_repeat_ngram_size`` (``max_repeats`` 1) as a heal instead of a logits mask. When
-the guard has had to refuse tokens in more than ``max_heals`` of the last ``window``
-steps, the loop persists and the next refusal halts (``action: halt`` halts at once).
+looks healthier than normal text. A loop is text that *repeats itself back to back*, so
+the guard looks for exactly that, in the text rather than in token ids:
 
-Each n-gram is a Rabin-Karp hash modulo the Mersenne prime 2^61 - 1: the hash of the
-last n - 1 tokens is rolled forward at each commit (drop the oldest, add the newest),
-so a check is one multiply-add and a dictionary lookup, whatever n and the window.
-Two different n-grams share a hash with probability about 2^-61 per pair.
+- **Normalised text.** Each token's bytes are lower-cased and stripped of everything but
+  letters, digits and non-ASCII bytes: "hello" / " Hello," / "HELLO!" and a word split
+  over two tokens ("be" + "ep") are the same characters, so case, whitespace,
+  punctuation and token-split variants of one loop are one loop. Digits are kept, so a
+  count ("1. 1", "2. 2", ...) or a list of quantities is not periodic. A second stream
+  masks every digit, so that a numbered loop ("11. Add the tea to the cup." "12. Add the
+  tea to the cup.") is one loop too; there a unit must hold a digit and be mostly
+  letters (eight at least), so a count or a table of numbers stays free.
+- **Periodicity.** For every period p up to ``max_period_chars`` the guard keeps how many
+  trailing characters equal the character p before them (a vector, one numpy pass per
+  token). A candidate is refused when the normalised text would end in a unit repeated
+  back to back more than ``max_repeats`` times and over more than ``min_chars``
+  characters; a long unit (a sentence) twice, and not past ``max_loop_chars``.
+  Repetition that is not back to back (an identifier used on every line of code, "cup"
+  in every line of a recipe, a table's repeated cells, a word that recurs) is never
+  periodic, so it is never touched: the token n-gram counting this replaces refused
+  exactly those.
+- **Requested repetition.** A unit found in the prompt ("say 'I love pizza' three
+  times") may repeat ``prompt_repeats`` times: echoing the user's own text is not
+  degenerate, but it is still bounded.
+- **Recurrence.** A loop of variants is not back to back ("I'm not sure what you're
+  asking / looking for, but I'll try to help."): a span of ``recur_chars`` characters
+  that comes back more than ``max_recurrences`` times in the window, other text between,
+  is refused too (a Rabin-Karp hash of the span per character, counted per window).
+- **Blank loops.** Whitespace and punctuation normalise to nothing, so a run of more than
+  ``max_blank_tokens`` tokens in a row with no letter or digit ("\\n\\n\\n...", "!!!!") is
+  refused on its own count.
+- **Cost.** One numpy pass per token over both streams (two rows of
+  ``max_period_chars`` per new character); the check of a step's candidate is kept for
+  its commit.
+- **Heal, then halt.** A refused candidate is a BLOCK trip: the redo excludes it and takes
+  the next candidate (a heal). The unit that looped is remembered (for ``window`` steps):
+  from then on it may not even occur twice in a row, so the loop cannot quietly restart
+  after a heal. When the guard has had to refuse tokens in ``max_heals`` of the last
+  ``window`` steps, the loop persists and the next refusal halts (``action: halt``
+  halts at once).
 """
 
 from __future__ import annotations
@@ -21,51 +48,202 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Sequence
 
+import numpy as np
+
 from ..config import LoopGuardConfig
 from .evaluators import Proposal
 from .guards import Action, Trip
 
-_P = (1 << 61) - 1
-_B = 1_000_003  # base; any value in [2, P) works, fixed so that hashes are deterministic
+# bytes.translate: lower-case A-Z, delete every other ASCII byte that is not a letter or
+# a digit; bytes >= 0x80 (the parts of non-ASCII characters) are kept as they are.
+_LOWER = bytes.maketrans(bytes(range(ord("A"), ord("Z") + 1)), bytes(range(ord("a"), ord("z") + 1)))
+_DROP = bytes(b for b in range(128) if not chr(b).isalnum())
+
+
+def normalise(text: bytes) -> bytes:
+    """What the loop guard compares: ``text`` lower-cased, letters, digits and non-ASCII only."""
+    return text.translate(_LOWER, _DROP)
+
+
+# The second stream: every digit as "#", so a numbered loop ("11. Add the tea to the cup.",
+# "12. Add the tea ...") is periodic there; a unit counts in it only when its primitive
+# unit (a "t#t#t#" unit is "t#" three times) has at least _MIN_LETTERS letters and is
+# mostly letters, so a count ("1. 1", "2. 2", "t1 t2 t3", "Chapter 1, Chapter 2") or a
+# table of numbers ("3 x 4 = 12") stays free.
+_MASK = bytes.maketrans(b"0123456789", b"##########")
+_MIN_LETTERS = 8
+_MAX_TOKEN_CHARS = 128  # of one token's normalised characters (a registered token may be megabytes)
+_P = (1 << 61) - 1  # the recurrence's Rabin-Karp hash: modulo a Mersenne prime, fixed base
+_B = 1_000_003
+_BAN_CHARS = 8  # a healed unit is refused twice in a row, and over at least this many characters ("no no" stays free)
+
+
+def _wordy(unit: bytes) -> bool:
+    p = len(unit)
+    q = next(q for q in range(1, p + 1) if p % q == 0 and unit == unit[:q] * (p // q))  # the primitive unit
+    letters = len(unit[:q].translate(None, b"#"))
+    return letters >= _MIN_LETTERS and 2 * letters >= q
+
+
+_STREAMS = ("", " (digits masked)")
 
 
 class LoopGuard:
     name = "loop_guard"
 
-    def __init__(self, cfg: LoopGuardConfig) -> None:
+    def __init__(self, cfg: LoopGuardConfig, tokens: Sequence[bytes] = (), prompt: Sequence[int] = ()) -> None:
         self.cfg = cfg
-        self._prefix: deque[int] = deque()  # the last n - 1 tokens
-        self._prefix_hash = 0
-        self._drop = pow(_B, max(cfg.n - 2, 0), _P)  # weight of the oldest prefix token
-        self._grams: deque[int] = deque()  # hashes of the n-grams in the window, oldest first
-        self._counts: dict[int, int] = {}
+        self.tokens = tokens
+        self._norm: dict[int, bytes] = {}
+        P = cfg.max_period_chars
+        self._periods = np.arange(1, P + 1, dtype=np.int64)
+        self._back: dict[int, np.ndarray] = {}  # gather indices per token length (_extend)
+        # a unit of p characters is a loop once its repetition covers more than
+        # max(min(R p, max(2 p, max_loop_chars)), min_chars): R repetitions, but a long unit
+        # (a sentence) only twice and not past max_loop_chars
+        cap = np.maximum(2 * self._periods, cfg.max_loop_chars)
+        self._limit = np.floor(np.maximum(np.minimum(cfg.max_repeats * self._periods, cap), cfg.min_chars)).astype(np.int64) + 1
+        # Row 0: the normalised text; row 1: the same with digits masked (same length).
+        self._runs = np.zeros((2, P), dtype=np.int64)
+        self._text = b""  # the normalised committed text: its last _keep characters
+        self._keep = max(2 * P, cfg.recur_chars + _MAX_TOKEN_CHARS)
+        # Recurrence: Rabin-Karp hashes of the recur_chars-character spans committed in the window.
+        self._hash = 0  # of the last recur_chars characters
+        self._total = 0  # normalised characters committed
+        self._drop = pow(_B, cfg.recur_chars, _P)
+        self._spans: deque[tuple[int, int]] = deque()  # (step, hash), oldest first
+        self._span_counts: dict[int, int] = {}
+        prompt_text = normalise(b"".join(tokens[t] for t in prompt if 0 <= t < len(tokens)))[-cfg.prompt_chars :]
+        self._prompt = (prompt_text, prompt_text.translate(_MASK))
+        self._blank = 0  # committed tokens in a row without a letter or digit
+        self._banned: deque[tuple[int, int, bytes]] = deque()  # (step, stream, unit): loops healed
         self._heal_steps: deque[int] = deque()  # steps in the window where a token was refused
-        self._step_refused = -1  # the step whose check refused a token, if any
+        self._pending: tuple[int, int, bytes] | None = None  # (step, stream, unit) of this step's refusal
+        self._checked: tuple[int, int, np.ndarray, bytes] | None = None  # (step, token, runs, text) of the last check
+        self._rolled_at: tuple[int, int, int, list[int]] | None = None  # (step, token, hash, spans) of the last check
         self.generated = 0
 
     def strict(self) -> bool:
         return False
 
-    def _gram(self, token: int) -> int | None:
-        """Hash of the n-gram ``token`` would complete (None before n tokens exist)."""
-        if len(self._prefix) < self.cfg.n - 1:
-            return None
-        return (self._prefix_hash * _B + token + 1) % _P
+    def _chars(self, token: int) -> bytes:
+        c = self._norm.get(token)
+        if c is None:
+            c = normalise(self.tokens[token])[:_MAX_TOKEN_CHARS] if 0 <= token < len(self.tokens) else b""
+            self._norm[token] = c
+        return c
+
+    def _extend(self, chars: bytes) -> tuple[np.ndarray, bytes]:
+        """The runs and text after appending ``chars`` (the state is not changed). All of a
+        token's characters in one numpy pass: a period's run grows by len(chars) if every
+        new character matches the one a period before, else it is the matches after the
+        last mismatch."""
+        P, k = self.cfg.max_period_chars, len(chars)
+        text = self._text + chars
+        pad = (b"\0" * P + text)[-(P + k) :]  # zeros never match a character
+        buf = np.frombuffer(pad + pad.translate(_MASK), dtype=np.uint8).reshape(2, -1)
+        back = self._back.get(k)
+        if back is None:  # [j, p - 1]: where the character p before new character j is (j = k - 1 first)
+            back = self._back[k] = buf.shape[1] - 1 - np.arange(k)[:, None] - self._periods[None, :]
+        miss = buf[:, back] != buf[:, -1 - np.arange(k), None]  # (stream, char, period), the last character first
+        trailing = np.argmax(miss, axis=1)  # matches after the last mismatch
+        runs = np.where(miss.any(axis=1), trailing, self._runs + k)
+        return runs, text[-self._keep :]
 
     def check(self, p: Proposal) -> Sequence[Trip]:
-        h = self._gram(p.token)
-        seen = self._counts.get(h, 0) if h is not None else 0
-        if seen < self.cfg.max_repeats:
+        chars = self._chars(p.token)
+        if not chars:
+            self._checked = None
+            raw = self.tokens[p.token] if 0 <= p.token < len(self.tokens) else b""
+            if raw and self._blank >= self.cfg.max_blank_tokens:
+                detail = f"loop: {self._blank} tokens in a row without a letter or digit (max {self.cfg.max_blank_tokens})"
+                return self._refuse(p, float(self._blank + 1), float(self.cfg.max_blank_tokens), detail, 0, b"")
             return ()
-        self._step_refused = p.step
+        runs, text = self._extend(chars)
+        self._checked = (p.step, p.token, runs, text)
+        texts = (text, text.translate(_MASK))
+        covered = runs + self._periods
+        for step, stream, unit in self._banned:  # a loop healed before, starting again (in any phase)
+            period = len(unit)
+            n = int(covered[stream, period - 1])
+            if step > p.step - self.cfg.window and n >= max(2 * period, _BAN_CHARS) and texts[stream][-period:] in unit + unit:
+                detail = f"loop: a loop healed before starts again (its unit twice in a row{_STREAMS[stream]})"
+                return self._refuse(p, n / period, 1.0, detail, stream, unit)
+        over = covered >= self._limit
+        for stream in (0, 1) if over.any() else ():
+            licensed: list[int] = []
+            for period in (np.flatnonzero(over[stream]) + 1).tolist():
+                if any(period % q == 0 for q in licensed):
+                    continue  # a multiple of a unit the prompt asked for
+                unit = texts[stream][-period:]
+                if stream == 1 and (b"#" not in unit or not _wordy(unit)):
+                    continue  # no digit (row 0 judges it), or mostly digits (a count, a table of numbers)
+                n = int(covered[stream, period - 1])
+                repeats, allowed, asked = n / period, self.cfg.max_repeats, ""
+                if self._in_prompt(unit, self._prompt[stream]):
+                    licensed.append(period)
+                    allowed, asked = self.cfg.prompt_repeats, ", a unit from the prompt"
+                    if n <= max(allowed * period, self.cfg.min_chars):
+                        continue
+                if not asked:
+                    allowed = (int(self._limit[period - 1]) - 1) / period
+                detail = (
+                    f"loop: the text repeats a {period}-character unit {repeats:.2f} times back to back"
+                    f"{_STREAMS[stream]} (max {allowed:.2f}{asked})"
+                )
+                return self._refuse(p, repeats, allowed, detail, stream, unit)
+        return self._recurrence(p, chars, text, runs)
+
+    def _rolled(self, chars: bytes, text: bytes) -> tuple[int, list[int]]:
+        """The span hash after ``chars`` (the end of ``text``) and the hashes of the spans they complete."""
+        G, h, out = self.cfg.recur_chars, self._hash, []
+        base = len(text) - len(chars)
+        for k, c in enumerate(chars):
+            h = (h * _B + c + 1) % _P
+            if self._total + k >= G:  # the character recur_chars back leaves the span
+                h = (h - (text[base + k - G] + 1) * self._drop) % _P
+            if self._total + k + 1 >= G:
+                out.append(h)
+        return h, out
+
+    def _recurrence(self, p: Proposal, chars: bytes, text: bytes, runs: np.ndarray) -> Sequence[Trip]:
+        """A long span that keeps coming back, with other text between ("I'm not sure what
+        you're asking ..." / "... looking for ..."): a loop that periodicity misses."""
+        G = self.cfg.recur_chars
+        if self._total + len(chars) < G:
+            return ()
+        h, spans = self._rolled(chars, text)
+        self._rolled_at = (p.step, p.token, h, spans)
+        seen = self._span_counts.get(spans[-1], 0)
+        if seen < self.cfg.max_recurrences:
+            return ()
+        # a span that is one unit repeated is periodicity's to judge when the prompt asked
+        # for that unit (its licence); otherwise a recurring span is a recurring span
+        short = runs[0, : G // 2]
+        periodic = np.flatnonzero(short >= G - np.arange(1, len(short) + 1))
+        if periodic.size and self._in_prompt(text[-int(periodic[0]) - 1 :], self._prompt[0]):
+            return ()
+        detail = (
+            f"loop: a {G}-character span of the text recurs, {seen + 1} times in the last "
+            f"{self.cfg.window} tokens (max {self.cfg.max_recurrences})"
+        )
+        return self._refuse(p, float(seen + 1), float(self.cfg.max_recurrences), detail, 0, b"")
+
+    @staticmethod
+    def _in_prompt(unit: bytes, prompt: bytes) -> bool:
+        """Whether some rotation of ``unit`` occurs in the prompt."""
+        if len(unit) > len(prompt):
+            return False
+        twice = unit + unit
+        return any(twice[i : i + len(unit)] in prompt for i in range(len(unit)))
+
+    def _refuse(self, p: Proposal, value: float, limit: float, detail: str, stream: int, unit: bytes) -> Sequence[Trip]:
+        self._pending = (p.step, stream, unit)
         heals = self._heals_in_window(p.step)
-        n, limit = self.cfg.n, self.cfg.max_repeats
         if self.cfg.action == "halt" or heals >= self.cfg.max_heals:
             why = "action halt" if self.cfg.action == "halt" else f"{heals} steps healed in the last {self.cfg.window}"
-            detail = f"loop: this {n}-gram already occurred {seen} times (max {limit}); the loop persists ({why})"
-            return (Trip("loop", float(seen), float(limit), p.sampler, detail, Action.HALT, p.token),)
-        detail = f"loop: this {n}-gram already occurred {seen} times in the last {self.cfg.window} tokens (max {limit})"
-        return (Trip("loop", float(seen), float(limit), p.sampler, detail, Action.BLOCK, p.token),)
+            return (Trip("loop", value, limit, p.sampler, f"{detail}; the loop persists ({why})", Action.HALT, p.token),)
+        return (Trip("loop", value, limit, p.sampler, detail, Action.BLOCK, p.token),)
 
     def _heals_in_window(self, step: int) -> int:
         # commit keeps the deque pruned to the previous step's window: at most its oldest
@@ -75,24 +253,42 @@ class LoopGuard:
 
     def commit(self, p: Proposal) -> None:
         cfg = self.cfg
-        if self._step_refused == p.step:
+        if self._pending is not None and self._pending[0] == p.step:
             self._heal_steps.append(p.step)
+            _, stream, unit = self._pending
+            if unit and all((st, len(u)) != (stream, len(unit)) or unit not in u + u for _, st, u in self._banned):
+                self._banned.append((p.step, stream, unit))
+        self._pending = None
         while self._heal_steps and self._heal_steps[0] <= p.step - cfg.window:
             self._heal_steps.popleft()
-        h = self._gram(p.token)
-        if h is not None:
-            self._grams.append(h)
-            self._counts[h] = self._counts.get(h, 0) + 1
-            if len(self._grams) > cfg.window:
-                old = self._grams.popleft()
-                left = self._counts[old] - 1
-                if left:
-                    self._counts[old] = left
-                else:
-                    del self._counts[old]
-        if cfg.n > 1:  # roll the prefix hash: drop the oldest token, add this one
-            if len(self._prefix) == cfg.n - 1:
-                self._prefix_hash = (self._prefix_hash - (self._prefix.popleft() + 1) * self._drop) % _P
-            self._prefix.append(p.token)
-            self._prefix_hash = (self._prefix_hash * _B + p.token + 1) % _P
+        while self._banned and self._banned[0][0] <= p.step - cfg.window:
+            self._banned.popleft()
+        while self._spans and self._spans[0][0] <= p.step - cfg.window:
+            left = self._span_counts[self._spans[0][1]] - 1
+            if left:
+                self._span_counts[self._spans[0][1]] = left
+            else:
+                del self._span_counts[self._spans[0][1]]
+            self._spans.popleft()
+        chars = self._chars(p.token)
+        if chars:
+            self._blank = 0
+            c = self._checked
+            if c is not None and c[0] == p.step and c[1] == p.token:
+                runs, text = c[2], c[3]
+            else:
+                runs, text = self._extend(chars)
+            r = self._rolled_at
+            if r is not None and r[0] == p.step and r[1] == p.token:
+                self._hash, spans = r[2], r[3]
+            else:
+                self._hash, spans = self._rolled(chars, self._text + chars)
+            for h in spans:
+                self._spans.append((p.step, h))
+                self._span_counts[h] = self._span_counts.get(h, 0) + 1
+            self._runs, self._text = runs, text
+            self._total += len(chars)
+        elif p.token < len(self.tokens) and self.tokens[p.token]:
+            self._blank += 1
+        self._checked = self._rolled_at = None
         self.generated += 1

@@ -51,6 +51,9 @@ class Session:
     # model and key ids); the genesis hash binds it. None: a bare session (tests).
     opening: chain.Opening | None = None
     secret: bytes = field(default=b"", repr=False)  # the opener's credential (the service draws it)
+    # The prompt's end that the loop guard reads for requested repetition (None: the
+    # history the session starts from).
+    prompt: Sequence[int] | None = None
     evaluators: list[Evaluator] = field(init=False)
     genesis_hash: bytes = field(init=False, default=b"")
     tally: chain.Tally = field(init=False, default_factory=chain.Tally)
@@ -68,11 +71,12 @@ class Session:
             self.chain_hash = self.genesis_hash
         # In this order: the order of their trips in a verdict.
         pol = self.policy
+        prompt = self.history if self.prompt is None else self.prompt
+        self.loop_guard = LoopGuard(pol.loop_guard, self.tokens, prompt) if pol.loop_guard.enabled else None
         self._trim_history()
         self.evaluators = [TokenGuards(pol.guards)]
         if pol.matcher is not None:
             self.evaluators.append(PolicyRules(pol.matcher, self.tokens))
-        self.loop_guard = LoopGuard(pol.loop_guard) if pol.loop_guard.enabled else None
         self.gate = RiskGate(pol.gate) if pol.gate.enabled else None
         self.drift = DriftTest(pol.drift) if pol.drift.enabled else None
         self.evaluators += [ev for ev in (self.loop_guard, self.gate, self.drift) if ev is not None]
