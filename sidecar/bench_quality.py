@@ -5,26 +5,41 @@ sidecar: under the ``default`` policy (what a user gets) and under ``off`` (ever
 the gate, the loop guard and the drift test disabled: the same sampler, unguarded).
 
     healthy-greedy   healthy prompts, greedy
-    healthy-t0.7     the same prompts at temperature 0.7 (two seeds, the second with a
-                     repetition penalty of 1.1), no top-k/top-p/min-p
+    healthy-t0.7     the same prompts at temperature 0.7, no top-k/top-p/min-p
+    healthy-t0.7-penalty  ... with a repetition penalty of 1.1 (llama.cpp's default)
     garbage-t1.5     the same kind of prompts at temperature 1.5, no top-k/top-p/min-p
     garbage-t3.0     ... at temperature 3.0
     loop-greedy      prompts that make the model repeat itself under greedy decoding
+    loop-variant-t0.4  looping prompts sampled at 0.4: the loop comes back in variants
+                     (case, spacing, punctuation, token splits)
+    legit-repeat     repetition that is not a loop: requested repetition, code with
+                     repeated identifiers, lists and recipes, tables, counts (greedy)
 
 Per group: runs healed or aborted within 16 tokens (of those that reached 16 tokens or
 were acted on sooner), runs aborted, runs completed (not aborted, and 32 tokens or the
-model's own end), stubs (aborted before 16 tokens), heals per 100 emitted
-tokens, the distinct-4-gram ratio of the emitted tokens (mean, and the worst run), the
-highest 16-token mean -log p of the emitted text (median and worst run), for loops the
-step the loop guard first acted, and the per-token excess -log p - H of the unguarded
-runs (what the drift test's ``margin_nats`` is calibrated from). Prints a table, writes
-JSON, asserts nothing: the aims are read off the table (README).
+model's own end), stubs (aborted before 16 tokens), heals per 100 emitted tokens (and
+which evaluator healed, and over the runs whose unguarded twin never loops: what the
+guard changed that nothing asked it to), runs in which the guard changed a
+token (its own verdicts), the
+distinct-4-gram ratio of the emitted tokens (mean, worst run, and of each run's last 32
+tokens: below 0.8 is still looping at the end), readability of what was emitted (the
+model's own teacher-forced mean -log p of the emitted text: each token's -log p under
+the raw logits of its step, whose context is exactly the prompt and the emitted text
+before it; and the share of dictionary words: Webster's Second International (web2) and
+GCIDE from the ``english-words`` package, a word counting when it or its stem without
+-s/-es/-ed/-ing/-ly/-'s is listed), the highest 16-token mean -log p (median and worst
+run), for loops the step the loop guard first acted, and the per-token excess
+-log p - H of the unguarded runs (what the drift test's ``margin_nats`` is calibrated
+from). Prints a table, writes JSON (with every run's text), asserts nothing: the aims
+are read off the table (README).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import re
 import statistics
 import sys
 import tempfile
@@ -65,6 +80,22 @@ LOOPS = [  # each loops under greedy decoding, unguarded (distinct-4-gram ratio 
     "Write 'I like cats.' again and again without stopping.",
     "Keep saying 'go go go go go'.",
     "Write 'no' 30 times: no no no no",
+    "Write beep beep beep without stopping, sometimes in capitals.",
+    "Say hello forever, in any case and punctuation you like.",
+]
+LEGITIMATE = [  # repetition that is not a loop (the unguarded runs are read in the JSON)
+    "Say 'I love pizza' three times.",
+    "Write a Python function that returns the average of a list of numbers.",
+    "Write a Python function that counts the vowels in a string.",
+    "Write a Python class for a bank account with deposit and withdraw methods.",
+    "Write a Python function that checks whether a number is prime.",
+    "Write a JavaScript function that reverses a string.",
+    "Write a SQL query that selects all users older than 30 from a users table.",
+    "List five fruits and their colors as a bulleted list.",
+    "List the numbers from 1 to 20.",
+    "Write the multiplication table of 3 from 1 to 10.",
+    "Write a Python loop that prints the numbers 1 to 5.",
+    "Write a haiku about autumn, then write it again.",
 ]
 # Every guard of the GuardSet (whatever it holds), the gate, the loop guard and the drift
 # test disabled: the same sampler, unguarded.
@@ -85,19 +116,20 @@ class Group:
     samplings: list[SamplingParams]
 
 
-def groups(n_healthy: int, n_garbage: int, n_loops: int) -> list[Group]:
+def groups(n_healthy: int, n_garbage: int, n_loops: int, n_legit: int) -> list[Group]:
     healthy, garbage = HEALTHY[:n_healthy], HEALTHY[:n_garbage]
-    return [
+    every = [
         Group("healthy-greedy", healthy, [SamplingParams()]),
-        Group(  # the second with a repetition penalty, which the drift test's margin must allow
-            "healthy-t0.7",
-            healthy,
-            [SamplingParams(temperature=0.7, seed=1), SamplingParams(temperature=0.7, seed=2, repetition_penalty=1.1)],
-        ),
+        Group("healthy-t0.7", healthy, [SamplingParams(temperature=0.7, seed=1)]),
+        # with llama.cpp's default repetition penalty, which the drift test's margin must allow
+        Group("healthy-t0.7-penalty", healthy, [SamplingParams(temperature=0.7, seed=2, repetition_penalty=1.1)]),
         Group("garbage-t1.5", garbage, [SamplingParams(temperature=1.5, seed=3)]),
         Group("garbage-t3.0", garbage, [SamplingParams(temperature=3.0, seed=4)]),
         Group("loop-greedy", LOOPS[:n_loops], [SamplingParams()]),
+        Group("loop-variant-t0.4", LOOPS[:n_loops], [SamplingParams(temperature=0.4, seed=5)]),
+        Group("legit-repeat", LEGITIMATE[:n_legit], [SamplingParams()]),
     ]
+    return [g for g in every if g.prompts]  # --healthy 0 etc. leave a group out
 
 
 COMPLETE = 32  # a complete answer: not aborted, and at least this many tokens (or the model's own end)
@@ -112,8 +144,40 @@ class Run:
     heals: int
     loop_step: int | None  # first step where the loop guard acted
     distinct4: float
+    distinct4_last32: float
     max_window_nlp: float
+    mean_nlp: float  # teacher-forced mean -log p of the emitted text
+    dictionary_share: float
+    text: str
+    heal_causes: dict[str, int] = field(default_factory=dict)  # reason code -> heals it caused
     excess: list[float] = field(default_factory=list)  # -log p - H per emitted token
+    min_window_distinct4: float = 1.0  # the lowest distinct-4 ratio of any 32 tokens in a row
+    twin_loops: bool = False  # the unguarded run of the same prompt and sampler loops somewhere (set by the caller)
+
+
+@functools.cache
+def dictionary() -> frozenset[str]:
+    try:
+        from english_words import get_english_words_set
+    except ImportError:  # pragma: no cover - a dev extra
+        raise SystemExit("bench quality needs the english-words package: pip install -e '.[dev]'") from None
+    return frozenset(get_english_words_set(["web2", "gcide"], lower=True, alpha=True))
+
+
+_SUFFIXES = ("'s", "s", "es", "ed", "d", "ing", "ly")
+
+
+def dictionary_share(text: str) -> float:
+    """The share of the words of ``text`` (runs of ASCII letters) that the dictionary lists."""
+    words = [w.lower() for w in re.findall(r"[A-Za-z]+(?:'s)?", text)]
+    if not words:
+        return 1.0
+    known = dictionary()
+
+    def listed(w: str) -> bool:
+        return w in known or any(w.endswith(x) and w[: -len(x)] in known for x in _SUFFIXES)
+
+    return sum(map(listed, words)) / len(words)
 
 
 def distinct_ratio(ids: list[int], n: int = 4) -> float:
@@ -129,7 +193,7 @@ def max_window_mean(xs: list[float], w: int = WITHIN) -> float:
     return max(sum(xs[i : i + w]) / w for i in range(len(xs) - w + 1))
 
 
-def one_run(guarded: Any, prompt: str, sampling: SamplingParams, policy: str, max_tokens: int) -> Run:
+def one_run(guarded: Any, prompt: str, sampling: SamplingParams, policy: str, max_tokens: int) -> Run:  # noqa: PLR0914
     from sidecar._pb.fse.v1 import guard_pb2 as pb
     from sidecar.errors import GuardAbort
 
@@ -144,6 +208,13 @@ def one_run(guarded: Any, prompt: str, sampling: SamplingParams, policy: str, ma
     if abort is not None and any(r.code == "loop" for r in abort.reasons):
         loop_steps.append(len(done.tokens))
     m = [t.verdict.metrics for t in done.tokens]
+    causes: dict[str, int] = {}
+    for t in done.tokens:
+        if t.verdict.decision == pb.DECISION_HEALED:
+            for code in {r.code for r in t.verdict.reasons}:
+                causes[code] = causes.get(code, 0) + 1
+    text = b"".join(t.text for t in done.tokens).decode(errors="replace")
+    nlp = [x.neg_logprob_nats for x in m]
     return Run(
         tokens=len(done.tokens),
         aborted=aborted,
@@ -152,7 +223,13 @@ def one_run(guarded: Any, prompt: str, sampling: SamplingParams, policy: str, ma
         heals=len(healed),
         loop_step=min(loop_steps) if loop_steps else None,
         distinct4=distinct_ratio(done.token_ids),
-        max_window_nlp=max_window_mean([x.neg_logprob_nats for x in m]),
+        distinct4_last32=distinct_ratio(done.token_ids[-32:]),
+        min_window_distinct4=min(distinct_ratio(done.token_ids[i : i + 32]) for i in range(max(len(done.token_ids) - 31, 1))),
+        max_window_nlp=max_window_mean(nlp),
+        mean_nlp=statistics.fmean(nlp) if nlp else 0.0,
+        dictionary_share=dictionary_share(text),
+        text=text,
+        heal_causes=causes,
         excess=[x.neg_logprob_nats - x.entropy_nats for x in m],
     )
 
@@ -173,6 +250,27 @@ def summarize(runs: list[Run]) -> dict[str, Any]:
         # an answer cut off early: aborted before WITHIN tokens ("The sky", then ABORT)
         "stubs": sum(1 for r in runs if r.aborted and r.tokens < WITHIN) / n,
         "heals_per_100_tokens": 100.0 * sum(r.heals for r in runs) / max(emitted, 1),
+        # heals on the runs whose unguarded twin never loops (no 32 tokens in a row with a
+        # distinct-4 ratio below 0.8): what the guard changed that nothing asked it to (a
+        # loop caught in healthy text is a catch, not a false heal)
+        "heals_per_100_where_unguarded_does_not_loop": 100.0
+        * sum(r.heals for r in runs if not r.twin_loops)
+        / max(sum(r.tokens for r in runs if not r.twin_loops), 1),
+        "heals_by_cause": {
+            c: sum(r.heal_causes.get(c, 0) for r in runs) for c in sorted({c for r in runs for c in r.heal_causes})
+        },
+        # runs in which the guard changed a token (healed one, or aborted): from its own
+        # verdicts, not by comparing with the unguarded run, whose greedy tokens llama.cpp
+        # does not reproduce exactly from run to run at near-ties
+        "changed": sum(1 for r in runs if r.heals or r.aborted) / n,
+        "distinct4_last32_worst": min(r.distinct4_last32 for r in runs),
+        # still looping where it ended: a run that was not halted whose last 32 tokens have a
+        # distinct-4 ratio below 0.8 (a halted run stopped; its end is where the loop was)
+        "looping_at_end": sum(1 for r in runs if not r.aborted and r.tokens >= 32 and r.distinct4_last32 < 0.8) / n,
+        "mean_nlp_median": statistics.median(r.mean_nlp for r in runs),
+        "mean_nlp_worst": max(r.mean_nlp for r in runs),
+        "dictionary_share_median": statistics.median(r.dictionary_share for r in runs),
+        "dictionary_share_worst": min(r.dictionary_share for r in runs),
         "tokens_per_run": emitted / n,
         "distinct4_mean": statistics.fmean(r.distinct4 for r in runs),
         "distinct4_worst": min(r.distinct4 for r in runs),
@@ -207,13 +305,19 @@ def bench_quality(args: argparse.Namespace, log: Any) -> dict[str, Any]:
             llama = load_llama()
             t0 = time.perf_counter()
             with GuardedLlama(llama, client) as guarded:
-                for g in groups(args.healthy, args.garbage, args.loops):
+                for g in groups(args.healthy, args.garbage, args.loops, args.legit):
                     runs: dict[str, list[Run]] = {"guarded": [], "unguarded": []}
+                    texts = []
                     for prompt in g.prompts:
                         for sampling in g.samplings:
                             for label, policy in (("guarded", "default"), ("unguarded", "off")):
                                 runs[label].append(one_run(guarded, prompt, sampling, policy, args.max_tokens))
-                    result["groups"][g.name] = {k: summarize(v) for k, v in runs.items()}
+                            mine, theirs = runs["guarded"][-1], runs["unguarded"][-1]
+                            mine.twin_loops = theirs.tokens >= 32 and theirs.min_window_distinct4 < 0.8
+                            texts.append(
+                                {"prompt": prompt, "sampling": repr(sampling), "guarded": mine.text, "unguarded": theirs.text}
+                            )
+                    result["groups"][g.name] = {k: summarize(v) for k, v in runs.items()} | {"texts": texts}
                     log(f"  {g.name}: {len(runs['guarded'])} runs each ({time.perf_counter() - t0:.0f} s)")
             client.close()
         finally:
@@ -237,8 +341,13 @@ def print_quality(result: dict[str, Any]) -> None:
                     f"{s['completed']:.0%}",
                     f"{s['stubs']:.0%}",
                     f"{s['heals_per_100_tokens']:.1f}",
+                    f"{s['heals_per_100_where_unguarded_does_not_loop']:.1f}" if label == "guarded" else "",
+                    f"{s['changed']:.0%}" if label == "guarded" else "",
                     f"{s['tokens_per_run']:.0f}",
                     f"{s['distinct4_mean']:.2f} / {s['distinct4_worst']:.2f}",
+                    f"{s['looping_at_end']:.0%}",
+                    f"{s['mean_nlp_median']:.2f} / {s['mean_nlp_worst']:.2f}",
+                    f"{s['dictionary_share_median']:.0%} / {s['dictionary_share_worst']:.0%}",
                     f"{s['max16_nlp_median']:.2f} / {s['max16_nlp_worst']:.2f}",
                     loop,
                     f"{s['excess_per_token_mean']:+.2f} / {s['excess_per_token_worst_run']:+.2f}",
@@ -256,8 +365,13 @@ def print_quality(result: dict[str, Any]) -> None:
                 "completed",
                 "stubs",
                 "heals/100",
+                "heals/100 not looping",
+                "changed",
                 "tokens",
                 "distinct-4 mean / worst",
+                "looping at end",
+                "mean -log p med / worst",
+                "dictionary words med / worst",
                 "max 16-tok -log p med / worst",
                 "loop caught <64",
                 "-log p - H mean / worst",
@@ -265,6 +379,9 @@ def print_quality(result: dict[str, Any]) -> None:
             rows,
         )
     )
+    causes = {name: by["guarded"]["heals_by_cause"] for name, by in result["groups"].items() if by["guarded"]["heals_by_cause"]}
+    if causes:
+        print("\nheals by cause (guarded): " + "; ".join(f"{g}: {c}" for g, c in causes.items()))
 
 
 def run_quality_bench(args: argparse.Namespace) -> int:

@@ -337,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="all",
         choices=["all", "batch", "fse", "load", "quality", "ring", "vllm"],
         help="all: transport, metrics, model (default); fse: the streaming matcher against rescanning; "
-        "quality: the default policy on healthy, garbage and looping generations; "
+        "quality: the default policy on healthy, garbage, looping and legitimately repetitive generations; "
         "ring: reading a row by pread against a view of a mapping; "
         "batch: the sidecar's cost per row of a batch step, FULL against COMPACT frames; "
         "load: a soak of many concurrent sessions (verdicts/s, latency, the sidecar's memory, the audit files); "
@@ -354,10 +354,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--fse-tokens", type=int, default=2000, help="fse: tokens of text streamed per rule set")
     b.add_argument("--fse-rounds", type=int, default=5, help="fse: rounds of every rule set in turn")
     b.add_argument("--rescan-reps", type=int, default=3, help="fse: rescans timed at each text length")
-    b.add_argument("--max-tokens", type=int, default=64, help="quality: tokens per run")
+    b.add_argument("--max-tokens", type=int, default=192, help="quality: tokens per run")
     b.add_argument("--healthy", type=int, default=16, help="quality: healthy prompts (of 16)")
     b.add_argument("--garbage", type=int, default=8, help="quality: prompts sampled hot (of 16)")
-    b.add_argument("--loops", type=int, default=7, help="quality: looping prompts (of 7)")
+    b.add_argument("--loops", type=int, default=9, help="quality: looping prompts (of 9)")
+    b.add_argument("--legit", type=int, default=12, help="quality: legitimate-repetition prompts (of 12)")
     b.add_argument("--config", type=Path, help="quality: a sidecar YAML whose 'default' policy is judged")
     b.add_argument("--ring-rounds", type=int, default=200, help="ring: rounds of each reader in turn")
     b.add_argument("--batch-rounds", type=int, default=15, help="batch: rounds of every batch size and frame kind in turn")

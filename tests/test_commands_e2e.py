@@ -91,15 +91,22 @@ def test_bench_fse_compares_every_rule_set_with_the_rescan(tmp_path) -> None:
 
 def test_bench_quality_reports_every_group_guarded_and_unguarded(tmp_path) -> None:
     out = tmp_path / "bench.json"
-    cmd = ["bench", "quality", "--healthy", "1", "--garbage", "1", "--loops", "1", "--max-tokens", "24", "--out", str(out)]
+    cmd = ["bench", "quality", "--healthy", "1", "--garbage", "1", "--loops", "1", "--legit", "1", "--max-tokens", "24"]
+    cmd += ["--out", str(out)]
     r = subprocess.run([sys.executable, "-m", "sidecar", *cmd], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     data = json.loads((tmp_path / "bench-quality.json").read_text())
-    assert list(data["groups"]) == ["healthy-greedy", "healthy-t0.7", "garbage-t1.5", "garbage-t3.0", "loop-greedy"]
+    names = ["healthy-greedy", "healthy-t0.7", "healthy-t0.7-penalty", "garbage-t1.5", "garbage-t3.0"]
+    names += ["loop-greedy", "loop-variant-t0.4", "legit-repeat"]
+    assert list(data["groups"]) == names
     for by in data["groups"].values():
-        assert set(by) == {"guarded", "unguarded"}
+        assert set(by) == {"guarded", "unguarded", "texts"}
         assert by["unguarded"]["heals_per_100_tokens"] == 0 and by["unguarded"]["aborted"] == 0  # everything off
         assert by["unguarded"]["stubs"] == 0 and 0 <= by["guarded"]["completed"] <= 1
+        assert by["unguarded"]["changed"] == 0 and by["unguarded"]["heals_by_cause"] == {}
+        assert all(t["guarded"] and t["unguarded"] for t in by["texts"])
+    # the greedy healthy answer is English: the dictionary knows most of its words
+    assert data["groups"]["healthy-greedy"]["unguarded"]["dictionary_share_median"] > 0.8
     hot = data["groups"]["garbage-t3.0"]
     assert hot["unguarded"]["max16_nlp_median"] > hot["guarded"]["max16_nlp_median"]
     assert "quality: SmolLM2-135M" in r.stdout
