@@ -112,7 +112,7 @@ class Recorder:
             "vocab_digest": vocab_digest,
             "sampling": ledger.sampling_record(p),
             "history": list(s.history),
-            "prompt": list(s.prompt) if s.prompt is not None else None,
+            "prompt": np.asarray(s.prompt).tolist() if s.prompt is not None else None,
             "policy": s.policy.name,
             "policy_json": s.policy.source_json,
             "policy_digest": s.policy.digest,

@@ -226,7 +226,9 @@ class GuardService:
             policy=policy,
             tokens=vocab.tokens,
             history=prompt,
-            prompt=ids[-policy.loop_guard.prompt_chars :].tolist() if policy.loop_guard.prompt_chars else [],  # chars >= tokens
+            # a compact copy (not a view of the request's ids, nor a list of int objects: a
+            # session keeps it for the recorder); prompt_chars tokens hold >= that many characters
+            prompt=ids[len(ids) - min(len(ids), policy.loop_guard.prompt_chars) :].astype(np.uint32),
             ring_name=req.ring_name,
             last_active=time.monotonic(),
             opening=Opening(

@@ -164,6 +164,8 @@ def test_the_loop_guard_reads_the_prompt_for_requested_repetition(service: Guard
     def run(prompt: list[int]) -> list[int]:
         req = pb.OpenSessionRequest(vocab_digest=d, prompt_token_ids=prompt, sampling=pb.SamplingParams(repetition_window=16))
         s = service.open_session(req)
+        # kept for the recorder as a compact copy: not a view of the request's ids, no int objects
+        assert s.prompt.dtype == np.uint32 and s.prompt.base is None and s.prompt.tolist() == prompt
         decisions = []
         for step, t in enumerate(sentence * 4):
             x = np.zeros(len(pieces), np.float32)

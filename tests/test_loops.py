@@ -39,10 +39,11 @@ def prop(token: int, step: int) -> Proposal:
     return Proposal(token, Sampler.NORMAL, M, step, step)
 
 
-def feed(guard: LoopGuard, ids: list[int]) -> list[tuple[int, str, str]]:
-    """Commit ``ids`` whatever the guard says; (step, action, detail) of every trip on the way."""
+def feed(guard: LoopGuard, ids: list[int], first: int = 0) -> list[tuple[int, str, str]]:
+    """Commit ``ids`` (from step ``first``) whatever the guard says; (step, action, detail)
+    of every trip on the way."""
     out = []
-    for step, t in enumerate(ids):
+    for step, t in enumerate(ids, start=first):
         out += [(step, trip.action.name, trip.detail) for trip in guard.check(prop(t, step))]
         guard.commit(prop(t, step))
     return out
@@ -204,6 +205,7 @@ def test_repetition_the_prompt_asked_for_may_repeat_prompt_repeats_times() -> No
     four = v.split(" I love pizza!" * 4)
     assert feed(guard_over(v, prompt), four) == []
     assert feed(guard_over(v), four)  # without the prompt: the fourth is cut
+    assert feed(guard_over(v, prompt, prompt_chars=0), four)  # prompt_chars 0: the prompt is not read
     # bounded all the same: the ninth repetition is refused
     trips = feed(guard_over(v, prompt), v.split(" I love pizza!" * 9))
     assert trips and "a unit from the prompt" in trips[0][2] and "max 8.00" in trips[0][2]
@@ -232,18 +234,10 @@ def test_a_healed_loop_may_not_even_occur_twice_in_a_row_again() -> None:
             break
         g.commit(prop(t, step))
     more = v.split(" And then something else entirely. I like cats. I like cats.")
-    trips = feed_from(g, step + 1, more)
+    trips = feed(g, more, step + 1)
     assert [a for _, a, _ in trips] == ["BLOCK"]
     assert "starts again" in trips[0][2]
     assert trips[0][0] == step + len(more) - 1  # the second "cats" in a row, not the first
-
-
-def feed_from(g: LoopGuard, first: int, ids: list[int]) -> list[tuple[int, str, str]]:
-    out = []
-    for step, t in enumerate(ids, start=first):
-        out += [(step, trip.action.name, trip.detail) for trip in g.check(prop(t, step))]
-        g.commit(prop(t, step))
-    return out
 
 
 def test_a_persisting_loop_halts_after_max_heals_and_halt_action_halts_at_once() -> None:

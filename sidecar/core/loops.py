@@ -91,7 +91,7 @@ _STREAMS = ("", " (digits masked)")
 class LoopGuard:
     name = "loop_guard"
 
-    def __init__(self, cfg: LoopGuardConfig, tokens: Sequence[bytes] = (), prompt: Sequence[int] = ()) -> None:
+    def __init__(self, cfg: LoopGuardConfig, tokens: Sequence[bytes] = (), prompt: Sequence[int] | np.ndarray = ()) -> None:
         self.cfg = cfg
         self.tokens = tokens
         self._norm: dict[int, bytes] = {}
@@ -113,7 +113,9 @@ class LoopGuard:
         self._drop = pow(_B, cfg.recur_chars, _P)
         self._spans: deque[tuple[int, int]] = deque()  # (step, hash), oldest first
         self._span_counts: dict[int, int] = {}
-        prompt_text = normalise(b"".join(tokens[t] for t in prompt if 0 <= t < len(tokens)))[-cfg.prompt_chars :]
+        ids = prompt.tolist() if isinstance(prompt, np.ndarray) else prompt
+        prompt_text = normalise(b"".join(tokens[t] for t in ids if 0 <= t < len(tokens)))
+        prompt_text = prompt_text[len(prompt_text) - min(len(prompt_text), cfg.prompt_chars) :]  # 0: none
         self._prompt = (prompt_text, prompt_text.translate(_MASK))
         self._blank = 0  # committed tokens in a row without a letter or digit
         self._banned: deque[tuple[int, int, bytes]] = deque()  # (step, stream, unit): loops healed

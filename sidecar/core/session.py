@@ -12,6 +12,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from ..errors import InvalidSessionId, RowError, SessionError
 from . import chain
 from .batch_draw import Draw, draws_itself
@@ -53,7 +55,7 @@ class Session:
     secret: bytes = field(default=b"", repr=False)  # the opener's credential (the service draws it)
     # The prompt's end that the loop guard reads for requested repetition (None: the
     # history the session starts from).
-    prompt: Sequence[int] | None = None
+    prompt: Sequence[int] | np.ndarray | None = None
     evaluators: list[Evaluator] = field(init=False)
     genesis_hash: bytes = field(init=False, default=b"")
     tally: chain.Tally = field(init=False, default_factory=chain.Tally)
