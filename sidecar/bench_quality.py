@@ -133,6 +133,9 @@ def groups(n_healthy: int, n_garbage: int, n_loops: int, n_legit: int) -> list[G
 
 
 COMPLETE = 32  # a complete answer: not aborted, and at least this many tokens (or the model's own end)
+# Looping: some LOOP_SPAN tokens in a row whose distinct-4 ratio is below LOOPING (issue 29's measure).
+LOOP_SPAN = 32
+LOOPING = 0.8
 
 
 @dataclass
@@ -193,7 +196,7 @@ def max_window_mean(xs: list[float], w: int = WITHIN) -> float:
     return max(sum(xs[i : i + w]) / w for i in range(len(xs) - w + 1))
 
 
-def one_run(guarded: Any, prompt: str, sampling: SamplingParams, policy: str, max_tokens: int) -> Run:  # noqa: PLR0914
+def one_run(guarded: Any, prompt: str, sampling: SamplingParams, policy: str, max_tokens: int) -> Run:
     from sidecar._pb.fse.v1 import guard_pb2 as pb
     from sidecar.errors import GuardAbort
 
@@ -223,8 +226,10 @@ def one_run(guarded: Any, prompt: str, sampling: SamplingParams, policy: str, ma
         heals=len(healed),
         loop_step=min(loop_steps) if loop_steps else None,
         distinct4=distinct_ratio(done.token_ids),
-        distinct4_last32=distinct_ratio(done.token_ids[-32:]),
-        min_window_distinct4=min(distinct_ratio(done.token_ids[i : i + 32]) for i in range(max(len(done.token_ids) - 31, 1))),
+        distinct4_last32=distinct_ratio(done.token_ids[-LOOP_SPAN:]),
+        min_window_distinct4=min(
+            distinct_ratio(done.token_ids[i : i + LOOP_SPAN]) for i in range(max(len(done.token_ids) - LOOP_SPAN + 1, 1))
+        ),
         max_window_nlp=max_window_mean(nlp),
         mean_nlp=statistics.fmean(nlp) if nlp else 0.0,
         dictionary_share=dictionary_share(text),
@@ -266,7 +271,7 @@ def summarize(runs: list[Run]) -> dict[str, Any]:
         "distinct4_last32_worst": min(r.distinct4_last32 for r in runs),
         # still looping where it ended: a run that was not halted whose last 32 tokens have a
         # distinct-4 ratio below 0.8 (a halted run stopped; its end is where the loop was)
-        "looping_at_end": sum(1 for r in runs if not r.aborted and r.tokens >= 32 and r.distinct4_last32 < 0.8) / n,
+        "looping_at_end": sum(1 for r in runs if not r.aborted and r.tokens >= LOOP_SPAN and r.distinct4_last32 < LOOPING) / n,
         "mean_nlp_median": statistics.median(r.mean_nlp for r in runs),
         "mean_nlp_worst": max(r.mean_nlp for r in runs),
         "dictionary_share_median": statistics.median(r.dictionary_share for r in runs),
@@ -313,7 +318,7 @@ def bench_quality(args: argparse.Namespace, log: Any) -> dict[str, Any]:
                             for label, policy in (("guarded", "default"), ("unguarded", "off")):
                                 runs[label].append(one_run(guarded, prompt, sampling, policy, args.max_tokens))
                             mine, theirs = runs["guarded"][-1], runs["unguarded"][-1]
-                            mine.twin_loops = theirs.tokens >= 32 and theirs.min_window_distinct4 < 0.8
+                            mine.twin_loops = theirs.tokens >= LOOP_SPAN and theirs.min_window_distinct4 < LOOPING
                             texts.append(
                                 {"prompt": prompt, "sampling": repr(sampling), "guarded": mine.text, "unguarded": theirs.text}
                             )
