@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from sidecar.config import Guard, GuardSet, Policy, RedoBounds, Rule
+from sidecar.core.compact import compact_from_logits
 from sidecar.core.evaluators import TokenGuards
 from sidecar.core.guards import Action, Sampler, evaluate, health_band
 from sidecar.core.metrics import row_stats
@@ -304,3 +305,81 @@ def test_a_candidate_drawn_with_tokens_excluded_is_judged_on_the_renormalised_di
     out = s.judge(row, 1)
     assert out.decision == Decision.HEALED and out.token == 3
     assert [r.code for r in out.reasons] == ["no-badword"]
+
+
+def _softmax64(y: np.ndarray) -> np.ndarray:
+    y = y.astype(np.float64)
+    return np.exp(y - np.logaddexp.reduce(y))
+
+
+def test_a_candidate_drawn_under_a_repetition_penalty_is_judged_on_the_penalised_distribution() -> None:
+    """llama.cpp's penalty (1.1 by default) moves the draw off a token the model wants to
+    repeat; the word it moves to is improbable to the raw model but not to the sampler:
+    -log p, rank and margin are those of the penalised row (the CTRL rule), renormalised."""
+    rng = np.random.default_rng(5)
+    row = rng.normal(0.0, 2.0, 500).astype(np.float32)
+    row[7], row[9] = 16.0, 13.0  # the model's favourite repeats an earlier token
+    params = SamplingParams(repetition_penalty=1.1, repetition_window=64)
+    history = [7, 300, 7, 42]
+    st = row_stats(row)
+    pen = row.copy()
+    for t in set(history):
+        pen[t] = pen[t] / np.float32(1.1) if pen[t] > 0 else pen[t] * np.float32(1.1)
+    q = _softmax64(pen)
+    m = token_metrics(row, st, 9, 0.0, 0, (), history, params)
+    assert m.neg_logprob == pytest.approx(-np.log(q[9]), rel=1e-6)
+    assert m.selected_prob == pytest.approx(q[9], rel=1e-6)
+    assert m.rank == int(np.count_nonzero(pen > pen[9]))
+    assert m.margin == pytest.approx(q[9] - np.sort(np.delete(q, 9))[-1], rel=1e-6)
+    assert (m.entropy, m.max_prob) == (st.entropy, st.max_prob)  # the model's distribution
+    # No penalty, or no repeated token in the window: the raw metrics, exactly.
+    raw = token_metrics(row, st, 9, 0.0, 0)
+    assert token_metrics(row, st, 9, 0.0, 0, (), [300, 42], SamplingParams(repetition_penalty=1.0)) == raw
+    assert token_metrics(row, st, 9, 0.0, 0, (), history, SamplingParams(repetition_penalty=1.1, repetition_window=0)) == raw
+
+
+def test_a_penalty_that_takes_nearly_all_the_mass_is_judged_exactly_not_by_cancellation() -> None:
+    """When the penalised tokens held nearly all the mass, 1 - sum(their share) would cancel
+    to noise: the allowed mass is then summed over the row, and a ban adds to the penalty."""
+    row = np.full(300, -5.0, np.float32)
+    row[3], row[4], row[5] = 40.0, 20.0, 19.0  # 3 holds all but e^-20 of the mass
+    params = SamplingParams(repetition_penalty=3.0, repetition_window=8)
+    st = row_stats(row)
+    pen = row.copy()
+    pen[3] = np.float32(40.0) / np.float32(3.0)
+    pen[4] = -np.inf  # banned as well
+    q = _softmax64(pen)
+    m = token_metrics(row, st, 5, 0.0, 0, [4], [3, 3], params)
+    assert m.neg_logprob == pytest.approx(-np.log(q[5]), rel=1e-6) and m.neg_logprob < 0.01
+    assert m.rank == 0 and m.margin == pytest.approx(q[5] - q[3], rel=1e-5)
+
+
+def test_a_compact_row_under_a_penalty_is_judged_as_its_full_row() -> None:
+    """Shipped entries carry the penalised candidate exactly; the unshipped tail keeps the
+    model's mass, so -log p can only come out as high as the FULL row's or higher."""
+    rng = np.random.default_rng(11)
+    row = rng.normal(0.0, 1.5, 4000).astype(np.float32)
+    row[[17, 18, 19]] = [12.0, 11.5, 9.0]
+    history = [17, 18, 3999]  # 3999: a repeated token that was not shipped
+    for penalty in (1.1, 1.5, 0.8):
+        params = SamplingParams(repetition_penalty=penalty, repetition_window=16)
+        full = token_metrics(row, row_stats(row), 19, 0.0, 0, (), history, params)
+        cr = compact_from_logits(row, 256)
+        comp = token_metrics(cr, cr.stats(), 19, 0.0, 0, (), history, params)
+        assert comp.neg_logprob >= full.neg_logprob - 1e-6
+        assert comp.neg_logprob == pytest.approx(full.neg_logprob, abs=2e-3)
+        assert comp.rank == full.rank
+
+
+def test_the_word_a_penalty_moves_the_draw_to_is_not_healed_as_drift() -> None:
+    """Greedy with penalty 2: the repeated favourite (16 -> 8) drops below the next word
+    (9), which the raw model gives -log p 7 (past the default guard's 6.5) but the sampler
+    draws with p ~ 0.73. It is ACCEPTED, not healed."""
+    row = np.full(len(WORDS), -4.0, np.float32)
+    row[4], row[3] = 16.0, 9.0
+    pol = compile_policy("p", Policy())  # the default guards: -log p > 6.5 included
+    s = Session(session_id="r-pen", tag=1, params=SamplingParams(repetition_penalty=2.0), policy=pol, tokens=WORDS)
+    s.commit(0, s.judge(ranked(4), 0))
+    out = s.judge(row, 1)
+    assert out.token == 3 and out.decision == Decision.ACCEPT, out.reasons
+    assert out.metrics.neg_logprob == pytest.approx(np.log1p(np.exp(8.0 - 9.0)), abs=1e-4)

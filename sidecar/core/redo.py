@@ -31,7 +31,7 @@ from .compact import CompactRow
 from .evaluators import Evaluator, Proposal
 from .guards import Action, Sampler, TokenMetrics, Trip
 from .metrics import Candidate, RowStats, candidate, running_perplexity
-from .sampling import Row, SamplingParams, sample_normal, sample_strict
+from .sampling import Row, SamplingParams, prepared, sample_normal, sample_strict
 from .values import Value
 
 
@@ -86,43 +86,92 @@ class StepOutcome(Value):
 _DEFAULT_BOUNDS = RedoBounds()
 
 
-def token_metrics(row: Row, st: RowStats, token: int, ppl_sum: float, generated: int, banned: Sequence[int] = ()) -> TokenMetrics:
+def token_metrics(
+    row: Row,
+    st: RowStats,
+    token: int,
+    ppl_sum: float,
+    generated: int,
+    banned: Sequence[int] = (),
+    history: Sequence[int] = (),
+    params: SamplingParams | None = None,
+) -> TokenMetrics:
     """Metrics of ``token``; the running PPL includes the candidate.
 
-    With ``banned`` tokens (excluded by policy rules in this step), the candidate's own
-    metrics (-log p, probability, rank, margin) are those of the distribution it was
-    drawn from: the row renormalised over the allowed tokens. Otherwise a banned word's
-    only alternative, improbable because the model was sure of the word (" Ray" + "leigh"),
-    would trip the -log p guard although nothing drifted. The distribution's own metrics
-    (entropy, max prob, variance, L2) stay the model's.
+    The candidate's own metrics (-log p, probability, rank, margin) are those of the
+    distribution it was drawn from: the row with the request's repetition penalty applied
+    (``params`` over ``history``, as the samplers do) and renormalised over the tokens no
+    policy rule excluded in this step (``banned``). Otherwise a banned word's only
+    alternative, improbable because the model was sure of the word (" Ray" + "leigh"), or
+    the word a penalty moved the draw to when the model wanted to repeat one (llama.cpp's
+    default 1.1), would trip the -log p guard although nothing drifted. The
+    distribution's own metrics (entropy, max prob, variance, L2) stay the model's.
     """
     if not st.finite:
         nan = float("nan")
         return TokenMetrics(token, nan, nan, -1, nan, nan, nan, nan, nan, nan, nan, finite=False)
-    c = row.candidate(st, token) if isinstance(row, CompactRow) else candidate(row, st, token)
-    nlp, prob, rank, margin = c.neg_logprob, c.selected_prob, c.rank, c.margin
-    if banned:
-        # One float64 pass over the allowed logits (a rare path: a rule excluded a token).
-        # Not 1 - p(banned): that cancels to noise when the banned token held nearly all.
-        if isinstance(row, CompactRow):
-            # The shipped entries, and the mass of those not shipped (each at most the floor).
-            pos = np.unique([row.position(b) for b in banned if b in row.ids])
-            y, at, tail = row.logits.astype(np.float64), row.position(token), row.tail_log_mass()
-            unshipped = row.floor if tail > -math.inf else -math.inf
-        else:
-            pos, y, at = np.unique(np.asarray(banned, dtype=np.int64)), row.astype(np.float64), token
-            tail = unshipped = -math.inf
-        xc = float(y[at])
-        rank -= int(np.count_nonzero(y[pos] > xc))
-        y[pos] = -np.inf
-        top = max(float(y.max()), tail)
-        allowed_lse = top + math.log(float(np.exp(y - top).sum()) + math.exp(tail - top))
-        nlp = allowed_lse - xc
-        prob = math.exp(-nlp)
-        y[at] = -np.inf
-        runner = max(float(y.max()), unshipped)
-        margin = prob - math.exp(runner - allowed_lse)
+    drawn = _drawn(row, st, token, history, params, banned)
+    if drawn is None:
+        c = row.candidate(st, token) if isinstance(row, CompactRow) else candidate(row, st, token)
+        return _metrics(st, token, c.neg_logprob, c.rank, c.margin, c.selected_prob, ppl_sum, generated)
+    nlp, prob, rank, margin = drawn
     return _metrics(st, token, nlp, rank, margin, prob, ppl_sum, generated)
+
+
+_PLAIN = SamplingParams()
+# Below this share of the model's mass left after the changes, the sum over the changed
+# entries would cancel to noise (the row's lse is good to ~1e-6): one pass instead.
+_CANCEL_SHARE = 1e-2
+
+
+def _drawn(
+    row: Row, st: RowStats, token: int, history: Sequence[int], params: SamplingParams | None, banned: Sequence[int]
+) -> tuple[float, float, int, float] | None:
+    """(-log p, p, rank, margin) of ``token`` under the penalised, masked row the samplers
+    draw from; None when that row is the model's own (no penalty applies, none banned)."""
+    applies = params is not None and params.repetition_penalty != 1.0 and params.repetition_window > 0 and len(history) > 0
+    if not (banned or applies):
+        return None
+    sp = params if applies and params is not None else _PLAIN
+    y, bound = prepared(row, history, sp, banned)
+    compact = isinstance(row, CompactRow)
+    raw, at = (row.logits, row.position(token)) if isinstance(row, CompactRow) else (row, token)
+    diff = np.flatnonzero(y != raw)  # the entries the penalty or a ban changed (a few)
+    if diff.size == 0:
+        return None
+    # The allowed mass as a share of the model's: 1 + sum over the changed entries of
+    # (new - old) / Z, exact for a FULL row. A COMPACT row's unshipped tokens keep their
+    # mass (an upper bound: a penalty above 1 or a ban only lowers it); a penalty below 1
+    # may raise an unshipped repeated token to at most ``bound``: counted at that bound.
+    lse = st.lse
+    extra = 0.0
+    if compact and sp.repetition_penalty < 1.0 and bound > -math.inf:
+        assert isinstance(row, CompactRow)
+        recent = np.unique(np.asarray(history[-sp.repetition_window :], dtype=np.int64))
+        unshipped = int(recent.size - np.count_nonzero(np.isin(recent, row.ids)))
+        extra = unshipped * math.exp(bound - lse)
+    with np.errstate(under="ignore"):
+        share = 1.0 + float(np.exp(y[diff].astype(np.float64) - lse).sum() - np.exp(raw[diff].astype(np.float64) - lse).sum())
+    share += extra
+    if share > _CANCEL_SHARE:
+        allowed_lse = lse + math.log(share)
+    else:
+        tail = -math.inf
+        if isinstance(row, CompactRow):
+            tail = row.tail_log_mass()
+            if extra > 0.0:
+                tail = float(np.logaddexp(tail, lse + math.log(extra)))
+        top = max(float(y.max()), tail)
+        with np.errstate(under="ignore"):
+            allowed_lse = top + math.log(float(np.exp(y - np.float32(top)).sum(dtype=np.float64)) + math.exp(tail - top))
+    xc = float(y[at])
+    nlp = allowed_lse - xc
+    prob = math.exp(-nlp)
+    rank = int(np.count_nonzero(y > xc))
+    left = float(y[:at].max()) if at > 0 else -math.inf
+    right = float(y[at + 1 :].max()) if at < y.shape[0] - 1 else -math.inf
+    runner = max(left, right, bound if compact else -math.inf)
+    return nlp, prob, rank, prob - math.exp(runner - allowed_lse)
 
 
 def _metrics(
@@ -207,7 +256,7 @@ def decide(
             made.append(ProposalRecord(-1, sampler, 1))
             m = m or token_metrics(row, stats, 0, ppl_sum, generated)
             return StepOutcome(Decision.ABORT, -1, None, m, tuple(reasons), None, tuple(made))
-        m = token_metrics(row, stats, token, ppl_sum, generated, banned)
+        m = token_metrics(row, stats, token, ppl_sum, generated, banned, history, params)
         p = Proposal(token, sampler, m, step, generated, attempt, now_s)
         trips = [t for ev in evaluators for t in ev.check(p)]
         reasons += trips

@@ -112,7 +112,7 @@ def masked(row: np.ndarray, banned: Sequence[int]) -> np.ndarray:
 Row = np.ndarray | CompactRow  # a FULL row (vocab,) float32, or a COMPACT one
 
 
-def _prepared(row: Row, history: Sequence[int], params: SamplingParams, banned: Sequence[int]) -> tuple[np.ndarray, float]:
+def prepared(row: Row, history: Sequence[int], params: SamplingParams, banned: Sequence[int]) -> tuple[np.ndarray, float]:
     """The row the draw runs on, penalised and masked, and the bound no token missing from
     it can exceed (-inf for a FULL row: none is missing). A COMPACT row's shipped entries are
     in id order, so every tie rule below (lowest id first) holds for them as it is."""
@@ -149,7 +149,7 @@ def _token(row: Row, position: int) -> int:
 def sample_strict(row: Row, history: Sequence[int], params: SamplingParams, banned: Sequence[int] = ()) -> int:
     """Greedy under the same repetition penalty, never one of ``banned``; -1 when every
     token is banned or at -inf."""
-    y, bound = _prepared(row, history, params, banned)
+    y, bound = prepared(row, history, params, banned)
     best, y_max = _best(y)
     if isinstance(row, CompactRow):
         check_covered(row, y_max, "strict", bound)
@@ -163,7 +163,7 @@ def sample_normal(row: Row, history: Sequence[int], params: SamplingParams, step
     draw, so with the same uniform number the draw moves to the next candidate of the
     renormalised distribution. -1 when every token is banned or at -inf.
     """
-    y, bound = _prepared(row, history, params, banned)
+    y, bound = prepared(row, history, params, banned)
     best, y_max = _best(y)
     if best < 0 or params.greedy:
         if isinstance(row, CompactRow):
