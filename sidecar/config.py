@@ -173,6 +173,11 @@ class LoopGuardConfig(_Strict):
     # A unit that occurs in the prompt (requested repetition) may repeat this often.
     prompt_repeats: float = Field(default=8, ge=1.5, le=1024)
     prompt_chars: int = Field(default=4096, ge=0, le=1 << 20)  # normalised characters of the prompt's end kept
+    # Babble: the last babble_window letters (with at most a quarter as many digits among
+    # them) drawn from at most babble_letters distinct letters ("LARMA, LARA, LERA", "no nah
+    # nuh") is a loop of variants, unless the prompt holds such a run itself (0: off).
+    babble_letters: int = Field(default=5, ge=0, le=255)
+    babble_window: int = Field(default=32, ge=8, le=4096)
     # A span of recur_chars characters may recur this often in the window, with other text
     # between (a loop of variants: "I'm not sure what you're asking / looking for ...").
     recur_chars: int = Field(default=24, ge=8, le=4096)

@@ -161,6 +161,31 @@ def test_a_span_that_keeps_recurring_between_variants_is_a_loop() -> None:
     assert len(v.split(a + b + a + c + a)) <= trips[0][0] < len(v.split(a + b + a + c + a + b))
 
 
+def test_babble_of_a_few_letters_is_a_loop_of_variants() -> None:
+    """Variants that no unit repeats exactly, each new one free by periodicity."""
+    for text, letters in [
+        ("LARMA,\n\nLARMA,\n\nLARA,\n\nLARA,\n\nLERA,\n\nLARMA,\n\nLARA,\n\nLERA,\n\nLERL,\n\n", "aelmr"),
+        (" no nah nuh nah no nah nah nuh nah no nah nuh no no nah nuh", "ahnou"),
+    ]:
+        v = Vocab()
+        ids = v.split(text)
+        trips = feed(guard_over(v, max_repeats=8), ids)  # periodicity loose: babble alone judges
+        assert trips and f"are all from {len(letters)} letters ({letters}; max 5): babble" in trips[0][2], text
+        # refused at the token that makes the last 32 letters this small an alphabet, not before
+        seen = b"".join(v.tokens[t] for t in ids[: trips[0][0] + 1]).decode()
+        assert len([c for c in seen if c.isalpha()]) >= 32
+        assert feed(guard_over(v, max_repeats=8, babble_letters=0), ids) == []  # 0: off
+
+
+def test_few_letters_among_digits_or_asked_for_by_the_prompt_are_not_babble() -> None:
+    algebra = "Solve 2x + 3y = 5:\nx = 1 + y\n2(1 + y) + 3y = 5\n2 + 5y = 5\ny = 3/5\nx = 8/5\nx + y = 11/5\n" * 2
+    v = Vocab()
+    assert [d for _, _, d in feed(guard_over(v), v.split(algebra)) if "babble" in d] == []
+    dna = " ATGCGTACGTTAGCATGCAAGTCGATCGGATCCATGCTAGCTAGGCTAACGTAGCTAGCATCGA"
+    assert feed(guard_over(v), v.split(dna))  # 4 letters: babble, unasked
+    assert feed(guard_over(v, "Continue this DNA sequence: ACGTTGCAAT"), v.split(dna)) == []
+
+
 LEGITIMATE = {
     "code with repeated identifiers": """```python
 class BankAccount:

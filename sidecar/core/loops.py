@@ -29,6 +29,10 @@ the guard looks for exactly that, in the text rather than in token ids:
   asking / looking for, but I'll try to help."): a span of ``recur_chars`` characters
   that comes back more than ``max_recurrences`` times in the window, other text between,
   is refused too (a Rabin-Karp hash of the span per character, counted per window).
+- **Babble.** Variants of a short loop that no unit repeats exactly ("LARMA, LARA, LERA",
+  "no nah nuh nah"): the last ``babble_window`` letters drawn from at most
+  ``babble_letters`` distinct letters is refused, unless digits are a quarter or more of
+  the characters there (algebra, a table) or the prompt holds such a run itself.
 - **Blank loops.** Whitespace and punctuation normalise to nothing, so a run of more than
   ``max_blank_tokens`` tokens in a row with no letter or digit ("\\n\\n\\n...", "!!!!") is
   refused on its own count.
@@ -45,6 +49,7 @@ the guard looks for exactly that, in the text rather than in token ids:
 
 from __future__ import annotations
 
+import re
 from collections import deque
 from collections.abc import Sequence
 
@@ -75,6 +80,8 @@ _MIN_LETTERS = 8
 _MAX_TOKEN_CHARS = 128  # of one token's normalised characters (a registered token may be megabytes)
 _P = (1 << 61) - 1  # the recurrence's Rabin-Karp hash: modulo a Mersenne prime, fixed base
 _B = 1_000_003
+_DIGITS = b"0123456789"
+_BABBLE_PROMPT_RUN = 8  # letters in a row from the babble's own letters that license it in the prompt
 _BAN_CHARS = 8  # a healed unit is refused twice in a row, and over at least this many characters ("no no" stays free)
 
 
@@ -194,7 +201,25 @@ class LoopGuard:
                     f"{_STREAMS[stream]} (max {allowed:.2f}{asked})"
                 )
                 return self._refuse(p, repeats, allowed, detail, stream, unit)
-        return self._recurrence(p, chars, text, runs)
+        return self._babble(p, text) or self._recurrence(p, chars, text, runs)
+
+    def _babble(self, p: Proposal, text: bytes) -> Sequence[Trip]:
+        """Variants of a short loop that no unit repeats exactly ("LARMA, LARA, LERA",
+        "no nah nuh nah"): the last babble_window letters from a handful of letters."""
+        W, K = self.cfg.babble_window, self.cfg.babble_letters
+        if not K:
+            return ()
+        letters = text[-(W + W // 4) :].translate(None, _DIGITS)  # too few letters: mostly digits (a table, algebra)
+        if len(letters) < W:
+            return ()
+        alphabet = bytes(sorted(set(letters[-W:])))
+        if len(alphabet) > K:
+            return ()
+        if re.search(b"[" + re.escape(alphabet) + b"]{%d,}" % _BABBLE_PROMPT_RUN, self._prompt[0]):
+            return ()  # the prompt asks for such text itself ("A B A B", a DNA sequence)
+        shown = alphabet.decode("utf-8", "backslashreplace")
+        detail = f"loop: the last {W} letters are all from {len(alphabet)} letters ({shown}; max {K}): babble"
+        return self._refuse(p, float(len(alphabet)), float(K), detail, 0, b"")
 
     def _rolled(self, chars: bytes, text: bytes) -> tuple[int, list[int]]:
         """The span hash after ``chars`` (the end of ``text``) and the hashes of the spans they complete."""
