@@ -44,7 +44,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -313,8 +313,12 @@ def bench_quality(args: argparse.Namespace, log: Any) -> dict[str, Any]:
                 for g in groups(args.healthy, args.garbage, args.loops, args.legit):
                     runs: dict[str, list[Run]] = {"guarded": [], "unguarded": []}
                     texts = []
-                    for prompt in g.prompts:
-                        for sampling in g.samplings:
+                    for i, prompt in enumerate(g.prompts):
+                        for base in g.samplings:
+                            # a seed per prompt: one seed for all would draw every prompt's
+                            # token at a step from the same uniform number, so one u near 1
+                            # (a far-tail draw) would land on every run at once
+                            sampling = base if base.greedy else replace(base, seed=base.seed + 1000 * i)
                             for label, policy in (("guarded", "default"), ("unguarded", "off")):
                                 runs[label].append(one_run(guarded, prompt, sampling, policy, args.max_tokens))
                             mine, theirs = runs["guarded"][-1], runs["unguarded"][-1]
