@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import queue
+import secrets
 import signal
 import sys
 import threading
@@ -104,7 +105,10 @@ def parse_completion(raw: bytes, max_tokens_limit: int) -> Completion:
             top_k=_number(body, "top_k", 40, int),
             top_p=_number(body, "top_p", 0.95, float),
             min_p=_number(body, "min_p", 0.0, float),
-            seed=_number(body, "seed", 0, int),
+            # none given: a random one (as OpenAI and the vLLM adapter do), in the audit's
+            # genesis for replay; a fixed default would draw every unseeded request's token
+            # at a step from the same uniform number
+            seed=_number(body, "seed", secrets.randbits(63), int),
         )
     except ConfigError as exc:
         raise BadRequest(str(exc).removeprefix("sampling.")) from None

@@ -209,3 +209,11 @@ def test_readiness_fails_while_the_sidecar_signs_with_a_key_the_engine_does_not_
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_a_request_without_a_seed_draws_with_a_random_one() -> None:
+    """A fixed default seed would draw every unseeded request's token at a step from the
+    same uniform number (one far-tail draw on every request at once); a given seed is kept."""
+    seeds = {parse_completion(b'{"prompt": "x"}', 10).sampling.seed for _ in range(8)}
+    assert len(seeds) == 8
+    assert parse_completion(b'{"prompt": "x", "seed": 3}', 10).sampling.seed == 3
