@@ -115,6 +115,16 @@ class Group:
     prompts: list[str]
     samplings: list[SamplingParams]
 
+    def runs(self) -> list[tuple[str, SamplingParams]]:
+        """Every (prompt, sampler) of the group. A seed per prompt: with one seed for all,
+        every run would draw its token at a step from the same uniform number, and one
+        number near 1 (a far-tail draw) would land on every run at once."""
+        return [
+            (prompt, base if base.greedy else replace(base, seed=base.seed + 1000 * i))
+            for i, prompt in enumerate(self.prompts)
+            for base in self.samplings
+        ]
+
 
 def groups(n_healthy: int, n_garbage: int, n_loops: int, n_legit: int) -> list[Group]:
     healthy, garbage = HEALTHY[:n_healthy], HEALTHY[:n_garbage]
@@ -155,7 +165,9 @@ class Run:
     heal_causes: dict[str, int] = field(default_factory=dict)  # reason code -> heals it caused
     excess: list[float] = field(default_factory=list)  # -log p - H per emitted token
     min_window_distinct4: float = 1.0  # the lowest distinct-4 ratio of any 32 tokens in a row
+    loop_start: int | None = None  # the first of LOOP_SPAN tokens in a row that loop (distinct-4 below LOOPING)
     twin_loops: bool = False  # the unguarded run of the same prompt and sampler loops somewhere (set by the caller)
+    twin_loop_start: int | None = None  # where it starts (set by the caller)
 
 
 @functools.cache
@@ -218,6 +230,8 @@ def one_run(guarded: Any, prompt: str, sampling: SamplingParams, policy: str, ma
                 causes[code] = causes.get(code, 0) + 1
     text = b"".join(t.text for t in done.tokens).decode(errors="replace")
     nlp = [x.neg_logprob_nats for x in m]
+    ids = done.token_ids
+    windows = [distinct_ratio(ids[i : i + LOOP_SPAN]) for i in range(max(len(ids) - LOOP_SPAN + 1, 1))]
     return Run(
         tokens=len(done.tokens),
         aborted=aborted,
@@ -227,9 +241,8 @@ def one_run(guarded: Any, prompt: str, sampling: SamplingParams, policy: str, ma
         loop_step=min(loop_steps) if loop_steps else None,
         distinct4=distinct_ratio(done.token_ids),
         distinct4_last32=distinct_ratio(done.token_ids[-LOOP_SPAN:]),
-        min_window_distinct4=min(
-            distinct_ratio(done.token_ids[i : i + LOOP_SPAN]) for i in range(max(len(done.token_ids) - LOOP_SPAN + 1, 1))
-        ),
+        min_window_distinct4=min(windows),
+        loop_start=next((i for i, d in enumerate(windows) if d < LOOPING), None) if len(done.token_ids) >= LOOP_SPAN else None,
         max_window_nlp=max_window_mean(nlp),
         mean_nlp=statistics.fmean(nlp) if nlp else 0.0,
         dictionary_share=dictionary_share(text),
@@ -239,10 +252,16 @@ def one_run(guarded: Any, prompt: str, sampling: SamplingParams, policy: str, ma
     )
 
 
+def _caught(r: Run) -> bool:
+    """The loop guard acted within LOOP_WITHIN tokens of where the unguarded twin's loop starts."""
+    return r.loop_step is not None and r.twin_loop_start is not None and r.loop_step < r.twin_loop_start + LOOP_WITHIN
+
+
 def summarize(runs: list[Run]) -> dict[str, Any]:
     n = len(runs)
     emitted = sum(r.tokens for r in runs)
     excess_means = [statistics.fmean(r.excess) for r in runs if r.excess]
+    looping = [r for r in runs if r.twin_loop_start is not None]
     return {
         "runs": n,
         # of the runs that reached 16 tokens or were acted on before (a run that ended
@@ -282,6 +301,10 @@ def summarize(runs: list[Run]) -> dict[str, Any]:
         "max16_nlp_median": statistics.median(r.max_window_nlp for r in runs),
         "max16_nlp_worst": max(r.max_window_nlp for r in runs),
         "loop_caught_within_64": sum(1 for r in runs if r.loop_step is not None and r.loop_step < LOOP_WITHIN) / n,
+        # of the runs whose unguarded twin loops: the guard acted on a loop within 64 tokens
+        # of where the twin's loop starts, or the guarded run never loops at all
+        "twin_loops": len(looping),
+        "loops_caught": sum(1 for r in looping if r.loop_start is None or _caught(r)),
         "loop_step_median": statistics.median([r.loop_step for r in runs if r.loop_step is not None] or [float("nan")]),
         "excess_per_token_mean": statistics.fmean(excess_means) if excess_means else 0.0,
         "excess_per_token_worst_run": max(excess_means) if excess_means else 0.0,
@@ -313,19 +336,15 @@ def bench_quality(args: argparse.Namespace, log: Any) -> dict[str, Any]:
                 for g in groups(args.healthy, args.garbage, args.loops, args.legit):
                     runs: dict[str, list[Run]] = {"guarded": [], "unguarded": []}
                     texts = []
-                    for i, prompt in enumerate(g.prompts):
-                        for base in g.samplings:
-                            # a seed per prompt: one seed for all would draw every prompt's
-                            # token at a step from the same uniform number, so one u near 1
-                            # (a far-tail draw) would land on every run at once
-                            sampling = base if base.greedy else replace(base, seed=base.seed + 1000 * i)
-                            for label, policy in (("guarded", "default"), ("unguarded", "off")):
-                                runs[label].append(one_run(guarded, prompt, sampling, policy, args.max_tokens))
-                            mine, theirs = runs["guarded"][-1], runs["unguarded"][-1]
-                            mine.twin_loops = theirs.tokens >= LOOP_SPAN and theirs.min_window_distinct4 < LOOPING
-                            texts.append(
-                                {"prompt": prompt, "sampling": repr(sampling), "guarded": mine.text, "unguarded": theirs.text}
-                            )
+                    for prompt, sampling in g.runs():
+                        for label, policy in (("guarded", "default"), ("unguarded", "off")):
+                            runs[label].append(one_run(guarded, prompt, sampling, policy, args.max_tokens))
+                        mine, theirs = runs["guarded"][-1], runs["unguarded"][-1]
+                        mine.twin_loops = theirs.tokens >= LOOP_SPAN and theirs.min_window_distinct4 < LOOPING
+                        mine.twin_loop_start = theirs.loop_start
+                        texts.append(
+                            {"prompt": prompt, "sampling": repr(sampling), "guarded": mine.text, "unguarded": theirs.text}
+                        )
                     result["groups"][g.name] = {k: summarize(v) for k, v in runs.items()} | {"texts": texts}
                     log(f"  {g.name}: {len(runs['guarded'])} runs each ({time.perf_counter() - t0:.0f} s)")
             client.close()
@@ -339,7 +358,7 @@ def print_quality(result: dict[str, Any]) -> None:
     for name, by in result["groups"].items():
         for label in ("guarded", "unguarded"):
             s = by[label]
-            loop = f"{s['loop_caught_within_64']:.0%} (step {s['loop_step_median']:.0f})" if name.startswith("loop") else ""
+            loop = f"{s['loops_caught']} of {s['twin_loops']}" if label == "guarded" and s["twin_loops"] else ""
             rows.append(
                 [
                     name,
@@ -382,7 +401,7 @@ def print_quality(result: dict[str, Any]) -> None:
                 "mean -log p med / worst",
                 "dictionary words med / worst",
                 "max 16-tok -log p med / worst",
-                "loop caught <64",
+                "twin's loops caught <64",
                 "-log p - H mean / worst",
             ],
             rows,

@@ -105,6 +105,7 @@ def test_bench_quality_reports_every_group_guarded_and_unguarded(tmp_path) -> No
         assert by["unguarded"]["stubs"] == 0 and 0 <= by["guarded"]["completed"] <= 1
         assert by["unguarded"]["changed"] == 0 and by["unguarded"]["heals_by_cause"] == {}
         assert all(t["guarded"] and t["unguarded"] for t in by["texts"])
+        assert 0 <= by["guarded"]["loops_caught"] <= by["guarded"]["twin_loops"] <= by["guarded"]["runs"]
     # the greedy healthy answer is English: the dictionary knows most of its words
     assert data["groups"]["healthy-greedy"]["unguarded"]["dictionary_share_median"] > 0.8
     hot = data["groups"]["garbage-t3.0"]

@@ -148,3 +148,18 @@ def test_hot_sampling_is_healed_into_whole_answers_not_stubs(guarded) -> None:
         assert band and all(t.verdict.decision == pb.DECISION_HEALED for t in band)
         assert band[0].step < 16  # entered early, then held
         assert max_window_mean([t.verdict.metrics.neg_logprob_nats for t in band]) < 3.0, d.text  # readable
+
+
+def test_bench_quality_draws_each_prompt_of_a_sampled_group_with_its_own_seed() -> None:
+    """One seed for every prompt drew each step's token from the same uniform number in
+    every run: a far-tail draw landed on all prompts at once (seed 2: six steps in 192)."""
+    from sidecar.bench_quality import groups
+
+    for g in groups(16, 16, 9, 12):
+        pairs = g.runs()
+        assert [p for p, _ in pairs] == g.prompts
+        seeds = [s.seed for _, s in pairs]
+        if g.samplings[0].greedy:
+            assert all(s == g.samplings[0] for _, s in pairs)
+        else:
+            assert len(set(seeds)) == len(seeds), g.name
