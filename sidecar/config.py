@@ -175,7 +175,7 @@ class LoopGuardConfig(_Strict):
     prompt_chars: int = Field(default=4096, ge=0, le=1 << 20)  # normalised characters of the prompt's end kept
     # Babble: the last babble_window letters (with at most a quarter as many digits among
     # them) drawn from at most babble_letters distinct letters ("LARMA, LARA, LERA", "no nah
-    # nuh") is a loop of variants, unless the prompt holds such a run itself (0: off).
+    # nuh") is a loop of variants, unless its last 8 letters occur in the prompt (0: off).
     babble_letters: int = Field(default=5, ge=0, le=255)
     babble_window: int = Field(default=32, ge=8, le=4096)
     # A span of recur_chars characters may recur this often in the window, with other text

@@ -177,13 +177,18 @@ def test_babble_of_a_few_letters_is_a_loop_of_variants() -> None:
         assert feed(guard_over(v, max_repeats=8, babble_letters=0), ids) == []  # 0: off
 
 
-def test_few_letters_among_digits_or_asked_for_by_the_prompt_are_not_babble() -> None:
+def test_few_letters_among_digits_or_going_on_as_the_prompt_does_are_not_babble() -> None:
     algebra = "Solve 2x + 3y = 5:\nx = 1 + y\n2(1 + y) + 3y = 5\n2 + 5y = 5\ny = 3/5\nx = 8/5\nx + y = 11/5\n" * 2
     v = Vocab()
     assert [d for _, _, d in feed(guard_over(v), v.split(algebra)) if "babble" in d] == []
-    dna = " ATGCGTACGTTAGCATGCAAGTCGATCGGATCCATGCTAGCTAGGCTAACGTAGCTAGCATCGA"
-    assert feed(guard_over(v), v.split(dna))  # 4 letters: babble, unasked
-    assert feed(guard_over(v, "Continue this DNA sequence: ACGTTGCAAT"), v.split(dna)) == []
+    prompt = "Continue the pattern: A B A B A B A B"
+    pattern = v.split(" A B" * 24)
+    assert feed(guard_over(v, prompt, prompt_repeats=64), pattern) == []  # as the prompt goes (periodicity loose)
+    assert feed(guard_over(v, prompt_repeats=64), pattern)  # unasked: babble
+    # the pattern degenerating is babble all the same: "aaaaaaab" is not the prompt's
+    worse = v.split(" A B" * 12 + " A A A A A A A B" * 4)
+    trips = feed(guard_over(v, prompt, prompt_repeats=64), worse)
+    assert trips and "babble" in trips[0][2] and trips[0][0] > 24
 
 
 LEGITIMATE = {

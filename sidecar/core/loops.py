@@ -32,7 +32,8 @@ the guard looks for exactly that, in the text rather than in token ids:
 - **Babble.** Variants of a short loop that no unit repeats exactly ("LARMA, LARA, LERA",
   "no nah nuh nah"): the last ``babble_window`` letters drawn from at most
   ``babble_letters`` distinct letters is refused, unless digits are a quarter or more of
-  the characters there (algebra, a table) or the prompt holds such a run itself.
+  the characters there (algebra, a table) or its last 8 letters occur in the prompt (it
+  goes on as the prompt does: "Continue: A B A B").
 - **Blank loops.** Whitespace and punctuation normalise to nothing, so a run of more than
   ``max_blank_tokens`` tokens in a row with no letter or digit ("\\n\\n\\n...", "!!!!") is
   refused on its own count.
@@ -49,7 +50,6 @@ the guard looks for exactly that, in the text rather than in token ids:
 
 from __future__ import annotations
 
-import re
 from collections import deque
 from collections.abc import Sequence
 
@@ -81,7 +81,7 @@ _MAX_TOKEN_CHARS = 128  # of one token's normalised characters (a registered tok
 _P = (1 << 61) - 1  # the recurrence's Rabin-Karp hash: modulo a Mersenne prime, fixed base
 _B = 1_000_003
 _DIGITS = b"0123456789"
-_BABBLE_PROMPT_RUN = 8  # letters in a row from the babble's own letters that license it in the prompt
+_BABBLE_PROMPT_RUN = 8  # babble whose last this many letters occur in the prompt goes on as the prompt does
 _BAN_CHARS = 8  # a healed unit is refused twice in a row, and over at least this many characters ("no no" stays free)
 
 
@@ -215,8 +215,8 @@ class LoopGuard:
         alphabet = bytes(sorted(set(letters[-W:])))
         if len(alphabet) > K:
             return ()
-        if re.search(b"[" + re.escape(alphabet) + b"]{%d,}" % _BABBLE_PROMPT_RUN, self._prompt[0]):
-            return ()  # the prompt asks for such text itself ("A B A B", a DNA sequence)
+        if self._in_prompt(letters[-_BABBLE_PROMPT_RUN:], self._prompt[0]):  # in some phase
+            return ()  # it still goes on as the prompt does ("Continue: A B A B A B A B")
         shown = alphabet.decode("utf-8", "backslashreplace")
         detail = f"loop: the last {W} letters are all from {len(alphabet)} letters ({shown}; max {K}): babble"
         return self._refuse(p, float(len(alphabet)), float(K), detail, 0, b"")
