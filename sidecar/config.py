@@ -173,6 +173,9 @@ class LoopGuardConfig(_Strict):
     # A unit that occurs in the prompt (requested repetition) may repeat this often.
     prompt_repeats: float = Field(default=8, ge=1.5, le=1024)
     prompt_chars: int = Field(default=4096, ge=0, le=1 << 20)  # normalised characters of the prompt's end kept
+    # A numbered item of fewer letters ("12. Goodbye", "Chapter 12"; digits masked) may
+    # repeat this often: a list, but a list of one item; the prompt's own item is free.
+    max_list_repeats: float = Field(default=16, ge=1.5, le=1 << 16)
     # Babble: the last babble_window letters (with at most a quarter as many digits among
     # them) drawn from at most babble_letters distinct letters ("LARMA, LARA, LERA", "no nah
     # nuh") is a loop of variants, unless its last 8 letters occur in the prompt (0: off).

@@ -94,6 +94,7 @@ def test_periodicity_refuses_exactly_what_plain_string_work_finds(ids, max_perio
             max_loop_chars=loop_chars,
             max_heals=1 << 16,
             max_recurrences=1 << 16,
+            babble_letters=0,  # periodicity alone (PIECES hold two letters: all babble)
         ),
         tokens,
     )
@@ -145,6 +146,19 @@ def test_a_numbered_loop_is_one_loop_and_a_count_is_not() -> None:
     # digit-only loops are in the first stream: [123, 456, 789, 123, 456, 789, ...]
     trips = feed(guard_over(v), v.split("[" + "123, 456, 789, " * 4))
     assert trips and "(digits masked)" not in trips[0][2]
+
+
+def test_a_numbered_list_of_one_short_item_runs_to_max_list_repeats_unless_the_prompt_asked() -> None:
+    v = Vocab()
+    items = v.split("".join(f"{i}. Goodbye\n" for i in range(10, 40)))  # one digit width: one unit
+    trips = feed(guard_over(v), items)
+    assert trips and "a numbered list of one item" in trips[0][2] and "(digits masked)" in trips[0][2]
+    per = len(v.split("10. Goodbye\n"))
+    assert 16 * per - 8 <= trips[0][0] <= 17 * per + 8  # at its 17th item, not before
+    hello = v.split("".join(f"{i}. Hello\n" for i in range(1, 41)))
+    assert feed(guard_over(v, "Write the word 'hello' 50 times."), hello) == []  # asked for
+    chapters = v.split(", ".join(f"Chapter {i}" for i in range(1, 16)))
+    assert feed(guard_over(v), chapters) == []
 
 
 def test_a_span_that_keeps_recurring_between_variants_is_a_loop() -> None:

@@ -85,11 +85,13 @@ _BABBLE_PROMPT_RUN = 8  # babble whose last this many letters occur in the promp
 _BAN_CHARS = 8  # a healed unit is refused twice in a row, and over at least this many characters ("no no" stays free)
 
 
-def _wordy(unit: bytes) -> bool:
+def _wordy(unit: bytes, min_letters: int = _MIN_LETTERS) -> bool:
+    """Whether the primitive unit of ``unit`` (digits masked) has ``min_letters`` letters
+    and is mostly letters."""
     p = len(unit)
     q = next(q for q in range(1, p + 1) if p % q == 0 and unit == unit[:q] * (p // q))  # the primitive unit
     letters = len(unit[:q].translate(None, b"#"))
-    return letters >= _MIN_LETTERS and 2 * letters >= q
+    return letters >= min_letters and 2 * letters >= q
 
 
 _STREAMS = ("", " (digits masked)")
@@ -185,10 +187,16 @@ class LoopGuard:
                 if any(period % q == 0 for q in licensed):
                     continue  # a multiple of a unit the prompt asked for
                 unit = texts[stream][-period:]
-                if stream == 1 and (b"#" not in unit or not _wordy(unit)):
+                if stream == 1 and (b"#" not in unit or not _wordy(unit, 1)):
                     continue  # no digit (row 0 judges it), or mostly digits (a count, a table of numbers)
                 n = int(covered[stream, period - 1])
                 repeats, allowed, asked = n / period, self.cfg.max_repeats, ""
+                if stream == 1 and not _wordy(unit):
+                    # a numbered item of a short word ("12. Goodbye", "Chapter 12"): a list,
+                    # and a list of one item may run to max_list_repeats (the prompt's own: on)
+                    if n <= self.cfg.max_list_repeats * period or self._in_prompt(unit, self._prompt[1]):
+                        continue
+                    allowed, asked = self.cfg.max_list_repeats, ", a numbered list of one item"
                 if self._in_prompt(unit, self._prompt[stream]):
                     licensed.append(period)
                     allowed, asked = self.cfg.prompt_repeats, ", a unit from the prompt"
@@ -217,6 +225,10 @@ class LoopGuard:
             return ()
         if self._in_prompt(letters[-_BABBLE_PROMPT_RUN:], self._prompt[0]):  # in some phase
             return ()  # it still goes on as the prompt does ("Continue: A B A B A B A B")
+        window = letters[-W:]
+        q = next((q for q in range(1, W // 2 + 1) if window[q:] == window[:-q]), 0)
+        if q and self._in_prompt(window[-q:], self._prompt[0]):
+            return ()  # the prompt's own word, numbered ("1. Hello 2. Hello"): periodicity bounds it
         shown = alphabet.decode("utf-8", "backslashreplace")
         detail = f"loop: the last {W} letters are all from {len(alphabet)} letters ({shown}; max {K}): babble"
         return self._refuse(p, float(len(alphabet)), float(K), detail, 0, b"")
