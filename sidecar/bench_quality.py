@@ -358,7 +358,9 @@ def print_quality(result: dict[str, Any]) -> None:
     for name, by in result["groups"].items():
         for label in ("guarded", "unguarded"):
             s = by[label]
-            loop = f"{s['loops_caught']} of {s['twin_loops']}" if label == "guarded" and s["twin_loops"] else ""
+            # not for legitimate repetition: there the twin's "loop" is what the prompt asked for
+            shown = label == "guarded" and s["twin_loops"] and not name.startswith("legit")
+            loop = f"{s['loops_caught']} of {s['twin_loops']}" if shown else ""
             rows.append(
                 [
                     name,
