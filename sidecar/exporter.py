@@ -9,7 +9,7 @@ sets, and rule ids are bounded by the configured policies.
 Buckets follow each value's real range, measured on the embedded model under guard
 (``tests/test_prometheus_e2e.py`` scraping a real generation, the README's picture): a
 step is judged in ~1.2 ms p50 with a tail to ~10 ms p99 while llama.cpp shares the
-machine; -log p of a committed token is ~0.8 nats p50, ~2.6 p90, 6-7 p99 (the 6.5-nat
+machine; -log p of a committed token is ~0.8 nats p50, ~2.6 p90, 6-7 p99 (the 9-nat
 guard); entropy ~2 nats p50, ~5.7 p99 (ln of a 49k vocabulary is 10.8); the perplexity
 buckets hold seed 001's bands (healthy < 200 <= drifting <= 400 < halt).
 """

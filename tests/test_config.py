@@ -14,7 +14,7 @@ def test_defaults_follow_the_seeds() -> None:
         0.99,
         1e4,
     )
-    assert (g.neg_logprob.threshold, g.entropy.threshold, g.rank.threshold, g.margin.threshold) == (6.5, 3.0, 100, 0.01)
+    assert (g.neg_logprob.threshold, g.entropy.threshold, g.rank.threshold, g.margin.threshold) == (9.0, 3.0, 100, 0.01)
     assert g.running_ppl.enabled and g.l2_norm.enabled and g.logit_variance.enabled
     # recalibrated by bench quality: the per-token surprise guard protects by default
     assert g.neg_logprob.enabled and not (g.entropy.enabled or g.rank.enabled or g.margin.enabled or g.max_prob.enabled)

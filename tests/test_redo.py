@@ -91,7 +91,7 @@ def test_seed_001_defaults_trip_on_their_failure_modes() -> None:
     assert "l2_norm" in [t.code for t in evaluate(token_metrics(huge, row_stats(huge), 0, 0.0, 0), defaults, Sampler.NORMAL, 0)]
     row = peaked_row()
     m = token_metrics(row, row_stats(row), 999, 0.0, 0)  # a ~e^-10 token: PPL ~ 2e4 > 400
-    # and the recalibrated per-token guard: -log p ~ 10 > 6.5
+    # and the recalibrated per-token guard: -log p ~ 10 > 9
     assert [t.code for t in evaluate(m, defaults, Sampler.NORMAL, 0)] == ["neg_logprob", "running_ppl"]
     assert [t.code for t in evaluate(m, defaults.model_copy(update={"ppl_warmup_tokens": 1}), Sampler.NORMAL, 0)] == [
         "neg_logprob"
@@ -299,7 +299,7 @@ def test_a_candidate_drawn_with_tokens_excluded_is_judged_on_the_renormalised_di
     assert (masked.entropy, masked.max_prob) == (raw.entropy, raw.max_prob)  # the model's distribution
 
     rule = Rule(id="no-badword", kind="literal", patterns=["badword"], action="block")
-    pol = compile_policy("p", Policy(rules=[rule]))  # the default guards: -log p > 6.5 included
+    pol = compile_policy("p", Policy(guards=guards(neg_logprob=6.5, running_ppl=400), rules=[rule]))
     s = Session(session_id="r-2", tag=1, params=SamplingParams(), policy=pol, tokens=WORDS)
     s.commit(0, s.judge(ranked(1), 0))
     out = s.judge(row, 1)
@@ -373,11 +373,11 @@ def test_a_compact_row_under_a_penalty_is_judged_as_its_full_row() -> None:
 
 def test_the_word_a_penalty_moves_the_draw_to_is_not_healed_as_drift() -> None:
     """Greedy with penalty 2: the repeated favourite (16 -> 8) drops below the next word
-    (9), which the raw model gives -log p 7 (past the default guard's 6.5) but the sampler
+    (9), which the raw model gives -log p 7 (past a 6.5-nat guard) but the sampler
     draws with p ~ 0.73. It is ACCEPTED, not healed."""
     row = np.full(len(WORDS), -4.0, np.float32)
     row[4], row[3] = 16.0, 9.0
-    pol = compile_policy("p", Policy())  # the default guards: -log p > 6.5 included
+    pol = compile_policy("p", Policy(guards=guards(neg_logprob=6.5)))
     s = Session(session_id="r-pen", tag=1, params=SamplingParams(repetition_penalty=2.0), policy=pol, tokens=WORDS)
     s.commit(0, s.judge(ranked(4), 0))
     out = s.judge(row, 1)
