@@ -164,10 +164,13 @@ class Run:
     text: str
     heal_causes: dict[str, int] = field(default_factory=dict)  # reason code -> heals it caused
     excess: list[float] = field(default_factory=list)  # -log p - H per emitted token
-    min_window_distinct4: float = 1.0  # the lowest distinct-4 ratio of any 32 tokens in a row
     loop_start: int | None = None  # the first of LOOP_SPAN tokens in a row that loop (distinct-4 below LOOPING)
-    twin_loops: bool = False  # the unguarded run of the same prompt and sampler loops somewhere (set by the caller)
-    twin_loop_start: int | None = None  # where it starts (set by the caller)
+    # where the unguarded run of the same prompt and sampler starts looping (set by the caller)
+    twin_loop_start: int | None = None
+
+    @property
+    def twin_loops(self) -> bool:
+        return self.twin_loop_start is not None
 
 
 @functools.cache
@@ -241,8 +244,7 @@ def one_run(guarded: Any, prompt: str, sampling: SamplingParams, policy: str, ma
         loop_step=min(loop_steps) if loop_steps else None,
         distinct4=distinct_ratio(done.token_ids),
         distinct4_last32=distinct_ratio(done.token_ids[-LOOP_SPAN:]),
-        min_window_distinct4=min(windows),
-        loop_start=next((i for i, d in enumerate(windows) if d < LOOPING), None) if len(done.token_ids) >= LOOP_SPAN else None,
+        loop_start=next((i for i, d in enumerate(windows) if d < LOOPING), None) if len(ids) >= LOOP_SPAN else None,
         max_window_nlp=max_window_mean(nlp),
         mean_nlp=statistics.fmean(nlp) if nlp else 0.0,
         dictionary_share=dictionary_share(text),
@@ -261,7 +263,7 @@ def summarize(runs: list[Run]) -> dict[str, Any]:
     n = len(runs)
     emitted = sum(r.tokens for r in runs)
     excess_means = [statistics.fmean(r.excess) for r in runs if r.excess]
-    looping = [r for r in runs if r.twin_loop_start is not None]
+    looping = [r for r in runs if r.twin_loops]
     return {
         "runs": n,
         # of the runs that reached 16 tokens or were acted on before (a run that ended
@@ -340,7 +342,6 @@ def bench_quality(args: argparse.Namespace, log: Any) -> dict[str, Any]:
                         for label, policy in (("guarded", "default"), ("unguarded", "off")):
                             runs[label].append(one_run(guarded, prompt, sampling, policy, args.max_tokens))
                         mine, theirs = runs["guarded"][-1], runs["unguarded"][-1]
-                        mine.twin_loops = theirs.tokens >= LOOP_SPAN and theirs.min_window_distinct4 < LOOPING
                         mine.twin_loop_start = theirs.loop_start
                         texts.append(
                             {"prompt": prompt, "sampling": repr(sampling), "guarded": mine.text, "unguarded": theirs.text}

@@ -75,23 +75,23 @@ def normalise(text: bytes) -> bytes:
 # unit (a "t#t#t#" unit is "t#" three times) has at least _MIN_LETTERS letters and is
 # mostly letters, so a count ("1. 1", "2. 2", "t1 t2 t3", "Chapter 1, Chapter 2") or a
 # table of numbers ("3 x 4 = 12") stays free.
-_MASK = bytes.maketrans(b"0123456789", b"##########")
+_DIGITS = b"0123456789"
+_MASK = bytes.maketrans(_DIGITS, b"#" * len(_DIGITS))
 _MIN_LETTERS = 8
 _MAX_TOKEN_CHARS = 128  # of one token's normalised characters (a registered token may be megabytes)
 _P = (1 << 61) - 1  # the recurrence's Rabin-Karp hash: modulo a Mersenne prime, fixed base
 _B = 1_000_003
-_DIGITS = b"0123456789"
 _BABBLE_PROMPT_RUN = 8  # babble whose last this many letters occur in the prompt goes on as the prompt does
 _BAN_CHARS = 8  # a healed unit is refused twice in a row, and over at least this many characters ("no no" stays free)
 
 
-def _wordy(unit: bytes, min_letters: int = _MIN_LETTERS) -> bool:
-    """Whether the primitive unit of ``unit`` (digits masked) has ``min_letters`` letters
-    and is mostly letters."""
+def _letters(unit: bytes) -> int:
+    """Letters of the primitive unit of ``unit`` (digits masked) when it is mostly
+    letters; 0 when it is not."""
     p = len(unit)
     q = next(q for q in range(1, p + 1) if p % q == 0 and unit == unit[:q] * (p // q))  # the primitive unit
     letters = len(unit[:q].translate(None, b"#"))
-    return letters >= min_letters and 2 * letters >= q
+    return letters if 2 * letters >= q else 0
 
 
 _STREAMS = ("", " (digits masked)")
@@ -130,8 +130,9 @@ class LoopGuard:
         self._banned: deque[tuple[int, int, bytes]] = deque()  # (step, stream, unit): loops healed
         self._heal_steps: deque[int] = deque()  # steps in the window where a token was refused
         self._pending: tuple[int, int, bytes] | None = None  # (step, stream, unit) of this step's refusal
-        self._checked: tuple[int, int, np.ndarray, bytes] | None = None  # (step, token, runs, text) of the last check
-        self._rolled_at: tuple[int, int, int, list[int]] | None = None  # (step, token, hash, spans) of the last check
+        # (step, token, runs, text, (hash, spans) once the recurrence rolled them) of the last
+        # check, for its commit
+        self._checked: tuple[int, int, np.ndarray, bytes, tuple[int, list[int]] | None] | None = None
         self.generated = 0
 
     def strict(self) -> bool:
@@ -171,7 +172,7 @@ class LoopGuard:
                 return self._refuse(p, float(self._blank + 1), float(self.cfg.max_blank_tokens), detail, 0, b"")
             return ()
         runs, text = self._extend(chars)
-        self._checked = (p.step, p.token, runs, text)
+        self._checked = (p.step, p.token, runs, text, None)
         texts = (text, text.translate(_MASK))
         covered = runs + self._periods
         for step, stream, unit in self._banned:  # a loop healed before, starting again (in any phase)
@@ -187,17 +188,20 @@ class LoopGuard:
                 if any(period % q == 0 for q in licensed):
                     continue  # a multiple of a unit the prompt asked for
                 unit = texts[stream][-period:]
-                if stream == 1 and (b"#" not in unit or not _wordy(unit, 1)):
-                    continue  # no digit (row 0 judges it), or mostly digits (a count, a table of numbers)
+                letters = _MIN_LETTERS  # the text's own stream: any unit is a word's
+                if stream == 1:
+                    letters = _letters(unit) if b"#" in unit else 0
+                    if not letters:
+                        continue  # no digit (row 0 judges it), or mostly digits (a count, a table of numbers)
                 n = int(covered[stream, period - 1])
                 repeats, allowed, asked = n / period, self.cfg.max_repeats, ""
-                if stream == 1 and not _wordy(unit):
+                if letters < _MIN_LETTERS:
                     # a numbered item of a short word ("12. Goodbye", "Chapter 12"): a list,
                     # and a list of one item may run to max_list_repeats (the prompt's own: on)
                     if n <= self.cfg.max_list_repeats * period or self._in_prompt(unit, self._prompt[1]):
                         continue
                     allowed, asked = self.cfg.max_list_repeats, ", a numbered list of one item"
-                if self._in_prompt(unit, self._prompt[stream]):
+                elif self._in_prompt(unit, self._prompt[stream]):
                     licensed.append(period)
                     allowed, asked = self.cfg.prompt_repeats, ", a unit from the prompt"
                     if n <= max(allowed * period, self.cfg.min_chars):
@@ -220,12 +224,12 @@ class LoopGuard:
         letters = text[-(W + W // 4) :].translate(None, _DIGITS)  # too few letters: mostly digits (a table, algebra)
         if len(letters) < W:
             return ()
-        alphabet = bytes(sorted(set(letters[-W:])))
+        window = letters[-W:]
+        alphabet = bytes(sorted(set(window)))
         if len(alphabet) > K:
             return ()
-        if self._in_prompt(letters[-_BABBLE_PROMPT_RUN:], self._prompt[0]):  # in some phase
+        if self._in_prompt(window[-_BABBLE_PROMPT_RUN:], self._prompt[0]):  # in some phase
             return ()  # it still goes on as the prompt does ("Continue: A B A B A B A B")
-        window = letters[-W:]
         q = next((q for q in range(1, W // 2 + 1) if window[q:] == window[:-q]), 0)
         if q and self._in_prompt(window[-q:], self._prompt[0]):
             return ()  # the prompt's own word, numbered ("1. Hello 2. Hello"): periodicity bounds it
@@ -252,7 +256,7 @@ class LoopGuard:
         if self._total + len(chars) < G:
             return ()
         h, spans = self._rolled(chars, text)
-        self._rolled_at = (p.step, p.token, h, spans)
+        self._checked = (p.step, p.token, runs, text, (h, spans))
         seen = self._span_counts.get(spans[-1], 0)
         if seen < self.cfg.max_recurrences:
             return ()
@@ -314,14 +318,10 @@ class LoopGuard:
             self._blank = 0
             c = self._checked
             if c is not None and c[0] == p.step and c[1] == p.token:
-                runs, text = c[2], c[3]
+                runs, text, rolled = c[2], c[3], c[4]
             else:
-                runs, text = self._extend(chars)
-            r = self._rolled_at
-            if r is not None and r[0] == p.step and r[1] == p.token:
-                self._hash, spans = r[2], r[3]
-            else:
-                self._hash, spans = self._rolled(chars, self._text + chars)
+                (runs, text), rolled = self._extend(chars), None
+            self._hash, spans = rolled if rolled is not None else self._rolled(chars, self._text + chars)
             for h in spans:
                 self._spans.append((p.step, h))
                 self._span_counts[h] = self._span_counts.get(h, 0) + 1
@@ -329,5 +329,5 @@ class LoopGuard:
             self._total += len(chars)
         elif p.token < len(self.tokens) and self.tokens[p.token]:
             self._blank += 1
-        self._checked = self._rolled_at = None
+        self._checked = None
         self.generated += 1
