@@ -1,316 +1,332 @@
-"""``fse-engine-llama``: a guarded llama.cpp engine behind a small HTTP completions API.
+"""``fse-engine-llama``: a guarded llama.cpp engine behind an OpenAI-compatible API.
 
-The engine container of the Kubernetes example (deploy/): every token it returns was
-proposed, judged and signed by the fse sidecar beside it and verified here. One worker
-thread owns the model (llama.cpp must be driven from one thread, see ``load_llama``) and
-serves requests one at a time from a bounded queue; a full queue answers 503 at once.
+Every token it returns was proposed, judged and signed by the fse sidecar beside it and
+verified here; a streamed chunk carries only such tokens (DESIGN §10). FastAPI on uvicorn:
 
-``POST /v1/completions`` takes a subset of the OpenAI completions request (``prompt``,
-``max_tokens``, ``temperature``, ``top_k``, ``top_p``, ``min_p``, ``seed``, plus ``policy``
-and ``chat``) and answers ``choices[0].text`` with ``finish_reason`` ``stop``, ``length``
-or ``content_filter`` (the guard aborted the sequence: the text is what it had verified).
-No verdict (sidecar down, a verdict that fails verification) answers 503 with no text:
-fail closed. ``GET /healthz`` is 200 while the sidecar says SERVING and signs with a key
-this engine trusts (503 naming the key otherwise: every request would fail).
+- ``POST /v1/chat/completions`` (the model's own chat template, from its GGUF metadata),
+  ``POST /v1/completions`` (the prompt as it is), streaming (SSE, ending ``data: [DONE]``)
+  or not; ``GET /v1/models``; ``GET /healthz``; the OpenAPI document at ``/openapi.json``.
+- the guard's ABORT ends the answer with ``finish_reason: "content_filter"`` and the text
+  verified up to it; why goes to the log and the audit (to clients only with
+  ``--expose-guard-reasons``). No valid verdict before any text: 503 with ``Retry-After``;
+  after text was streamed: an error event, then the stream ends. Never a "stop" it was not.
+- a request is a pydantic model (400 naming the field, an unknown policy included); the
+  queue is bounded (429 with ``Retry-After`` when full); headers and body have deadlines; a
+  client that goes away stops its generation and closes its guard session.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import json
 import logging
 import os
 import queue
-import secrets
+import re
 import signal
 import sys
-import threading
 import time
-from concurrent.futures import Future
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any
 
-from sidecar._pb.fse.v1 import guard_pb2 as pb
-from sidecar.bounded_http import BoundedThreadingMixIn
-from sidecar.core.sampling import SamplingParams
-from sidecar.errors import ConfigError, FseError, GuardAbort, StepRefused
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from sidecar.errors import ConfigError, FseError
 
 from .client import GuardClient
-from .llama_cpp import CHAT
+from .llama_engine import BadRequest, End, Engine, Event, Job, Piece
+from .openai_schema import (
+    ChatCompletion,
+    ChatRequest,
+    Completion,
+    CompletionRequest,
+    ErrorResponse,
+    ModelList,
+    error_body,
+    new_id,
+    now,
+)
+from .policies import operator_policies
 
 log = logging.getLogger("fse.engine.llama")
 
-MAX_BODY = 1 << 20
-# control characters (and DEL) of a request line as escapes in the log: a client cannot forge log lines
-_LOG_ESCAPES = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F]}
-FIELDS = {"prompt", "max_tokens", "temperature", "top_k", "top_p", "min_p", "seed", "policy", "chat", "model"}
+_TYPE_NAMES = frozenset({"str", "int", "float", "bool", "function-after"})
+CLIENT_ABORT = "the answer was stopped by the content guard"
+CLIENT_UNAVAILABLE = "the content guard could not check the answer; try again"
 
 
-class BadRequest(ValueError):
-    """A request the API refuses: the message names the field."""
+@dataclass(frozen=True)
+class Settings:
+    max_tokens: int = 512  # the most a request may ask for (and what chat gets when it asks none)
+    request_timeout: float = 120.0  # queue wait and generation, in all
+    default_policy: str = "default"
+    policies: frozenset[str] = frozenset({"default"})
+    expose_reasons: bool = False
+    retry_after: int = 1
+    served_model: str | None = None  # the id in /v1/models (default: the GGUF's file name)
 
 
-@dataclass(frozen=True, slots=True)
-class Completion:
-    prompt: str
-    max_tokens: int
-    sampling: SamplingParams
-    policy: str
-    chat: bool
+class _ApiError(Exception):
+    def __init__(self, status: int, message: str, kind: str, param: str | None = None, retry: bool = False) -> None:
+        super().__init__(message)
+        self.status, self.kind, self.param, self.retry = status, kind, param, retry
 
 
-def _number(body: dict[str, Any], name: str, default: float, kind: type) -> Any:
-    v = body.get(name, default)
-    # bool is an int in Python; JSON true is not a number
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and not isinstance(v, int)):
-        raise BadRequest(f"{name} must be {'an integer' if kind is int else 'a number'}, got {json.dumps(v)[:40]}")
-    return kind(v)
+def create_app(engine: Engine, template: Any, settings: Settings) -> FastAPI:
+    """The ASGI app (FastAPI) serving ``engine``; ``template``: a ChatTemplate."""
+    model_id = settings.served_model or engine.model
+    created = now()
+    app = FastAPI(
+        title="fse-engine-llama",
+        version="0.2.0",
+        description="A guarded llama.cpp engine: OpenAI-compatible; every token verified (libfse).",
+        docs_url=None,
+        redoc_url=None,
+    )
 
+    def error_response(exc: _ApiError) -> JSONResponse:
+        headers = {"Retry-After": str(settings.retry_after)} if exc.retry else None
+        return JSONResponse(error_body(exc.status, str(exc), exc.kind, exc.param), exc.status, headers=headers)
 
-def parse_completion(raw: bytes, max_tokens_limit: int) -> Completion:
-    """The request body, checked; raises BadRequest naming the first wrong field."""
-    try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadRequest(f"the body is not JSON: {exc}") from None
-    except RecursionError:
-        raise BadRequest("the body is nested too deeply") from None
-    if not isinstance(body, dict):
-        raise BadRequest("the body must be a JSON object")
-    unknown = sorted(set(body) - FIELDS)
-    if unknown:
-        raise BadRequest(f"unknown field(s): {', '.join(unknown)[:120]}")
-    prompt = body.get("prompt")
-    if not isinstance(prompt, str) or not prompt:
-        raise BadRequest("prompt must be a non-empty string")
-    try:
-        prompt.encode("utf-8")
-    except UnicodeEncodeError as exc:  # a lone surrogate ("\\ud800" in the JSON)
-        raise BadRequest(f"prompt is not valid Unicode: {exc.reason} at character {exc.start}") from None
-    max_tokens = _number(body, "max_tokens", min(64, max_tokens_limit), int)
-    if not 1 <= max_tokens <= max_tokens_limit:
-        raise BadRequest(f"max_tokens must be in [1, {max_tokens_limit}], got {max_tokens}")
-    policy = body.get("policy", "")
-    if not isinstance(policy, str) or len(policy) > 128:
-        raise BadRequest(f"policy must be a policy's name (a string of at most 128 characters), got {json.dumps(policy)[:80]}")
-    chat = body.get("chat", True)
-    if not isinstance(chat, bool):
-        raise BadRequest("chat must be true or false")
-    try:
-        sampling = SamplingParams(
-            temperature=_number(body, "temperature", 0.7, float),
-            top_k=_number(body, "top_k", 40, int),
-            top_p=_number(body, "top_p", 0.95, float),
-            min_p=_number(body, "min_p", 0.0, float),
-            # none given: a random one (as OpenAI and the vLLM adapter do), in the audit's
-            # genesis for replay; a fixed default would draw every unseeded request's token
-            # at a step from the same uniform number
-            seed=_number(body, "seed", secrets.randbits(63), int),
-        )
-    except ConfigError as exc:
-        raise BadRequest(str(exc).removeprefix("sampling.")) from None
-    return Completion(prompt, max_tokens, sampling, policy, chat)
+    @app.exception_handler(_ApiError)
+    async def _api_error(request: Request, exc: _ApiError) -> JSONResponse:
+        return error_response(exc)
 
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first: dict[str, Any] = dict(exc.errors()[0]) if exc.errors() else {"loc": (), "msg": "invalid request"}
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        # pydantic names union members in the location ("str", "list[int]"): the field is what counts
+        param = ".".join(p for p in loc if not any(c in p for c in "[]") and p not in _TYPE_NAMES)
+        msg = str(first.get("msg", "invalid")).removeprefix("Value error, ")
+        if first.get("type") == "extra_forbidden":
+            msg = "this server does not take this field"
+        elif first.get("type") == "json_invalid":
+            msg, param = f"the body is not valid JSON: {first.get('ctx', {}).get('error', msg)}", ""
+        elif not param and (named := re.match(r"([a-z_]+): ", msg)):  # a check across fields names its field first
+            param, msg = named.group(1), msg[named.end() :]
+        return error_response(_ApiError(400, f"{param}: {msg}" if param else msg, "invalid_request_error", param or None))
 
-def _refused_at_open(done: Any, code: str) -> bool:
-    return isinstance(done.error, StepRefused) and done.error.code == code and not done.tokens
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, exc: HTTPException) -> JSONResponse:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        message = f"no such path: {request.url.path[:80]}" if exc.status_code == 404 else str(exc.detail)
+        return JSONResponse(error_body(exc.status_code, message, kind), exc.status_code, headers=exc.headers)
 
+    errors: dict[int | str, dict[str, Any]] = {
+        s: {"model": ErrorResponse, "description": d}
+        for s, d in [
+            (400, "a field is wrong (named in error.param)"),
+            (404, "another model"),
+            (408, "the body did not arrive in time"),
+            (413, "the body is too large"),
+            (429, "the queue is full: retry after Retry-After seconds"),
+            (500, "the engine failed: no text"),
+            (503, "the guard could not answer before any text: retry after Retry-After seconds"),
+            (504, "no answer within the request timeout"),
+        ]
+    }
+    stream_doc = {"text/event-stream": {"schema": {"type": "string"}}}
+    sse: dict[int | str, dict[str, Any]] = {200: {"content": stream_doc, "description": "the answer, or its stream"}}
 
-class Engine:
-    """The model and its guard, owned by one worker thread."""
+    @app.get("/healthz", responses={503: errors[503]})
+    async def healthz() -> JSONResponse:
+        try:
+            await asyncio.to_thread(engine.ready)
+        except FseError as exc:
+            return JSONResponse(error_body(503, str(exc), "unavailable"), 503, headers={"Retry-After": "1"})
+        return JSONResponse({"status": "serving", "model": model_id, "lane": engine.lane})
 
-    def __init__(self, llama: Any, client: GuardClient, lane: str, queue_size: int) -> None:
-        self.llama = llama
-        self.client = client
-        self.lane = lane
-        self.model = Path(getattr(llama, "model_path", "model")).name
-        self.requests: queue.Queue[tuple[Completion, Future[dict[str, Any]]] | None] = queue.Queue(queue_size)
-        self._guarded: Any = None
-        self._ready_lock = threading.Lock()
-        self._ready_at = -1e9
-        self._worker = threading.Thread(target=self._run, name="fse-engine", daemon=True)
-        self._worker.start()
+    @app.get("/v1/models", response_model=ModelList)
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created, "owned_by": "libfse"}]}
 
-    def ready(self) -> None:
-        """Raises unless the sidecar serves (asked each time) and signs with a trusted key
-        (asked at most once a second: a flood of probes costs one registration a second)."""
-        with self._ready_lock:
-            if time.monotonic() - self._ready_at > 1.0:
-                self.client.check_usable(timeout=1.0)  # SERVING, and a trusted key
-                self._ready_at = time.monotonic()
+    @app.post("/v1/completions", response_model=Completion, responses={**errors, **sse})
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        return await _serve(request, body, body.prompt, body.max_tokens, chat=False)
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletion, responses={**errors, **sse})
+    async def chat_completions(body: ChatRequest, request: Request) -> Response:
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in body.messages]
+        try:
+            prompt = template.render(messages)
+        except ValueError as exc:
+            raise _ApiError(400, f"messages: {exc}", "invalid_request_error", "messages") from None
+        return await _serve(request, body, prompt, body.limit, chat=True)
+
+    async def _serve(request: Request, body: Any, prompt: Any, limit: int | None, *, chat: bool) -> Response:
+        if body.model not in (None, model_id):
+            message = f"model: {body.model!r} is not served here (GET /v1/models: {model_id!r})"
+            raise _ApiError(404, message, "not_found_error", "model")
+        policy = body.policy if body.policy is not None else settings.default_policy
+        if policy not in settings.policies:
+            raise _ApiError(
+                400, f"policy: {policy!r} is not a policy this server allows (allowed: {sorted(settings.policies)})",
+                "invalid_request_error", "policy",
+            )  # fmt: skip
+        if limit is not None and limit > settings.max_tokens:
+            name = "max_completion_tokens" if chat and body.max_completion_tokens else "max_tokens"
+            raise _ApiError(400, f"{name} must be at most {settings.max_tokens}, got {limit}", "invalid_request_error", name)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[Event] = asyncio.Queue()
+        job = Job.on_loop(
+            loop, events, prompt=prompt, max_tokens=limit, cap=settings.max_tokens, sampling=body.sampling(), policy=policy,
+            stops=body.stops,
+        )  # fmt: skip
+        rid = new_id("chatcmpl" if chat else "cmpl")
+        try:
+            engine.submit(job)
+        except queue.Full:
+            raise _ApiError(429, "the engine is busy: its queue is full", "rate_limit_error", retry=True) from None
+        deadline = loop.time() + settings.request_timeout
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            first = await _next(events, deadline, gone)
+            if first is None:  # the client went away while its request waited
+                job.cancelled.set()
+                return Response(status_code=499)
+            if isinstance(first, End) and first.finish is None:
+                raise _failure(rid, first)
+            if body.stream:
+                gone.cancel()  # from here Starlette's streaming response watches for the disconnect
+                stream = _sse(rid, chat, body, policy, first, events, job, deadline)
+                return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            pieces, ev = [], first
+            while isinstance(ev, Piece):
+                pieces.append(ev.text)
+                nxt = await _next(events, deadline, gone)
+                if nxt is None:
+                    job.cancelled.set()
+                    return Response(status_code=499)
+                ev = nxt
+            if ev.finish is None:
+                raise _failure(rid, ev)
+            _log_end(rid, policy, ev)
+            text = "".join(pieces)
+            choice: dict[str, Any] = {"index": 0, "finish_reason": ev.finish, "logprobs": None}
+            choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
+            answer = {
+                "id": rid, "object": "chat.completion" if chat else "text_completion", "created": now(), "model": model_id,
+                "choices": [choice], "usage": _usage(ev), "fse": _fse(ev, policy),
+            }  # fmt: skip
+            return JSONResponse(answer)
+        except TimeoutError:
+            job.cancelled.set()
+            raise _ApiError(504, f"no answer within {settings.request_timeout:g} s", "timeout") from None
+        finally:
+            gone.cancel()
+
+    async def _sse(
+        rid: str, chat: bool, body: Any, policy: str, first: Event, events: asyncio.Queue[Event], job: Job, deadline: float
+    ) -> AsyncIterator[bytes]:
+        kind = "chat.completion.chunk" if chat else "text_completion"
+        stamp = now()
+
+        def chunk(text: str | None, finish: str | None = None, **extra: Any) -> bytes:
+            if chat:
+                delta = {"content": text} if text is not None else {}
+                choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+            else:
+                choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+            event = {"id": rid, "object": kind, "created": stamp, "model": model_id, "choices": [choice], **extra}
+            return b"data: " + json.dumps(event, separators=(",", ":")).encode() + b"\n\n"
+
+        try:
+            if chat:
+                yield chunk(None).replace(b'"delta":{}', b'"delta":{"role":"assistant","content":""}', 1)
+            ev = first
+            while isinstance(ev, Piece):
+                yield chunk(ev.text)
+                async with asyncio.timeout_at(deadline):
+                    ev = await events.get()
+            if ev.finish is None:
+                _failure(rid, ev)
+                yield b"data: " + json.dumps(error_body(503, CLIENT_UNAVAILABLE, "unavailable")).encode() + b"\n\n"
                 return
-        self.client.wait_ready(timeout=1.0)
+            _log_end(rid, policy, ev)
+            yield chunk(None if chat else "", ev.finish, fse=_fse(ev, policy))
+            if body.include_usage:
+                usage = {"id": rid, "object": kind, "created": stamp, "model": model_id, "choices": [], "usage": _usage(ev)}
+                yield b"data: " + json.dumps(usage, separators=(",", ":")).encode() + b"\n\n"
+            yield b"data: [DONE]\n\n"
+        except TimeoutError:
+            log.warning("%s: no end within %g s: the stream ends with an error", rid, settings.request_timeout)
+            yield b"data: " + json.dumps(error_body(504, f"no answer within {settings.request_timeout:g} s", "timeout")).encode()
+            yield b"\n\n"
+        finally:
+            job.cancelled.set()  # the client went away (or the stream ended): stop generating
 
-    def submit(self, req: Completion) -> Future[dict[str, Any]]:
-        fut: Future[dict[str, Any]] = Future()
-        self.requests.put_nowait((req, fut))  # queue.Full: the caller answers 503
-        return fut
+    def _failure(rid: str, end: End) -> _ApiError:
+        """What the client hears when no valid verdict came: why goes to this log."""
+        err = end.error
+        if isinstance(err, BadRequest):
+            return _ApiError(400, str(err), "invalid_request_error", err.param)
+        if isinstance(err, FseError):
+            log.warning("%s: the guard could not answer after %d tokens: %s: %s", rid, end.tokens, type(err).__name__, err)
+            message = f"{CLIENT_UNAVAILABLE} ({err})" if settings.expose_reasons else CLIENT_UNAVAILABLE
+            return _ApiError(503, message, "unavailable", retry=True)
+        log.error("%s: the engine failed after %d tokens: %r", rid, end.tokens, err)
+        return _ApiError(500, f"the engine failed, no text: {type(err).__name__}", "server_error")
 
-    def close(self) -> None:
-        self.requests.put(None)
-        self._worker.join(30)
+    def _log_end(rid: str, policy: str, end: End) -> None:
+        if end.finish == "content_filter":
+            log.warning("%s: the guard ended the answer after %d tokens (policy %s): %s", rid, end.tokens, policy, end.error)
+        else:
+            log.info("%s: %s after %d tokens, %d healed (policy %s)", rid, end.finish, end.tokens, end.healed, policy)
 
-    def _run(self) -> None:
-        while (item := self.requests.get()) is not None:
-            req, fut = item
-            if not fut.set_running_or_notify_cancel():
-                continue
-            try:
-                if self._guarded is None:  # first use, or after a failure
-                    self._renew()
-                fut.set_result(self._complete(req))
-            except BaseException as exc:  # noqa: BLE001 - the request thread answers for it
-                if not isinstance(exc, (GuardAbort, BadRequest)) and self._guarded is not None:
-                    self._guarded.close()
-                    self._guarded = None
-                fut.set_exception(exc)
-        if self._guarded is not None:
-            self._guarded.close()
+    def _fse(end: End, policy: str) -> dict[str, Any]:
+        info: dict[str, Any] = {"healed_tokens": end.healed, "policy": policy, "lane": engine.lane}
+        if end.receipt is not None:
+            r = end.receipt
+            info["receipt"] = {"session_id": r.session_id, "steps": r.steps, "chain_hash": r.chain_hash.hex()}
+        if end.finish == "content_filter":
+            info["abort"] = str(end.error) if settings.expose_reasons else CLIENT_ABORT
+        return info
 
-    def _renew(self) -> None:
-        """A new GuardedLlama: the vocabulary registered again."""
-        from .llama_cpp import GuardedLlama
+    def openapi() -> dict[str, Any]:
+        """FastAPI's document, without the 422 it lists for every body: this server answers 400."""
+        if app.openapi_schema is None:
+            doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            for item in doc.get("paths", {}).values():
+                for op in item.values():
+                    op.get("responses", {}).pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                doc.get("components", {}).get("schemas", {}).pop(name, None)
+            app.openapi_schema = doc
+        return app.openapi_schema
 
-        if self._guarded is not None:
-            self._guarded.close()
-            self._guarded = None
-        self.client.wait_ready(timeout=5.0)
-        self._guarded = GuardedLlama(self.llama, self.client, lane=self.lane)
-
-    def _complete(self, req: Completion) -> dict[str, Any]:
-        prompt = CHAT.format(req.prompt) if req.chat else req.prompt
-        ids = self.llama.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
-        if len(ids) + req.max_tokens > self.llama.n_ctx():
-            raise BadRequest(
-                f"the prompt is {len(ids)} tokens: with max_tokens {req.max_tokens} it exceeds the context of "
-                f"{self.llama.n_ctx()} tokens"
-            )
-        done = self._guarded.complete(ids, max_tokens=req.max_tokens, sampling=req.sampling, policy=req.policy)
-        if _refused_at_open(done, "NOT_FOUND"):
-            # an unknown vocabulary (the sidecar restarted and forgot it) or an unknown policy:
-            # register again and try once more; still NOT_FOUND, it is the request's policy
-            self._renew()
-            done = self._guarded.complete(ids, max_tokens=req.max_tokens, sampling=req.sampling, policy=req.policy)
-            if _refused_at_open(done, "NOT_FOUND"):
-                raise BadRequest(str(done.error))
-        if _refused_at_open(done, "INVALID_ARGUMENT"):
-            raise BadRequest(str(done.error))  # OpenSession refused what the request asked for
-        if done.error is not None and not isinstance(done.error, GuardAbort):
-            raise done.error
-        healed = sum(1 for t in done.tokens if t.verdict.decision == pb.DECISION_HEALED)
-        finish = "content_filter" if done.error else ("length" if len(done.tokens) >= req.max_tokens else "stop")
-        fse: dict[str, Any] = {"healed_tokens": healed, "lane": self.lane}
-        if done.error is not None:
-            fse["abort"] = str(done.error)
-        if done.receipt is not None:
-            r = done.receipt
-            fse["receipt"] = {"session_id": r.session_id, "steps": r.steps, "chain_hash": r.chain_hash.hex()}
-        return {
-            "object": "text_completion",
-            "model": self.model,
-            "choices": [{"index": 0, "text": done.text, "finish_reason": finish}],
-            "usage": {"completion_tokens": len(done.tokens)},
-            "fse": fse,
-        }
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app
 
 
-class GuardedHTTPServer(BoundedThreadingMixIn, HTTPServer):
-    """A thread per connection, at most ``max_connections`` of them (more are answered 503
-    and closed at once), with a listen backlog that takes a burst without resets."""
-
-    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], max_connections: int) -> None:
-        self.bound(max_connections)
-        super().__init__(address, handler)
+def _usage(end: End) -> dict[str, int]:
+    return {"prompt_tokens": end.prompt_tokens, "completion_tokens": end.tokens, "total_tokens": end.prompt_tokens + end.tokens}
 
 
-def make_handler(
-    engine: Engine, max_tokens_limit: int, request_timeout: float, io_timeout: float = 10.0
-) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        server_version = "fse-engine-llama"
-        # each read of the request line, headers and body: a client that stops sending is cut off
-        timeout = io_timeout
+async def _disconnected(request: Any) -> None:
+    """Returns when the client goes away (the body was read already: what comes next is that)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
-            # the request line is the client's bytes: control characters are escaped, never logged raw
-            log.info("%s %s", self.address_string(), (format % args).translate(_LOG_ESCAPES))
 
-        def _read_body(self, length: int) -> bytes | None:
-            """The body, or None when the client sends it slower than ``io_timeout`` in all."""
-            deadline, parts, left = time.monotonic() + io_timeout, [], length
-            while left:
-                if time.monotonic() > deadline:
-                    return None
-                try:
-                    chunk = self.rfile.read1(min(left, 1 << 16))
-                except (TimeoutError, OSError):
-                    return None
-                if not chunk:
-                    return None
-                parts.append(chunk)
-                left -= len(chunk)
-            return b"".join(parts)
-
-        def _answer(self, status: HTTPStatus, body: dict[str, Any]) -> None:
-            data = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            if status == HTTPStatus.SERVICE_UNAVAILABLE:
-                self.send_header("Retry-After", "1")
-            self.end_headers()
-            self.wfile.write(data)
-
-        def _error(self, status: HTTPStatus, message: str) -> None:
-            self._answer(status, {"error": {"message": message, "code": status.value}})
-
-        def do_GET(self) -> None:
-            if self.path != "/healthz":
-                return self._error(HTTPStatus.NOT_FOUND, f"no such path: {self.path[:80]}")
-            try:
-                engine.ready()
-            except FseError as exc:
-                return self._error(HTTPStatus.SERVICE_UNAVAILABLE, str(exc))
-            self._answer(HTTPStatus.OK, {"status": "serving", "model": engine.model, "lane": engine.lane})
-
-        def do_POST(self) -> None:
-            if self.path != "/v1/completions":
-                return self._error(HTTPStatus.NOT_FOUND, f"no such path: {self.path[:80]}")
-            try:
-                length = int(self.headers.get("Content-Length", ""))
-            except ValueError:
-                return self._error(HTTPStatus.LENGTH_REQUIRED, "Content-Length is required")
-            if not 0 <= length <= MAX_BODY:
-                return self._error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"the body is over {MAX_BODY} bytes")
-            raw = self._read_body(length)
-            if raw is None:
-                self.close_connection = True
-                return self._error(HTTPStatus.REQUEST_TIMEOUT, f"the body did not arrive within {io_timeout:.0f} s")
-            try:
-                req = parse_completion(raw, max_tokens_limit)
-            except BadRequest as exc:
-                return self._error(HTTPStatus.BAD_REQUEST, str(exc))
-            try:
-                fut = engine.submit(req)
-            except queue.Full:
-                return self._error(HTTPStatus.SERVICE_UNAVAILABLE, "the engine is busy: its queue is full")
-            try:
-                self._answer(HTTPStatus.OK, fut.result(timeout=request_timeout))
-            except TimeoutError:
-                fut.cancel()
-                self._error(HTTPStatus.GATEWAY_TIMEOUT, f"no completion within {request_timeout:.0f} s")
-            except BadRequest as exc:
-                self._error(HTTPStatus.BAD_REQUEST, str(exc))
-            except FseError as exc:  # no verdict: nothing is returned (fail closed)
-                self._error(HTTPStatus.SERVICE_UNAVAILABLE, f"guard unavailable, no tokens: {exc}")
-            except Exception as exc:  # noqa: BLE001 - any other failure still answers, with no text
-                log.exception("completion failed")
-                self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"the engine failed, no tokens: {type(exc).__name__}")
-
-    return Handler
+async def _next(events: asyncio.Queue[Event], deadline: float, gone: asyncio.Future[None]) -> Event | None:
+    """The job's next event; None when the client went away first; TimeoutError at the deadline."""
+    get: asyncio.Future[Any] = asyncio.ensure_future(events.get())
+    try:
+        async with asyncio.timeout_at(deadline):
+            await asyncio.wait([get, gone], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not get.done():
+            get.cancel()
+    return get.result() if get.done() and not get.cancelled() else None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -326,14 +342,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="a key that verifies verdicts (env FSE_PUBLIC_KEY; repeat during a key rotation)",
     )
     p.add_argument("--model", type=Path, help="GGUF file (default: the embedded SmolLM2-135M)")
+    p.add_argument("--served-model-name", help="the model's id in the API (default: the GGUF's file name)")
+    p.add_argument("--chat-template", type=Path, help="a Jinja2 chat template (default: the GGUF's tokenizer.chat_template)")
+    p.add_argument("--n-ctx", type=int, default=0, help="context length in tokens (default 0: the model's own)")
     p.add_argument("--lane", choices=["grpc", "shm"], default="grpc", help="verdict lane (shm: the fast lane)")
     p.add_argument("--n-threads", type=int, default=2, help="llama.cpp threads")
-    p.add_argument("--max-tokens", type=int, default=512, help="the largest max_tokens a request may ask for")
-    p.add_argument("--queue", type=int, default=16, help="requests waiting beyond the one running; more get 503")
-    p.add_argument("--request-timeout", type=float, default=120.0, help="seconds a request may wait and run")
     p.add_argument(
-        "--io-timeout", type=float, default=10.0, help="seconds to receive a request's headers (each read) and its whole body"
+        "--policy", default=os.environ.get("FSE_POLICY"), help="the policy of a request that names none (env FSE_POLICY; default)"
     )
+    p.add_argument(
+        "--policies",
+        default=os.environ.get("FSE_POLICIES"),
+        help="comma-separated policies a request may name besides the default (env FSE_POLICIES)",
+    )
+    p.add_argument("--expose-guard-reasons", action="store_true", help="tell clients why the guard ended an answer")
+    p.add_argument("--max-tokens", type=int, default=512, help="the most tokens a request may ask for, and chat's default")
+    p.add_argument("--queue", type=int, default=16, help="requests waiting beyond the one running; more get 429")
+    p.add_argument("--request-timeout", type=float, default=120.0, help="seconds a request may wait and run")
+    p.add_argument("--io-timeout", type=float, default=10.0, help="seconds to receive a request's headers, and its body")
+    p.add_argument("--max-body", type=int, default=1 << 20, help="the largest request body in bytes (more: 413)")
     p.add_argument("--max-connections", type=int, default=64, help="open connections at once; more are answered 503")
     return p
 
@@ -350,34 +377,69 @@ def main(argv: list[str] | None = None) -> int:
         host, _, port = args.listen.rpartition(":")
         if not host or not port.isdigit():
             raise ConfigError(f'--listen must be "host:port", got {args.listen!r}')
-        if args.io_timeout <= 0:
-            raise ConfigError("--io-timeout must be > 0")
-        for name in ("max_tokens", "queue", "n_threads", "max_connections"):
+        for name in ("io_timeout", "request_timeout"):
+            if getattr(args, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be > 0")
+        for name in ("max_tokens", "queue", "n_threads", "max_connections", "max_body"):
             if getattr(args, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
+        if args.n_ctx < 0:
+            raise ConfigError("--n-ctx must be >= 0 (0: the model's own)")
+        default_policy, allowed = operator_policies(args.policy, args.policies)
+        settings = Settings(
+            max_tokens=args.max_tokens,
+            request_timeout=args.request_timeout,
+            default_policy=default_policy,
+            policies=allowed,
+            expose_reasons=args.expose_guard_reasons,
+            served_model=args.served_model_name,
+        )
         target = args.sidecar.replace("unix://", "unix:", 1)
         client = GuardClient(target, keys)
+        from .chat_template import ChatTemplate
         from .llama_cpp import load_llama
 
-        engine = Engine(load_llama(args.model, n_threads=args.n_threads), client, args.lane, args.queue)
-        handler = make_handler(engine, args.max_tokens, args.request_timeout, args.io_timeout)
-        httpd = GuardedHTTPServer((host, int(port)), handler, args.max_connections)
-    except (FseError, OSError) as exc:
+        llama = load_llama(args.model, n_threads=args.n_threads, n_ctx=args.n_ctx)
+        template = ChatTemplate.of(llama, args.chat_template)
+        engine = Engine(llama, client, args.lane, args.queue)
+    except (FseError, OSError, ValueError) as exc:
         print(f"fse-engine-llama: error: {exc}", file=sys.stderr)
         return 2
-    log.info("fse-engine-llama serving on %s:%d (sidecar %s, lane %s)", host, httpd.server_port, target, args.lane)
-    # SIGTERM (the kubelet stopping the pod): stop taking requests, finish the one running
-    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=httpd.shutdown, daemon=True).start())
+    import uvicorn
+
+    from .http_limits import BodyLimits, timed_h11
+
+    app = BodyLimits(create_app(engine, template, settings), args.max_body, args.io_timeout)
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=int(port),
+        http=timed_h11(args.io_timeout),
+        limit_concurrency=args.max_connections,
+        backlog=2048,  # a burst of connections waits in the kernel, not reset
+        timeout_keep_alive=5,
+        timeout_graceful_shutdown=30,  # SIGTERM: finish the answers being streamed, up to 30 s
+        lifespan="off",
+        log_config=None,
+        server_header=False,
+    )
+    log.info(
+        "fse-engine-llama serving %s on %s:%s (sidecar %s, lane %s, n_ctx %d, chat template: %s)",
+        settings.served_model or engine.model, host, port, target, args.lane, engine.n_ctx, template.source,
+    )  # fmt: skip
+    started = time.monotonic()
+    # uvicorn re-raises the signal that stopped it once it has; by then the answers in flight
+    # are done, and what is left is this process's own clean-up (below), then exit 0
+    signal.signal(signal.SIGTERM, lambda *_: None)
     try:
-        httpd.serve_forever()
-    except KeyboardInterrupt:
-        pass
+        uvicorn.Server(config).run()
     finally:
-        httpd.server_close()
         engine.close()
         client.close()
+        log.info("fse-engine-llama stopped after %.0f s", time.monotonic() - started)
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    with contextlib.suppress(KeyboardInterrupt):
+        raise SystemExit(main())

@@ -76,6 +76,7 @@ from .batch import BatchGuard, GuardedRequest, force
 from .client import GuardClient
 from .hf import vocabulary_of
 from .outcomes import KEY, Outcome, OutcomeBoard
+from .policies import operator_policies
 
 log = logging.getLogger("fse.vllm")
 _T = TypeVar("_T")
@@ -117,13 +118,6 @@ def log_to_stderr(process: str) -> None:
         handler.setFormatter(logging.Formatter(f"({process} pid=%(process)d) %(levelname)s %(asctime)s [fse] %(message)s"))
         root.addHandler(handler)
         root.setLevel(logging.INFO)
-
-
-def operator_policies() -> tuple[str, frozenset[str]]:
-    """(the default policy, the policies a request may name), from the environment."""
-    default = os.environ.get("FSE_POLICY", "").strip() or "default"
-    allowed = {p.strip() for p in os.environ.get("FSE_POLICIES", "").split(",") if p.strip()}
-    return default, frozenset(allowed | {default})
 
 
 def repetition_window() -> int:

@@ -31,7 +31,8 @@ from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import Any
 
 from .outcomes import Outcome, OutcomeBoard
-from .vllm import POLICY_KEY, REQUEST_KEY, log_to_stderr, operator_policies
+from .policies import operator_policies
+from .vllm import POLICY_KEY, REQUEST_KEY, log_to_stderr
 
 log = logging.getLogger("fse.vllm.api")
 

@@ -110,7 +110,7 @@ EDGES: list[dict[str, Any]] = [
         "severity": "medium",
         "what": "fse-engine-llama: no socket timeouts, a listen backlog of 5",
         "tests": [
-            "tests/test_llama_server.py::test_half_sent_requests_are_cut_off_and_open_connections_are_capped",
+            "tests/test_llama_server.py::test_slow_clients_are_cut_off_and_open_connections_are_capped",
             "tests/test_llama_server.py::test_the_listen_backlog_takes_a_burst_and_every_connection_is_answered",
         ],
     },
@@ -139,8 +139,7 @@ EDGES: list[dict[str, Any]] = [
         "severity": "low",
         "what": "fse-engine-llama: deep JSON, surrogates, huge top_k, unknown policy 503, raw log",
         "tests": [
-            "tests/test_llama_server.py::test_malformed_requests_are_400s_and_never_tear_the_guarded_model_down",
-            "tests/test_llama_server.py::test_bad_requests_get_400_naming_the_field_and_the_engine_keeps_serving",
+            "tests/test_llama_server.py::test_bad_requests_are_400s_naming_the_field_and_the_server_keeps_serving",
         ],
     },
     {
