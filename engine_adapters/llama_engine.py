@@ -93,6 +93,7 @@ class Engine:
         self.lane = lane
         self.model = Path(getattr(llama, "model_path", "model")).name
         self.n_ctx = int(llama.n_ctx())
+        self.n_vocab = int(llama.n_vocab())
         self.jobs: queue.Queue[Job | None] = queue.Queue(queue_size)
         self._guarded: Any = None
         self._ready_lock = threading.Lock()
@@ -157,10 +158,9 @@ class Engine:
         if isinstance(job.prompt, str):
             ids = list(self.llama.tokenize(job.prompt.encode("utf-8"), add_bos=True, special=True))
         else:
-            n_vocab = self.llama.n_vocab()
-            bad = next((t for t in job.prompt if t >= n_vocab), None)
+            bad = next((t for t in job.prompt if t >= self.n_vocab), None)
             if bad is not None:
-                raise BadRequest(f"prompt: token id {bad} is not in the vocabulary of {n_vocab}", "prompt")
+                raise BadRequest(f"prompt: token id {bad} is not in the vocabulary of {self.n_vocab}", "prompt")
             ids = list(job.prompt)
         room = self.n_ctx - len(ids)
         if room < 1 or job.max_tokens is not None and job.max_tokens > room:

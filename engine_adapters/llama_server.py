@@ -44,6 +44,7 @@ from sidecar.errors import ConfigError, FseError
 from .client import GuardClient
 from .llama_engine import BadRequest, End, Engine, Event, Job, Piece
 from .openai_schema import (
+    COMPLETIONS_DEFAULT_MAX_TOKENS,
     ChatCompletion,
     ChatRequest,
     Completion,
@@ -58,7 +59,13 @@ from .policies import operator_policies
 
 log = logging.getLogger("fse.engine.llama")
 
-_TYPE_NAMES = frozenset({"str", "int", "float", "bool", "function-after"})
+_TYPE_NAMES = frozenset({"str", "int", "float", "bool"})
+
+
+def _is_type_name(part: str) -> bool:
+    return part in _TYPE_NAMES or "[" in part or part.startswith(("constrained-", "function-"))
+
+
 CLIENT_ABORT = "the answer was stopped by the content guard"
 CLIENT_UNAVAILABLE = "the content guard could not check the answer; try again"
 
@@ -102,10 +109,12 @@ def create_app(engine: Engine, template: Any, settings: Settings) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        first: dict[str, Any] = dict(exc.errors()[0]) if exc.errors() else {"loc": (), "msg": "invalid request"}
+        errors = [dict(e) for e in exc.errors()] or [{"loc": (), "msg": "invalid request"}]
+        # a union's members each report: the one whose type matched the input says what is wrong
+        first = next((e for e in errors if not str(e.get("type", "")).endswith("_type")), errors[0])
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
         # pydantic names union members in the location ("str", "list[int]"): the field is what counts
-        param = ".".join(p for p in loc if not any(c in p for c in "[]") and p not in _TYPE_NAMES)
+        param = ".".join(p for p in loc if not _is_type_name(p))
         msg = str(first.get("msg", "invalid")).removeprefix("Value error, ")
         if first.get("type") == "extra_forbidden":
             msg = "this server does not take this field"
@@ -134,7 +143,9 @@ def create_app(engine: Engine, template: Any, settings: Settings) -> FastAPI:
             (504, "no answer within the request timeout"),
         ]
     }
-    stream_doc = {"text/event-stream": {"schema": {"type": "string"}}}
+    # schemathesis (and OpenAPI 3.2's itemSchema) read an SSE schema as that of each event
+    event = {"type": "object", "properties": {"data": {"type": "string"}, "event": {"type": "string"}}, "required": ["data"]}
+    stream_doc = {"text/event-stream": {"schema": event}}
     sse: dict[int | str, dict[str, Any]] = {200: {"content": stream_doc, "description": "the answer, or its stream"}}
 
     @app.get("/healthz", responses={503: errors[503]})
@@ -151,7 +162,8 @@ def create_app(engine: Engine, template: Any, settings: Settings) -> FastAPI:
 
     @app.post("/v1/completions", response_model=Completion, responses={**errors, **sse})
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        return await _serve(request, body, body.prompt, body.max_tokens, chat=False)
+        limit = body.max_tokens if body.max_tokens is not None else min(COMPLETIONS_DEFAULT_MAX_TOKENS, settings.max_tokens)
+        return await _serve(request, body, body.prompt, limit, chat=False)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletion, responses={**errors, **sse})
     async def chat_completions(body: ChatRequest, request: Request) -> Response:
@@ -172,9 +184,10 @@ def create_app(engine: Engine, template: Any, settings: Settings) -> FastAPI:
                 400, f"policy: {policy!r} is not a policy this server allows (allowed: {sorted(settings.policies)})",
                 "invalid_request_error", "policy",
             )  # fmt: skip
-        if limit is not None and limit > settings.max_tokens:
-            name = "max_completion_tokens" if chat and body.max_completion_tokens else "max_tokens"
-            raise _ApiError(400, f"{name} must be at most {settings.max_tokens}, got {limit}", "invalid_request_error", name)
+        for name in ("max_tokens", "max_completion_tokens"):
+            asked = getattr(body, name, None)
+            if asked is not None and asked > settings.max_tokens:
+                raise _ApiError(400, f"{name} must be at most {settings.max_tokens}, got {asked}", "invalid_request_error", name)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
         job = Job.on_loop(
@@ -292,19 +305,39 @@ def create_app(engine: Engine, template: Any, settings: Settings) -> FastAPI:
         return info
 
     def openapi() -> dict[str, Any]:
-        """FastAPI's document, without the 422 it lists for every body: this server answers 400."""
+        """FastAPI's document, with this server's own bounds (the operator's --max-tokens and
+        policies, the model, its vocabulary) and without the 422 FastAPI lists for every body:
+        this server answers 400."""
         if app.openapi_schema is None:
             doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
             for item in doc.get("paths", {}).values():
                 for op in item.values():
                     op.get("responses", {}).pop("422", None)
+            schemas = doc.get("components", {}).get("schemas", {})
             for name in ("HTTPValidationError", "ValidationError"):
-                doc.get("components", {}).get("schemas", {}).pop(name, None)
+                schemas.pop(name, None)
+            for name in ("CompletionRequest", "ChatRequest"):
+                props = schemas[name]["properties"]
+                for limit in ("max_tokens", "max_completion_tokens"):
+                    if limit in props:
+                        _bound_integers(props[limit], settings.max_tokens)
+                if "prompt" in props:
+                    _bound_integers(props["prompt"], engine.n_vocab - 1)  # token ids
+                props["policy"]["anyOf"] = [{"type": "string", "enum": sorted(settings.policies)}, {"type": "null"}]
+                props["model"]["anyOf"] = [{"type": "string", "enum": [model_id]}, {"type": "null"}]
             app.openapi_schema = doc
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+def _bound_integers(schema: dict[str, Any], maximum: int) -> None:
+    """Give every integer in a property's JSON schema (through anyOf and array items) a maximum."""
+    if schema.get("type") == "integer":
+        schema["maximum"] = min(maximum, schema.get("maximum", maximum))
+    for sub in [*schema.get("anyOf", ()), *([schema["items"]] if isinstance(schema.get("items"), dict) else [])]:
+        _bound_integers(sub, maximum)
 
 
 def _usage(end: End) -> dict[str, int]:

@@ -15,7 +15,7 @@ import secrets
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from sidecar.core.sampling import SamplingParams
 
@@ -37,8 +37,14 @@ def _utf8(value: str, name: str) -> str:
     return value
 
 
+def _whole(v: Any) -> Any:
+    """JSON's 5.0 is an integer (JSON Schema says so); "5" and true are not (strict mode)."""
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=False)
+    # strict: no "5" for 5, no 0 for false; JSON's types as they are
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class StreamOptions(_Strict):
@@ -53,11 +59,17 @@ class _Sampling(_Strict):
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] = DEFAULT_TOP_P
     top_k: Annotated[int, Field(ge=0, lt=2**31, description="extension: 0 is off")] = DEFAULT_TOP_K
     min_p: Annotated[float, Field(ge=0.0, lt=1.0, description="extension")] = 0.0
-    repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0, description="extension: llama.cpp's and vLLM's")] = 1.0
+    repetition_penalty: Annotated[float, Field(ge=0.01, le=10.0, description="extension: llama.cpp's and vLLM's")] = 1.0
     frequency_penalty: Annotated[float, Field(ge=0.0, le=0.0, description="only 0: use repetition_penalty")] = 0.0
     presence_penalty: Annotated[float, Field(ge=0.0, le=0.0, description="only 0: use repetition_penalty")] = 0.0
-    seed: Annotated[int | None, Field(ge=0, lt=2**63, description="none: a random one, kept in the audit for replay")] = None
-    stop: str | list[str] | None = Field(None, description=f"at most {MAX_STOP} strings; the text ends before the first")
+    seed: Annotated[
+        int | None, Field(description="any integer, taken modulo 2^64 (int64 seeds welcome); none: a random one, in the audit")
+    ] = None
+    stop: (
+        Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+        | Annotated[list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]], Field(max_length=MAX_STOP)]
+        | None
+    ) = Field(None, description=f"at most {MAX_STOP} strings; the text ends before the first")
     n: Literal[1] = Field(1, description="one choice per request")
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -65,34 +77,26 @@ class _Sampling(_Strict):
     policy: Annotated[str | None, Field(max_length=128, description="extension: a policy the operator allows")] = None
 
     @field_validator(
-        "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty", "seed",
-        mode="before",
-    )  # fmt: skip
+        "temperature", "top_p", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty", mode="before"
+    )
     @classmethod
-    def _not_a_boolean(cls, v: Any) -> Any:
-        if isinstance(v, bool):  # JSON true is not a number (pydantic's lax mode would take it as 1)
+    def _a_number(cls, v: Any) -> Any:
+        if isinstance(v, bool):  # JSON true is not a number
             raise ValueError(f"a number is expected, got {str(v).lower()}")
         return v
+
+    @field_validator("top_k", "seed", "n", mode="before")
+    @classmethod
+    def _an_integer(cls, v: Any) -> Any:
+        return _whole(v)
 
     @field_validator("stop")
     @classmethod
     def _stops(cls, v: str | list[str] | None) -> list[str] | None:
         stops = [v] if isinstance(v, str) else v
-        if stops is None:
-            return None
-        if len(stops) > MAX_STOP:
-            raise ValueError(f"at most {MAX_STOP} stop sequences, got {len(stops)}")
-        for s in stops:
-            if not s or len(s) > MAX_STOP_CHARS:
-                raise ValueError(f"a stop sequence is 1 to {MAX_STOP_CHARS} characters, got {len(s)}")
+        for s in stops or ():
             _utf8(s, "stop")
         return stops
-
-    @model_validator(mode="after")
-    def _options_need_stream(self) -> _Sampling:
-        if self.stream_options is not None and not self.stream:
-            raise ValueError("stream_options: only allowed with stream: true")
-        return self
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(
@@ -103,7 +107,7 @@ class _Sampling(_Strict):
             repetition_penalty=self.repetition_penalty,
             # none given: a random one (as OpenAI does), in the audit's genesis for replay; a
             # fixed default would draw every unseeded request's token at a step from one number
-            seed=self.seed if self.seed is not None else secrets.randbits(63),
+            seed=self.seed % 2**64 if self.seed is not None else secrets.randbits(63),
         )
 
     @property
@@ -112,31 +116,38 @@ class _Sampling(_Strict):
 
     @property
     def include_usage(self) -> bool:
-        return self.stream_options is not None and self.stream_options.include_usage
+        """stream_options applies to streams only (a request without one is not refused for it)."""
+        return self.stream and self.stream_options is not None and self.stream_options.include_usage
 
 
 class CompletionRequest(_Sampling):
     """``POST /v1/completions``: the prompt goes to the model as it is (no chat template)."""
 
-    prompt: str | list[str] | list[int] = Field(description="text, a list of one text, or token ids")
-    max_tokens: Annotated[int | None, Field(ge=1, strict=True)] = COMPLETIONS_DEFAULT_MAX_TOKENS
+    prompt: (
+        Annotated[str, Field(min_length=1)]
+        | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=1)]
+        | Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+    ) = Field(description="text, a list of one text, or token ids")
+    max_tokens: Annotated[
+        int | None, Field(ge=1, description=f"default {COMPLETIONS_DEFAULT_MAX_TOKENS} (or the server's most)")
+    ] = None
+
+    @field_validator("max_tokens", mode="before")
+    @classmethod
+    def _whole_limit(cls, v: Any) -> Any:
+        return _whole(v)
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _token_ids(cls, v: Any) -> Any:
+        return [_whole(t) for t in v] if isinstance(v, list) else v
 
     @field_validator("prompt")
     @classmethod
     def _prompt(cls, v: str | list[str] | list[int]) -> str | list[int]:
-        if isinstance(v, list) and v and all(isinstance(x, str) for x in v):
-            if len(v) != 1:
-                raise ValueError(f"one prompt per request (n=1), got a list of {len(v)}")
-            v = str(v[0])
-        if isinstance(v, str):
-            if not v:
-                raise ValueError("the prompt is empty")
-            return _utf8(v, "prompt")
-        if not v:
-            raise ValueError("the prompt is empty")
-        if any(t < 0 for t in v):  # type: ignore[operator]
-            raise ValueError("token ids are >= 0")
-        return v  # type: ignore[return-value]
+        if isinstance(v, list) and isinstance(v[0], str):
+            v = str(v[0])  # a list of one text (the schema allows no more: n=1)
+        return _utf8(v, "prompt") if isinstance(v, str) else v  # type: ignore[return-value]
 
 
 class TextPart(_Strict):
@@ -160,18 +171,17 @@ class ChatRequest(_Sampling):
     """``POST /v1/chat/completions``: the messages rendered by the model's own chat template."""
 
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_tokens: Annotated[int | None, Field(ge=1, strict=True, description="deprecated by OpenAI: max_completion_tokens")] = None
-    max_completion_tokens: Annotated[int | None, Field(ge=1, strict=True)] = None
+    max_tokens: Annotated[int | None, Field(ge=1, description="deprecated by OpenAI: max_completion_tokens")] = None
+    max_completion_tokens: Annotated[int | None, Field(ge=1, description="wins over max_tokens")] = None
 
-    @model_validator(mode="after")
-    def _one_limit(self) -> ChatRequest:
-        if None not in (self.max_tokens, self.max_completion_tokens) and self.max_tokens != self.max_completion_tokens:
-            raise ValueError("max_completion_tokens: differs from max_tokens: give one")
-        return self
+    @field_validator("max_tokens", "max_completion_tokens", mode="before")
+    @classmethod
+    def _whole_limits(cls, v: Any) -> Any:
+        return _whole(v)
 
     @property
     def limit(self) -> int | None:
-        return self.max_completion_tokens or self.max_tokens
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
 # ---- responses (for the OpenAPI document; the server writes the same shapes) ----
