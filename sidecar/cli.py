@@ -228,6 +228,10 @@ def _bench(args: argparse.Namespace) -> int:
         from .bench_vllm import run_vllm_bench
 
         return run_vllm_bench(args)
+    if args.suite == "http":
+        from .bench_http import run_http_bench
+
+        return run_http_bench(args)
     from .bench import run_bench
 
     return run_bench(args)
@@ -335,13 +339,14 @@ def build_parser() -> argparse.ArgumentParser:
         "suite",
         nargs="?",
         default="all",
-        choices=["all", "batch", "fse", "load", "quality", "ring", "vllm"],
+        choices=["all", "batch", "fse", "http", "load", "quality", "ring", "vllm"],
         help="all: transport, metrics, model (default); fse: the streaming matcher against rescanning; "
         "quality: the default policy on healthy, garbage, looping and legitimately repetitive generations; "
         "ring: reading a row by pread against a view of a mapping; "
         "batch: the sidecar's cost per row of a batch step, FULL against COMPACT frames; "
         "load: a soak of many concurrent sessions (verdicts/s, latency, the sidecar's memory, the audit files); "
-        "vllm: real vLLM (make setup-vllm), guarded against unguarded tokens/s at batch 1, 8, 32",
+        "vllm: real vLLM (make setup-vllm), guarded against unguarded tokens/s at batch 1, 8, 32; "
+        "http: fse-engine-llama's HTTP layer against the same guarded generation in process (tokens/s, TTFT)",
     )
     b.add_argument(
         "--out", type=Path, default=Path("bench-results/bench.json"), help="JSON results file (fse: bench-fse.json beside it)"
@@ -376,6 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--vllm-rounds", type=int, default=7, help="vllm: rounds of every batch size on both servers in turn")
     b.add_argument("--guarded-url", help="vllm: a running guarded server (http://host:port/v1) instead of starting one")
     b.add_argument("--plain-url", help="vllm: with --guarded-url, the unguarded server to compare with")
+    b.add_argument("--http-rounds", type=int, default=9, help="http: rounds of both paths in turn")
     b.set_defaults(func=_bench)
     return p
 

@@ -111,3 +111,15 @@ def test_bench_quality_reports_every_group_guarded_and_unguarded(tmp_path) -> No
     hot = data["groups"]["garbage-t3.0"]
     assert hot["unguarded"]["max16_nlp_median"] > hot["guarded"]["max16_nlp_median"]
     assert "quality: SmolLM2-135M" in r.stdout
+
+
+def test_bench_http_sets_the_server_beside_the_same_generation_in_process(tmp_path) -> None:
+    out = tmp_path / "bench.json"
+    cmd = ["bench", "http", "--tokens", "12", "--http-rounds", "2", "--out", str(out)]
+    r = subprocess.run([sys.executable, "-m", "sidecar", *cmd], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    data = json.loads((tmp_path / "bench-http.json").read_text())
+    assert data["same_text"] is True  # the same tokens both ways: the comparison is like for like
+    assert len(data["per_round"]) == 2 and all(p[k]["tokens"] == 12 for p in data["per_round"] for k in ("in_process", "http"))
+    assert data["tok_s_ratio"] > 0 and data["in_process"]["ttft_ms"] > 0 and data["http"]["ttft_ms"] > 0
+    assert "HTTP/in-process tokens/s" in r.stdout
