@@ -255,25 +255,34 @@ def _audit_closes(audit: Path) -> list[dict]:
     return closes
 
 
-def test_a_client_that_goes_away_stops_its_generation_and_closes_its_session(served) -> None:
-    body = json.dumps({"prompt": "Once upon a time, in a land far away,", "max_tokens": 400, "stream": True, "seed": 3}).encode()
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_goes_away_stops_its_generation_and_closes_its_session(served, stream: bool) -> None:
+    ask = {"prompt": "Count: 1, 2, 3, 4, 5, 6,", "temperature": 0}
+    # greedy counting does not end by itself: left alone it runs to max_tokens
+    assert _post(served.port, "/v1/completions", **ask, max_tokens=150)[1]["choices"][0]["finish_reason"] == "length"
+    before = len(_audit_closes(served.audit))
+    body = json.dumps({**ask, "max_tokens": 400, "stream": stream}).encode()
     with socket.create_connection(("127.0.0.1", served.port), timeout=30) as c:
         c.sendall(
             b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
             + f"Content-Length: {len(body)}\r\n\r\n".encode()
             + body
         )
-        got = b""
-        while got.count(b"data: ") < 3:
-            more = c.recv(4096)
-            assert more, got
-            got += more
-    # the connection is gone after 3 events: the session is closed long before 400 steps
+        if stream:  # three events, then away
+            got = b""
+            while got.count(b"data: ") < 3:
+                more = c.recv(4096)
+                assert more, got
+                got += more
+        else:  # away while the answer is being made
+            time.sleep(0.5)
+    # the session is closed long before its 400 steps (about 60 a second here)
     deadline = time.monotonic() + 30
-    while not (closes := _audit_closes(served.audit)) and time.monotonic() < deadline:
+    while len(closes := _audit_closes(served.audit)) == before and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert closes, "no session was closed"
-    assert closes[0]["receipt"]["steps"] < 100, closes[0]["receipt"]
+    assert len(closes) == before + 1, "no session was closed"
+    steps = sorted(c["receipt"]["steps"] for c in closes)
+    assert steps[0] < 100 and steps[-1] == 150, steps
     assert _post(served.port, "/v1/completions", prompt="Hi", max_tokens=2)[0] == 200  # the engine is free again
 
 
