@@ -24,17 +24,41 @@ _TIMEOUT_408 = (
 )
 
 
-def timed_h11(header_timeout: float) -> type[H11Protocol]:
-    """uvicorn's h11 protocol, with a deadline on each request's line and headers: a
-    connection that has not sent them whole ``header_timeout`` seconds after it opened
-    (or after its last response) is answered 408 and closed."""
+_BUSY_503 = (
+    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\nconnection: close\r\n"
+    b"content-length: %d\r\n\r\n%s"
+)
+
+
+def timed_h11(header_timeout: float, max_connections: int) -> type[H11Protocol]:
+    """uvicorn's h11 protocol, with a deadline on each request's line and headers (a
+    connection that has not sent them whole ``header_timeout`` seconds after it opened, or
+    after its last response, is answered 408 and closed) and a cap on open connections (one
+    past ``max_connections`` is answered 503 with ``Retry-After`` at once and closed; uvicorn's
+    own ``limit_concurrency`` answers without ``Retry-After``)."""
 
     class TimedH11(H11Protocol):
         _header_timer: asyncio.TimerHandle | None = None
+        _refused = False
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
+            if len(self.connections) > max_connections:
+                body = json.dumps(
+                    {"error": {"message": f"too many open connections (at most {max_connections})", "type": "unavailable"}}
+                ).encode()
+                self._refused = True
+                transport.write(_BUSY_503 % (len(body), body))
+                # half-close and drop what the client sends: a close with unread bytes would be
+                # a reset that can discard the answer before the client reads it
+                transport.write_eof()
+                self.loop.call_later(1.0, transport.close)
+                return
             self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            if not self._refused:
+                super().data_received(data)
 
         def on_response_complete(self) -> None:
             super().on_response_complete()

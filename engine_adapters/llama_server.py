@@ -447,8 +447,7 @@ def main(argv: list[str] | None = None) -> int:
         app,
         host=host,
         port=int(port),
-        http=timed_h11(args.io_timeout),
-        limit_concurrency=args.max_connections,
+        http=timed_h11(args.io_timeout, args.max_connections),
         backlog=2048,  # a burst of connections waits in the kernel, not reset
         timeout_keep_alive=5,
         timeout_graceful_shutdown=30,  # SIGTERM: finish the answers being streamed, up to 30 s

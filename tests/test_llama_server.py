@@ -328,7 +328,7 @@ def test_slow_clients_are_cut_off_and_open_connections_are_capped(served) -> Non
         eighth.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
         time.sleep(0.2)
         busy = _raw(port, b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n", timeout=5)
-        assert busy.startswith(b"HTTP/1.1 503"), busy
+        assert busy.startswith(b"HTTP/1.1 503") and b"retry-after: 1" in busy and b"too many open connections" in busy, busy
     t0 = time.monotonic()
     for i, c in enumerate(held):  # each is answered 408 and closed after its second
         tail = b"".join(iter(lambda c=c: c.recv(65536), b""))
