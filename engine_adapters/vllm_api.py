@@ -30,6 +30,7 @@ import uuid
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import Any
 
+from .asgi import replaying
 from .outcomes import Outcome, OutcomeBoard
 from .policies import operator_policies
 from .vllm import POLICY_KEY, REQUEST_KEY, log_to_stderr
@@ -124,14 +125,7 @@ class FseGuardMiddleware:
         body = json.dumps(request, separators=(",", ":")).encode()
         headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
         inner = dict(scope, headers=[*headers, (b"content-length", str(len(body)).encode())])
-        sent = False
-
-        async def replay() -> Message:
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
+        replay = replaying(body, receive)
 
         try:
             if request.get("stream") is True:
