@@ -56,8 +56,16 @@ class LaneChannel:
         os.eventfd_write(self.request_fd, 1)
 
     def wait(self, slot: int, frame_seq: int, deadline: float, timeout: float, what: str, flags: int = 0) -> pb.StepResponse:
-        """The answer to ``frame_seq``, by ``deadline`` (monotonic seconds), or raise."""
+        """The answer to ``frame_seq``, by ``deadline`` (monotonic seconds), or raise.
+
+        The verdict area is read before the clock: an engine that was busy past the deadline
+        (its own forward pass while speculating, on a loaded node) takes the answer the
+        sidecar wrote in time; only an answer that is not there by the deadline fails."""
         while True:
+            if not flags & REQUEST_PING:
+                answer = self._answer(slot, frame_seq, what)
+                if answer is not None:
+                    return answer
             left = deadline - time.monotonic()
             if left <= 0:
                 raise GuardUnavailable(f"{what}: no verdict on the fast lane within {timeout:.3f}s")
@@ -69,20 +77,21 @@ class LaneChannel:
                     with contextlib.suppress(BlockingIOError):
                         os.eventfd_read(self.answer_fd)
                         rung = True
-            if flags & REQUEST_PING:
-                if rung:
-                    return pb.StepResponse()
-                continue
-            got = self.ring.verdicts(slot, frame_seq)
-            if got is not None:
-                answers, service_us = got
-                self.service_s = service_us / 1e6
-                if len(answers) != 1:
-                    raise VerdictRejected(f"{what}: {len(answers)} answers in the verdict area, one row was sent")
-                try:
-                    return pb.StepResponse.FromString(answers[0])
-                except Exception:  # noqa: BLE001 - any unparsable answer fails closed
-                    raise VerdictRejected(f"{what}: the verdict area holds no StepResponse") from None
+            if flags & REQUEST_PING and rung:
+                return pb.StepResponse()
+
+    def _answer(self, slot: int, frame_seq: int, what: str) -> pb.StepResponse | None:
+        got = self.ring.verdicts(slot, frame_seq)
+        if got is None:
+            return None
+        answers, service_us = got
+        self.service_s = service_us / 1e6
+        if len(answers) != 1:
+            raise VerdictRejected(f"{what}: {len(answers)} answers in the verdict area, one row was sent")
+        try:
+            return pb.StepResponse.FromString(answers[0])
+        except Exception:  # noqa: BLE001 - any unparsable answer fails closed
+            raise VerdictRejected(f"{what}: the verdict area holds no StepResponse") from None
 
     def _goodbye(self) -> str:
         """Why the sidecar hung up, when it said (a broken ring); else what a silent hang-up means."""
