@@ -381,6 +381,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lane", choices=["grpc", "shm"], default="grpc", help="verdict lane (shm: the fast lane)")
     p.add_argument("--n-threads", type=int, default=2, help="llama.cpp threads")
     p.add_argument(
+        "--omp-wait",
+        choices=["default", "bounded", "passive", "active"],
+        default=os.environ.get("FSE_OMP_WAIT", "bounded"),
+        help="how llama.cpp's OpenMP workers wait (env FSE_OMP_WAIT; bounded: a short spin, then sleep; "
+        "OMP_WAIT_POLICY or GOMP_SPINCOUNT set by the operator win)",
+    )
+    p.add_argument(
         "--policy", default=os.environ.get("FSE_POLICY"), help="the policy of a request that names none (env FSE_POLICY; default)"
     )
     p.add_argument(
@@ -427,6 +434,9 @@ def main(argv: list[str] | None = None) -> int:
             expose_reasons=args.expose_guard_reasons,
             served_model=args.served_model_name,
         )
+        from .omp import apply_wait_policy
+
+        omp = apply_wait_policy(args.omp_wait)  # before llama_cpp loads libgomp
         target = args.sidecar.replace("unix://", "unix:", 1)
         client = GuardClient(target, keys)
         from .chat_template import ChatTemplate
@@ -456,8 +466,8 @@ def main(argv: list[str] | None = None) -> int:
         server_header=False,
     )
     log.info(
-        "fse-engine-llama serving %s on %s:%s (sidecar %s, lane %s, n_ctx %d, chat template: %s)",
-        settings.served_model or engine.model, host, port, target, args.lane, engine.n_ctx, template.source,
+        "fse-engine-llama serving %s on %s:%s (sidecar %s, lane %s, n_ctx %d, chat template: %s, OpenMP wait: %s)",
+        settings.served_model or engine.model, host, port, target, args.lane, engine.n_ctx, template.source, omp,
     )  # fmt: skip
     started = time.monotonic()
     # uvicorn re-raises the signal that stopped it once it has; by then the answers in flight

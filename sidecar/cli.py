@@ -228,6 +228,10 @@ def _bench(args: argparse.Namespace) -> int:
         from .bench_vllm import run_vllm_bench
 
         return run_vllm_bench(args)
+    if args.suite == "contention":
+        from .bench_contention import run_contention_bench
+
+        return run_contention_bench(args)
     if args.suite == "http":
         from .bench_http import run_http_bench
 
@@ -277,6 +281,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--speculate", action="store_true", help="with --lane shm: evaluate the likely next token while the sidecar judges"
     )
     d.add_argument("--audit-dir", type=Path, help="keep the session's .audit file here (default: a temporary directory)")
+    d.add_argument(
+        "--omp-wait",
+        choices=["default", "bounded", "passive", "active"],
+        default="bounded",
+        help="how llama.cpp's OpenMP workers wait (bounded: a short spin, then sleep; README Troubleshooting)",
+    )
     d.set_defaults(func=_demo)
 
     z = sub.add_parser(
@@ -339,14 +349,15 @@ def build_parser() -> argparse.ArgumentParser:
         "suite",
         nargs="?",
         default="all",
-        choices=["all", "batch", "fse", "http", "load", "quality", "ring", "vllm"],
+        choices=["all", "batch", "contention", "fse", "http", "load", "quality", "ring", "vllm"],
         help="all: transport, metrics, model (default); fse: the streaming matcher against rescanning; "
         "quality: the default policy on healthy, garbage, looping and legitimately repetitive generations; "
         "ring: reading a row by pread against a view of a mapping; "
         "batch: the sidecar's cost per row of a batch step, FULL against COMPACT frames; "
         "load: a soak of many concurrent sessions (verdicts/s, latency, the sidecar's memory, the audit files); "
         "vllm: real vLLM (make setup-vllm), guarded against unguarded tokens/s at batch 1, 8, 32; "
-        "http: fse-engine-llama's HTTP layer against the same guarded generation in process (tokens/s, TTFT)",
+        "http: fse-engine-llama's HTTP layer against the same guarded generation in process (tokens/s, TTFT); "
+        "contention: unguarded and every lane on a busy node and a quiet one, OpenMP's active and passive waits",
     )
     b.add_argument(
         "--out", type=Path, default=Path("bench-results/bench.json"), help="JSON results file (fse: bench-fse.json beside it)"
@@ -382,6 +393,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--guarded-url", help="vllm: a running guarded server (http://host:port/v1) instead of starting one")
     b.add_argument("--plain-url", help="vllm: with --guarded-url, the unguarded server to compare with")
     b.add_argument("--http-rounds", type=int, default=9, help="http: rounds of both paths in turn")
+    b.add_argument("--contention-rounds", type=int, default=5, help="contention: rounds of every path in turn, per setting")
+    b.add_argument("--load-procs", type=int, help="contention: busy background processes (default: one per core)")
+    b.add_argument(
+        "--omp-policies",
+        default="default,bounded,passive",
+        help="contention: OpenMP wait policies to compare (engine_adapters/omp.py)",
+    )
     b.set_defaults(func=_bench)
     return p
 

@@ -52,6 +52,10 @@ def spark(values: list[float], top: float) -> str:
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    from engine_adapters.omp import apply_wait_policy
+
+    omp = apply_wait_policy(args.omp_wait)  # before llama_cpp loads libgomp
+
     from engine_adapters.client import GuardClient
     from engine_adapters.llama_cpp import GuardedLlama, load_llama
 
@@ -84,7 +88,7 @@ def run_demo(args: argparse.Namespace) -> int:
                 lane = "fast lane (shared memory + eventfds)" if args.lane == "shm" else "gRPC stream"
                 lane += ", speculating" if args.speculate else ""
                 print(f"model: {model}  vocab {len(guarded.vocab)}  sidecar pid {sc.proc.pid}  key {keys}  lane: {lane}")
-                print(f"sidecar core: {accel.status().describe()}")
+                print(f"sidecar core: {accel.status().describe()}  OpenMP wait: {omp}")
                 print(f"prompt: {args.prompt!r}")
                 print(
                     f"sampling: T={sampling.temperature} top_k={sampling.top_k} top_p={sampling.top_p} "

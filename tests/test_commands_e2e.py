@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -17,8 +18,10 @@ def test_demo_prints_verdicts_ecg_and_summary() -> None:
         capture_output=True,
         text=True,
         timeout=300,
+        env={k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")},
     )
     assert r.returncode == 0, r.stdout + r.stderr
+    assert "OpenMP wait: bounded (GOMP_SPINCOUNT=1000)" in r.stdout  # set before llama.cpp loaded libgomp
     lines = r.stdout.splitlines()
     token_lines = [ln for ln in lines if ln[:4].strip().isdigit() and ("ACCEPT" in ln or "HEALED" in ln)]
     assert len(token_lines) >= 1
@@ -123,3 +126,17 @@ def test_bench_http_sets_the_server_beside_the_same_generation_in_process(tmp_pa
     assert len(data["per_round"]) == 2 and all(p[k]["tokens"] == 12 for p in data["per_round"] for k in ("in_process", "http"))
     assert data["tok_s_ratio"] > 0 and data["in_process"]["ttft_ms"] > 0 and data["http"]["ttft_ms"] > 0
     assert "HTTP/in-process tokens/s" in r.stdout
+
+
+def test_bench_contention_runs_every_lane_quiet_and_loaded_and_counts_failed_steps(tmp_path) -> None:
+    out = tmp_path / "bench.json"
+    cmd = ["bench", "contention", "--tokens", "6", "--contention-rounds", "1", "--omp-policies", "bounded,passive"]
+    cmd += ["--load-procs", "1"]
+    r = subprocess.run([sys.executable, "-m", "sidecar", *cmd, "--out", str(out)], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr
+    data = json.loads((tmp_path / "bench-contention.json").read_text())
+    assert set(data["runs"]) == {"quiet/bounded", "quiet/passive", "loaded/bounded", "loaded/passive"}
+    for run in data["runs"].values():
+        assert set(run["tok_s"]) == {"unguarded", "grpc", "shm", "shm_spec"} and all(len(v) == 1 for v in run["tok_s"].values())
+        assert run["failures"] == []  # a live sidecar: no step fails, loaded or not
+    assert "fast + speculation" in r.stdout
