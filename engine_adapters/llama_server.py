@@ -50,6 +50,7 @@ from .openai_schema import (
     Completion,
     CompletionRequest,
     ErrorResponse,
+    Model,
     ModelList,
     error_body,
     new_id,
@@ -98,6 +99,9 @@ def create_app(engine: Engine, template: Any, settings: Settings) -> FastAPI:
         docs_url=None,
         redoc_url=None,
     )
+
+    def not_served(name: str) -> _ApiError:
+        return _ApiError(404, f"model: {name!r} is not served here (GET /v1/models: {model_id!r})", "not_found_error", "model")
 
     def error_response(exc: _ApiError) -> JSONResponse:
         headers = {"Retry-After": str(settings.retry_after)} if exc.retry else None
@@ -156,9 +160,17 @@ def create_app(engine: Engine, template: Any, settings: Settings) -> FastAPI:
             return JSONResponse(error_body(503, str(exc), "unavailable"), 503, headers={"Retry-After": "1"})
         return JSONResponse({"status": "serving", "model": model_id, "lane": engine.lane})
 
+    card = {"id": model_id, "object": "model", "created": created, "owned_by": "libfse"}
+
     @app.get("/v1/models", response_model=ModelList)
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created, "owned_by": "libfse"}]}
+        return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models/{model}", response_model=Model, responses={404: errors[404]})
+    async def model(model: str) -> dict[str, Any]:
+        if model != model_id:
+            raise not_served(model)
+        return card
 
     @app.post("/v1/completions", response_model=Completion, responses={**errors, **sse})
     async def completions(body: CompletionRequest, request: Request) -> Response:
@@ -176,8 +188,7 @@ def create_app(engine: Engine, template: Any, settings: Settings) -> FastAPI:
 
     async def _serve(request: Request, body: Any, prompt: Any, limit: int | None, *, chat: bool) -> Response:
         if body.model not in (None, model_id):
-            message = f"model: {body.model!r} is not served here (GET /v1/models: {model_id!r})"
-            raise _ApiError(404, message, "not_found_error", "model")
+            raise not_served(body.model)
         policy = body.policy if body.policy is not None else settings.default_policy
         if policy not in settings.policies:
             raise _ApiError(

@@ -225,6 +225,9 @@ def test_bad_requests_are_400s_naming_the_field_and_the_server_keeps_serving(ser
 
 def test_models_list_the_served_model_and_the_openapi_document_lists_the_api(served) -> None:
     assert [m.id for m in served.api.models.list()] == [MODEL]
+    assert served.api.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError):
+        served.api.models.retrieve("gpt-4o")
     status, doc, _ = _call(served.port, "GET", "/openapi.json")
     assert status == 200 and {"/v1/completions", "/v1/chat/completions", "/v1/models"} <= set(doc["paths"])
     post = doc["paths"]["/v1/chat/completions"]["post"]
