@@ -58,27 +58,29 @@ class LaneChannel:
     def wait(self, slot: int, frame_seq: int, deadline: float, timeout: float, what: str, flags: int = 0) -> pb.StepResponse:
         """The answer to ``frame_seq``, by ``deadline`` (monotonic seconds), or raise.
 
-        The verdict area is read before the clock: an engine that was busy past the deadline
-        (its own forward pass while speculating, on a loaded node) takes the answer the
-        sidecar wrote in time; only an answer that is not there by the deadline fails."""
+        Past the deadline the verdict area is still read once (after a look for the sidecar's
+        hang-up: a ring it found broken is not touched): an engine that was busy past the
+        deadline (its own forward pass while speculating, on a loaded node) takes the answer
+        the sidecar wrote; only an answer that is not there fails the step."""
         while True:
-            if not flags & REQUEST_PING:
-                answer = self._answer(slot, frame_seq, what)
-                if answer is not None:
-                    return answer
             left = deadline - time.monotonic()
-            if left <= 0:
-                raise GuardUnavailable(f"{what}: no verdict on the fast lane within {timeout:.3f}s")
             rung = False
-            for fd, ev in self._poll.poll(left * 1e3):
+            for fd, ev in self._poll.poll(max(left, 0.0) * 1e3):
                 if fd == self.sock.fileno():
                     raise GuardUnavailable(f"{what}: the sidecar closed the fast lane ({self._goodbye()})")
                 if ev & select.POLLIN:
                     with contextlib.suppress(BlockingIOError):
                         os.eventfd_read(self.answer_fd)
                         rung = True
-            if flags & REQUEST_PING and rung:
-                return pb.StepResponse()
+            if flags & REQUEST_PING:
+                if rung:
+                    return pb.StepResponse()
+            else:
+                answer = self._answer(slot, frame_seq, what)
+                if answer is not None:
+                    return answer
+            if left <= 0:
+                raise GuardUnavailable(f"{what}: no verdict on the fast lane within {timeout:.3f}s")
 
     def _answer(self, slot: int, frame_seq: int, what: str) -> pb.StepResponse | None:
         got = self.ring.verdicts(slot, frame_seq)
