@@ -480,6 +480,16 @@ def _phases_cell(p: dict[str, float]) -> str:
     return f"{p['write']:.0f} / {wait} / {p['verify']:.0f}"
 
 
+def _run_header(args: argparse.Namespace, rounds: int) -> dict[str, Any]:
+    """What a model benchmark's JSON opens with: the machine and the run's size."""
+    return {
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "tokens": args.tokens,
+        "rounds": rounds,
+        "threads": args.threads,
+    }
+
+
 def _table(title: str, header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True))  # noqa: E731

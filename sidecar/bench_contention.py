@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -27,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .bench import _rotation, _table
+from .bench import _rotation, _run_header, _table
 
 PATHS = ("unguarded", "grpc", "shm", "shm_spec")
 PROMPT = "Write a long story about a dragon who learns to paint."
@@ -90,14 +89,7 @@ def run_contention_bench(args: argparse.Namespace) -> int:
     sidecar = start_local_sidecar(work / "sidecar")
     sidecar.wait_started()
     procs = args.load_procs if args.load_procs is not None else os.cpu_count() or 2
-    result: dict[str, Any] = {
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-        "tokens": args.tokens,
-        "rounds": args.contention_rounds,
-        "threads": args.threads,
-        "load_procs": procs,
-        "runs": {},
-    }
+    result: dict[str, Any] = {**_run_header(args, args.contention_rounds), "load_procs": procs, "runs": {}}
     try:
         for load in ("quiet", "loaded"):
             busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(procs if load == "loaded" else 0)]

@@ -20,7 +20,6 @@ import argparse
 import http.client
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -29,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .bench import _rotation, _table
+from .bench import _rotation, _run_header, _table
 from .bench_vllm import PROMPTS
 
 
@@ -145,10 +144,7 @@ def run_http_bench(args: argparse.Namespace) -> int:
 
     ip, h = got["in_process"], got["http"]
     result: dict[str, Any] = {
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-        "tokens": args.tokens,
-        "rounds": args.http_rounds,
-        "threads": args.threads,
+        **_run_header(args, args.http_rounds),
         "same_text": same,
         "in_process": {"tok_s": statistics.median(map(rate, ip)), "ttft_ms": 1e3 * statistics.median(r[0] for r in ip)},
         "http": {"tok_s": statistics.median(map(rate, h)), "ttft_ms": 1e3 * statistics.median(r[0] for r in h)},
