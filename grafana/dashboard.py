@@ -10,11 +10,18 @@ Every panel and query names the ``datasource`` template variable (never a fixed 
 ``${DS_PROMETHEUS}``, which file provisioning does not resolve); counters appear only inside
 ``rate``/``increase`` over ``$__rate_interval``; every panel has a unit; no query groups by
 anything per-session (the exporter has no such label).
+
+Several guarded deployments share one Prometheus: the ``namespace``, ``job``, ``pod`` and
+``instance`` variables (each "All" by default, read from ``fse_build_info``) filter every
+metric of every query, so each deployment can be looked at alone. "All" is ``.*``, which
+also matches a target without that label (a sidecar scraped outside Kubernetes has no
+namespace or pod).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +36,10 @@ from sidecar.generated import write_or_check  # noqa: E402
 OUT = Path(__file__).resolve().parent / "cognitive-ecg.json"
 DS = DataSourceRef(type_val="prometheus", uid="${datasource}")
 RATE = "$__rate_interval"
+# The scrape target's labels the variables filter on, in the order they narrow each other.
+SCOPE = ("namespace", "job", "pod", "instance")
+MATCHERS = ", ".join(f'{label}=~"${label}"' for label in SCOPE)
+_METRIC = re.compile(r"\b(fse_\w+)(\{)?")
 
 
 @dataclass(frozen=True)
@@ -37,8 +48,35 @@ class Query:
     legend: str
 
 
+def scoped(expr: str) -> str:
+    """``expr`` with every fse metric selector narrowed to the variables' scope."""
+    return _METRIC.sub(lambda m: f"{m.group(1)}{{{MATCHERS}" + (", " if m.group(2) else "}"), expr)
+
+
 def q(expr: str, legend: str) -> Query:
-    return Query(expr, legend)
+    return Query(scoped(expr), legend)
+
+
+def scope_variables() -> list[dashboard.QueryVariable]:
+    """One variable per scope label, each listing the values left by the ones before it."""
+    from grafana_foundation_sdk.models.dashboard import VariableRefresh
+
+    out = []
+    for i, label in enumerate(SCOPE):
+        before = ", ".join(f'{b}=~"${b}"' for b in SCOPE[:i])
+        selector = f"fse_build_info{{{before}}}" if before else "fse_build_info"
+        out.append(
+            dashboard.QueryVariable(label)
+            .label(label)
+            .datasource(DS)
+            .query(f"label_values({selector}, {label})")
+            .multi(True)
+            .include_all(True)
+            .all_value(".*")
+            .refresh(VariableRefresh.ON_TIME_RANGE_CHANGED)
+            .sort(1)
+        )
+    return out
 
 
 def quantiles(metric: str, qs: tuple[float, ...] = (0.5, 0.9, 0.99)) -> list[Query]:
@@ -171,6 +209,8 @@ def build() -> dashboard.Dashboard:
         .time("now-30m", "now")
         .with_variable(dashboard.DatasourceVariable("datasource").label("Data source").type("prometheus"))
     )
+    for v in scope_variables():
+        d = d.with_variable(v)
     for p in panels:
         d = d.with_panel(p)
     return d

@@ -3,7 +3,8 @@
     python grafana/render_ecg.py --prometheus http://127.0.0.1:9090 --start UNIX --end UNIX --out grafana/ecg.png
 
 Each subplot is one dashboard panel: its PromQL (from grafana/cognitive-ecg.json, with
-``$__rate_interval`` set to ``--rate-interval``) through Prometheus's ``query_range`` API.
+``$__rate_interval`` set to ``--rate-interval`` and the scope variables to ``--job`` and
+the like, "All" by default) through Prometheus's ``query_range`` API.
 """
 
 from __future__ import annotations
@@ -45,7 +46,25 @@ def legend(fmt: str, labels: dict[str, str]) -> str:
     return out
 
 
-def render(base: str, start: float, end: float, out: Path, rate_interval: str = "1m", step: float = 5.0) -> Path:
+SCOPE = ("namespace", "job", "pod", "instance")
+
+
+def scoped(expr: str, scope: dict[str, str]) -> str:
+    """A panel's query with each scope variable as chosen (a regex; unset: All, ``.*``)."""
+    for label in SCOPE:
+        expr = expr.replace(f"${label}", scope.get(label, ".*"))
+    return expr
+
+
+def render(
+    base: str,
+    start: float,
+    end: float,
+    out: Path,
+    rate_interval: str = "1m",
+    step: float = 5.0,
+    scope: dict[str, str] | None = None,
+) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -57,7 +76,8 @@ def render(base: str, start: float, end: float, out: Path, rate_interval: str = 
     for ax, title in zip(axes.flat, PANELS, strict=True):
         panel = panels[title]
         for t in panel["targets"]:
-            for s in query_range(base, t["expr"].replace("$__rate_interval", rate_interval), start, end, step):
+            expr = scoped(t["expr"].replace("$__rate_interval", rate_interval), scope or {})
+            for s in query_range(base, expr, start, end, step):
                 xs = [(float(ts) - start) / 60 for ts, _ in s["values"]]
                 ys = [float(v) for _, v in s["values"]]
                 if all(math.isnan(y) or y == 0 for y in ys):  # a series that never moved: no line
@@ -83,8 +103,11 @@ def main() -> int:
     ap.add_argument("--end", type=float, required=True)
     ap.add_argument("--out", type=Path, default=Path("grafana/ecg.png"))
     ap.add_argument("--rate-interval", default="1m")
+    for label in SCOPE:
+        ap.add_argument(f"--{label}", help=f"the dashboard's {label} variable, a regex (default: All)")
     a = ap.parse_args()
-    print(render(a.prometheus, a.start, a.end, a.out, a.rate_interval))
+    scope = {label: getattr(a, label) for label in SCOPE if getattr(a, label)}
+    print(render(a.prometheus, a.start, a.end, a.out, a.rate_interval, scope=scope))
     return 0
 
 

@@ -27,7 +27,15 @@ from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import grpc
-from prometheus_client import CollectorRegistry, Histogram, Info, make_wsgi_app
+from prometheus_client import (
+    CollectorRegistry,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+    make_wsgi_app,
+)
 from prometheus_client import Counter as PromCounter
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -108,7 +116,14 @@ class Exporter:
         self.live = live if live is not None else (lambda: len(self._sessions))
         self._sessions: dict[str, _SessionView] = {}  # what the last verdict of each open session said
         self._pending: list[tuple[str, pb.Verdict, float]] = []  # verdicts sent, not yet counted
+        # A `_created` series per counter and histogram doubles what every scrape stores for a
+        # timestamp nobody queries (rate() handles resets): off, process-wide, before any is made.
+        disable_created_metrics()
         r = registry
+        # The sidecar's own CPU, memory, file descriptors and start time (process_*), and
+        # python_info: what an operator reads first when the node is busy.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
         self.latency = Histogram(
             "fse_verdict_latency_seconds", "Time the sidecar takes to judge and sign a step", registry=r, buckets=LATENCY_BUCKETS
         )

@@ -118,6 +118,10 @@ def test_a_real_sidecar_serves_metrics_that_promtool_accepts(start_sidecar, keys
     assert samples[("fse_steps_refused_total", (("code", "FAILED_PRECONDITION"),))] == 1
     assert samples[("fse_verdict_latency_seconds_count", ())] == 4
     assert "fse_build_info" in {s.name for f in families.values() for s in f.samples}
+    # the process collector: the sidecar's own CPU and memory beside the guard's series
+    assert samples[("process_resident_memory_bytes", ())] > 10e6 and samples[("process_cpu_seconds_total", ())] > 0
+    assert ("python_info", ()) not in samples and "python_info" in {s.name for f in families.values() for s in f.samples}
+    assert not [line for line in text.splitlines() if "_created" in line]  # no timestamp series per metric
     r = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
     c.close()

@@ -66,10 +66,33 @@ def test_no_query_groups_or_filters_by_anything_per_session() -> None:
         grouped = [lab.strip() for g in re.findall(r"\b(?:by|without)\s*\(([^)]*)\)", t["expr"]) for lab in g.split(",")]
         matched = re.findall(r"[{,]\s*(\w+)\s*(?:=~|!~|!=|=)", t["expr"])
         for label in grouped + matched:
-            assert label in {"le", "decision", "band", "rule", "action", "guard", "from_band", "to_band", "outcome", "code"}, (
-                title,
-                label,
-            )
+            assert label in BOUNDED_LABELS | set(SCOPE), (title, label)
+
+
+SCOPE = ("namespace", "job", "pod", "instance")  # the scrape target's: one deployment
+BOUNDED_LABELS = {"le", "decision", "band", "rule", "action", "guard", "from_band", "to_band", "outcome", "code"}
+
+
+def test_every_metric_of_every_query_is_narrowed_to_the_chosen_deployment() -> None:
+    """Two guarded deployments in one Prometheus never merge into one picture: each fse
+    selector carries every scope variable's matcher."""
+    for title, t in TARGETS:
+        selectors = re.findall(r"\b(fse_\w+)(\{[^}]*\})?", t["expr"])
+        assert selectors, title
+        for name, matchers in selectors:
+            for label in SCOPE:
+                assert f'{label}=~"${label}"' in matchers, (title, name, label)
+
+
+def test_the_scope_variables_default_to_all_and_narrow_each_other_in_order() -> None:
+    variables = {v["name"]: v for v in DASHBOARD["templating"]["list"]}
+    for i, label in enumerate(SCOPE):
+        v = variables[label]
+        assert v["type"] == "query" and v["datasource"] == DS_REF
+        assert v["includeAll"] and v["multi"] and v["allValue"] == ".*"  # ".*" also matches a target without the label
+        m = re.fullmatch(r"label_values\(fse_build_info(?:\{(.*)\})?, (\w+)\)", v["query"])
+        assert m and m.group(2) == label, v["query"]
+        assert re.findall(r'(\w+)=~"\$\w+"', m.group(1) or "") == list(SCOPE[:i])
 
 
 def test_every_metric_the_dashboard_and_the_alerts_read_is_one_the_exporter_exports() -> None:

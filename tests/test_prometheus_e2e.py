@@ -50,6 +50,20 @@ STORIES = (
 )
 
 
+DEPLOYMENTS = {
+    "fse-sidecar": {"namespace": "team-a", "pod": "guard-a-0"},
+    "fse-sidecar-b": {"namespace": "team-b", "pod": "guard-b-0"},
+}
+
+
+def with_scope(expr: str, **chosen: str) -> str:
+    """A dashboard query as Grafana sends it: each scope variable replaced by the value
+    chosen (by default "All", which is .*)."""
+    for label in ("namespace", "job", "pod", "instance"):
+        expr = expr.replace(f"${label}", chosen.get(label, ".*"))
+    return expr
+
+
 def api(base: str, path: str, **params: Any) -> dict[str, Any]:
     qs = urllib.parse.urlencode(params)
     with urllib.request.urlopen(f"{base}{path}?{qs}", timeout=30) as r:
@@ -65,7 +79,12 @@ def prometheus(tmp_path: Path):
     cfg = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(ALERTS)],
-        "scrape_configs": [{"job_name": "fse-sidecar", "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"]}]}],
+        # One sidecar scraped as two deployments (their namespace and pod labels as the
+        # Prometheus Operator would set them): the dashboard's variables must tell them apart.
+        "scrape_configs": [
+            {"job_name": job, "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"], "labels": labels}]}
+            for job, labels in DEPLOYMENTS.items()
+        ],
     }
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(cfg))
     log = (tmp_path / "prometheus.log").open("wb")
@@ -146,15 +165,40 @@ def test_every_dashboard_and_alert_expression_returns_data_from_a_real_scrape(ll
     window = f"{max(int(end - start) + 10, 20)}s"  # the whole run
     for what, expr in exprs.items():
         q = expr.replace("$__rate_interval", window).replace("[5m]", f"[{window}]").replace("[10m]", f"[{window}]")
-        body = api(base, "/api/v1/query", query=q, time=end)
+        body = api(base, "/api/v1/query", query=with_scope(q), time=end)
         assert body["status"] == "success", (what, q, body)
         assert body["data"]["result"], f"{what}: no data for {q}"
+        if what.startswith("panel"):  # one deployment alone has data; one that does not exist has none
+            assert api(base, "/api/v1/query", query=with_scope(q, namespace="team-b"), time=end)["data"]["result"], what
+            assert not api(base, "/api/v1/query", query=with_scope(q, namespace="team-z"), time=end)["data"]["result"], what
+    # Chosen one deployment, a counter reads half of "All" (the same sidecar scraped twice).
+    both = {
+        v: float(
+            api(base, "/api/v1/query", query=with_scope(f'sum(fse_verdicts_total{{job=~"{v}"}})'), time=end)["data"]["result"][0][
+                "value"
+            ][1]
+        )
+        for v in (".*", "fse-sidecar")
+    }
+    assert both[".*"] == 2 * both["fse-sidecar"] > 0
+    # The variables' own queries list both deployments, each narrowed by the ones before it.
+    variables = {v["name"]: v["query"] for v in dashboard["templating"]["list"] if v["type"] == "query"}
+    for label, chosen, want in (
+        ("namespace", {}, {"team-a", "team-b"}),
+        ("job", {"namespace": "team-b"}, {"fse-sidecar-b"}),
+        ("pod", {}, {"guard-a-0", "guard-b-0"}),
+        ("instance", {"job": "fse-sidecar"}, {f"127.0.0.1:{metrics_port}"}),
+    ):
+        m = re.fullmatch(r"label_values\((.*), (\w+)\)", with_scope(variables[label], **chosen))
+        assert m and m.group(2) == label
+        got = api(base, f"/api/v1/label/{label}/values", **{"match[]": m.group(1), "start": start, "end": end})["data"]
+        assert set(got) == want, (label, m.group(1), got)
     # The alert rules load and evaluate (none should fire on this healthy run but the ratios' own).
     groups = api(base, "/api/v1/rules")["data"]["groups"]
     assert {r["name"] for grp in groups for r in grp["rules"]} >= {"FseSidecarDown", "FseHaltRatioHigh"}
     assert all(r["health"] == "ok" for grp in groups for r in grp["rules"]), groups
 
     out = Path(os.environ.get("FSE_ECG_OUT", tmp_path / "ecg.png"))
-    render(base, start, end, out, rate_interval="30s" if end - start > 60 else "10s", step=2.0)
+    render(base, start, end, out, rate_interval="30s" if end - start > 60 else "10s", step=2.0, scope={"job": "fse-sidecar"})
     assert out.stat().st_size > 20_000 and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     client.close()
