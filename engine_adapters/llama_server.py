@@ -39,9 +39,11 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from sidecar import logs
 from sidecar._version import __version__
 from sidecar.about import add_version_flag
 from sidecar.errors import ConfigError, FseError
+from sidecar.logs import LOG_FORMATS
 
 from .client import GuardClient
 from .llama_engine import BadRequest, End, Engine, Event, Job, Piece
@@ -61,6 +63,7 @@ from .openai_schema import (
 from .policies import operator_policies
 
 log = logging.getLogger("fse.engine.llama")
+access = logging.getLogger("fse.engine.access")
 
 _TYPE_NAMES = frozenset({"str", "int", "float", "bool"})
 
@@ -208,6 +211,8 @@ def create_app(engine: Engine, template: Any, settings: Settings) -> FastAPI:
             stops=body.stops,
         )  # fmt: skip
         rid = new_id("chatcmpl" if chat else "cmpl")
+        note: dict[str, Any] = request.scope.setdefault("state", {}).setdefault("fse", {})  # for the access log
+        note.update(request_id=rid, policy=policy, stream=bool(body.stream))
         try:
             engine.submit(job)
         except queue.Full:
@@ -220,10 +225,10 @@ def create_app(engine: Engine, template: Any, settings: Settings) -> FastAPI:
                 job.cancelled.set()
                 return Response(status_code=499)
             if isinstance(first, End) and first.finish is None:
-                raise _failure(rid, first)
+                raise _failure(rid, first, note)
             if body.stream:
                 gone.cancel()  # from here Starlette's streaming response watches for the disconnect
-                stream = _sse(rid, chat, body, policy, first, events, job, deadline)
+                stream = _sse(rid, chat, body, policy, first, events, job, deadline, note)
                 return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
             pieces, ev = [], first
             while isinstance(ev, Piece):
@@ -234,8 +239,8 @@ def create_app(engine: Engine, template: Any, settings: Settings) -> FastAPI:
                     return Response(status_code=499)
                 ev = nxt
             if ev.finish is None:
-                raise _failure(rid, ev)
-            _log_end(rid, policy, ev)
+                raise _failure(rid, ev, note)
+            _ended(rid, policy, ev, note)
             text = "".join(pieces)
             choice: dict[str, Any] = {"index": 0, "finish_reason": ev.finish, "logprobs": None}
             choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
@@ -246,12 +251,21 @@ def create_app(engine: Engine, template: Any, settings: Settings) -> FastAPI:
             return JSONResponse(answer)
         except TimeoutError:
             job.cancelled.set()
+            note["error"] = "timeout"
             raise _ApiError(504, f"no answer within {settings.request_timeout:g} s", "timeout") from None
         finally:
             gone.cancel()
 
     async def _sse(
-        rid: str, chat: bool, body: Any, policy: str, first: Event, events: asyncio.Queue[Event], job: Job, deadline: float
+        rid: str,
+        chat: bool,
+        body: Any,
+        policy: str,
+        first: Event,
+        events: asyncio.Queue[Event],
+        job: Job,
+        deadline: float,
+        note: dict[str, Any],
     ) -> AsyncIterator[bytes]:
         kind = "chat.completion.chunk" if chat else "text_completion"
         stamp = now()
@@ -273,26 +287,28 @@ def create_app(engine: Engine, template: Any, settings: Settings) -> FastAPI:
                 yield chunk(ev.text)
                 async with asyncio.timeout_at(deadline):
                     ev = await events.get()
-            if ev.finish is None:
-                _failure(rid, ev)
-                yield b"data: " + json.dumps(error_body(503, CLIENT_UNAVAILABLE, "unavailable")).encode() + b"\n\n"
+            if ev.finish is None:  # the same words as a failure before any text (with the reason when exposed)
+                err = _failure(rid, ev, note)
+                yield b"data: " + json.dumps(error_body(err.status, str(err), err.kind)).encode() + b"\n\n"
                 return
-            _log_end(rid, policy, ev)
+            _ended(rid, policy, ev, note)
             yield chunk(None if chat else "", ev.finish, fse=_fse(ev, policy))
             if body.include_usage:
                 usage = {"id": rid, "object": kind, "created": stamp, "model": model_id, "choices": [], "usage": _usage(ev)}
                 yield b"data: " + json.dumps(usage, separators=(",", ":")).encode() + b"\n\n"
             yield b"data: [DONE]\n\n"
         except TimeoutError:
+            note["error"] = "timeout"
             log.warning("%s: no end within %g s: the stream ends with an error", rid, settings.request_timeout)
             yield b"data: " + json.dumps(error_body(504, f"no answer within {settings.request_timeout:g} s", "timeout")).encode()
             yield b"\n\n"
         finally:
             job.cancelled.set()  # the client went away (or the stream ended): stop generating
 
-    def _failure(rid: str, end: End) -> _ApiError:
+    def _failure(rid: str, end: End, note: dict[str, Any]) -> _ApiError:
         """What the client hears when no valid verdict came: why goes to this log."""
         err = end.error
+        note.update(completion_tokens=end.tokens, error=type(err).__name__)
         if isinstance(err, BadRequest):
             return _ApiError(400, str(err), "invalid_request_error", err.param)
         if isinstance(err, FseError):
@@ -302,11 +318,11 @@ def create_app(engine: Engine, template: Any, settings: Settings) -> FastAPI:
         log.error("%s: the engine failed after %d tokens: %r", rid, end.tokens, err)
         return _ApiError(500, f"the engine failed, no text: {type(err).__name__}", "server_error")
 
-    def _log_end(rid: str, policy: str, end: End) -> None:
+    def _ended(rid: str, policy: str, end: End, note: dict[str, Any]) -> None:
+        """An answer that ended (the access log says how); an abort's rule goes to this log."""
+        note.update(finish_reason=end.finish, completion_tokens=end.tokens, healed=end.healed)
         if end.finish == "content_filter":
             log.warning("%s: the guard ended the answer after %d tokens (policy %s): %s", rid, end.tokens, policy, end.error)
-        else:
-            log.info("%s: %s after %d tokens, %d healed (policy %s)", rid, end.finish, end.tokens, end.healed, policy)
 
     def _fse(end: End, policy: str) -> dict[str, Any]:
         info: dict[str, Any] = {"healed_tokens": end.healed, "policy": policy, "lane": engine.lane}
@@ -416,12 +432,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--io-timeout", type=float, default=10.0, help="seconds to receive a request's headers, and its body")
     p.add_argument("--max-body", type=int, default=1 << 20, help="the largest request body in bytes (more: 413)")
     p.add_argument("--max-connections", type=int, default=64, help="open connections at once; more are answered 503")
+    p.add_argument(
+        "--log-format",
+        choices=list(LOG_FORMATS),
+        default=os.environ.get("FSE_LOG_FORMAT", "text"),
+        help="text, or json: one object per line (env FSE_LOG_FORMAT)",
+    )
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info", help="default info")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.log_format not in LOG_FORMATS:  # from the environment, which argparse does not check
+        print(f"fse-engine-llama: error: FSE_LOG_FORMAT must be one of {', '.join(LOG_FORMATS)}", file=sys.stderr)
+        return 2
+    logs.configure(args.log_level, args.log_format)
     keys = args.public_key or ([os.environ["FSE_PUBLIC_KEY"]] if os.environ.get("FSE_PUBLIC_KEY") else [])
     try:
         if not args.sidecar:
@@ -464,9 +490,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import uvicorn
 
+    from .asgi import AccessLog
     from .http_limits import BodyLimits, timed_h11
 
-    app = BodyLimits(create_app(engine, template, settings), args.max_body, args.io_timeout)
+    app = AccessLog(BodyLimits(create_app(engine, template, settings), args.max_body, args.io_timeout), access)
     config = uvicorn.Config(
         app,
         host=host,
@@ -477,11 +504,17 @@ def main(argv: list[str] | None = None) -> int:
         timeout_graceful_shutdown=30,  # SIGTERM: finish the answers being streamed, up to 30 s
         lifespan="off",
         log_config=None,
+        access_log=False,  # AccessLog's line has the latency and the finish reason
         server_header=False,
     )
     log.info(
-        "fse-engine-llama serving %s on %s:%s (sidecar %s, lane %s, n_ctx %d, chat template: %s, OpenMP wait: %s)",
-        settings.served_model or engine.model, host, port, target, args.lane, engine.n_ctx, template.source, omp,
+        "fse-engine-llama serving %s on %s:%s",
+        settings.served_model or engine.model, host, port,
+        extra=logs.fields(
+            event="started", version=__version__, pid=os.getpid(), model=settings.served_model or engine.model,
+            listen=f"{host}:{port}", sidecar=target, lane=args.lane, n_ctx=engine.n_ctx, chat_template=template.source,
+            omp_wait=omp, policies=sorted(settings.policies), default_policy=settings.default_policy,
+        ),
     )  # fmt: skip
     started = time.monotonic()
     # uvicorn re-raises the signal that stopped it once it has; by then the answers in flight
@@ -492,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         engine.close()
         client.close()
-        log.info("fse-engine-llama stopped after %.0f s", time.monotonic() - started)
+        log.info("fse-engine-llama stopped", extra=logs.fields(event="stopped", uptime_s=round(time.monotonic() - started, 1)))
     return 0
 
 

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from . import logs
 from .errors import FseError
 
 if TYPE_CHECKING:
@@ -27,16 +28,24 @@ def _serve(args: argparse.Namespace) -> int:
         overrides["listen"] = args.listen
     if args.record:
         overrides["record_dir"] = str(args.record)
+    if args.log_format:
+        overrides["log_format"] = args.log_format
     config = load_config(args.config, overrides=overrides or None)
+    logs.configure(config.log_level, config.log_format)
     signer = Signer.from_file(config.signing_key_file)  # refuses to start without a key
-    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    log = logging.getLogger("fse.server")
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
         task = asyncio.current_task()
         assert task is not None
+
+        def stop(sig: signal.Signals) -> None:
+            log.info("stopping: draining the calls in flight", extra=logs.fields(event="stopping", signal=sig.name))
+            task.cancel()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, task.cancel)
+            loop.add_signal_handler(sig, stop, sig)
         try:
             await serve(config, signer, config_path=args.config)
         except asyncio.CancelledError:
@@ -252,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", required=True, type=Path, help="YAML configuration file")
     s.add_argument("--listen", help="override listen (unix:///path.sock or tcp://host:port)")
     s.add_argument("--record", type=Path, help="record every session (opening, rows, ledger) under DIR for 'replay'")
+    s.add_argument("--log-format", choices=["text", "json"], help="override log_format: text, or json (one object per line)")
     s.set_defaults(func=_serve)
 
     k = sub.add_parser(

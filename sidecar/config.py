@@ -343,6 +343,9 @@ class SidecarConfig(_Strict):
     reload_timeout_s: float = Field(default=60.0, gt=0)
     reload_max_memory_mb: int = Field(default=1024, ge=128)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # text: for people (key=value fields after the message); json: one object per line, for
+    # a log pipeline (serve --log-format overrides it)
+    log_format: Literal["text", "json"] = "text"
     # The Unix socket's mode and group: the owner only by default; give a group (and
     # 0o660) when the engine runs as another user that shares it.
     unix_socket_mode: int = Field(default=0o600, ge=0, le=0o770)

@@ -37,6 +37,7 @@ from prometheus_client import CollectorRegistry
 
 from . import accel
 from ._pb.fse.v1 import guard_pb2 as pb
+from ._version import __version__
 from .config import SidecarConfig
 from .core.session import SESSION_ID
 from .core.vocab import Vocabulary
@@ -53,6 +54,7 @@ from .errors import (
 )
 from .exporter import Exporter, serve_metrics
 from .lane import LaneServer
+from .logs import fields
 from .reload import PolicyReloader
 from .service import GuardService, Judged, VerdictFields, session_opened
 from .signing import Signer
@@ -96,7 +98,21 @@ def answer_step(service: GuardService, req: pb.StepRequest, metrics: Exporter | 
         return refusal(exc, metrics, sid, req.step)
     if metrics is not None:
         metrics.note_verdict(req.session_id, v, time.perf_counter() - t0)
+    if v.decision == pb.DECISION_ABORT:
+        log_abort(v)
     return pb.StepResponse(verdict=v)
+
+
+def log_abort(v: pb.Verdict) -> None:
+    """One INFO line per ABORT: the session, the step and what tripped (codes and actions
+    only: a reason's detail may quote generated text)."""
+    trips = [{"code": r.code, "action": pb.Action.Name(r.action).removeprefix("ACTION_").lower()} for r in v.reasons]
+    log.info(
+        "session aborted at step %d by %s",
+        v.step,
+        ", ".join(t["code"] for t in trips) or "no reason",
+        extra=fields(event="abort", session=v.session_id, step=v.step, trips=trips),
+    )
 
 
 def answer_batch(
@@ -127,11 +143,13 @@ def answer_batch(
     out = pb.StepBatchResponse(responses=responses)  # every verdict built in place: no copies
     if seal and len(digests) > digests.count(None):
         out.seal.CopyFrom(service.signer.seal_rows(digests))
-    if metrics is not None:
-        each = (time.perf_counter() - t0) / max(len(reqs), 1)
-        for req, a, r in zip(reqs, answers, out.responses, strict=True):
-            if isinstance(a, Judged):
+    each = (time.perf_counter() - t0) / max(len(reqs), 1)
+    for req, a, r in zip(reqs, answers, out.responses, strict=True):
+        if isinstance(a, Judged):
+            if metrics is not None:
                 metrics.note_verdict(req.session_id, r.verdict, each)
+            if a.fields["decision"] == pb.DECISION_ABORT:
+                log_abort(r.verdict)
     return out
 
 
@@ -653,17 +671,24 @@ async def serve(
         lanes.start(loop)
     await hs.set("", health_pb2.HealthCheckResponse.SERVING)
     await hs.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    started = time.monotonic()
     log.info(
-        "fse-sidecar serving on %s (pid %d, %s key %s, core %s)",
+        "fse-sidecar serving on %s",
         bound,
-        os.getpid(),
-        signer.algorithm,
-        signer.key_id,
-        accel.status().describe(),
+        extra=fields(
+            event="started",
+            version=__version__,
+            pid=os.getpid(),
+            listen=bound,
+            lane=str(lanes.path) if lanes is not None else None,
+            key_id=signer.key_id,
+            algorithm=signer.algorithm,
+            core=accel.status().describe(),
+            policies={n: p.digest[:12] for n, p in sorted(service.policies.items())},
+        ),
     )
     if ready is not None:
         ready.set()
-    log.info("policies: %s", ", ".join(f"{n}={p.digest[:12]}" for n, p in sorted(service.policies.items())))
     metrics_server = server._fse_metrics_server  # type: ignore[attr-defined]
     reaper = asyncio.create_task(_reap_idle_sessions(service))
     watcher = None
@@ -681,8 +706,13 @@ async def serve(
             if health_server is not None:
                 await health_server.stop(grace=None)
         finally:  # even when the stop is cut short: audit files synced, recordings flushed
+            open_sessions = service.live_sessions
             if lanes is not None:
                 lanes.close()
             if metrics_server is not None:
                 metrics_server.shutdown()
             service.close()
+            log.info(
+                "fse-sidecar stopped",
+                extra=fields(event="stopped", uptime_s=round(time.monotonic() - started, 1), sessions_ended=open_sessions),
+            )

@@ -465,3 +465,29 @@ def test_the_server_answers_as_its_own_openapi_document_says(start_sidecar, tmp_
         proc.terminate()
         assert proc.wait(30) == 0
     assert "Traceback" not in log.read_text()
+
+
+@pytest.mark.parametrize("served", [["--log-format", "json"]], indirect=True)
+def test_the_access_log_is_one_json_object_per_request_with_latency_and_finish_reason(served) -> None:
+    prompt = "Q: What is the capital of France?\nA: The capital of France is"
+    plain = served.api.completions.create(model=MODEL, prompt=prompt, max_tokens=5, temperature=0)
+    chunks = list(served.api.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0, stream=True,
+                                                extra_body={"policy": "nofrance"}))  # fmt: skip
+    assert _post(served.port, "/v1/completions", model=MODEL, prompt=prompt, max_tokens="5")[0] == 400
+    served.proc.terminate()
+    assert served.proc.wait(30) == 0
+    lines = [json.loads(line) for line in served.log.read_text().splitlines() if line.strip()]  # every line is JSON
+    assert all({"ts", "level", "logger", "msg"} <= set(e) for e in lines)
+    started = next(e for e in lines if e.get("event") == "started")
+    assert started["model"] == MODEL and started["lane"] == "grpc" and "nofrance" in started["policies"]
+    access = [e for e in lines if e.get("event") == "request" and e["path"] == "/v1/completions"]
+    assert [(e["status"], e.get("finish_reason"), e.get("stream")) for e in access] == [
+        (200, "length", False),
+        (200, "content_filter", True),
+        (400, None, None),
+    ]
+    assert access[0]["request_id"] == plain.id and access[1]["request_id"] == chunks[0].id
+    assert access[0]["completion_tokens"] == 5 and access[0]["policy"] == "default" and access[1]["policy"] == "nofrance"
+    assert all(e["latency_ms"] >= e["first_byte_ms"] > 0 for e in access)
+    assert "Paris" not in served.log.read_text()  # no generated text in the log
+    assert lines[-1]["event"] == "stopped"
