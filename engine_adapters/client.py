@@ -15,7 +15,10 @@ It never returns a token without a valid verdict; after any error the session is
 
 from __future__ import annotations
 
+import os
 import queue
+import socket
+import stat
 import threading
 import time
 import uuid
@@ -46,6 +49,46 @@ _CODE_NAMES = {c.value[0]: c.name for c in grpc.StatusCode}
 
 
 _PROBE_VOCAB = [b"\x00fse-probe-0", b"\x00fse-probe-1"]
+
+
+KEY_FIX = (
+    "give the engine the sidecar's public key (the .pub beside its signing_key_file) with --public-key or "
+    "FSE_PUBLIC_KEY; during a key rotation, give both"
+)
+
+
+def unreachable_because(target: str) -> str:
+    """Why nothing answers at ``target``, and what to do about it, as far as this side can
+    tell: for a Unix socket, whether it exists, is a socket, accepts connections and lets
+    this user in."""
+    if not target.startswith("unix:"):
+        return (
+            f"nothing answered at {target}: is the sidecar running and listening there (its listen:), and are both "
+            "sides configured for TLS alike?"
+        )
+    path = target.removeprefix("unix:").removeprefix("//")
+    if not os.path.lexists(path):
+        return (
+            f"no socket at {path}: start the sidecar (fse-sidecar serve --config FILE, with listen: unix://{path}), "
+            "or point --sidecar / FSE_SIDECAR at the socket it listens on"
+        )
+    if not stat.S_ISSOCK(os.lstat(path).st_mode):
+        return f"{path} is not a Unix socket: point --sidecar / FSE_SIDECAR at the socket the sidecar listens on"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(1.0)
+        try:
+            s.connect(path)
+        except PermissionError:
+            return (
+                f"permission denied on {path}: the sidecar makes its socket for its own user (mode 0600); "
+                "when the engine runs as another user, set unix_socket_group (a group both share) and "
+                "unix_socket_mode: 0o660 in the sidecar's configuration"
+            )
+        except ConnectionRefusedError:
+            return f"nothing accepts connections on {path}: the sidecar that made it is not running (a stale socket); start it"
+        except OSError as exc:
+            return f"cannot connect to {path}: {exc.strerror or exc}"
+    return "the sidecar accepts connections but does not say SERVING (starting, stopping, or busy past the deadline)"
 
 
 def _unavailable(exc: grpc.RpcError, what: str) -> GuardUnavailable:
@@ -181,7 +224,7 @@ def check_verdict(
         raise StepRefused(f"step {step} refused by the sidecar: {name}: {e.message}", name)
     v = resp.verdict
     if not trusted.trusts(v.key_id):
-        raise VerdictRejected(f"step {step}: verdict names key {v.key_id!r}, which this adapter does not trust", "key")
+        raise VerdictRejected(f"step {step}: verdict names key {v.key_id!r}, which this adapter does not trust: {KEY_FIX}", "key")
     if sealed is not None:
         if v.key_id != sealed[0] or verdict_digest(v) != sealed[1]:
             raise VerdictRejected(
@@ -295,7 +338,10 @@ class GuardClient:
             except grpc.RpcError as exc:
                 last = exc
             time.sleep(0.05)
-        raise GuardUnavailable(f"sidecar at {self.target} not ready after {timeout:.1f}s ({last})")
+        why = unreachable_because(self.target)
+        if isinstance(last, grpc.RpcError) and why.startswith("the sidecar accepts"):
+            why += f"; the last health check: {last.code().name}: {last.details()}"
+        raise GuardUnavailable(f"sidecar at {self.target} not ready after {timeout:.1f}s: {why}")
 
     def check_usable(self, timeout: float = 1.0) -> str:
         """Readiness: the sidecar is SERVING *and* signs with a key this client trusts (a
@@ -310,7 +356,9 @@ class GuardClient:
             raise _rpc_error(exc, "RegisterVocabulary (readiness probe)") from None
         if not self.trusted.trusts(r.key_id):
             said = f"key {r.key_id}" if r.key_id else "no key id (an older sidecar)"
-            raise VerdictRejected(f"the sidecar signs with {said}; this engine trusts {', '.join(self.trusted.key_ids)}")
+            raise VerdictRejected(
+                f"the sidecar signs with {said}; this engine trusts {', '.join(self.trusted.key_ids)}: {KEY_FIX}", "key"
+            )
         return r.key_id
 
     def register_vocabulary(self, tokens: Sequence[bytes]) -> str:

@@ -42,7 +42,7 @@ from starlette.exceptions import HTTPException
 from sidecar import logs
 from sidecar._version import __version__
 from sidecar.about import add_version_flag
-from sidecar.errors import ConfigError, FseError
+from sidecar.errors import ConfigError, FseError, GuardError
 from sidecar.logs import LOG_FORMATS
 
 from .client import GuardClient
@@ -516,6 +516,13 @@ def main(argv: list[str] | None = None) -> int:
             omp_wait=omp, policies=sorted(settings.policies), default_policy=settings.default_policy,
         ),
     )  # fmt: skip
+    try:  # the engine serves anyway (a pod's sidecar may start later); what is wrong is said now
+        client.check_usable(timeout=2.0)
+    except GuardError as exc:
+        log.warning(
+            "the sidecar is not usable yet: %s. Until it is, /healthz and every request answer 503", exc,
+            extra=logs.fields(event="sidecar_unusable", sidecar=target),
+        )  # fmt: skip
     started = time.monotonic()
     # uvicorn re-raises the signal that stopped it once it has; by then the answers in flight
     # are done, and what is left is this process's own clean-up (below), then exit 0

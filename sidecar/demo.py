@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from engine_adapters.llama_cpp import CHAT
 
 from . import accel
 from ._pb.fse.v1 import guard_pb2 as pb
+from .config import load_config
 from .core.sampling import SamplingParams
 from .errors import FseError, GuardAbort
 from .launch import start_local_sidecar
@@ -69,18 +69,16 @@ def run_demo(args: argparse.Namespace) -> int:
     )
     if args.speculate and args.lane != "shm":
         raise FseError("--speculate needs --lane shm (the step is submitted, then collected)")
+    if args.config:
+        load_config(args.config)  # a bad file is named here, field by field, before a sidecar starts on it
     config = yaml.safe_load(args.config.read_text()) if args.config else {"policies": DEMO_POLICY}
     with tempfile.TemporaryDirectory(prefix="fse-demo-") as tmp:
         audit_dir = args.audit_dir or Path(tmp) / "audit"
         config = {**config, "audit": {**config.get("audit", {}), "dir": str(audit_dir)}}
         sc = start_local_sidecar(Path(tmp), config)
         try:
+            sc.wait_started(timeout=30)  # a child that exits at once says so now, with its log
             client = GuardClient(sc.target, sc.public_key, step_timeout=2.0)
-            try:
-                client.wait_ready(timeout=30)
-            except FseError:
-                print(sc.log_text(), file=sys.stderr)
-                raise
             llama = load_llama(args.model)
             with GuardedLlama(llama, client, lane=args.lane, speculate=args.speculate) as guarded:
                 model = Path(llama.model_path).name

@@ -18,9 +18,18 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ._pb.fse.v1 import guard_pb2 as pb
+from .errors import GuardUnavailable
 from .signing import generate_keypair
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GuardService"].full_name
+
+
+class SidecarExited(GuardUnavailable):
+    """A sidecar started here stopped (or never served) before it said SERVING."""
+
+
+def _tail(text: str, lines: int = 20) -> str:
+    return "\n".join("  " + line for line in text.rstrip().splitlines()[-lines:]) or "  (empty)"
 
 
 def free_port() -> int:
@@ -57,8 +66,14 @@ class LocalSidecar:
                         status = None
                     if status == health_pb2.HealthCheckResponse.SERVING:
                         return
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"sidecar did not start:\n{self.log_text()}")
+                code = self.proc.poll()
+                if code is not None:
+                    raise SidecarExited(
+                        f"the sidecar exited with status {code} before it served ({self.config}); its log:\n"
+                        + _tail(self.log_text())
+                    )
+                if time.monotonic() > deadline:
+                    raise SidecarExited(f"the sidecar did not start within {timeout:g} s; its log:\n" + _tail(self.log_text()))
                 time.sleep(0.02)
 
     def kill(self) -> None:

@@ -59,8 +59,11 @@ class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line = f"{_timestamp(record)} {record.name} {record.levelname} {record.getMessage()}"
         for k, v in _fields_of(record).items():
-            text = v if isinstance(v, str) else json.dumps(v, default=str, ensure_ascii=False, separators=(",", ":"))
-            quoted = not text or any(c in text for c in _QUOTE)  # a value a reader could not split
+            if isinstance(v, str):
+                text, quoted = v, not v or any(c in v for c in _QUOTE)  # a value a reader could not split
+            else:  # numbers, lists, maps: as JSON, quoted only if a space or newline is in it
+                text = json.dumps(v, default=str, ensure_ascii=False, separators=(",", ":"))
+                quoted = any(c in text for c in " \n")
             line += f" {k}={json.dumps(text, ensure_ascii=False) if quoted else text}"
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)

@@ -18,6 +18,7 @@ from sidecar.config import parse_config
 from sidecar.core.sampling import SamplingParams
 from sidecar.errors import GuardAbort, StepRefused
 from sidecar.exporter import Exporter
+from sidecar.launch import SidecarExited
 from sidecar.service import GuardService
 from sidecar.signing import Signer
 
@@ -132,7 +133,7 @@ def test_a_metrics_address_that_cannot_be_bound_stops_the_sidecar_with_a_clear_e
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        with pytest.raises(RuntimeError, match=f"cannot serve metrics on 127.0.0.1:{port}"):
+        with pytest.raises(SidecarExited, match=f"cannot serve metrics on 127.0.0.1:{port}"):
             start_sidecar(metrics={"listen": f"127.0.0.1:{port}"}).proc.wait(10)
 
 

@@ -15,6 +15,7 @@ from engine_adapters.client import GuardClient
 from sidecar._pb.fse.v1 import guard_pb2 as pb
 from sidecar._pb.fse.v1 import guard_pb2_grpc as pb_grpc
 from sidecar.core.sampling import SamplingParams
+from sidecar.launch import SidecarExited
 
 from .conftest import free_port
 
@@ -39,7 +40,7 @@ def test_a_health_port_that_cannot_be_bound_stops_the_sidecar_with_a_clear_error
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        with pytest.raises(RuntimeError, match=f"cannot serve the health port on 127.0.0.1:{port}"):
+        with pytest.raises(SidecarExited, match=f"cannot serve the health port on 127.0.0.1:{port}"):
             sc = start_sidecar(health_listen=f"127.0.0.1:{port}")
             sc.proc.wait(15)
             raise RuntimeError(sc.log_text())
