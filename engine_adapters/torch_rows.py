@@ -12,8 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from sidecar.core.compact import entries_needed
-from sidecar.core.sampling import SamplingParams
+from sidecar.core.sampling import SamplingParams, entries_needed
 
 from .client import Compact
 

@@ -29,7 +29,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sidecar.bench_load import run_load  # noqa: E402
+from sidecar.bench.load import run_load  # noqa: E402
 from tests import reliability_table as table  # noqa: E402
 
 

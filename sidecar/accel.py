@@ -17,6 +17,7 @@ loading needs none of them.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.machinery
 import importlib.util
@@ -24,8 +25,10 @@ import json
 import os
 import sys
 import sysconfig
+import threading
+import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import NamedTuple
@@ -196,8 +199,35 @@ def status() -> AccelStatus:
     return _status
 
 
-def build(*, jobs: int = 2, quiet: bool = True, package_dir: Path = PACKAGE_DIR) -> Path:
+def _quiet(_: str) -> None:
+    pass
+
+
+@contextlib.contextmanager
+def _heartbeat(progress: Callable[[str], None], what: str, every_s: float = 30.0) -> Iterator[None]:
+    """``progress`` hears "still <what> (N s)" every ``every_s`` while the block runs: a
+    minutes-long step that prints nothing looks hung."""
+    done = threading.Event()
+    t0 = time.monotonic()
+
+    def beat() -> None:
+        while not done.wait(every_s):
+            progress(f"still {what} ({time.monotonic() - t0:.0f} s)")
+
+    thread = threading.Thread(target=beat, name="fse-accel-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
+def build(
+    *, jobs: int = 2, quiet: bool = True, package_dir: Path = PACKAGE_DIR, progress: Callable[[str], None] = _quiet
+) -> Path:
     """Compile :data:`COMPILED_MODULES` into ``<package>/_accel`` (replaced whole, never half-written).
+    ``progress`` hears each phase as it starts and ends (the whole build takes minutes).
 
     Raises :class:`~sidecar.errors.AccelBuildError` naming what is missing when mypyc, setuptools or the C compiler
     is not there, or when a source changed while it was being compiled.
@@ -228,7 +258,15 @@ def build(*, jobs: int = 2, quiet: bool = True, package_dir: Path = PACKAGE_DIR)
             try:
                 args = [str(source_path(module, copy)) for module in COMPILED_MODULES]
                 args += ["--ignore-missing-imports", "--cache-dir", str(Path(work) / "mypy-cache")]
-                extensions = mypycify(args, opt_level="3", group_name=_GROUP, multi_file=jobs > 1, strip_asserts=False)
+                progress(f"type-checking {len(COMPILED_MODULES)} modules and translating them to C (mypyc)")
+                t0 = time.monotonic()
+                with _heartbeat(progress, "translating"):
+                    extensions = mypycify(args, opt_level="3", group_name=_GROUP, multi_file=jobs > 1, strip_asserts=False)
+                progress(
+                    f"translated in {time.monotonic() - t0:.0f} s; compiling the C with {jobs} job(s) "
+                    "(the long part)"
+                )
+                t0 = time.monotonic()
                 dist = Distribution({"name": "fse-accel", "ext_modules": extensions})
                 dist.verbose = 0 if quiet else 1
                 command = dist.get_command_obj("build_ext")
@@ -236,7 +274,9 @@ def build(*, jobs: int = 2, quiet: bool = True, package_dir: Path = PACKAGE_DIR)
                 command.build_temp = str(Path(work) / "temp")  # type: ignore[attr-defined]
                 command.parallel = jobs  # type: ignore[attr-defined]
                 command.ensure_finalized()
-                command.run()
+                with _heartbeat(progress, "compiling"):
+                    command.run()
+                progress(f"compiled in {time.monotonic() - t0:.0f} s; checking and installing the overlay")
             except SystemExit as exc:  # mypycify exits on a type error, after printing it
                 raise AccelBuildError(f"mypyc refused the sources (exit {exc.code}); see the errors above") from None
             except (OSError, ValueError) as exc:  # distutils' CompileError and LinkError are these

@@ -62,7 +62,7 @@ def _accel(args: argparse.Namespace) -> int:
         if not args.force and accel.check_overlay()[0] is not None:
             print(f"up to date: {accel.ACCEL_DIR} matches every source it was compiled from")
             return 0
-        where = accel.build(jobs=args.jobs, quiet=not args.verbose)
+        where = accel.build(jobs=args.jobs, quiet=not args.verbose, progress=lambda m: print(f"accel build: {m}", flush=True))
         print(f"compiled {len(accel.COMPILED_MODULES)} modules into {where}; new processes use them")
         return 0
     state = accel.status()
@@ -214,38 +214,38 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     if args.suite == "fse":
-        from .bench_fse import run_fse_bench
+        from .bench.fse import run_fse_bench
 
         return run_fse_bench(args)
     if args.suite == "ring":
-        from .bench_ring import run_ring_bench
+        from .bench.ring import run_ring_bench
 
         return run_ring_bench(args)
     if args.suite == "batch":
-        from .bench_batch import run_batch_bench
+        from .bench.batch import run_batch_bench
 
         return run_batch_bench(args)
     if args.suite == "load":
-        from .bench_load import run_load_bench
+        from .bench.load import run_load_bench
 
         return run_load_bench(args)
     if args.suite == "quality":
-        from .bench_quality import run_quality_bench
+        from .bench.quality import run_quality_bench
 
         return run_quality_bench(args)
     if args.suite == "vllm":
-        from .bench_vllm import run_vllm_bench
+        from .bench.vllm import run_vllm_bench
 
         return run_vllm_bench(args)
     if args.suite == "contention":
-        from .bench_contention import run_contention_bench
+        from .bench.contention import run_contention_bench
 
         return run_contention_bench(args)
     if args.suite == "http":
-        from .bench_http import run_http_bench
+        from .bench.http import run_http_bench
 
         return run_http_bench(args)
-    from .bench import run_bench
+    from .bench.guard import run_bench
 
     return run_bench(args)
 

@@ -65,6 +65,10 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
     r = _run(tree, "-m", "sidecar", "accel", "build")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "compiled 16 modules" in r.stdout
+    # it says what it is doing as it goes: the build takes minutes
+    phases = [line for line in r.stdout.splitlines() if line.startswith("accel build: ")]
+    assert phases[0] == "accel build: type-checking 16 modules and translating them to C (mypyc)"
+    assert "compiling the C with 2 job(s)" in phases[1] and "checking and installing the overlay" in phases[-1]
     return tree
 
 

@@ -169,7 +169,7 @@ def test_a_sidecar_killed_mid_batch_fails_every_row_closed(sidecar, client) -> N
 
 
 def test_bench_batch_times_full_and_compact_rows_at_every_batch_size() -> None:
-    from sidecar.bench_batch import bench_batch
+    from sidecar.bench.batch import bench_batch
 
     result = bench_batch(rounds=1, batches=(1, 8))
     assert [r["batch"] for r in result["rows"]] == [1, 8]

@@ -11,11 +11,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sidecar.config import Guard, GuardSet, Policy, Rule
-from sidecar.core.compact import CompactRow, compact_from_logits, entries_needed, moments_and_top
+from sidecar.core.compact import CompactRow, compact_from_logits, moments_and_top
 from sidecar.core.metrics import candidate, row_stats
 from sidecar.core.policy import compile_policy
 from sidecar.core.redo import Decision
-from sidecar.core.sampling import SamplingParams, sample_normal, sample_strict
+from sidecar.core.sampling import SamplingParams, entries_needed, sample_normal, sample_strict
 from sidecar.core.session import Session
 from sidecar.errors import CoverageError, RowError
 

@@ -26,7 +26,7 @@ import yaml
 
 from engine_adapters.client import GuardClient
 from engine_adapters.llama_cpp import GuardedLlama
-from sidecar.bench_quality import LOOPS
+from sidecar.bench.quality import LOOPS
 from sidecar.core.sampling import SamplingParams
 from sidecar.demo import CHAT
 from sidecar.errors import StepRefused

@@ -13,7 +13,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from sidecar._pb.fse.v1 import guard_pb2 as pb
-from sidecar.bench_load import LOAD_POLICY, memory_summary, run_load
+from sidecar.bench.load import LOAD_POLICY, memory_summary, run_load
 from sidecar.config import SidecarConfig
 from sidecar.core.sampling import SamplingParams
 from sidecar.service import GuardService

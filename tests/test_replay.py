@@ -13,7 +13,7 @@ import yaml
 
 from engine_adapters.client import GuardClient
 from engine_adapters.llama_cpp import GuardedLlama
-from sidecar.bench_quality import OFF
+from sidecar.bench.quality import OFF
 from sidecar.core.sampling import SamplingParams
 from sidecar.launch import start_local_sidecar
 

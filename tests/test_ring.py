@@ -375,7 +375,7 @@ def test_lane_and_compact_room_are_laid_out_as_documented() -> None:
 
 
 def test_bench_ring_times_both_readers_on_the_same_rows() -> None:
-    from sidecar.bench_ring import bench_ring
+    from sidecar.bench.ring import bench_ring
 
     rows = bench_ring(rounds=2, reps=1)
     assert [(r["vocab"], r["dtype"]) for r in rows] == [(49_152, "f32"), (49_152, "f16"), (128_256, "f32"), (128_256, "f16")]

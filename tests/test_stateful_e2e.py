@@ -8,7 +8,7 @@ import pytest
 from engine_adapters.client import GuardClient
 from engine_adapters.llama_cpp import GuardedLlama, unguarded_greedy
 from sidecar._pb.fse.v1 import guard_pb2 as pb
-from sidecar.bench_quality import OFF, distinct_ratio, max_window_mean
+from sidecar.bench.quality import OFF, distinct_ratio, max_window_mean
 from sidecar.core.sampling import SamplingParams
 from sidecar.errors import GuardAbort
 
@@ -153,7 +153,7 @@ def test_hot_sampling_is_healed_into_whole_answers_not_stubs(guarded) -> None:
 def test_bench_quality_draws_each_prompt_of_a_sampled_group_with_its_own_seed() -> None:
     """One seed for every prompt drew each step's token from the same uniform number in
     every run: a far-tail draw landed on all prompts at once (seed 2: six steps in 192)."""
-    from sidecar.bench_quality import groups
+    from sidecar.bench.quality import groups
 
     for g in groups(16, 16, 9, 12):
         pairs = g.runs()

@@ -26,18 +26,14 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final, NamedTuple
+from typing import Final, NamedTuple
 
 import numpy as np
 
 from ..errors import CoverageError, RowError
 from .metrics import Candidate, RowStats, candidate_at
 from .values import Value
-
-if TYPE_CHECKING:
-    from .sampling import SamplingParams
 
 MIN_K = 2  # the top token's margin needs its runner-up
 # Slack for float32 arithmetic on the engine's device when checking its moments against the
@@ -294,22 +290,6 @@ def check_covered(row: CompactRow, edge: float, what: str, bound: float | None =
             f"the COMPACT row's {row.k} entries do not cover the {what} sampler's support "
             f"(its edge {edge:.6g} is not above the smallest shipped logit {b:.6g}); send this row FULL"
         )
-
-
-def entries_needed(params: SamplingParams, history: Sequence[int]) -> int:
-    """How many entries a COMPACT row needs so that ``params``'s sampler is covered, or 0
-    when no k short of the vocabulary is sure to (a temperature without top-k: its support
-    reaches 30 nats below the best; a penalty below 1, which can lift any repeated token).
-
-    The sampler's top-k (1 for greedy), plus every distinct token the repetition penalty can
-    push down out of it, plus one below the cut so that a tie at the cut shows: an engine
-    that ships this many top entries is never refused for coverage (RING.md), short of a
-    policy rule blocking more than one token of the step."""
-    if params.repetition_penalty < 1.0 or (not params.greedy and params.top_k == 0):
-        return 0
-    base = 1 if params.greedy else params.top_k
-    window = history[-params.repetition_window :] if params.repetition_window and params.repetition_penalty != 1.0 else ()
-    return max(base + len(set(window)) + 2, MIN_K)
 
 
 def compact_from_logits(logits: np.ndarray, k: int) -> CompactRow:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import ConfigError, RowError
-from .compact import CompactRow, check_covered
+from .compact import MIN_K, CompactRow, check_covered
 
 CANDIDATE_NATS = 30.0
 _SAMPLE = 2048  # entries sampled to place the top-k window
@@ -243,3 +243,19 @@ def _estimate_kth(y: np.ndarray, k: int) -> float:
 def _check_row(row: np.ndarray) -> None:
     if row.ndim != 1:
         raise RowError(f"a sampler takes one row (vocab,), got shape {row.shape}")
+
+
+def entries_needed(params: SamplingParams, history: Sequence[int]) -> int:
+    """How many entries a COMPACT row needs so that ``params``'s sampler is covered, or 0
+    when no k short of the vocabulary is sure to (a temperature without top-k: its support
+    reaches 30 nats below the best; a penalty below 1, which can lift any repeated token).
+
+    The sampler's top-k (1 for greedy), plus every distinct token the repetition penalty can
+    push down out of it, plus one below the cut so that a tie at the cut shows: an engine
+    that ships this many top entries is never refused for coverage (RING.md), short of a
+    policy rule blocking more than one token of the step."""
+    if params.repetition_penalty < 1.0 or (not params.greedy and params.top_k == 0):
+        return 0
+    base = 1 if params.greedy else params.top_k
+    window = history[-params.repetition_window :] if params.repetition_window and params.repetition_penalty != 1.0 else ()
+    return max(base + len(set(window)) + 2, MIN_K)

@@ -3,7 +3,7 @@ unguarded output tokens/s at batch 1, 8 and 32, through vLLM's OpenAI server.
 
 Two servers run side by side on the embedded model (float32, eager): ``fse-vllm serve``
 with a sidecar of its own, and vLLM's plain server. Each round sends every batch size to
-both, the order rotating round by round (:func:`sidecar.bench._rotation`) so that machine
+both, the order rotating round by round (:func:`sidecar.bench.rotation`) so that machine
 noise falls on both alike: ``batch`` chat completions at once (greedy, ``--tokens`` each,
 one of eight prompts that ask for long answers, so requests rarely end early), timed from
 the first send to the last answer; tokens/s is the completion tokens vLLM reports over
@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from .bench import _rotation, _table
+from .common import rotation, table
 
 PROMPTS = [
     "Write a long story about a lighthouse keeper.",
@@ -68,7 +68,7 @@ def run_vllm_bench(args: argparse.Namespace) -> int:
     if args.guarded_url and args.plain_url:
         urls = {"guarded": args.guarded_url.rstrip("/"), "unguarded": args.plain_url.rstrip("/")}
     else:
-        from .launch import start_local_sidecar
+        from ..launch import start_local_sidecar
 
         why = vllm_process.missing()
         if why:
@@ -97,7 +97,7 @@ def run_vllm_bench(args: argparse.Namespace) -> int:
         r = result["batches"][str(b)]
         rows.append([str(b), f"{r['unguarded_tok_s']:.1f}", f"{r['guarded_tok_s']:.1f}", f"{r['ratio']:.3f}", r["ratios"]])
     print(
-        _table(
+        table(
             f"real vLLM {result['vllm']}, {args.tokens} greedy tokens a request, {args.vllm_rounds} rotated rounds "
             "(tokens/s: medians; ratio: median of per-round guarded/unguarded)",
             ["batch", "unguarded tok/s", "guarded tok/s", "ratio", "per round"],
@@ -122,7 +122,7 @@ def _measure(urls: dict[str, str], batches: list[int], args: argparse.Namespace)
             _batch(urls[name], model, min(batches), 4, pool)
         for i in range(args.vllm_rounds):
             for b in batches:
-                for name in _rotation(list(urls), i):
+                for name in rotation(list(urls), i):
                     seconds, tokens = _batch(urls[name], model, b, args.tokens, pool)
                     speeds[(b, name)].append(tokens / seconds)
     out: dict[str, Any] = {

@@ -28,8 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .bench import _rotation, _run_header, _table
-from .bench_vllm import PROMPTS
+from .common import rotation, run_header, table
+from .vllm import PROMPTS
 
 
 def _free_port() -> int:
@@ -72,7 +72,7 @@ def run_http_bench(args: argparse.Namespace) -> int:
     from engine_adapters.llama_cpp import GuardedLlama, load_llama
     from engine_adapters.openai_schema import ChatRequest
 
-    from .launch import start_local_sidecar
+    from ..launch import start_local_sidecar
 
     work = Path(tempfile.mkdtemp(prefix="fse-bench-http-"))
     sidecar = start_local_sidecar(work / "sidecar")
@@ -125,7 +125,7 @@ def run_http_bench(args: argparse.Namespace) -> int:
                 "seed": 1000 + i,
             }
             answers = {}
-            for name in _rotation(list(runs), i):
+            for name in rotation(list(runs), i):
                 time.sleep(0.5)  # the other process's OpenMP workers stop spinning
                 answers[name] = runs[name](body)
                 if i:
@@ -144,7 +144,7 @@ def run_http_bench(args: argparse.Namespace) -> int:
 
     ip, h = got["in_process"], got["http"]
     result: dict[str, Any] = {
-        **_run_header(args, args.http_rounds),
+        **run_header(args, args.http_rounds),
         "same_text": same,
         "in_process": {"tok_s": statistics.median(map(rate, ip)), "ttft_ms": 1e3 * statistics.median(r[0] for r in ip)},
         "http": {"tok_s": statistics.median(map(rate, h)), "ttft_ms": 1e3 * statistics.median(r[0] for r in h)},
@@ -158,7 +158,7 @@ def run_http_bench(args: argparse.Namespace) -> int:
     result["http_cost_pct"] = 100 * (1 - result["tok_s_ratio"])
     rows = [[name, f"{result[name]['tok_s']:.1f}", f"{result[name]['ttft_ms']:.1f}"] for name in ("in_process", "http")]
     print(
-        _table(
+        table(
             f"fse-engine-llama's HTTP layer: {args.tokens} tokens a chat answer (T=0.7, seeded), {args.http_rounds} rotated "
             f"rounds, medians; same text both ways: {same}",
             ["path", "tok/s", "TTFT ms"],

@@ -39,9 +39,9 @@ from typing import Any
 
 import numpy as np
 
-from .bench import _table
-from .core import ledger
-from .launch import LocalSidecar, start_local_sidecar
+from ..core import ledger
+from ..launch import LocalSidecar, start_local_sidecar
+from .common import table
 
 VOCAB = 32_000  # Llama 2's vocabulary: FULL rows of 128 KB
 POOL = 64  # distinct rows per engine, drawn at random each step (no loop for the loop guard)
@@ -250,7 +250,7 @@ def memory_summary(samples: list[tuple[float, int]], warm_s: float) -> dict[str,
 def check_audit(audit_dir: Path, sessions: list[SessionRecord], public_key: Path) -> dict[str, Any]:
     """Every session's audit file against what its engine verified: frames lost,
     duplicated, and files that do not verify (chain, genesis, receipt signature)."""
-    from .signing import TrustedKeys
+    from ..signing import TrustedKeys
 
     check = TrustedKeys.load(public_key).check
     lost = duplicated = unverifiable = frames = 0
@@ -420,7 +420,7 @@ def report(r: dict[str, Any]) -> str:
     if a:
         rows.append(["audit files / frames", f"{a['files']} / {a['frames']}"])
         rows.append(["audit lost / duplicated / unverifiable", f"{a['lost']} / {a['duplicated']} / {a['unverifiable']}"])
-    return _table(f"load: {r['lane']} lane(s), vocabulary {r['vocab']}", ["measure", "value"], rows)
+    return table(f"load: {r['lane']} lane(s), vocabulary {r['vocab']}", ["measure", "value"], rows)
 
 
 def run_load_bench(args: argparse.Namespace) -> int:

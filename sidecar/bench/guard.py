@@ -33,55 +33,19 @@ from typing import Any
 
 import numpy as np
 
-from . import accel
-from ._pb.fse.v1 import guard_pb2 as pb
-from .core.metrics import candidate, row_stats
-from .core.sampling import SamplingParams
-from .launch import LocalSidecar, start_local_sidecar
-from .signing import generate_hmac_key
+from .. import accel
+from .._pb.fse.v1 import guard_pb2 as pb
+from ..core.metrics import candidate, row_stats
+from ..core.sampling import SamplingParams
+from ..launch import LocalSidecar, start_local_sidecar
+from ..signing import generate_hmac_key
+from .common import interleave, median_ratio, pct, rotation, summ, table
 
 SAMPLING = SamplingParams(temperature=0.9, top_k=40, top_p=0.95, repetition_penalty=1.1, seed=1)
 # The transport rounds cycle through 8 synthetic rows, a loop the loop guard rightly
 # halts: those sessions run the default policy without it. The model runs the default.
 SYNTHETIC = "synthetic"
 BENCH_CONFIG = {"policies": {"default": {}, SYNTHETIC: {"loop_guard": {"enabled": False}}}}
-
-
-def _pct(xs: list[float], q: float) -> float:
-    return float(np.percentile(np.asarray(xs), q))
-
-
-def _summ(xs: list[float]) -> dict[str, float]:
-    return {"p50_us": _pct(xs, 50) * 1e6, "p99_us": _pct(xs, 99) * 1e6, "n": len(xs)}
-
-
-def _median_ratio(num: list[float], den: list[float]) -> float:
-    """Median of the round-by-round ratios: each pair was measured side by side."""
-    return statistics.median(a / b for a, b in zip(num, den, strict=True))
-
-
-def _rotation(names: list[str], i: int) -> list[str]:
-    """Round ``i``'s order: who goes first rotates each round. Measured here, the second of
-    two identical sidecars stepped in a fixed order was 6% slower than the first, and the
-    model runs in a fixed order read the fast lane 0.80-0.83 against 0.85-0.91 rotated."""
-    k = i % len(names)
-    return names[k:] + names[:k]
-
-
-def _interleave(fns: dict[str, Callable[[], object]], rounds: int, pace_s: float, warmup: int = 50) -> dict[str, list[float]]:
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    names = list(fns)
-    for i in range(rounds + warmup):
-        for name in _rotation(names, i):
-            fn = fns[name]
-            if pace_s:
-                time.sleep(pace_s)
-            t0 = time.perf_counter()
-            fn()
-            dt = time.perf_counter() - t0
-            if i >= warmup:
-                times[name].append(dt)
-    return times
 
 
 def _transport_calls(echoes: dict[str, Any], sessions: dict[str, Any], pool: list[np.ndarray]) -> dict[str, Callable[[], object]]:
@@ -101,7 +65,7 @@ def _transport_calls(echoes: dict[str, Any], sessions: dict[str, Any], pool: lis
 def bench_transport(ed: LocalSidecar, hm: LocalSidecar, rounds: int, paced_rounds: int) -> list[dict[str, Any]]:
     from engine_adapters.client import GuardClient, StreamCall
 
-    from .ring import RingWriter
+    from ..ring import RingWriter
 
     rows: list[dict[str, Any]] = []
     client = GuardClient(ed.target, ed.public_key, step_timeout=5.0)
@@ -124,7 +88,7 @@ def bench_transport(ed: LocalSidecar, hm: LocalSidecar, rounds: int, paced_round
                 # Each sidecar gets its own echo: the HMAC ring is compared with the floor
                 # of the same process, whose caches are as warm or cold as its steps'.
                 echoes = {"echo": StreamCall(client._stub.Echo), "echo_hmac": StreamCall(hclient._stub.Echo)}
-                t = _interleave(_transport_calls(echoes, sessions, pool), n, pace_ms / 1e3)
+                t = interleave(_transport_calls(echoes, sessions, pool), n, pace_ms / 1e3)
                 for e in echoes.values():
                     e.close()
                 for sess in sessions.values():
@@ -134,10 +98,10 @@ def bench_transport(ed: LocalSidecar, hm: LocalSidecar, rounds: int, paced_round
                 {
                     "vocab": vocab,
                     "pace_ms": pace_ms,
-                    **{k: _summ(t[k]) for k in ("echo", "ring", "inline", "echo_hmac", "ring_hmac")},
-                    "ring_over_echo_median": _median_ratio(t["ring"], t["echo"]),
-                    "inline_over_echo_median": _median_ratio(t["inline"], t["echo"]),
-                    "ring_hmac_over_echo_hmac_median": _median_ratio(t["ring_hmac"], t["echo_hmac"]),
+                    **{k: summ(t[k]) for k in ("echo", "ring", "inline", "echo_hmac", "ring_hmac")},
+                    "ring_over_echo_median": median_ratio(t["ring"], t["echo"]),
+                    "inline_over_echo_median": median_ratio(t["inline"], t["echo"]),
+                    "ring_hmac_over_echo_hmac_median": median_ratio(t["ring_hmac"], t["echo_hmac"]),
                 }
             )
     client.close()
@@ -152,7 +116,7 @@ def bench_lane(ed: LocalSidecar, rounds: int) -> dict[str, Any]:
     beside them the gRPC stream's echo and step."""
     from engine_adapters.client import GuardClient, StreamCall
 
-    from .ring import REQUEST_ECHO, REQUEST_PING, RingWriter
+    from ..ring import REQUEST_ECHO, REQUEST_PING, RingWriter
 
     vocab = 49152
     client = GuardClient(ed.target, ed.public_key, step_timeout=5.0)
@@ -179,17 +143,17 @@ def bench_lane(ed: LocalSidecar, rounds: int) -> dict[str, Any]:
             "grpc_echo": lambda: echo.roundtrip(msg, 5.0, "echo"),
             "grpc_step": lambda: grpc_s.step(pool[next(counter) % len(pool)]),
         }
-        t = _interleave(fns, rounds, 0.0)
+        t = interleave(fns, rounds, 0.0)
         echo.close()
         lane_s.close()
         grpc_s.close()
     client.close()
     return {
         "vocab": vocab,
-        **{k: _summ(v) for k, v in t.items()},
-        "lane_echo_over_eventfd_ping_median": _median_ratio(t["lane_echo"], t["eventfd_ping"]),
-        "lane_step_over_grpc_step_median": _median_ratio(t["lane_step"], t["grpc_step"]),
-        "grpc_echo_over_lane_echo_median": _median_ratio(t["grpc_echo"], t["lane_echo"]),
+        **{k: summ(v) for k, v in t.items()},
+        "lane_echo_over_eventfd_ping_median": median_ratio(t["lane_echo"], t["eventfd_ping"]),
+        "lane_step_over_grpc_step_median": median_ratio(t["lane_step"], t["grpc_step"]),
+        "grpc_echo_over_lane_echo_median": median_ratio(t["grpc_echo"], t["lane_echo"]),
     }
 
 
@@ -207,7 +171,7 @@ def _stepped_in_turn(
     reads the sidecars' directories before they stop."""
     from engine_adapters.client import GuardClient
 
-    from .ring import RingWriter
+    from ..ring import RingWriter
 
     vocab = 49152
     tokens = [i.to_bytes(4, "little") for i in range(vocab)]
@@ -225,7 +189,7 @@ def _stepped_in_turn(
             digest = clients[name].register_vocabulary(tokens)
             rings[name] = RingWriter.create(slots=2, vocab_size=vocab)
             sessions[name] = clients[name].open_session(digest, SAMPLING, ring=rings[name], policy=SYNTHETIC)
-        t = _interleave(_transport_calls({}, sessions, pool), rounds, 0.0)
+        t = interleave(_transport_calls({}, sessions, pool), rounds, 0.0)
         extra_out = measure(dirs) if measure is not None else {}
     finally:
         for s in sessions.values():
@@ -255,9 +219,9 @@ def bench_audit(workdir: Path, rounds: int) -> dict[str, Any]:
         lambda d: sizes({m: d[f"audit-{m}"] for m in AUDIT_MODES}),
     )
     t = {m: t[f"audit-{m}"] for m in AUDIT_MODES}
-    out: dict[str, Any] = {"vocab": 49152, "rounds": rounds, **{m: _summ(t[m]) for m in AUDIT_MODES}}
+    out: dict[str, Any] = {"vocab": 49152, "rounds": rounds, **{m: summ(t[m]) for m in AUDIT_MODES}}
     for m in AUDIT_MODES[1:]:
-        out[f"{m}_over_off_median"] = _median_ratio(t[m], t["off"])
+        out[f"{m}_over_off_median"] = median_ratio(t[m], t["off"])
         out[f"{m}_bytes_per_frame"] = files[m] / max(len(t[m]) + 50, 1)  # + the warm-up steps
     return out
 
@@ -291,11 +255,11 @@ def bench_exporter(workdir: Path, rounds: int) -> dict[str, Any]:
     return {
         "vocab": 49152,
         "rounds": rounds,
-        "off": _summ(t["exporter-off"]),
-        "on": _summ(t["exporter-on"]),
-        "on_over_off_median": _median_ratio(t["exporter-on"], t["exporter-off"]),
+        "off": summ(t["exporter-off"]),
+        "on": summ(t["exporter-on"]),
+        "on_over_off_median": median_ratio(t["exporter-on"], t["exporter-off"]),
         # two identical sidecars without it: what "no difference" measures as here
-        "off2_over_off_median": _median_ratio(t["exporter-off-2"], t["exporter-off"]),
+        "off2_over_off_median": median_ratio(t["exporter-off-2"], t["exporter-off"]),
     }
 
 
@@ -327,15 +291,15 @@ def bench_metrics(reps: int) -> list[dict[str, Any]]:
             "other": metrics_other,
             "partition_top2": partition_top2,
         }
-        t = _interleave(fns, reps, 0.0)
+        t = interleave(fns, reps, 0.0)
         row: dict[str, Any] = {
             "vocab": vocab,
-            "exp_pass_us": _pct(t["exp_pass"], 50) * 1e6,
-            "partition_top2_us": _pct(t["partition_top2"], 50) * 1e6,
+            "exp_pass_us": pct(t["exp_pass"], 50) * 1e6,
+            "partition_top2_us": pct(t["partition_top2"], 50) * 1e6,
         }
         for key in ("top1", "other"):
-            row[f"metrics_{key}_us"] = _pct(t[key], 50) * 1e6
-            row[f"metrics_{key}_over_exp_median"] = _median_ratio(t[key], t["exp_pass"])
+            row[f"metrics_{key}_us"] = pct(t[key], 50) * 1e6
+            row[f"metrics_{key}_over_exp_median"] = median_ratio(t[key], t["exp_pass"])
         rows.append(row)
     return rows
 
@@ -351,7 +315,7 @@ class _TransportFloor:
         from engine_adapters.client import StreamCall
         from engine_adapters.llama_cpp import LANE_VERDICT_CAPACITY
 
-        from .ring import REQUEST_ECHO, RingWriter
+        from ..ring import REQUEST_ECHO, RingWriter
 
         self.llama = llama
         # The round trip a token (given the frame's seq) and what ends it, chosen once.
@@ -394,7 +358,7 @@ def bench_model(ed: LocalSidecar, hm: LocalSidecar, tokens: int, repeats: int, t
     from engine_adapters.client import GuardClient
     from engine_adapters.llama_cpp import GuardedLlama, load_llama, unguarded_greedy
 
-    from .demo import CHAT
+    from ..demo import CHAT
 
     llama = load_llama(n_threads=threads)
     prompt = CHAT.format("Write a long story about a dragon who learns to paint.")
@@ -438,7 +402,7 @@ def bench_model(ed: LocalSidecar, hm: LocalSidecar, tokens: int, repeats: int, t
     names = list(runs)
     for i in range(repeats + 1):  # the first round warms caches and is not counted
         outputs = {}
-        for name in _rotation(names, i):
+        for name in rotation(names, i):
             fn = runs[name]
             llama.reset()  # each run evaluates the prompt from scratch
             t0 = time.perf_counter()
@@ -459,7 +423,7 @@ def bench_model(ed: LocalSidecar, hm: LocalSidecar, tokens: int, repeats: int, t
     for name, values in tps.items():
         out[f"{name}_tok_s_median"] = statistics.median(values)
     for name, lat in step_latency.items():
-        out[f"{name}_step_latency"] = _summ(lat)
+        out[f"{name}_step_latency"] = summ(lat)
         ph = np.asarray(phases[name]) * 1e6
         out[f"{name}_phases_us_p50"] = {
             "write": float(np.median(ph[:, 0])),
@@ -470,7 +434,7 @@ def bench_model(ed: LocalSidecar, hm: LocalSidecar, tokens: int, repeats: int, t
     out["speculation"] = dict(guarded["hmac_shm_spec"].speculation)
     for name in ("transport_floor", "lane_floor", "ed25519", "hmac", "ed25519_shm", "hmac_shm", "hmac_shm_spec"):
         pairs = list(zip(tps[name], tps["unguarded"], strict=True))
-        out[f"{name}_over_unguarded_median"] = _median_ratio(tps[name], tps["unguarded"])
+        out[f"{name}_over_unguarded_median"] = median_ratio(tps[name], tps["unguarded"])
         out[f"{name}_overhead_ms_per_token_median"] = statistics.median(1e3 / g - 1e3 / b for g, b in pairs)
     return out
 
@@ -478,22 +442,6 @@ def bench_model(ed: LocalSidecar, hm: LocalSidecar, tokens: int, repeats: int, t
 def _phases_cell(p: dict[str, float]) -> str:
     wait = f"{p['wait']:.0f} ({p['sidecar']:.0f})" if p.get("sidecar") else f"{p['wait']:.0f}"
     return f"{p['write']:.0f} / {wait} / {p['verify']:.0f}"
-
-
-def _run_header(args: argparse.Namespace, rounds: int) -> dict[str, Any]:
-    """What a model benchmark's JSON opens with: the machine and the run's size."""
-    return {
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-        "tokens": args.tokens,
-        "rounds": rounds,
-        "threads": args.threads,
-    }
-
-
-def _table(title: str, header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True))  # noqa: E731
-    return "\n".join([title, line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)])
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -535,7 +483,7 @@ def run_bench(args: argparse.Namespace) -> int:
             hm.stop()
     t = result["transport"]
     print(
-        _table(
+        table(
             "verdict round trip (µs, p50 / p99; ratio = median of per-round ratios to the echo)",
             ["vocab", "pace", "echo", "ring", "inline", "ring/echo", "inline/echo", "hmac: echo", "ring", "ring/echo"],
             [
@@ -554,7 +502,7 @@ def run_bench(args: argparse.Namespace) -> int:
     )
     print()
     print(
-        _table(
+        table(
             "metrics of one row (µs, p50; ratio = median of per-round ratios to the exp pass)",
             ["vocab", "exp pass", "metrics, top-1 chosen", "ratio", "metrics, other chosen", "ratio", "np.partition top-2"],
             [
@@ -574,7 +522,7 @@ def run_bench(args: argparse.Namespace) -> int:
     ln = result["lane"]
     print()
     print(
-        _table(
+        table(
             f"fast lane round trip (µs, p50 / p99; {ln['vocab']} ids; the same two processes, in turn)",
             ["eventfd ping-pong", "lane, no guard work", "ratio", "lane step", "gRPC echo", "gRPC step", "lane/gRPC step"],
             [
@@ -590,7 +538,7 @@ def run_bench(args: argparse.Namespace) -> int:
     a = result["audit"]
     print()
     print(
-        _table(
+        table(
             f"step latency with the audit file (µs, p50 / p99; {a['vocab']} ids; ratio = median of per-round ratios to off)",
             ["audit", "step", "ratio", "bytes/frame"],
             [
@@ -607,7 +555,7 @@ def run_bench(args: argparse.Namespace) -> int:
     e = result["exporter"]
     print()
     print(
-        _table(
+        table(
             f"step latency with the Prometheus exporter (µs, p50 / p99; {e['vocab']} ids; scraped every 100 ms)",
             ["exporter", "step", "ratio"],
             [
@@ -621,7 +569,7 @@ def run_bench(args: argparse.Namespace) -> int:
         m = result["model"]
         print()
         print(
-            _table(
+            table(
                 f"SmolLM2-135M, greedy, {m['tokens']} tokens, {m['repeats']} rounds of each in turn, the order rotating; "
                 "ratio = vs unguarded",
                 [

@@ -26,9 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from .bench import _table
-from .core.metrics import row_stats
-from .ring import DTYPES, HEADER_SIZE, RingReader, RingWriter, mapped_view
+from ..core.metrics import row_stats
+from ..ring import DTYPES, HEADER_SIZE, RingReader, RingWriter, mapped_view
+from .common import table
 
 VOCABS = (49_152, 128_256)  # the embedded SmolLM2's, and Llama 3's
 
@@ -102,7 +102,7 @@ def bench_ring(rounds: int, reps: int) -> list[dict[str, Any]]:
 def run_ring_bench(args: argparse.Namespace) -> int:
     rows = bench_ring(args.ring_rounds, 20)
     print(
-        _table(
+        table(
             "row read per step (µs, medians over rounds): layout 2's pread copy vs a view of a mapping",
             ["vocab", "dtype", "bytes", "view", "pread", "pread/view", "row_stats", "(pread-view)/row_stats"],
             [

@@ -35,19 +35,19 @@ from typing import Any
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from . import accel
-from ._pb.fse.v1 import guard_pb2 as pb
-from .bench import _table
-from .config import SidecarConfig
-from .core.compact import moments_and_top
-from .core.sampling import SamplingParams
-from .core.session import Session
-from .core.vocab import Vocabulary
-from .ring import RingWriter
-from .server import answer_batch
-from .service import GuardService
-from .signing import Ed25519Signer, Ed25519Verifier, TrustedKeys, sealed_digest, verdict_digest
-from .wire import params_to_pb
+from .. import accel
+from .._pb.fse.v1 import guard_pb2 as pb
+from ..config import SidecarConfig
+from ..core.compact import moments_and_top
+from ..core.sampling import SamplingParams
+from ..core.session import Session
+from ..core.vocab import Vocabulary
+from ..ring import RingWriter
+from ..server import answer_batch
+from ..service import GuardService
+from ..signing import Ed25519Signer, Ed25519Verifier, TrustedKeys, sealed_digest, verdict_digest
+from ..wire import params_to_pb
+from .common import table
 
 VOCAB = 128_256
 BATCHES = (1, 8, 64, 256)
@@ -202,7 +202,7 @@ def run_batch_bench(args: argparse.Namespace) -> int:
     result = bench_batch(args.batch_rounds)
     b = result["bytes_per_row"]
     print(
-        _table(
+        table(
             f"sidecar µs per row of a sealed batch step, vocab {VOCAB:,} "
             f"(FULL {b['FULL']:,} B/row, COMPACT k={K} {b['COMPACT']} B/row); medians over rounds",
             [

@@ -36,11 +36,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .bench import _table
-from .config import Rule
-from .core.evaluators import PolicyRules, Proposal
-from .core.fse import compile_rules
-from .core.guards import Sampler, TokenMetrics
+from ..config import Rule
+from ..core.evaluators import PolicyRules, Proposal
+from ..core.fse import compile_rules
+from ..core.guards import Sampler, TokenMetrics
+from .common import table
 
 LITERAL_COUNTS = (10, 1_000, 10_000, 100_000)
 REGEX_COUNTS = (10, 100, 1_000)
@@ -238,8 +238,8 @@ def bench_reload(log: Callable[[str], None], steps: int = 2000) -> dict[str, Any
 
     from engine_adapters.client import GuardClient
 
-    from .core.sampling import SamplingParams
-    from .launch import start_local_sidecar
+    from ..core.sampling import SamplingParams
+    from ..launch import start_local_sidecar
 
     rules = literal_rules(LITERAL_COUNTS[-1]) + regex_rules(1_000)[:1]  # the hit rules once
     vocab = [f"<{i}>".encode() for i in range(32_000)]
@@ -282,7 +282,7 @@ def print_fse(result: dict[str, Any]) -> None:
 
     first, middle, last = result["positions"]
     print(
-        _table(
+        table(
             f"FSE: check + commit one token (µs), {result['tokens']} tokens ({result['text_bytes']} bytes, "
             f"{result['tokenizer']}), {result['rounds']} rounds; rescan = one Python re alternation over the whole text so far",
             [
@@ -319,7 +319,7 @@ def run_fse_bench(args: argparse.Namespace) -> int:
     r = result["reload"]
     print()
     print(
-        _table(
+        table(
             f"step latency on a sidecar while ReloadPolicy compiles {LITERAL_COUNTS[-1]} literals + 1000 regexes "
             f"({r['reload_s']:.2f} s) in a child process, against idle (µs, 32k vocab, inline f32 logits)",
             ["steps", "n", "p50", "p99", "max"],

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .bench import _rotation, _run_header, _table
+from .common import rotation, run_header, table
 
 PATHS = ("unguarded", "grpc", "shm", "shm_spec")
 PROMPT = "Write a long story about a dragon who learns to paint."
@@ -38,7 +38,7 @@ def _child(target: str, public_key: str, tokens: int, rounds: int, threads: int)
     from engine_adapters.llama_cpp import GuardedLlama, load_llama, unguarded_greedy
     from sidecar.core.sampling import SamplingParams
 
-    from .demo import CHAT
+    from ..demo import CHAT
 
     llama = load_llama(n_threads=threads)
     ids = llama.tokenize(CHAT.format(PROMPT).encode(), add_bos=True, special=True)
@@ -63,7 +63,7 @@ def _child(target: str, public_key: str, tokens: int, rounds: int, threads: int)
         return len(done.tokens)
 
     for i in range(rounds + 1):  # round 0 warms up and is not counted
-        for path in _rotation(list(PATHS), i):
+        for path in rotation(list(PATHS), i):
             llama.reset()
             t0 = time.perf_counter()
             n = run(path)
@@ -83,13 +83,13 @@ def _omp_env(policy: str) -> dict[str, str]:
 
 
 def run_contention_bench(args: argparse.Namespace) -> int:
-    from .launch import start_local_sidecar
+    from ..launch import start_local_sidecar
 
     work = Path(tempfile.mkdtemp(prefix="fse-bench-contention-"))
     sidecar = start_local_sidecar(work / "sidecar")
     sidecar.wait_started()
     procs = args.load_procs if args.load_procs is not None else os.cpu_count() or 2
-    result: dict[str, Any] = {**_run_header(args, args.contention_rounds), "load_procs": procs, "runs": {}}
+    result: dict[str, Any] = {**run_header(args, args.contention_rounds), "load_procs": procs, "runs": {}}
     try:
         for load in ("quiet", "loaded"):
             busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(procs if load == "loaded" else 0)]
@@ -97,7 +97,7 @@ def run_contention_bench(args: argparse.Namespace) -> int:
                 for policy in args.omp_policies.split(","):
                     print(f"{load}, OpenMP wait {policy} ...", file=sys.stderr)
                     child = subprocess.run(
-                        [sys.executable, "-m", "sidecar.bench_contention", sidecar.target, str(sidecar.public_key),
+                        [sys.executable, "-m", "sidecar.bench.contention", sidecar.target, str(sidecar.public_key),
                          str(args.tokens), str(args.contention_rounds), str(args.threads)],
                         env=_omp_env(policy),
                         capture_output=True, text=True, timeout=3600,
@@ -124,7 +124,7 @@ def run_contention_bench(args: argparse.Namespace) -> int:
             + [str(len(r["failures"]))]
         )
     print(
-        _table(
+        table(
             f"{args.tokens} greedy tokens, n_threads={args.threads}, {args.contention_rounds} rotated rounds; loaded: "
             f"{procs} busy processes; tok/s medians (median of per-round ratios to unguarded)",
             ["load/OpenMP wait", "unguarded", "gRPC lane", "fast lane", "fast + speculation", "failed"],

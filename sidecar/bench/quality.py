@@ -50,9 +50,9 @@ from typing import Any
 
 from engine_adapters.llama_cpp import CHAT
 
-from .bench import _table
-from .config import Guard, GuardSet
-from .core.sampling import SamplingParams
+from ..config import Guard, GuardSet
+from ..core.sampling import SamplingParams
+from .common import table
 
 HEALTHY = [
     "What is the capital of France?",
@@ -317,7 +317,7 @@ def bench_quality(args: argparse.Namespace, log: Any) -> dict[str, Any]:
     from engine_adapters.client import GuardClient
     from engine_adapters.llama_cpp import GuardedLlama, load_llama
 
-    from .launch import start_local_sidecar
+    from ..launch import start_local_sidecar
 
     config: dict[str, Any] = {"policies": {"default": {}, "off": OFF}}
     if args.config:
@@ -385,7 +385,7 @@ def print_quality(result: dict[str, Any]) -> None:
                 ]
             )
     print(
-        _table(
+        table(
             f"quality: SmolLM2-135M, up to {result['max_tokens']} tokens a run, default policy against everything off",
             [
                 "group",
