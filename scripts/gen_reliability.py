@@ -1,4 +1,4 @@
-"""Write README "Reliability" from the suite's own results (issue 15).
+"""Write docs/reliability.md from the suite's own results (issue 15).
 
     python scripts/gen_reliability.py [--soak bench-results/bench-load.json]
 
@@ -7,7 +7,7 @@
 2. runs the soak as CI runs it (table.CI_SOAK: 4 sessions, 12 s, 2 engine processes);
 3. takes the long soak from ``--soak`` (a ``fse-sidecar bench load`` JSON; without it the
    one already in tests/reliability.json is kept);
-4. writes tests/reliability.json and the README's section between its markers.
+4. writes tests/reliability.json and docs/reliability.md's section between its markers.
 
 A failed case is written as failed (and tests/test_reliability.py then fails): the table
 says what happened, not what should have.
@@ -97,7 +97,7 @@ def build(outcomes: list[dict[str, Any]], soak: dict[str, Any] | None, soak_ci: 
 
 
 def write_readme(data: dict[str, Any]) -> None:
-    readme = ROOT / "README.md"
+    readme = ROOT / "docs" / "reliability.md"
     text = readme.read_text()
     readme.write_text(text.replace(table.section(text), table.render(data)))
 
@@ -105,7 +105,7 @@ def write_readme(data: dict[str, Any]) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--soak", type=Path, help="a 'fse-sidecar bench load' JSON for the long soak's row")
-    p.add_argument("--render-only", action="store_true", help="rewrite the README from tests/reliability.json, run nothing")
+    p.add_argument("--render-only", action="store_true", help="rewrite docs/reliability.md from tests/reliability.json only")
     args = p.parse_args()
     if args.render_only:
         write_readme(json.loads(table.RESULTS.read_text()))
@@ -120,7 +120,9 @@ def main() -> int:
     bad = [f["id"] for f in data["faults"] if any(v != "passed" for v in f["lanes"].values())]
     bad += [z["test"] for z in data["fuzz"] if z["outcome"] != "passed"]
     bad += [f"issue 28 item {e['item']}" for e in data["edges"] if e["outcome"] != "passed"]
-    print(f"wrote {table.RESULTS.relative_to(ROOT)} and README.md; {'not held: ' + ', '.join(bad) if bad else 'all held'}")
+    print(
+        f"wrote {table.RESULTS.relative_to(ROOT)} and docs/reliability.md; {'not held: ' + ', '.join(bad) if bad else 'all held'}"
+    )
     return 1 if bad else 0
 
 

@@ -262,10 +262,7 @@ def build(
                 t0 = time.monotonic()
                 with _heartbeat(progress, "translating"):
                     extensions = mypycify(args, opt_level="3", group_name=_GROUP, multi_file=jobs > 1, strip_asserts=False)
-                progress(
-                    f"translated in {time.monotonic() - t0:.0f} s; compiling the C with {jobs} job(s) "
-                    "(the long part)"
-                )
+                progress(f"translated in {time.monotonic() - t0:.0f} s; compiling the C with {jobs} job(s) (the long part)")
                 t0 = time.monotonic()
                 dist = Distribution({"name": "fse-accel", "ext_modules": extensions})
                 dist.verbose = 0 if quiet else 1

@@ -31,13 +31,40 @@ Example file (every field optional except ``signing_key_file`` for ``serve``)::
 from __future__ import annotations
 
 import ipaddress
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
 from .errors import ConfigError
+
+
+def _octal(v: object) -> object:
+    """A file mode as people write it: 0o660 or 0660. YAML 1.1 (PyYAML) reads ``0o660`` as a
+    string (and ``0660`` as octal already); editors on YAML 1.2 read both as numbers."""
+    if isinstance(v, str) and re.fullmatch(r"0o?[0-7]{1,4}", v.strip()):
+        return int(v.strip().removeprefix("0o"), 8)
+    return v
+
+
+FileMode = Annotated[
+    int,
+    BeforeValidator(_octal),
+    WithJsonSchema(
+        {"anyOf": [{"type": "integer", "minimum": 0, "maximum": 0o770}, {"type": "string", "pattern": "^0o?[0-7]{1,4}$"}]}
+    ),
+]
 
 
 class _Strict(BaseModel):
@@ -45,8 +72,10 @@ class _Strict(BaseModel):
 
 
 class Guard(_Strict):
-    enabled: bool
-    threshold: float
+    """One per-token guard: on or off, and the value past which it trips."""
+
+    enabled: bool  # off: never evaluated
+    threshold: float  # trips above it (margin and logit_variance: below it)
 
     @field_validator("threshold")
     @classmethod
@@ -74,15 +103,15 @@ class GuardSet(_Strict):
     """
 
     # seed 000: per-token signals (trip when value > threshold, margin when < threshold)
-    neg_logprob: Guard = _guard(True, 9.0)
-    entropy: Guard = _guard(False, 3.0)
-    rank: Guard = _guard(False, 100.0)
-    margin: Guard = _guard(False, 0.01)
+    neg_logprob: Guard = _guard(True, 9.0)  # -log p of the chosen token, nats: heals a far-tail draw
+    entropy: Guard = _guard(False, 3.0)  # of the next-token distribution, nats (opt-in: trips on healthy text)
+    rank: Guard = _guard(False, 100.0)  # of the chosen token (0: the most probable)
+    margin: Guard = _guard(False, 0.01)  # p(chosen) - max p(other): trips below it
     # seed 001: the fail-fast suite
-    running_ppl: Guard = _guard(True, 400.0)
-    logit_variance: Guard = _guard(True, 0.1)
-    max_prob: Guard = _guard(False, 0.99)
-    l2_norm: Guard = _guard(True, 1e4)
+    running_ppl: Guard = _guard(True, 400.0)  # the session's running perplexity (seed 001's halt band)
+    logit_variance: Guard = _guard(True, 0.1)  # a collapsed, flat row: trips below it
+    max_prob: Guard = _guard(False, 0.99)  # the most probable token's probability
+    l2_norm: Guard = _guard(True, 1e4)  # of the logits row: numerical instability
     # Ignore the running-PPL guard for the first N generated tokens (one surprising
     # first token is exp(-log p) on its own). 0 = judge from the first token.
     ppl_warmup_tokens: int = Field(default=0, ge=0)
@@ -95,11 +124,13 @@ class Rule(_Strict):
     syntax that both Hyperscan and Python's ``re`` accept, with a bounded match length.
     """
 
-    id: Annotated[str, Field(pattern=r"^[A-Za-z0-9._:-]{1,64}$")]
-    kind: Literal["literal", "regex"]
-    patterns: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]
+    id: Annotated[str, Field(pattern=r"^[A-Za-z0-9._:-]{1,64}$")]  # named in verdicts, the audit and the metrics
+    kind: Literal["literal", "regex"]  # how every pattern of the rule is read
+    patterns: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]  # one match of any is a hit
+    # block: the token that would complete a match is refused and redrawn; halt: the
+    # session is aborted; flag: the hit is recorded (verdict, audit, metrics), text goes on.
     action: Literal["block", "halt", "flag"]
-    case_insensitive: bool = False
+    case_insensitive: bool = False  # letters match in any case
     # The match may not touch a word character (Unicode letter, digit or '_') on either side.
     whole_word: bool = False
     # Match on the text folded per character: NFKC compatibility forms (decomposed), case
@@ -121,9 +152,9 @@ class RedoBounds(_Strict):
 class GateEdges(_Strict):
     """Lower edges of the bands on the risk score (HEALTHY below ``drifting``)."""
 
-    drifting: float = Field(default=0.35, gt=0, lt=1)
-    strict: float = Field(default=0.55, gt=0, lt=1)
-    halt: float = Field(default=0.8, gt=0, le=1)
+    drifting: float = Field(default=0.35, gt=0, lt=1)  # watched: shown in verdicts and metrics, no action
+    strict: float = Field(default=0.55, gt=0, lt=1)  # every draw is redone by the strict (greedy) sampler
+    halt: float = Field(default=0.8, gt=0, le=1)  # the session is aborted
 
     @model_validator(mode="after")
     def _ordered(self) -> GateEdges:
@@ -138,13 +169,14 @@ class GateConfig(_Strict):
     [0, 1]: -log p, entropy and log(1 + rank) of the committed tokens, exponentially
     weighted over about ``window`` tokens."""
 
-    enabled: bool = True
-    window: int = Field(default=16, ge=1, le=4096)
+    enabled: bool = True  # off: no gate bands in verdicts, no strict band, no gate halt
+    window: int = Field(default=16, ge=1, le=4096)  # tokens the signals are averaged over (exponentially)
     neg_logprob_scale: float = Field(default=5.0, gt=0)  # nats at which that signal saturates
-    entropy_scale: float = Field(default=6.0, gt=0)
+    entropy_scale: float = Field(default=6.0, gt=0)  # nats of entropy at which that signal saturates
     log_rank_scale: float = Field(default=7.0, gt=0)  # log(1 + rank): 7 ~ rank 1100
     weights: tuple[float, float, float] = (0.5, 0.2, 0.3)  # -log p, entropy, log rank
-    edges: GateEdges = Field(default_factory=GateEdges)
+    edges: GateEdges = Field(default_factory=GateEdges)  # where each band starts on the risk score
+    # The band changes only once the score is this far past an edge, up or down (no flapping).
     hysteresis: float = Field(default=0.05, ge=0, lt=0.5)
     # A pending band becomes current after this many consecutive tokens in it ...
     debounce_tokens: int = Field(default=4, ge=1, le=4096)
@@ -162,14 +194,14 @@ class GateConfig(_Strict):
 class LoopGuardConfig(_Strict):
     """Text that repeats itself back to back (sidecar.core.loops)."""
 
-    enabled: bool = True
+    enabled: bool = True  # off: repetition is never refused
     # The longest unit looked for, in normalised characters (letters and digits).
     max_period_chars: int = Field(default=256, ge=1, le=4096)
     # A unit may repeat back to back this many times (the first character of a fourth
     # repetition is refused), and is never refused while its repetition covers at most
     # min_chars characters ("no no no" stays free, a sixth "the" does not).
     max_repeats: float = Field(default=3, ge=1.5, le=1024)
-    min_chars: int = Field(default=16, ge=2, le=1 << 16)
+    min_chars: int = Field(default=16, ge=2, le=1 << 16)  # (see max_repeats)
     # A long unit (a sentence) twice in a row is a loop once the repetition runs past this.
     max_loop_chars: int = Field(default=100, ge=2, le=1 << 16)
     # A unit that occurs in the prompt (requested repetition) may repeat this often.
@@ -182,14 +214,14 @@ class LoopGuardConfig(_Strict):
     # them) drawn from at most babble_letters distinct letters ("LARMA, LARA, LERA", "no nah
     # nuh") is a loop of variants, unless its last 8 letters occur in the prompt (0: off).
     babble_letters: int = Field(default=5, ge=0, le=255)
-    babble_window: int = Field(default=32, ge=8, le=4096)
+    babble_window: int = Field(default=32, ge=8, le=4096)  # (see babble_letters)
     # A span of recur_chars characters may recur this often in the window, with other text
     # between (a loop of variants: "I'm not sure what you're asking / looking for ...").
     recur_chars: int = Field(default=24, ge=8, le=4096)
-    max_recurrences: int = Field(default=3, ge=1, le=1 << 16)
+    max_recurrences: int = Field(default=3, ge=1, le=1 << 16)  # (see recur_chars)
     # Tokens in a row with no letter or digit (whitespace, punctuation) before the next is refused.
     max_blank_tokens: int = Field(default=32, ge=1, le=1 << 16)
-    action: Literal["heal", "halt"] = "heal"
+    action: Literal["heal", "halt"] = "heal"  # heal: the token that would loop is refused and redrawn; halt: abort
     # Steps over which heals are counted and a healed loop's unit is remembered.
     window: int = Field(default=256, ge=2, le=1 << 16)
     # Steps in the window in which the guard had to refuse a token; one more halts.
@@ -199,7 +231,9 @@ class LoopGuardConfig(_Strict):
 class DriftConfig(_Strict):
     """The anytime-valid drift test (sidecar.core.evidence)."""
 
-    enabled: bool = True
+    enabled: bool = True  # off: no evidence in verdicts, no protective band
+    # The test's level: its evidence crossing 1/alpha is drift (a false alarm on healthy
+    # text has probability at most alpha, however long the session).
     alpha: float = Field(default=0.01, gt=0, lt=1)
     # delta: how many nats more surprising than the model itself a healthy sampler may
     # be per token on average (repetition penalty, rounding); calibrated by bench quality.
@@ -212,8 +246,8 @@ class DriftConfig(_Strict):
     # below release_e for release_tokens tokens (hysteresis and debounce, seed 003). halt:
     # the session is aborted at the crossing.
     on_drift: Literal["protect", "halt"] = "protect"
-    release_e: float = Field(default=0.1, gt=0, lt=1)
-    release_tokens: int = Field(default=8, ge=1)
+    release_e: float = Field(default=0.1, gt=0, lt=1)  # (see on_drift)
+    release_tokens: int = Field(default=8, ge=1)  # (see on_drift)
 
     @field_validator("bets")
     @classmethod
@@ -224,12 +258,15 @@ class DriftConfig(_Strict):
 
 
 class Policy(_Strict):
-    guards: GuardSet = Field(default_factory=GuardSet)
-    rules: list[Rule] = Field(default_factory=list)
-    redo: RedoBounds = Field(default_factory=RedoBounds)
-    gate: GateConfig = Field(default_factory=GateConfig)
-    loop_guard: LoopGuardConfig = Field(default_factory=LoopGuardConfig)
-    drift: DriftConfig = Field(default_factory=DriftConfig)
+    """What a session is judged by. Sessions choose one by name (``default`` when they name
+    none); every part has working defaults."""
+
+    guards: GuardSet = Field(default_factory=GuardSet)  # per-token guards
+    rules: list[Rule] = Field(default_factory=list)  # the policy matcher's rules (FSE), ids unique
+    redo: RedoBounds = Field(default_factory=RedoBounds)  # how hard a step is redone before ABORT
+    gate: GateConfig = Field(default_factory=GateConfig)  # the windowed risk gate
+    loop_guard: LoopGuardConfig = Field(default_factory=LoopGuardConfig)  # text repeating itself
+    drift: DriftConfig = Field(default_factory=DriftConfig)  # the anytime-valid drift test
 
     @model_validator(mode="after")
     def _unique_rule_ids(self) -> Policy:
@@ -245,9 +282,9 @@ class TlsConfig(_Strict):
     """mTLS for a TCP listener: the sidecar's certificate and key, and the CA whose
     client certificates it accepts (a client without one is refused at the handshake)."""
 
-    cert_file: Path
-    key_file: Path
-    client_ca_file: Path
+    cert_file: Path  # the sidecar's certificate (PEM)
+    key_file: Path  # its private key (PEM)
+    client_ca_file: Path  # the CA that signed the engines' client certificates (PEM)
 
 
 class AuditConfig(_Strict):
@@ -259,14 +296,14 @@ class AuditConfig(_Strict):
     # every fsync_every_frames frames or fsync_interval_ms, whichever comes first; close:
     # only when the session closes. Never on the step path; closing always syncs.
     fsync: Literal["every_frame", "interval", "close"] = "interval"
-    fsync_every_frames: int = Field(default=64, ge=1)
-    fsync_interval_ms: float = Field(default=200.0, gt=0)
+    fsync_every_frames: int = Field(default=64, ge=1)  # (see fsync)
+    fsync_interval_ms: float = Field(default=200.0, gt=0)  # (see fsync)
     # A signed checkpoint (the receipt's fields, its own domain) after every
     # checkpoint_every_frames frames, or after the first frame checkpoint_interval_ms past
     # the last one: a file whose close record never comes (a crash) is signed up to there,
     # so `audit verify` can tell a forged frame from a real one without the close record.
     checkpoint_every_frames: int = Field(default=64, ge=1)
-    checkpoint_interval_ms: float = Field(default=1000.0, gt=0)
+    checkpoint_interval_ms: float = Field(default=1000.0, gt=0)  # (see checkpoint_every_frames)
 
 
 def _host_port(v: str | None) -> str | None:
@@ -283,7 +320,7 @@ class MetricsConfig(_Strict):
     one, logged); unset, nothing is exported. Serve it on the pod's IP (or 0.0.0.0) for a
     Prometheus outside the pod; it shows no session ids, tokens or text."""
 
-    listen: str | None = None
+    listen: str | None = None  # "host:port" of /metrics; unset: no exporter
 
     _listen = field_validator("listen")(_host_port)
 
@@ -291,7 +328,7 @@ class MetricsConfig(_Strict):
 class LaneConfig(_Strict):
     """The fast lane (a Unix socket beside the gRPC one, `<socket>.lane`)."""
 
-    enabled: bool = True
+    enabled: bool = True  # off: engines step over gRPC only
 
 
 def _is_loopback(host: str) -> bool:
@@ -305,8 +342,13 @@ def _is_loopback(host: str) -> bool:
 
 
 class SidecarConfig(_Strict):
-    listen: str = "unix:///tmp/fse-sidecar.sock"
+    """The sidecar's configuration file (``fse-sidecar serve --config FILE``)."""
+
+    listen: str = "unix:///tmp/fse-sidecar.sock"  # unix:///path.sock, or tcp://host:port (off loopback: tls)
+    # The key verdicts are signed with (fse-sidecar keygen): an Ed25519 PEM or an fse HMAC
+    # key; the scheme follows the file. Required to serve; refused if others may read it.
     signing_key_file: Path | None = None
+    # Policies by name; "default" is required (a session that names none gets it).
     policies: dict[str, Policy] = Field(default_factory=lambda: {"default": Policy()})
     # Largest vocabulary accepted; bounds memory per registered vocabulary and ring row.
     max_vocab_size: int = Field(default=1 << 20, gt=1)
@@ -316,7 +358,7 @@ class SidecarConfig(_Strict):
     # Total bytes of a RegisterVocabulary message (token bytes plus framing): refused
     # before it is parsed (Llama 3's 128k vocabulary is ~1 MB, a 1M-token one ~12 MB).
     max_vocab_bytes: int = Field(default=32 << 20, ge=1 << 16, le=1 << 30)
-    max_sessions: int = Field(default=4096, gt=0)
+    max_sessions: int = Field(default=4096, gt=0)  # sessions open at once, all clients together
     # Sessions open at once from one client: a TCP connection, or with mTLS one client
     # certificate. gRPC does not tell Unix-socket clients apart: there, max_sessions only.
     max_sessions_per_client: int = Field(default=1024, gt=0)
@@ -335,34 +377,34 @@ class SidecarConfig(_Strict):
     # false keeps reloads to SIGHUP and watch_config_s; under mTLS, reload_identities
     # names the client certificates (common name or URI SAN, e.g. a SPIFFE id) allowed.
     allow_reload_rpc: bool = True
-    reload_identities: list[str] | None = None
+    reload_identities: list[str] | None = None  # (see allow_reload_rpc)
     # A policy reload (ReloadPolicy, SIGHUP, the config watch) compiles in a child process:
     # it is killed past reload_timeout_s (a config path that blocks, e.g. a FIFO, would hold
     # the reload lock for ever) and may use at most reload_max_memory_mb of address space
     # (100k literal rules peak at ~160 MB; YAML aliases can multiply a rule list).
     reload_timeout_s: float = Field(default=60.0, gt=0)
-    reload_max_memory_mb: int = Field(default=1024, ge=128)
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    reload_max_memory_mb: int = Field(default=1024, ge=128)  # (see reload_timeout_s)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"  # session ids are logged at debug only
     # text: for people (key=value fields after the message); json: one object per line, for
     # a log pipeline (serve --log-format overrides it)
     log_format: Literal["text", "json"] = "text"
     # The Unix socket's mode and group: the owner only by default; give a group (and
     # 0o660) when the engine runs as another user that shares it.
-    unix_socket_mode: int = Field(default=0o600, ge=0, le=0o770)
-    unix_socket_group: str | None = None
+    unix_socket_mode: FileMode = Field(default=0o600, ge=0, le=0o770)
+    unix_socket_group: str | None = None  # (see unix_socket_mode)
     # The longest repetition window a session may ask for (the ids the sidecar keeps of
     # each session's prompt and output for the penalty): bounds a session's memory.
     max_repetition_window: int = Field(default=4096, ge=0, le=1 << 20)
     # TCP: mutual TLS. Required for any non-loopback address unless allow_insecure_tcp.
     tls: TlsConfig | None = None
-    allow_insecure_tcp: bool = False
-    audit: AuditConfig = Field(default_factory=AuditConfig)
-    lane: LaneConfig = Field(default_factory=LaneConfig)
+    allow_insecure_tcp: bool = False  # true: a non-loopback tcp:// listener without tls, said out loud
+    audit: AuditConfig = Field(default_factory=AuditConfig)  # audit files (off unless dir is set)
+    lane: LaneConfig = Field(default_factory=LaneConfig)  # the shared-memory fast lane
     # gRPC server reflection (grpc.reflection.v1 and v1alpha): generic tools (grpcurl,
     # grpcui, Postman) list and call the API without the .proto files. It reveals only the
     # schema, which is public in proto/; turn it off to expose nothing beyond the calls.
     reflection: bool = True
-    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)  # the Prometheus exporter (off unless listen is set)
     # "host:port" serving only grpc.health.v1 over plain TCP: the kubelet's gRPC probes
     # cannot dial a Unix socket. It answers the same statuses as the main socket and
     # nothing else (no GuardService there). Unset: no such port.

@@ -83,7 +83,7 @@ def hf_model():
 
 # -- what the fault matrix and the fuzzing did, for scripts/gen_reliability.py ------------------
 # With FSE_RELIABILITY_OUT=FILE, each fault-matrix case and each hostile-input test's outcome
-# is written to FILE as JSON when the run ends (README "Reliability" is made from it).
+# is written to FILE as JSON when the run ends (docs/reliability.md is made from it).
 _OUTCOMES: list[dict] = []
 
 

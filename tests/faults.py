@@ -35,7 +35,7 @@ from sidecar.wire import receipt_json
 V = 1000
 VOCAB = [f"t{i} ".encode() for i in range(V)]
 GREEDY = SamplingParams()
-# The lanes a verdict can travel (README "Reliability"): the gRPC Steps stream, one unary
+# The lanes a verdict can travel (docs/reliability.md): the gRPC Steps stream, one unary
 # Step call per token, a batch on the stream (StepBatch's path), the shared-memory lane.
 LANES = ("stream", "unary", "batch", "shm")
 _CLIENT_LANE = {"stream": "grpc", "unary": "grpc-unary", "batch": "grpc", "shm": "shm"}
@@ -47,7 +47,7 @@ MATRIX: dict[str, Fault] = {}
 class Fault:
     id: str
     group: str
-    what: str  # the fault, in a few words (the README's table)
+    what: str  # the fault, in a few words (the table in docs/reliability.md)
     held: str  # what the test requires of the outcome, in a few words
     lanes: tuple[str, ...]
 

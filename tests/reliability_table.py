@@ -1,6 +1,6 @@
-"""README "Reliability": the section made from tests/reliability.json, which
+"""docs/reliability.md: the section made from tests/reliability.json, which
 scripts/gen_reliability.py writes from a run of the fault matrix, the hostile-input tests
-and a soak. test_reliability.py checks that the README holds exactly this and that the
+and a soak. test_reliability.py checks that docs/reliability.md holds exactly this and that the
 JSON still covers every fault and fuzz test the suite has."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""The fault matrix (README "Reliability"): every fault on every lane it applies to, each
+"""The fault matrix (docs/reliability.md): every fault on every lane it applies to, each
 held to the four checks of tests/faults.py. ``scripts/gen_reliability.py`` runs it and
-writes the README's table from what it recorded; test_reliability.py keeps that current."""
+writes the table in docs/reliability.md from what it recorded; test_reliability.py keeps that current."""
 
 from __future__ import annotations
 

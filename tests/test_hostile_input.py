@@ -40,7 +40,7 @@ from tests.faults import GREEDY, VOCAB, V, row
 SERVICE = pb.DESCRIPTOR.services_by_name["GuardService"]
 # A refusal must say what kind of wrong it was: these would mean "the server broke".
 BROKEN = {grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.DATA_LOSS}
-# What each fuzz test attacks (README "Reliability"; {param}: the call it is run on).
+# What each fuzz test attacks (docs/reliability.md; {param}: the call it is run on).
 FUZZ_TARGETS = {
     "test_random_bytes_to_any_call_are_refused_cleanly": "gRPC {param}: random bytes",
     "test_well_formed_messages_with_hostile_fields_are_refused_or_answered_cleanly": "gRPC {param}: hostile fields",

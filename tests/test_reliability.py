@@ -1,4 +1,4 @@
-"""The soak as CI runs it, the service's memory once warm, and README "Reliability" kept
+"""The soak as CI runs it, the service's memory once warm, and docs/reliability.md kept
 current with the suite (tests/reliability_table.py, scripts/gen_reliability.py)."""
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ def _data() -> dict:
     return json.loads(table.RESULTS.read_text())
 
 
-def test_the_readme_reliability_section_is_the_one_made_from_the_results() -> None:
-    readme = (table.ROOT / "README.md").read_text()
+def test_the_reliability_doc_is_the_one_made_from_the_results() -> None:
+    readme = (table.ROOT / "docs" / "reliability.md").read_text()
     assert table.section(readme) == table.render(_data()), "run: python scripts/gen_reliability.py --render-only"
 
 

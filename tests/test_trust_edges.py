@@ -27,6 +27,12 @@ def test_a_socket_mode_that_lets_every_user_connect_is_refused(mode: int) -> Non
     with pytest.raises(ConfigError, match=r"unix_socket_mode.*lets every user of the machine connect"):
         parse_config({"unix_socket_mode": mode})
     assert parse_config({"unix_socket_mode": 0o660}).unix_socket_mode == 0o660
+    # as people write it in YAML: PyYAML reads 0o660 as a string, 0660 as octal
+    assert (
+        parse_config({"unix_socket_mode": "0o660"}).unix_socket_mode
+        == parse_config({"unix_socket_mode": "0660"}).unix_socket_mode
+        == 0o660
+    )
 
 
 @pytest.mark.parametrize(("mode", "ok"), [(0o644, False), (0o604, False), (0o600, True), (0o440, True), (0o400, True)])
