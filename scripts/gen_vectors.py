@@ -351,6 +351,10 @@ def ring_cases() -> dict[str, Any]:
         buf[desc + 16 : desc + 20] = (1).to_bytes(4, "little")
         buf[desc : desc + 8] = (6).to_bytes(8, "little")  # another session's tag
         cases.append({"name": "other-session-tag", "segment_hex": segment(), "outcome": "refused", "error": "tag"})
+        # the good segment, asked for with a seq no published frame can have (odd: a writer's
+        # mid-frame value; zero: never published)
+        for label, bad in (("odd-seq", seq + 1), ("zero-seq", 0)):
+            cases.append({"name": label, "segment_hex": good, "request": {"seq": bad}, "outcome": "refused", "error": "seq"})
         reader.close()
     compact = compact_case(f"{name}-compact", row)
     with RingWriter.create(f"{name}-lane", slots=2, rows=1, vocab_size=8, dtype="f32", verdict_capacity=512) as lane:
@@ -373,6 +377,15 @@ def ring_cases() -> dict[str, Any]:
         "masked_header_bytes": MASK,
         "frame": {"slot": 1, "row": 0, "seq": seq, "session_tag": 5, "step": 3, "logits": row.tolist()},
         "cases": cases,
+        # What each case's "error" means: the status a step naming that row is refused with.
+        "errors": {
+            "torn": "ABORTED: the slot's seqlock is odd (a frame being written) or not the request's seq (replaced)",
+            "layout": "INVALID_ARGUMENT: the row's descriptor breaks the layout (a kind the ring has no room for, "
+            "an offset or size outside the slot)",
+            "kind": "INVALID_ARGUMENT: a row kind this reader does not implement",
+            "tag": "INVALID_ARGUMENT: the row is tagged for another session (or step)",
+            "seq": "INVALID_ARGUMENT: the request's seq is odd or zero: no published frame has it",
+        },
         "compact": compact,
         "lane_layout": {
             "verdict_capacity": 512,

@@ -218,15 +218,18 @@ def test_the_ring_reader_reads_or_refuses_each_vector_frame(case: dict[str, Any]
         os.write(fd, data)
         reader = RingReader(name)
         try:
+            req = {**fr, **case.get("request", {})}  # the frame's request, unless the case asks otherwise
+            ask = (req["slot"], req["row"], req["seq"], req["session_tag"], req["step"])
             if case["outcome"] == "row":
-                got = reader.row(fr["slot"], fr["row"], fr["seq"], fr["session_tag"], fr["step"])
-                assert got.tolist() == case["row"]
+                assert reader.row(*ask).tolist() == case["row"]
             else:
                 expected = TornFrameError if case["error"] == "torn" else RowError
                 with pytest.raises(expected) as err:
-                    reader.row(fr["slot"], fr["row"], fr["seq"], fr["session_tag"], fr["step"])
-                word = {"torn": "torn", "kind": "not implemented", "tag": "tagged", "layout": "breaks the layout"}[case["error"]]
-                assert word in str(err.value)
+                    reader.row(*ask)
+                words = {"torn": "torn", "kind": "not implemented", "tag": "tagged", "layout": "breaks the layout"}
+                words["seq"] = "must be even and non-zero"
+                assert words[case["error"]] in str(err.value)
+                assert err.value.grpc_code == RING["errors"][case["error"]].split(":")[0]
         finally:
             reader.close()
     finally:
