@@ -112,3 +112,34 @@ def test_the_schema_accepts_the_shipped_and_documented_files_and_refuses_what_th
     assert list(validator.iter_errors(typo))
     with pytest.raises(ConfigError, match="neg_logrob"):
         parse_config(typo)
+
+
+# Docs whose figures are measurements: every one must come from a kept run (a generated block).
+MEASURED = ("README.md", "docs/benchmarks.md", "docs/troubleshooting.md")
+FIGURE = re.compile(r"(?<![\w.])(?:\d+\.\d+|\d+)\s*(?:µs|ms|tok/s|tokens/s|%|x(?![\w-]))|(?<![\w.=-])\d+\.\d+(?![\w.])")
+BENCH_BLOCK = re.compile(r"<!-- bench:(\w+) -->.*?<!-- /bench:\1 -->", re.S)
+
+
+def prose(text: str) -> str:
+    """``text`` without its generated bench blocks, fenced code and inline code."""
+    return re.sub(r"`[^`\n]*`", "", FENCE.sub("", BENCH_BLOCK.sub("", text)))
+
+
+def test_the_figure_finder_finds_measured_figures() -> None:
+    found = FIGURE.findall(prose("the fast lane ran at 0.93 of unguarded, 24 µs a step and 2.9x faster; `0.5 ms` in code"))
+    assert found == ["0.93", "24 µs", "2.9x"]
+    assert not FIGURE.findall(prose("<!-- bench:x -->\n0.93, 24 µs\n<!-- /bench:x -->\nlayout version 2, 49k ids"))
+
+
+@pytest.mark.parametrize("name", MEASURED)
+def test_every_measured_figure_in_the_docs_comes_from_a_kept_benchmark_run(name: str) -> None:
+    figures = FIGURE.findall(prose((ROOT / name).read_text()))
+    assert not figures, f"{name}: figures outside a generated bench block (scripts/gen_bench_docs.py): {figures}"
+
+
+def test_the_benchmark_tables_are_the_ones_their_runs_print() -> None:
+    r = subprocess.run([sys.executable, "scripts/gen_bench_docs.py", "--check"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr + r.stdout
+    for doc in [ROOT / n for n in MEASURED] + list((ROOT / "docs").glob("*.md")):
+        for suite in re.findall(r"<!-- bench:(\w+) -->", doc.read_text()):
+            assert (ROOT / "docs" / "bench" / f"{suite}.json").exists(), f"{doc.name}: bench:{suite} has no run kept"

@@ -25,11 +25,8 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
-import platform
 import statistics
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -47,7 +44,7 @@ from ..server import answer_batch
 from ..service import GuardService
 from ..signing import Ed25519Signer, Ed25519Verifier, TrustedKeys, sealed_digest, verdict_digest
 from ..wire import params_to_pb
-from .common import table
+from .common import machine, publish, table
 
 VOCAB = 128_256
 BATCHES = (1, 8, 64, 256)
@@ -197,11 +194,10 @@ def bench_batch(rounds: int, batches: tuple[int, ...] = BATCHES) -> dict[str, An
     }
 
 
-def run_batch_bench(args: argparse.Namespace) -> int:
-    print(f"sidecar core: {accel.status().describe()}")
-    result = bench_batch(args.batch_rounds)
+def render(result: dict[str, Any]) -> str:
+    """The table ``run_batch_bench`` prints, from its JSON."""
     b = result["bytes_per_row"]
-    print(
+    out = [
         table(
             f"sidecar µs per row of a sealed batch step, vocab {VOCAB:,} "
             f"(FULL {b['FULL']:,} B/row, COMPACT k={K} {b['COMPACT']} B/row); medians over rounds",
@@ -229,17 +225,19 @@ def run_batch_bench(args: argparse.Namespace) -> int:
                 for r in result["rows"]
             ],
         )
-    )
+    ]
     at64 = next((r for r in result["rows"] if r["batch"] == 64), None)
     if at64 is not None:
-        print(
+        out.append(
             f"\naims at batch 64: COMPACT/FULL {at64['compact_over_full']:.3f} (aim <= 0.1); "
             f"per row vs batch 1: FULL {at64['full_over_batch1']:.2f}, "
             f"COMPACT {at64['compact_over_batch1']:.2f} (aim: well under 1)"
         )
-    out: Path = args.out.with_name("bench-batch.json") if args.out.name == "bench.json" else args.out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    result["machine"] = {"python": platform.python_version(), "numpy": np.__version__, "core": accel.status().describe()}
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {out}")
-    return 0
+    return "\n".join(out)
+
+
+def run_batch_bench(args: argparse.Namespace) -> int:
+    print(f"sidecar core: {accel.status().describe()}")
+    result = bench_batch(args.batch_rounds)
+    result["machine"] = machine()
+    return publish(result, args.out, "batch", render)

@@ -4,11 +4,13 @@ round, interleaved timing, the JSON header of a model run and the printed table.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -51,10 +53,24 @@ def interleave(fns: dict[str, Callable[[], object]], rounds: int, pace_s: float,
     return times
 
 
+def machine(**extra: Any) -> dict[str, Any]:
+    """Where and when a benchmark ran, for its JSON (and the docs made from it)."""
+    from .. import accel
+
+    return {
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "core": accel.status().describe(),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **extra,
+    }
+
+
 def run_header(args: argparse.Namespace, rounds: int) -> dict[str, Any]:
     """What a model benchmark's JSON opens with: the machine and the run's size."""
     return {
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "machine": machine(),
         "tokens": args.tokens,
         "rounds": rounds,
         "threads": args.threads,
@@ -65,3 +81,14 @@ def table(title: str, header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True))  # noqa: E731
     return "\n".join([title, line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+
+
+def publish(result: dict[str, Any], out: Path, suite: str, render: Callable[[dict[str, Any]], str]) -> int:
+    """Print a suite's tables and write its JSON: to ``out``, or beside the default
+    bench.json as bench-SUITE.json when ``--out`` was left alone."""
+    path = out.with_name(f"bench-{suite}.json") if out.name == "bench.json" else out
+    path.parent.mkdir(parents=True, exist_ok=True)
+    print(render(result))
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {path}")
+    return 0

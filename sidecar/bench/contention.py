@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .common import rotation, run_header, table
+from .common import publish, rotation, run_header, table
 
 PATHS = ("unguarded", "grpc", "shm", "shm_spec")
 PROMPT = "Write a long story about a dragon who learns to paint."
@@ -82,6 +82,28 @@ def _omp_env(policy: str) -> dict[str, str]:
     return {**env, **POLICIES[policy]}
 
 
+def render(result: dict[str, Any]) -> str:
+    """The table ``run_contention_bench`` prints, from its JSON."""
+    rows = [
+        [key, f"{r['tok_s_median']['unguarded']:.1f}"]
+        + [f"{r['tok_s_median'][p]:.1f} ({r['over_unguarded_median'][p]:.2f})" for p in PATHS[1:]]
+        + [str(len(r["failures"]))]
+        for key, r in result["runs"].items()
+    ]
+    out = [
+        table(
+            f"{result['tokens']} greedy tokens, n_threads={result['threads']}, {result['rounds']} rotated rounds; loaded: "
+            f"{result['load_procs']} busy processes; tok/s medians (median of per-round ratios to unguarded)",
+            ["load/OpenMP wait", "unguarded", "gRPC lane", "fast lane", "fast + speculation", "failed"],
+            rows,
+        )
+    ]
+    for key, r in result["runs"].items():
+        for f in r["failures"]:
+            out.append(f"  {key} {f['path']}: after {f['after_tokens']} tokens: {f['error']}")
+    return "\n".join(out)
+
+
 def run_contention_bench(args: argparse.Namespace) -> int:
     from ..launch import start_local_sidecar
 
@@ -111,34 +133,13 @@ def run_contention_bench(args: argparse.Namespace) -> int:
                     p.wait()
     finally:
         sidecar.stop()
-    rows = []
-    for key, r in result["runs"].items():
+    for r in result["runs"].values():
         t = r["tok_s"]
         r["tok_s_median"] = {p: statistics.median(t[p]) for p in PATHS}
         r["over_unguarded_median"] = {
             p: statistics.median(g / u for g, u in zip(t[p], t["unguarded"], strict=True)) for p in PATHS[1:]
         }
-        rows.append(
-            [key, f"{r['tok_s_median']['unguarded']:.1f}"]
-            + [f"{r['tok_s_median'][p]:.1f} ({r['over_unguarded_median'][p]:.2f})" for p in PATHS[1:]]
-            + [str(len(r["failures"]))]
-        )
-    print(
-        table(
-            f"{args.tokens} greedy tokens, n_threads={args.threads}, {args.contention_rounds} rotated rounds; loaded: "
-            f"{procs} busy processes; tok/s medians (median of per-round ratios to unguarded)",
-            ["load/OpenMP wait", "unguarded", "gRPC lane", "fast lane", "fast + speculation", "failed"],
-            rows,
-        )
-    )
-    for key, r in result["runs"].items():
-        for f in r["failures"]:
-            print(f"  {key} {f['path']}: after {f['after_tokens']} tokens: {f['error']}")
-    out: Path = args.out.with_name("bench-contention.json") if args.out.name == "bench.json" else args.out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {out}")
-    return 0
+    return publish(result, args.out, "contention", render)
 
 
 if __name__ == "__main__":  # the child of one configuration: prints its JSON

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import json
 import random
 import re
 import statistics
@@ -40,7 +39,7 @@ from ..config import Rule
 from ..core.evaluators import PolicyRules, Proposal
 from ..core.fse import compile_rules
 from ..core.guards import Sampler, TokenMetrics
-from .common import table
+from .common import machine, publish, table
 
 LITERAL_COUNTS = (10, 1_000, 10_000, 100_000)
 REGEX_COUNTS = (10, 100, 1_000)
@@ -278,56 +277,52 @@ def bench_reload(log: Callable[[str], None], steps: int = 2000) -> dict[str, Any
     return {"idle": idle, "reloading": during, "reload_s": took[0]}
 
 
-def print_fse(result: dict[str, Any]) -> None:
-
+def render_fse(result: dict[str, Any]) -> str:
+    """The matcher's table, from the "fse" part of the JSON."""
     first, middle, last = result["positions"]
-    print(
-        table(
-            f"FSE: check + commit one token (µs), {result['tokens']} tokens ({result['text_bytes']} bytes, "
-            f"{result['tokenizer']}), {result['rounds']} rounds; rescan = one Python re alternation over the whole text so far",
+    return table(
+        f"FSE: check + commit one token (µs), {result['tokens']} tokens ({result['text_bytes']} bytes, "
+        f"{result['tokenizer']}), {result['rounds']} rounds; rescan = one Python re alternation over the whole text so far",
+        [
+            "rules",
+            "compile s",
+            "FSE µs/token p50",
+            "vs 10 literals",
+            f"FSE @{first} / @{last}",
+            f"rescan µs @{first}",
+            f"@{middle}",
+            f"@{last}",
+            "rescan / FSE @last",
+        ],
+        [
             [
-                "rules",
-                "compile s",
-                "FSE µs/token p50",
-                "vs 10 literals",
-                f"FSE @{first} / @{last}",
-                f"rescan µs @{first}",
-                f"@{middle}",
-                f"@{last}",
-                "rescan / FSE @last",
-            ],
-            [
-                [
-                    r["rules"],
-                    f"{r['compile_s']:.2f}",
-                    f"{r['fse_us_per_token_median']:.2f}",
-                    f"{r['fse_over_10_literals_median']:.2f}x",
-                    f"{r['fse_us_at_token'][str(first)]:.2f} / {r['fse_us_at_token'][str(last)]:.2f}",
-                    *(f"{r['rescan_us_at_token'][str(p)]:.0f}" for p in result["positions"]),
-                    f"{r['rescan_over_fse_at_last']:.0f}x",
-                ]
-                for r in result["rows"]
-            ],
-        )
+                r["rules"],
+                f"{r['compile_s']:.2f}",
+                f"{r['fse_us_per_token_median']:.2f}",
+                f"{r['fse_over_10_literals_median']:.2f}x",
+                f"{r['fse_us_at_token'][str(first)]:.2f} / {r['fse_us_at_token'][str(last)]:.2f}",
+                *(f"{r['rescan_us_at_token'][str(p)]:.0f}" for p in result["positions"]),
+                f"{r['rescan_over_fse_at_last']:.0f}x",
+            ]
+            for r in result["rows"]
+        ],
     )
+
+
+def render(result: dict[str, Any]) -> str:
+    """What ``run_fse_bench`` prints, from its JSON."""
+    r = result["reload"]
+    reload_table = table(
+        f"step latency on a sidecar while ReloadPolicy compiles {LITERAL_COUNTS[-1]} literals + 1000 regexes "
+        f"({r['reload_s']:.2f} s) in a child process, against idle (µs, 32k vocab, inline f32 logits)",
+        ["steps", "n", "p50", "p99", "max"],
+        [[k, str(r[k]["steps"]), *(f"{r[k][q]:.0f}" for q in ("p50_us", "p99_us", "max_us"))] for k in ("idle", "reloading")],
+    )
+    return render_fse(result["fse"]) + "\n\n" + reload_table
 
 
 def run_fse_bench(args: argparse.Namespace) -> int:
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731
-    result = {"fse": bench_fse(args.fse_tokens, args.fse_rounds, args.rescan_reps, log), "reload": bench_reload(log)}
-    print_fse(result["fse"])
-    r = result["reload"]
-    print()
-    print(
-        table(
-            f"step latency on a sidecar while ReloadPolicy compiles {LITERAL_COUNTS[-1]} literals + 1000 regexes "
-            f"({r['reload_s']:.2f} s) in a child process, against idle (µs, 32k vocab, inline f32 logits)",
-            ["steps", "n", "p50", "p99", "max"],
-            [[k, str(r[k]["steps"]), *(f"{r[k][q]:.0f}" for q in ("p50_us", "p99_us", "max_us"))] for k in ("idle", "reloading")],
-        )
-    )
-    out: Path = args.out.with_name("bench-fse.json") if args.out.name == "bench.json" else args.out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {out}")
-    return 0
+    result = {"machine": machine(), "fse": bench_fse(args.fse_tokens, args.fse_rounds, args.rescan_reps, log)}
+    result["reload"] = bench_reload(log)
+    return publish(result, args.out, "fse", render)

@@ -444,6 +444,136 @@ def _phases_cell(p: dict[str, float]) -> str:
     return f"{p['write']:.0f} / {wait} / {p['verify']:.0f}"
 
 
+def render(result: dict[str, Any]) -> str:
+    """The tables ``run_bench`` prints, from its JSON (docs/benchmarks.md is made from them)."""
+    out: list[str] = []
+    t = result["transport"]
+    out.append(
+        table(
+            "verdict round trip (µs, p50 / p99; ratio = median of per-round ratios to the echo)",
+            ["vocab", "pace", "echo", "ring", "inline", "ring/echo", "inline/echo", "hmac: echo", "ring", "ring/echo"],
+            [
+                [
+                    str(r["vocab"]),
+                    f"{r['pace_ms']:.0f} ms",
+                    *(f"{r[k]['p50_us']:.0f} / {r[k]['p99_us']:.0f}" for k in ("echo", "ring", "inline")),
+                    f"{r['ring_over_echo_median']:.2f}x",
+                    f"{r['inline_over_echo_median']:.2f}x",
+                    *(f"{r[k]['p50_us']:.0f} / {r[k]['p99_us']:.0f}" for k in ("echo_hmac", "ring_hmac")),
+                    f"{r['ring_hmac_over_echo_hmac_median']:.2f}x",
+                ]
+                for r in t
+            ],
+        )
+    )
+    out.append("")
+    out.append(
+        table(
+            "metrics of one row (µs, p50; ratio = median of per-round ratios to the exp pass)",
+            ["vocab", "exp pass", "metrics, top-1 chosen", "ratio", "metrics, other chosen", "ratio", "np.partition top-2"],
+            [
+                [
+                    str(r["vocab"]),
+                    f"{r['exp_pass_us']:.1f}",
+                    f"{r['metrics_top1_us']:.1f}",
+                    f"{r['metrics_top1_over_exp_median']:.2f}x",
+                    f"{r['metrics_other_us']:.1f}",
+                    f"{r['metrics_other_over_exp_median']:.2f}x",
+                    f"{r['partition_top2_us']:.1f}",
+                ]
+                for r in result["metrics"]
+            ],
+        )
+    )
+    ln = result["lane"]
+    out.append("")
+    out.append(
+        table(
+            f"fast lane round trip (µs, p50 / p99; {ln['vocab']} ids; the same two processes, in turn)",
+            ["eventfd ping-pong", "lane, no guard work", "ratio", "lane step", "gRPC echo", "gRPC step", "lane/gRPC step"],
+            [
+                [
+                    *(f"{ln[k]['p50_us']:.0f} / {ln[k]['p99_us']:.0f}" for k in ("eventfd_ping", "lane_echo")),
+                    f"{ln['lane_echo_over_eventfd_ping_median']:.2f}x",
+                    *(f"{ln[k]['p50_us']:.0f} / {ln[k]['p99_us']:.0f}" for k in ("lane_step", "grpc_echo", "grpc_step")),
+                    f"{ln['lane_step_over_grpc_step_median']:.2f}x",
+                ]
+            ],
+        )
+    )
+    a = result["audit"]
+    out.append("")
+    out.append(
+        table(
+            f"step latency with the audit file (µs, p50 / p99; {a['vocab']} ids; ratio = median of per-round ratios to off)",
+            ["audit", "step", "ratio", "bytes/frame"],
+            [
+                [
+                    m if m == "off" else f"on, fsync {m}",
+                    f"{a[m]['p50_us']:.0f} / {a[m]['p99_us']:.0f}",
+                    "1.00x" if m == "off" else f"{a[m + '_over_off_median']:.2f}x",
+                    "" if m == "off" else f"{a[m + '_bytes_per_frame']:.0f}",
+                ]
+                for m in AUDIT_MODES
+            ],
+        )
+    )
+    e = result["exporter"]
+    out.append("")
+    out.append(
+        table(
+            f"step latency with the Prometheus exporter (µs, p50 / p99; {e['vocab']} ids; scraped every 100 ms)",
+            ["exporter", "step", "ratio"],
+            [
+                ["off", f"{e['off']['p50_us']:.0f} / {e['off']['p99_us']:.0f}", "1.00x"],
+                ["off (a second sidecar: the noise floor)", "", f"{e['off2_over_off_median']:.2f}x"],
+                ["on", f"{e['on']['p50_us']:.0f} / {e['on']['p99_us']:.0f}", f"{e['on_over_off_median']:.2f}x"],
+            ],
+        )
+    )
+    if "model" in result:
+        m = result["model"]
+        out.append("")
+        out.append(
+            table(
+                f"SmolLM2-135M, greedy, {m['tokens']} tokens, {m['repeats']} rounds of each in turn, the order rotating; "
+                "ratio = vs unguarded",
+                [
+                    "run",
+                    "tok/s",
+                    "ratio",
+                    "ms/token added",
+                    "guard step in the loop (µs, p50 / p99)",
+                    "write / wait (of it the sidecar's) / verify (µs, p50)",
+                ],
+                [
+                    [
+                        f"{label}",
+                        f"{m[key + '_tok_s_median']:.1f}",
+                        f"{m.get(key + '_over_unguarded_median', 1.0):.3f}",
+                        f"{m.get(key + '_overhead_ms_per_token_median', 0.0):.2f}",
+                        f"{m[key + '_step_latency']['p50_us']:.0f} / {m[key + '_step_latency']['p99_us']:.0f}"
+                        if key + "_step_latency" in m
+                        else "",
+                        _phases_cell(m[key + "_phases_us_p50"]) if key + "_phases_us_p50" in m else "",
+                    ]
+                    for key, label in (
+                        ("unguarded", "unguarded"),
+                        ("transport_floor", "ring + bare gRPC echo (floor)"),
+                        ("lane_floor", "ring + bare fast-lane echo (floor)"),
+                        ("ed25519", "gRPC lane, Ed25519"),
+                        ("hmac", "gRPC lane, HMAC-SHA256"),
+                        ("ed25519_shm", "fast lane, Ed25519"),
+                        ("hmac_shm", "fast lane, HMAC-SHA256"),
+                        ("hmac_shm_spec", "fast lane, HMAC, speculating"),
+                    )
+                ],
+            )
+        )
+        out.append(f"identical greedy output: {m['identical_greedy_output']}")
+    return "\n".join(out)
+
+
 def run_bench(args: argparse.Namespace) -> int:
     import grpc
 
@@ -481,130 +611,7 @@ def run_bench(args: argparse.Namespace) -> int:
         finally:
             ed.stop()
             hm.stop()
-    t = result["transport"]
-    print(
-        table(
-            "verdict round trip (µs, p50 / p99; ratio = median of per-round ratios to the echo)",
-            ["vocab", "pace", "echo", "ring", "inline", "ring/echo", "inline/echo", "hmac: echo", "ring", "ring/echo"],
-            [
-                [
-                    str(r["vocab"]),
-                    f"{r['pace_ms']:.0f} ms",
-                    *(f"{r[k]['p50_us']:.0f} / {r[k]['p99_us']:.0f}" for k in ("echo", "ring", "inline")),
-                    f"{r['ring_over_echo_median']:.2f}x",
-                    f"{r['inline_over_echo_median']:.2f}x",
-                    *(f"{r[k]['p50_us']:.0f} / {r[k]['p99_us']:.0f}" for k in ("echo_hmac", "ring_hmac")),
-                    f"{r['ring_hmac_over_echo_hmac_median']:.2f}x",
-                ]
-                for r in t
-            ],
-        )
-    )
-    print()
-    print(
-        table(
-            "metrics of one row (µs, p50; ratio = median of per-round ratios to the exp pass)",
-            ["vocab", "exp pass", "metrics, top-1 chosen", "ratio", "metrics, other chosen", "ratio", "np.partition top-2"],
-            [
-                [
-                    str(r["vocab"]),
-                    f"{r['exp_pass_us']:.1f}",
-                    f"{r['metrics_top1_us']:.1f}",
-                    f"{r['metrics_top1_over_exp_median']:.2f}x",
-                    f"{r['metrics_other_us']:.1f}",
-                    f"{r['metrics_other_over_exp_median']:.2f}x",
-                    f"{r['partition_top2_us']:.1f}",
-                ]
-                for r in result["metrics"]
-            ],
-        )
-    )
-    ln = result["lane"]
-    print()
-    print(
-        table(
-            f"fast lane round trip (µs, p50 / p99; {ln['vocab']} ids; the same two processes, in turn)",
-            ["eventfd ping-pong", "lane, no guard work", "ratio", "lane step", "gRPC echo", "gRPC step", "lane/gRPC step"],
-            [
-                [
-                    *(f"{ln[k]['p50_us']:.0f} / {ln[k]['p99_us']:.0f}" for k in ("eventfd_ping", "lane_echo")),
-                    f"{ln['lane_echo_over_eventfd_ping_median']:.2f}x",
-                    *(f"{ln[k]['p50_us']:.0f} / {ln[k]['p99_us']:.0f}" for k in ("lane_step", "grpc_echo", "grpc_step")),
-                    f"{ln['lane_step_over_grpc_step_median']:.2f}x",
-                ]
-            ],
-        )
-    )
-    a = result["audit"]
-    print()
-    print(
-        table(
-            f"step latency with the audit file (µs, p50 / p99; {a['vocab']} ids; ratio = median of per-round ratios to off)",
-            ["audit", "step", "ratio", "bytes/frame"],
-            [
-                [
-                    m if m == "off" else f"on, fsync {m}",
-                    f"{a[m]['p50_us']:.0f} / {a[m]['p99_us']:.0f}",
-                    "1.00x" if m == "off" else f"{a[m + '_over_off_median']:.2f}x",
-                    "" if m == "off" else f"{a[m + '_bytes_per_frame']:.0f}",
-                ]
-                for m in AUDIT_MODES
-            ],
-        )
-    )
-    e = result["exporter"]
-    print()
-    print(
-        table(
-            f"step latency with the Prometheus exporter (µs, p50 / p99; {e['vocab']} ids; scraped every 100 ms)",
-            ["exporter", "step", "ratio"],
-            [
-                ["off", f"{e['off']['p50_us']:.0f} / {e['off']['p99_us']:.0f}", "1.00x"],
-                ["off (a second sidecar: the noise floor)", "", f"{e['off2_over_off_median']:.2f}x"],
-                ["on", f"{e['on']['p50_us']:.0f} / {e['on']['p99_us']:.0f}", f"{e['on_over_off_median']:.2f}x"],
-            ],
-        )
-    )
-    if "model" in result:
-        m = result["model"]
-        print()
-        print(
-            table(
-                f"SmolLM2-135M, greedy, {m['tokens']} tokens, {m['repeats']} rounds of each in turn, the order rotating; "
-                "ratio = vs unguarded",
-                [
-                    "run",
-                    "tok/s",
-                    "ratio",
-                    "ms/token added",
-                    "guard step in the loop (µs, p50 / p99)",
-                    "write / wait (of it the sidecar's) / verify (µs, p50)",
-                ],
-                [
-                    [
-                        f"{label}",
-                        f"{m[key + '_tok_s_median']:.1f}",
-                        f"{m.get(key + '_over_unguarded_median', 1.0):.3f}",
-                        f"{m.get(key + '_overhead_ms_per_token_median', 0.0):.2f}",
-                        f"{m[key + '_step_latency']['p50_us']:.0f} / {m[key + '_step_latency']['p99_us']:.0f}"
-                        if key + "_step_latency" in m
-                        else "",
-                        _phases_cell(m[key + "_phases_us_p50"]) if key + "_phases_us_p50" in m else "",
-                    ]
-                    for key, label in (
-                        ("unguarded", "unguarded"),
-                        ("transport_floor", "ring + bare gRPC echo (floor)"),
-                        ("lane_floor", "ring + bare fast-lane echo (floor)"),
-                        ("ed25519", "gRPC lane, Ed25519"),
-                        ("hmac", "gRPC lane, HMAC-SHA256"),
-                        ("ed25519_shm", "fast lane, Ed25519"),
-                        ("hmac_shm", "fast lane, HMAC-SHA256"),
-                        ("hmac_shm_spec", "fast lane, HMAC, speculating"),
-                    )
-                ],
-            )
-        )
-        print(f"identical greedy output: {m['identical_greedy_output']}")
+    print(render(result))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nwrote {args.out}")

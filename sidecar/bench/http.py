@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .common import rotation, run_header, table
+from .common import publish, rotation, run_header, table
 from .vllm import PROMPTS
 
 
@@ -64,6 +64,23 @@ def _http_run(port: int, body: dict[str, Any]) -> tuple[float, float, int, str]:
             parts.append(text)
     conn.close()
     return ttft, last - t0, tokens, "".join(parts)
+
+
+def render(result: dict[str, Any]) -> str:
+    """The table ``run_http_bench`` prints, from its JSON."""
+    rows = [[name, f"{result[name]['tok_s']:.1f}", f"{result[name]['ttft_ms']:.1f}"] for name in ("in_process", "http")]
+    return "\n".join(
+        [
+            table(
+                f"fse-engine-llama's HTTP layer: {result['tokens']} tokens a chat answer (T=0.7, seeded), "
+                f"{result['rounds']} rotated rounds, medians; same text both ways: {result['same_text']}",
+                ["path", "tok/s", "TTFT ms"],
+                rows,
+            ),
+            f"HTTP/in-process tokens/s: {result['tok_s_ratio']:.3f} (the HTTP layer costs {result['http_cost_pct']:.1f}%); "
+            f"time to first token: +{result['ttft_extra_ms']:.1f} ms",
+        ]
+    )
 
 
 def run_http_bench(args: argparse.Namespace) -> int:
@@ -156,21 +173,4 @@ def run_http_bench(args: argparse.Namespace) -> int:
         ],
     }
     result["http_cost_pct"] = 100 * (1 - result["tok_s_ratio"])
-    rows = [[name, f"{result[name]['tok_s']:.1f}", f"{result[name]['ttft_ms']:.1f}"] for name in ("in_process", "http")]
-    print(
-        table(
-            f"fse-engine-llama's HTTP layer: {args.tokens} tokens a chat answer (T=0.7, seeded), {args.http_rounds} rotated "
-            f"rounds, medians; same text both ways: {same}",
-            ["path", "tok/s", "TTFT ms"],
-            rows,
-        )
-    )
-    print(
-        f"HTTP/in-process tokens/s: {result['tok_s_ratio']:.3f} (the HTTP layer costs {result['http_cost_pct']:.1f}%); "
-        f"time to first token: +{result['ttft_extra_ms']:.1f} ms"
-    )
-    out: Path = args.out.with_name("bench-http.json") if args.out.name == "bench.json" else args.out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {out}")
-    return 0
+    return publish(result, args.out, "http", render)

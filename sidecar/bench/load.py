@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import os
 import platform
 import sys
 import tempfile
@@ -41,7 +40,7 @@ import numpy as np
 
 from ..core import ledger
 from ..launch import LocalSidecar, start_local_sidecar
-from .common import table
+from .common import machine, table
 
 VOCAB = 32_000  # Llama 2's vocabulary: FULL rows of 128 KB
 POOL = 64  # distinct rows per engine, drawn at random each step (no loop for the loop guard)
@@ -436,7 +435,7 @@ def run_load_bench(args: argparse.Namespace) -> int:
         pid=args.pid,
         audit_dir=args.audit_dir,
     )
-    r["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
+    r["machine"] = machine(platform=platform.platform())
     print(report(r))
     out = args.out.with_name("bench-load.json") if args.out.name == "bench.json" else args.out
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import re
 import statistics
 import sys
@@ -52,7 +51,7 @@ from engine_adapters.llama_cpp import CHAT
 
 from ..config import Guard, GuardSet
 from ..core.sampling import SamplingParams
-from .common import table
+from .common import machine, publish, table
 
 HEALTHY = [
     "What is the capital of France?",
@@ -326,7 +325,7 @@ def bench_quality(args: argparse.Namespace, log: Any) -> dict[str, Any]:
         config = yaml.safe_load(args.config.read_text()) or {}
         config.setdefault("policies", {}).setdefault("default", {})
         config["policies"]["off"] = OFF
-    result: dict[str, Any] = {"max_tokens": args.max_tokens, "groups": {}}
+    result: dict[str, Any] = {"machine": machine(), "max_tokens": args.max_tokens, "groups": {}}
     with tempfile.TemporaryDirectory(prefix="fse-bench-quality-") as tmp:
         sc = start_local_sidecar(Path(tmp), config)
         try:
@@ -354,7 +353,8 @@ def bench_quality(args: argparse.Namespace, log: Any) -> dict[str, Any]:
     return result
 
 
-def print_quality(result: dict[str, Any]) -> None:
+def render(result: dict[str, Any]) -> str:
+    """The table ``run_quality_bench`` prints, from its JSON."""
     rows = []
     for name, by in result["groups"].items():
         for label in ("guarded", "unguarded"):
@@ -384,7 +384,7 @@ def print_quality(result: dict[str, Any]) -> None:
                     f"{s['excess_per_token_mean']:+.2f} / {s['excess_per_token_worst_run']:+.2f}",
                 ]
             )
-    print(
+    out = [
         table(
             f"quality: SmolLM2-135M, up to {result['max_tokens']} tokens a run, default policy against everything off",
             [
@@ -409,17 +409,13 @@ def print_quality(result: dict[str, Any]) -> None:
             ],
             rows,
         )
-    )
+    ]
     causes = {name: by["guarded"]["heals_by_cause"] for name, by in result["groups"].items() if by["guarded"]["heals_by_cause"]}
     if causes:
-        print("\nheals by cause (guarded): " + "; ".join(f"{g}: {c}" for g, c in causes.items()))
+        out.append("\nheals by cause (guarded): " + "; ".join(f"{g}: {c}" for g, c in causes.items()))
+    return "\n".join(out)
 
 
 def run_quality_bench(args: argparse.Namespace) -> int:
     result = bench_quality(args, lambda m: print(m, file=sys.stderr))
-    print_quality(result)
-    out: Path = args.out.with_name("bench-quality.json") if args.out.name == "bench.json" else args.out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {out}")
-    return 0
+    return publish(result, args.out, "quality", render)

@@ -17,18 +17,15 @@ Ratios are medians of per-round ratios. Prints a table and writes JSON; asserts 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..core.metrics import row_stats
 from ..ring import DTYPES, HEADER_SIZE, RingReader, RingWriter, mapped_view
-from .common import table
+from .common import machine, publish, table
 
 VOCABS = (49_152, 128_256)  # the embedded SmolLM2's, and Llama 3's
 
@@ -99,30 +96,28 @@ def bench_ring(rounds: int, reps: int) -> list[dict[str, Any]]:
     return [_bench_one(vocab, dtype, rounds, reps) for vocab in VOCABS for dtype in ("f32", "f16")]
 
 
+def render(result: dict[str, Any]) -> str:
+    """The table ``run_ring_bench`` prints, from its JSON."""
+    return table(
+        "row read per step (µs, medians over rounds): layout 2's pread copy vs a view of a mapping",
+        ["vocab", "dtype", "bytes", "view", "pread", "pread/view", "row_stats", "(pread-view)/row_stats"],
+        [
+            [
+                str(r["vocab"]),
+                r["dtype"],
+                str(r["row_bytes"]),
+                f"{r['view_us_p50']:.1f}",
+                f"{r['pread_us_p50']:.1f}",
+                f"{r['pread_over_view']:.2f}x",
+                f"{r['row_stats_us_p50']:.1f}",
+                f"{r['copy_cost_over_row_stats']:.2f}",
+            ]
+            for r in result["ring"]
+        ],
+    )
+
+
 def run_ring_bench(args: argparse.Namespace) -> int:
     rows = bench_ring(args.ring_rounds, 20)
-    print(
-        table(
-            "row read per step (µs, medians over rounds): layout 2's pread copy vs a view of a mapping",
-            ["vocab", "dtype", "bytes", "view", "pread", "pread/view", "row_stats", "(pread-view)/row_stats"],
-            [
-                [
-                    str(r["vocab"]),
-                    r["dtype"],
-                    str(r["row_bytes"]),
-                    f"{r['view_us_p50']:.1f}",
-                    f"{r['pread_us_p50']:.1f}",
-                    f"{r['pread_over_view']:.2f}x",
-                    f"{r['row_stats_us_p50']:.1f}",
-                    f"{r['copy_cost_over_row_stats']:.2f}",
-                ]
-                for r in rows
-            ],
-        )
-    )
-    out: Path = args.out.with_name("bench-ring.json") if args.out.name == "bench.json" else args.out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    result = {"machine": {"python": platform.python_version(), "numpy": np.__version__}, "ring": rows}
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {out}")
-    return 0
+    result = {"machine": machine(), "ring": rows}
+    return publish(result, args.out, "ring", render)

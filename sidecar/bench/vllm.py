@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import tempfile
 import time
@@ -26,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from .common import rotation, table
+from .common import machine, publish, rotation, table
 
 PROMPTS = [
     "Write a long story about a lighthouse keeper.",
@@ -57,6 +56,19 @@ def _batch(base_url: str, model: str, batch: int, tokens: int, pool: ThreadPoolE
     t0 = time.perf_counter()
     done = sum(pool.map(one, range(batch)))
     return time.perf_counter() - t0, done
+
+
+def render(result: dict[str, Any]) -> str:
+    """The table ``run_vllm_bench`` prints, from its JSON."""
+    rows = []
+    for b, r in result["batches"].items():
+        rows.append([b, f"{r['unguarded_tok_s']:.1f}", f"{r['guarded_tok_s']:.1f}", f"{r['ratio']:.3f}", r["ratios"]])
+    return table(
+        f"real vLLM {result['vllm']}, {result['tokens']} greedy tokens a request, {result['rounds']} rotated rounds "
+        "(tokens/s: medians; ratio: median of per-round guarded/unguarded)",
+        ["batch", "unguarded tok/s", "guarded tok/s", "ratio", "per round"],
+        rows,
+    )
 
 
 def run_vllm_bench(args: argparse.Namespace) -> int:
@@ -92,23 +104,8 @@ def run_vllm_bench(args: argparse.Namespace) -> int:
             s.stop()
         if sidecar is not None:
             sidecar.stop()
-    rows = []
-    for b in batches:
-        r = result["batches"][str(b)]
-        rows.append([str(b), f"{r['unguarded_tok_s']:.1f}", f"{r['guarded_tok_s']:.1f}", f"{r['ratio']:.3f}", r["ratios"]])
-    print(
-        table(
-            f"real vLLM {result['vllm']}, {args.tokens} greedy tokens a request, {args.vllm_rounds} rotated rounds "
-            "(tokens/s: medians; ratio: median of per-round guarded/unguarded)",
-            ["batch", "unguarded tok/s", "guarded tok/s", "ratio", "per round"],
-            rows,
-        )
-    )
-    out: Path = args.out.with_name("bench-vllm.json") if args.out.name == "bench.json" else args.out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {out}")
-    return 0
+    result["tokens"], result["rounds"] = args.tokens, args.vllm_rounds
+    return publish(result, args.out, "vllm", render)
 
 
 def _measure(urls: dict[str, str], batches: list[int], args: argparse.Namespace) -> dict[str, Any]:
@@ -126,7 +123,7 @@ def _measure(urls: dict[str, str], batches: list[int], args: argparse.Namespace)
                     seconds, tokens = _batch(urls[name], model, b, args.tokens, pool)
                     speeds[(b, name)].append(tokens / seconds)
     out: dict[str, Any] = {
-        "machine": {"python": platform.python_version()},
+        "machine": machine(),
         "vllm": version,
         "tokens": args.tokens,
         "rounds": args.vllm_rounds,
