@@ -168,3 +168,12 @@ def test_the_platform_wheel_carries_the_compiled_core_and_keeps_the_pure_fallbac
     edited = _probe(target)
     assert not edited["compiled"] and "changed since it was compiled" in str(edited["reason"])
     assert "AccelStaleWarning" in str(edited["stderr"])
+
+
+def test_vllm_s_venv_runs_the_versions_its_constraints_pin() -> None:
+    """make setup-vllm installs with constraints-vllm.txt: regenerated from that venv, it is unchanged."""
+    python = ROOT / ".venv-vllm" / "bin" / "python"
+    if not python.exists():
+        pytest.skip("no .venv-vllm here: make setup-vllm (make test runs it)")
+    r = subprocess.run([str(python), "scripts/gen_constraints.py", "--vllm", "--check"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
