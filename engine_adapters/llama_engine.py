@@ -80,8 +80,10 @@ class Job:
         return cls(deliver=deliver, **kw)
 
 
-def _refused_at_open(exc: BaseException, code: str, tokens: int) -> bool:
-    return isinstance(exc, StepRefused) and exc.code == code and tokens == 0
+def _refused_at_open(exc: BaseException, code: str) -> bool:
+    """``exc`` refused the session's opening with ``code`` (``_stream`` raises only before
+    its first token, so a retry never sends text twice)."""
+    return isinstance(exc, StepRefused) and exc.code == code
 
 
 class Engine:
@@ -179,17 +181,17 @@ class Engine:
         try:
             return self._stream(job, ids, limit)
         except FseError as exc:
-            if _refused_at_open(exc, "NOT_FOUND", 0):
+            if _refused_at_open(exc, "NOT_FOUND"):
                 # an unknown vocabulary (the sidecar restarted and forgot it) or an unknown
                 # policy: register again and try once more; still NOT_FOUND, it is the policy
                 self._renew()
                 try:
                     return self._stream(job, ids, limit)
                 except FseError as again:
-                    if _refused_at_open(again, "NOT_FOUND", 0):
+                    if _refused_at_open(again, "NOT_FOUND"):
                         raise BadRequest(str(again), "policy") from None
                     raise
-            if _refused_at_open(exc, "INVALID_ARGUMENT", 0):
+            if _refused_at_open(exc, "INVALID_ARGUMENT"):
                 raise BadRequest(str(exc)) from None  # OpenSession refused what the request asked for
             self._drop()  # no session: a new one, and the vocabulary registered again, next time
             raise
