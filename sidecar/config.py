@@ -90,15 +90,12 @@ def _guard(enabled: bool, threshold: float) -> Annotated[Guard, Field()]:
 
 
 class GuardSet(_Strict):
-    """Thresholds from the seeds, recalibrated on SmolLM2-135M by ``bench quality``.
-
-    -log p is on at 9 nats (seed 000 says 6): a sampled token that unlikely is healed.
-    Healthy draws at temperature 0.7 (untruncated, a seed per prompt) exceed 9 nats 3
-    times in 4 993 (their 99.9th percentile: 8.6), 6.5 nats 0.9% of the time; at 1.5,
-    61% do, at 3.0 nearly all. A hot sampler is the drift test's to catch (the protective
-    band); this guard heals the single far-tail token. The history is in the README. Entropy,
-    rank, margin and max-prob > 0.99 trip on ordinary healthy text (a confident instruct
-    model), so they stay opt-in; PPL, variance and L2 norm (seed 001's recommended
+    """Per-token guards: thresholds from the seeds, recalibrated on SmolLM2-135M by ``bench
+    quality`` (docs/benchmarks.md). -log p is on at 9 nats (seed 000 says 6): healthy sampled
+    text almost never draws a token that unlikely, a hot sampler often does; the hot sampler
+    is the drift test's to catch (the protective band), this guard heals the single far-tail
+    token. Entropy, rank, margin and max-prob trip on ordinary healthy text (a confident
+    instruct model), so they stay opt-in; running PPL, logit variance and L2 norm (seed 001's
     defaults plus the collapse sentinel) are on.
     """
 
