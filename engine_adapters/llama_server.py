@@ -507,6 +507,13 @@ def main(argv: list[str] | None = None) -> int:
         access_log=False,  # AccessLog's line has the latency and the finish reason
         server_header=False,
     )
+    try:  # the engine serves anyway (a pod's sidecar may start later); what is wrong is said first
+        client.check_usable(timeout=2.0)
+    except GuardError as exc:
+        log.warning(
+            "the sidecar is not usable yet: %s. Until it is, /healthz and every request answer 503", exc,
+            extra=logs.fields(event="sidecar_unusable", sidecar=target),
+        )  # fmt: skip
     log.info(
         "fse-engine-llama serving %s on %s:%s",
         settings.served_model or engine.model, host, port,
@@ -516,13 +523,6 @@ def main(argv: list[str] | None = None) -> int:
             omp_wait=omp, policies=sorted(settings.policies), default_policy=settings.default_policy,
         ),
     )  # fmt: skip
-    try:  # the engine serves anyway (a pod's sidecar may start later); what is wrong is said now
-        client.check_usable(timeout=2.0)
-    except GuardError as exc:
-        log.warning(
-            "the sidecar is not usable yet: %s. Until it is, /healthz and every request answer 503", exc,
-            extra=logs.fields(event="sidecar_unusable", sidecar=target),
-        )  # fmt: skip
     started = time.monotonic()
     # uvicorn re-raises the signal that stopped it once it has; by then the answers in flight
     # are done, and what is left is this process's own clean-up (below), then exit 0

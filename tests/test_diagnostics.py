@@ -98,3 +98,37 @@ def test_a_demo_whose_sidecar_exits_at_once_says_why_within_seconds(tmp_path) ->
         [sys.executable, "-m", "sidecar", "demo", "--config", str(unparsable)], cwd=ROOT, capture_output=True, text=True
     )
     assert r.returncode == 2 and f"{unparsable}: policies.default.guardz: Extra inputs are not permitted" in r.stderr
+
+
+@pytest.mark.slow
+def test_an_engine_pointed_at_a_missing_socket_says_so_before_it_serves_and_answers_503(tmp_path, keys) -> None:
+    import json
+    import urllib.error
+    import urllib.request
+
+    from sidecar.launch import free_port
+
+    port, log = free_port(), tmp_path / "engine.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "engine_adapters.llama_server", "--listen", f"127.0.0.1:{port}", "--log-format", "json",
+         "--sidecar", f"unix:{tmp_path / 'nope.sock'}", "--public-key", str(keys.public)],
+        cwd=ROOT, stderr=log.open("wb"),
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10)
+                raise AssertionError("healthz answered 200 without a sidecar")
+            except urllib.error.HTTPError as err:
+                status, body = err.code, json.loads(err.read())
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+                time.sleep(0.3)
+        assert status == 503 and f"no socket at {tmp_path / 'nope.sock'}" in body["error"]["message"]
+        events = [json.loads(line).get("event") for line in log.read_text().splitlines() if line.startswith("{")]
+        assert events.index("sidecar_unusable") < events.index("started")  # said before "serving"
+    finally:
+        proc.terminate()
+        proc.wait(30)
