@@ -1,4 +1,4 @@
-"""Prometheus metrics of the guard (../shared/DESIGN.md §7): the "Glass Box" ECG.
+"""Prometheus metrics of the guard (docs/observability.md): the "Glass Box" ECG.
 
 A thin shell: the server tells an :class:`Exporter` of each verdict, refusal and session
 event; the exporter turns them into counters and histograms in its own registry (no global
