@@ -9,9 +9,11 @@ from typing import Any
 
 from sidecar.logs import fields
 
+Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
 def replaying(body: bytes, receive: Receive) -> Receive:
@@ -35,10 +37,10 @@ class AccessLog:
     (the request id, finish reason, tokens, heals, policy). 499: the client left before an
     answer started."""
 
-    def __init__(self, app: Callable[[Message, Receive, Send], Awaitable[None]], logger: logging.Logger) -> None:
+    def __init__(self, app: ASGIApp, logger: logging.Logger) -> None:
         self.app, self.log = app, logger
 
-    async def __call__(self, scope: Message, receive: Receive, send: Send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return

@@ -43,8 +43,9 @@ from sidecar import logs
 from sidecar._version import __version__
 from sidecar.about import add_version_flag
 from sidecar.errors import ConfigError, FseError, GuardError
-from sidecar.logs import LOG_FORMATS
+from sidecar.logs import LOG_FORMATS, LOG_LEVELS
 
+from . import omp
 from .client import GuardClient
 from .llama_engine import BadRequest, End, Engine, Event, Job, Piece
 from .openai_schema import (
@@ -412,8 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-threads", type=int, default=2, help="llama.cpp threads")
     p.add_argument(
         "--omp-wait",
-        choices=["default", "bounded", "passive", "active"],
-        default=os.environ.get("FSE_OMP_WAIT", "bounded"),
+        choices=list(omp.POLICIES),
+        default=os.environ.get("FSE_OMP_WAIT", omp.DEFAULT),
         help="how llama.cpp's OpenMP workers wait (env FSE_OMP_WAIT; bounded: a short spin, then sleep; "
         "OMP_WAIT_POLICY or GOMP_SPINCOUNT set by the operator win)",
     )
@@ -438,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("FSE_LOG_FORMAT", "text"),
         help="text, or json: one object per line (env FSE_LOG_FORMAT)",
     )
-    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info", help="default info")
+    p.add_argument("--log-level", choices=list(LOG_LEVELS), default="info", help="default info")
     return p
 
 
@@ -474,9 +475,7 @@ def main(argv: list[str] | None = None) -> int:
             expose_reasons=args.expose_guard_reasons,
             served_model=args.served_model_name,
         )
-        from .omp import apply_wait_policy
-
-        omp = apply_wait_policy(args.omp_wait)  # before llama_cpp loads libgomp
+        omp_wait = omp.apply_wait_policy(args.omp_wait)  # before llama_cpp loads libgomp
         target = args.sidecar.replace("unix://", "unix:", 1)
         client = GuardClient(target, keys)
         from .chat_template import ChatTemplate
@@ -520,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
         extra=logs.fields(
             event="started", version=__version__, pid=os.getpid(), model=settings.served_model or engine.model,
             listen=f"{host}:{port}", sidecar=target, lane=args.lane, n_ctx=engine.n_ctx, chat_template=template.source,
-            omp_wait=omp, policies=sorted(settings.policies), default_policy=settings.default_policy,
+            omp_wait=omp_wait, policies=sorted(settings.policies), default_policy=settings.default_policy,
         ),
     )  # fmt: skip
     started = time.monotonic()

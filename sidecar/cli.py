@@ -251,7 +251,10 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from engine_adapters import omp
+
     from .about import add_version_flag
+    from .logs import LOG_FORMATS
 
     p = argparse.ArgumentParser(prog="fse-sidecar", description="libfse: fail-closed inference guard sidecar")
     add_version_flag(p, "fse-sidecar")
@@ -261,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", required=True, type=Path, help="YAML configuration file")
     s.add_argument("--listen", help="override listen (unix:///path.sock or tcp://host:port)")
     s.add_argument("--record", type=Path, help="record every session (opening, rows, ledger) under DIR for 'replay'")
-    s.add_argument("--log-format", choices=["text", "json"], help="override log_format: text, or json (one object per line)")
+    s.add_argument("--log-format", choices=list(LOG_FORMATS), help="override log_format: text, or json (one object per line)")
     s.set_defaults(func=_serve)
 
     k = sub.add_parser(
@@ -296,9 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--audit-dir", type=Path, help="keep the session's .audit file here (default: a temporary directory)")
     d.add_argument(
         "--omp-wait",
-        choices=["default", "bounded", "passive", "active"],
-        default="bounded",
-        help="how llama.cpp's OpenMP workers wait (bounded: a short spin, then sleep; README Troubleshooting)",
+        choices=list(omp.POLICIES),
+        default=omp.DEFAULT,
+        help="how llama.cpp's OpenMP workers wait (bounded: a short spin, then sleep; docs/troubleshooting.md)",
     )
     d.set_defaults(func=_demo)
 

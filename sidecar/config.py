@@ -48,6 +48,7 @@ from pydantic import (
 )
 
 from .errors import ConfigError
+from .logs import LogFormat, LogLevel
 
 
 def _octal(v: object) -> object:
@@ -381,10 +382,10 @@ class SidecarConfig(_Strict):
     # (100k literal rules peak at ~160 MB; YAML aliases can multiply a rule list).
     reload_timeout_s: float = Field(default=60.0, gt=0)
     reload_max_memory_mb: int = Field(default=1024, ge=128)  # (see reload_timeout_s)
-    log_level: Literal["debug", "info", "warning", "error"] = "info"  # session ids are logged at debug only
+    log_level: LogLevel = "info"  # session ids are logged at debug only
     # text: for people (key=value fields after the message); json: one object per line, for
     # a log pipeline (serve --log-format overrides it)
-    log_format: Literal["text", "json"] = "text"
+    log_format: LogFormat = "text"
     # The Unix socket's mode and group: the owner only by default; give a group (and
     # 0o660) when the engine runs as another user that shares it.
     unix_socket_mode: FileMode = Field(default=0o600, ge=0, le=0o770)

@@ -14,10 +14,12 @@ import json
 import logging
 import sys
 import time
-from typing import Any, Literal, TextIO
+from typing import Any, Literal, TextIO, get_args
 
 LogFormat = Literal["text", "json"]
-LOG_FORMATS: tuple[LogFormat, ...] = ("text", "json")
+LOG_FORMATS: tuple[LogFormat, ...] = get_args(LogFormat)
+LogLevel = Literal["debug", "info", "warning", "error"]
+LOG_LEVELS: tuple[LogLevel, ...] = get_args(LogLevel)
 _FIELDS = "fse_fields"
 _QUOTE = frozenset(' ="\n')
 

@@ -35,7 +35,7 @@ from .conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "grafana"))
-from render_ecg import render  # noqa: E402
+from render_ecg import render, scoped  # noqa: E402
 
 pytestmark = pytest.mark.slow
 ALERTS = ROOT / "deploy" / "prometheus" / "fse-alerts.yml"
@@ -54,14 +54,6 @@ DEPLOYMENTS = {
     "fse-sidecar": {"namespace": "team-a", "pod": "guard-a-0"},
     "fse-sidecar-b": {"namespace": "team-b", "pod": "guard-b-0"},
 }
-
-
-def with_scope(expr: str, **chosen: str) -> str:
-    """A dashboard query as Grafana sends it: each scope variable replaced by the value
-    chosen (by default "All", which is .*)."""
-    for label in ("namespace", "job", "pod", "instance"):
-        expr = expr.replace(f"${label}", chosen.get(label, ".*"))
-    return expr
 
 
 def api(base: str, path: str, **params: Any) -> dict[str, Any]:
@@ -165,16 +157,16 @@ def test_every_dashboard_and_alert_expression_returns_data_from_a_real_scrape(ll
     window = f"{max(int(end - start) + 10, 20)}s"  # the whole run
     for what, expr in exprs.items():
         q = expr.replace("$__rate_interval", window).replace("[5m]", f"[{window}]").replace("[10m]", f"[{window}]")
-        body = api(base, "/api/v1/query", query=with_scope(q), time=end)
+        body = api(base, "/api/v1/query", query=scoped(q, {}), time=end)
         assert body["status"] == "success", (what, q, body)
         assert body["data"]["result"], f"{what}: no data for {q}"
         if what.startswith("panel"):  # one deployment alone has data; one that does not exist has none
-            assert api(base, "/api/v1/query", query=with_scope(q, namespace="team-b"), time=end)["data"]["result"], what
-            assert not api(base, "/api/v1/query", query=with_scope(q, namespace="team-z"), time=end)["data"]["result"], what
+            assert api(base, "/api/v1/query", query=scoped(q, {"namespace": "team-b"}), time=end)["data"]["result"], what
+            assert not api(base, "/api/v1/query", query=scoped(q, {"namespace": "team-z"}), time=end)["data"]["result"], what
     # Chosen one deployment, a counter reads half of "All" (the same sidecar scraped twice).
     both = {
         v: float(
-            api(base, "/api/v1/query", query=with_scope(f'sum(fse_verdicts_total{{job=~"{v}"}})'), time=end)["data"]["result"][0][
+            api(base, "/api/v1/query", query=scoped(f'sum(fse_verdicts_total{{job=~"{v}"}})', {}), time=end)["data"]["result"][0][
                 "value"
             ][1]
         )
@@ -189,7 +181,7 @@ def test_every_dashboard_and_alert_expression_returns_data_from_a_real_scrape(ll
         ("pod", {}, {"guard-a-0", "guard-b-0"}),
         ("instance", {"job": "fse-sidecar"}, {f"127.0.0.1:{metrics_port}"}),
     ):
-        m = re.fullmatch(r"label_values\((.*), (\w+)\)", with_scope(variables[label], **chosen))
+        m = re.fullmatch(r"label_values\((.*), (\w+)\)", scoped(variables[label], chosen))
         assert m and m.group(2) == label
         got = api(base, f"/api/v1/label/{label}/values", **{"match[]": m.group(1), "start": start, "end": end})["data"]
         assert set(got) == want, (label, m.group(1), got)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import sys
@@ -33,13 +32,12 @@ from typing import Any
 
 import numpy as np
 
-from .. import accel
 from .._pb.fse.v1 import guard_pb2 as pb
 from ..core.metrics import candidate, row_stats
 from ..core.sampling import SamplingParams
 from ..launch import LocalSidecar, start_local_sidecar
 from ..signing import generate_hmac_key
-from .common import interleave, median_ratio, pct, rotation, summ, table
+from .common import interleave, machine, median_ratio, pct, rotation, summ, table
 
 SAMPLING = SamplingParams(temperature=0.9, top_k=40, top_p=0.95, repetition_penalty=1.1, seed=1)
 # The transport rounds cycle through 8 synthetic rows, a loop the loop guard rightly
@@ -577,17 +575,7 @@ def render(result: dict[str, Any]) -> str:
 def run_bench(args: argparse.Namespace) -> int:
     import grpc
 
-    result: dict[str, Any] = {
-        "machine": {
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "numpy": np.__version__,
-            "grpcio": grpc.__version__,
-            "core": accel.status().describe(),
-            "platform": platform.platform(),
-            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
-    }
+    result: dict[str, Any] = {"machine": machine(grpcio=grpc.__version__, platform=platform.platform())}
     with tempfile.TemporaryDirectory(prefix="fse-bench-") as tmp:
         secret = generate_hmac_key(Path(tmp) / "hmac")
         (Path(tmp) / "ed").mkdir()
