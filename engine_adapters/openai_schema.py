@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sidecar.core.sampling import SamplingParams
 
 # Sampling defaults when a request leaves a field out (the embedded model's sensible ones;
-# README "The guarded OpenAI-compatible server").
+# docs/engines.md "The guarded OpenAI-compatible server").
 DEFAULT_TEMPERATURE = 0.7
 DEFAULT_TOP_K = 40
 DEFAULT_TOP_P = 0.95

@@ -119,7 +119,6 @@ def test_the_schema_accepts_the_shipped_and_documented_files_and_refuses_what_th
 # (a default, a threshold) are in code spans.
 MEASURED = ("README.md", *(f"docs/{p.name}" for p in sorted((ROOT / "docs").glob("*.md"))))
 FIGURE = re.compile(r"(?<![\w.])(?:\d+\.\d+|\d+)\s*(?:µs|ms|tok/s|tokens/s|%|x(?![\w-]))|(?<![\w.=-])\d+\.\d+(?![\w.])")
-BENCH_BLOCK = re.compile(r"<!-- bench:(\w+) -->.*?<!-- /bench:\1 -->", re.S)
 GENERATED = re.compile(r"<!-- (bench:\w+|reliability|config-reference)\b.*?<!-- /\1 -->", re.S)
 
 
