@@ -37,9 +37,9 @@ the guard looks for exactly that, in the text rather than in token ids:
 - **Blank loops.** Whitespace and punctuation normalise to nothing, so a run of more than
   ``max_blank_tokens`` tokens in a row with no letter or digit ("\\n\\n\\n...", "!!!!") is
   refused on its own count.
-- **Cost.** One numpy pass per token over both streams (two rows of
-  ``max_period_chars`` per new character); the check of a step's candidate is kept for
-  its commit.
+- **Cost.** One comparison per new character over both streams (two rows of
+  ``max_period_chars``, a reversed view of the text); the check of a step's candidate is
+  kept for its commit.
 - **Heal, then halt.** A refused candidate is a BLOCK trip: the redo excludes it and takes
   the next candidate (a heal). The unit that looped is remembered (for ``window`` steps):
   from then on it may not even occur twice in a row, so the loop cannot quietly restart
@@ -50,6 +50,7 @@ the guard looks for exactly that, in the text rather than in token ids:
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Sequence
 
@@ -95,6 +96,7 @@ def _letters(unit: bytes) -> int:
 
 
 _STREAMS = ("", " (digits masked)")
+Runs = tuple[dict[int, int], dict[int, int]]  # per stream: period -> run (only periods with one)
 
 
 class LoopGuard:
@@ -105,15 +107,17 @@ class LoopGuard:
         self.tokens = tokens
         self._norm: dict[int, bytes] = {}
         P = cfg.max_period_chars
-        self._periods = np.arange(1, P + 1, dtype=np.int64)
-        self._back: dict[int, np.ndarray] = {}  # gather indices per token length (_extend)
         # a unit of p characters is a loop once its repetition covers more than
         # max(min(R p, max(2 p, max_loop_chars)), min_chars): R repetitions, but a long unit
-        # (a sentence) only twice and not past max_loop_chars
-        cap = np.maximum(2 * self._periods, cfg.max_loop_chars)
-        self._limit = np.floor(np.maximum(np.minimum(cfg.max_repeats * self._periods, cap), cfg.min_chars)).astype(np.int64) + 1
-        # Row 0: the normalised text; row 1: the same with digits masked (same length).
-        self._runs = np.zeros((2, P), dtype=np.int64)
+        # (a sentence) only twice and not past max_loop_chars; [p - 1] for period p
+        self._limit = [
+            math.floor(max(min(cfg.max_repeats * p, max(2 * p, cfg.max_loop_chars)), cfg.min_chars)) + 1 for p in range(1, P + 1)
+        ]
+        # Per stream (0: the normalised text, 1: the same with digits masked), period ->
+        # its run: how many trailing characters equal the one that period before them.
+        # Only periods with a run are kept: a character matches a handful of the periods
+        # before it, so the update and the test are a handful of operations, not P.
+        self._runs: Runs = ({}, {})
         self._text = b""  # the normalised committed text: its last _keep characters
         self._keep = max(2 * P, cfg.recur_chars + _MAX_TOKEN_CHARS)
         # Recurrence: Rabin-Karp hashes of the recur_chars-character spans committed in the window.
@@ -132,7 +136,7 @@ class LoopGuard:
         self._pending: tuple[int, int, bytes] | None = None  # (step, stream, unit) of this step's refusal
         # (step, token, runs, text, (hash, spans) once the recurrence rolled them) of the last
         # check, for its commit
-        self._checked: tuple[int, int, np.ndarray, bytes, tuple[int, list[int]] | None] | None = None
+        self._checked: tuple[int, int, Runs, bytes, tuple[int, list[int]] | None] | None = None
         self.generated = 0
 
     def strict(self) -> bool:
@@ -145,22 +149,30 @@ class LoopGuard:
             self._norm[token] = c
         return c
 
-    def _extend(self, chars: bytes) -> tuple[np.ndarray, bytes]:
-        """The runs and text after appending ``chars`` (the state is not changed). All of a
-        token's characters in one numpy pass: a period's run grows by len(chars) if every
-        new character matches the one a period before, else it is the matches after the
-        last mismatch."""
-        P, k = self.cfg.max_period_chars, len(chars)
+    def _extend(self, chars: bytes) -> tuple[Runs, bytes]:
+        """The runs and text after appending ``chars`` (the state is not changed). For each
+        new character, the periods whose character before it is the same (found with
+        ``bytes.find`` in the last ``max_period_chars`` characters) extend their run by one;
+        every other period's run ends. Sparse on purpose: the step runs with caches cold
+        from the engine's forward pass, where each numpy call over all periods cost tens of
+        microseconds."""
+        P = self.cfg.max_period_chars
         text = self._text + chars
-        pad = (b"\0" * P + text)[-(P + k) :]  # zeros never match a character
-        buf = np.frombuffer(pad + pad.translate(_MASK), dtype=np.uint8).reshape(2, -1)
-        back = self._back.get(k)
-        if back is None:  # [j, p - 1]: where the character p before new character j is (j = k - 1 first)
-            back = self._back[k] = buf.shape[1] - 1 - np.arange(k)[:, None] - self._periods[None, :]
-        miss = buf[:, back] != buf[:, -1 - np.arange(k), None]  # (stream, char, period), the last character first
-        trailing = np.argmax(miss, axis=1)  # matches after the last mismatch
-        runs = np.where(miss.any(axis=1), trailing, self._runs + k)
-        return runs, text[-self._keep :]
+        end = len(text)
+        out: list[dict[int, int]] = []
+        grown: dict[int, int]
+        for stream, old in enumerate(self._runs):
+            t = text.translate(_MASK) if stream else text
+            runs = old
+            for i in range(end - len(chars), end):
+                c, grown = t[i], {}
+                q = t.find(c, max(i - P, 0), i)
+                while q >= 0:
+                    grown[i - q] = runs.get(i - q, 0) + 1
+                    q = t.find(c, q + 1, i)
+                runs = grown
+            out.append(runs)
+        return (out[0], out[1]), text[-self._keep :]
 
     def check(self, p: Proposal) -> Sequence[Trip]:
         chars = self._chars(p.token)
@@ -174,17 +186,16 @@ class LoopGuard:
         runs, text = self._extend(chars)
         self._checked = (p.step, p.token, runs, text, None)
         texts = (text, text.translate(_MASK))
-        covered = runs + self._periods
         for step, stream, unit in self._banned:  # a loop healed before, starting again (in any phase)
             period = len(unit)
-            n = int(covered[stream, period - 1])
+            n = runs[stream].get(period, 0) + period  # the characters the unit's repetition covers
             if step > p.step - self.cfg.window and n >= max(2 * period, _BAN_CHARS) and texts[stream][-period:] in unit + unit:
                 detail = f"loop: a loop healed before starts again (its unit twice in a row{_STREAMS[stream]})"
                 return self._refuse(p, n / period, 1.0, detail, stream, unit)
-        over = covered >= self._limit
-        for stream in (0, 1) if over.any() else ():
+        limit = self._limit
+        for stream in (0, 1):
             licensed: list[int] = []
-            for period in (np.flatnonzero(over[stream]) + 1).tolist():
+            for period in sorted(q for q, r in runs[stream].items() if r + q >= limit[q - 1]):
                 if any(period % q == 0 for q in licensed):
                     continue  # a multiple of a unit the prompt asked for
                 unit = texts[stream][-period:]
@@ -193,7 +204,7 @@ class LoopGuard:
                     letters = _letters(unit) if b"#" in unit else 0
                     if not letters:
                         continue  # no digit (row 0 judges it), or mostly digits (a count, a table of numbers)
-                n = int(covered[stream, period - 1])
+                n = runs[stream][period] + period
                 repeats, allowed, asked = n / period, self.cfg.max_repeats, ""
                 if letters < _MIN_LETTERS:
                     # a numbered item of a short word ("12. Goodbye", "Chapter 12"): a list,
@@ -207,7 +218,7 @@ class LoopGuard:
                     if n <= max(allowed * period, self.cfg.min_chars):
                         continue
                 if not asked:
-                    allowed = (int(self._limit[period - 1]) - 1) / period
+                    allowed = (limit[period - 1] - 1) / period
                 detail = (
                     f"loop: the text repeats a {period}-character unit {repeats:.2f} times back to back"
                     f"{_STREAMS[stream]} (max {allowed:.2f}{asked})"
@@ -249,7 +260,7 @@ class LoopGuard:
                 out.append(h)
         return h, out
 
-    def _recurrence(self, p: Proposal, chars: bytes, text: bytes, runs: np.ndarray) -> Sequence[Trip]:
+    def _recurrence(self, p: Proposal, chars: bytes, text: bytes, runs: Runs) -> Sequence[Trip]:
         """A long span that keeps coming back, with other text between ("I'm not sure what
         you're asking ..." / "... looking for ..."): a loop that periodicity misses."""
         G = self.cfg.recur_chars
@@ -262,9 +273,8 @@ class LoopGuard:
             return ()
         # a span that is one unit repeated is periodicity's to judge when the prompt asked
         # for that unit (its licence); otherwise a recurring span is a recurring span
-        short = runs[0, : G // 2]
-        periodic = np.flatnonzero(short >= G - np.arange(1, len(short) + 1))
-        if periodic.size and self._in_prompt(text[-int(periodic[0]) - 1 :], self._prompt[0]):
+        unit = min((q for q, r in runs[0].items() if q <= G // 2 and r + q >= G), default=0)  # its shortest unit
+        if unit and self._in_prompt(text[-unit:], self._prompt[0]):
             return ()
         detail = (
             f"loop: a {G}-character span of the text recurs, {seen + 1} times in the last "
