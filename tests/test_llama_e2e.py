@@ -217,3 +217,26 @@ def test_a_token_llama_cpp_produced_against_its_verdict_never_reaches_the_caller
     assert all(t.token_id == t.verdict.token_id for t in done.tokens)
     refused_step = int(str(done.error).split()[1].rstrip(":"))
     assert len(done.tokens) == refused_step  # nothing at or after the refused step was handed over
+
+
+def test_the_processor_sends_llama_cpps_contiguous_row_only_once_it_equals_the_scores(guarded) -> None:
+    """The contiguous logits (a cheaper copy into the ring than the processor's strided
+    view) are sent only after the first step found them equal to the scores llama.cpp
+    samples from; a row that differs is dropped and the scores are sent, for the whole run.
+    The verdict's token alone is raised to +inf: greedy picks exactly it."""
+    g, _ = guarded()
+    rng = np.random.default_rng(5)
+    scores = rng.standard_normal(len(g.vocab)).astype(np.float32)
+    scores[42] = 25.0  # a confident row: the guard accepts its greedy token
+    other = scores.copy()
+    other[7] += 1.0
+    for raw, kept in ((scores.copy(), True), (other, False)):
+        session = g.client.open_session(g.vocab_digest, GREEDY, ring=g.ring)
+        run = _Run(session, lambda raw=raw: raw)
+        out = run.processor(np.array([1]), scores.copy())
+        assert run.failure is None
+        want = int(np.argmax(scores))  # greedy on the row the sidecar judged: the scores' argmax either way
+        assert run.admit(0, want).token_id == want
+        assert out[want] == np.inf and np.isfinite(np.delete(out, want)).all()
+        assert (run.row is not None, run.row_checked) == (kept, kept)
+        session.close()
