@@ -4,29 +4,24 @@
     >>> for tok in guarded.generate("Hello", max_tokens=32, sampling=SamplingParams()):
     ...     print(tok.text, tok.verdict.decision)
 
-How a token is forced: a logits processor copies llama.cpp's logits into the ring, asks
-the sidecar, verifies the verdict and raises the verdict's token to +inf (the row is
-finite, or there would be no verdict), so llama.cpp's own sampler, greedy, can only pick
-that one. On any failure every score is set to -inf.
+How a token is forced: ``GuardedLlama`` drives llama.cpp by hand. It evaluates the
+prompt, sends the logits of the last evaluated token (llama.cpp's own contiguous buffer,
+copied into the ring) and verifies the verdict; only then does it evaluate the verdict's
+token, and only then does the caller get it. Nothing of llama-cpp-python's ``generate``
+or its sampler chain runs: a token the sidecar did not sign can never enter the context.
 
-Why that is not enough (../shared/FACTS.md): llama-cpp-python *swallows* an exception
-raised inside a logits processor and samples from the unmodified scores - it fails open.
-So the processor never raises; it records the failure and blanks the scores, and two
-later checks stop the token:
-
-1. the stopping criterion (runs after sampling, before the token is appended) returns
-   True when the step has no verified verdict, so llama.cpp drops the token;
-2. the boundary: every token ``generate`` yields is compared with the verdict recorded
-   for its step before it is handed to the caller; a token without one, or a different
-   one, raises instead of being yielded.
+Why not a logits processor (../shared/FACTS.md): llama-cpp-python *swallows* an exception
+raised inside one and samples from the unmodified scores - an adapter that relies on
+raising there fails open - and its plumbing alone (a record array per token, the scores
+copied back) cost ~0.12 ms per token here, 0.9% of a SmolLM2 token.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +29,7 @@ import numpy as np
 
 from sidecar._pb.fse.v1 import guard_pb2 as pb
 from sidecar.core.sampling import SamplingParams, sample_normal
-from sidecar.errors import FseError, GuardError, VerdictRejected
+from sidecar.errors import FseError, GuardError
 from sidecar.ring import RingWriter
 
 from .client import GuardClient, GuardedSession, Phases
@@ -45,8 +40,6 @@ LANE_VERDICT_CAPACITY = 8192
 
 # The embedded SmolLM2-135M-Instruct's chat template (ChatML): CHAT.format(user_text).
 CHAT = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
-
-NEG_INF = np.float32(-np.inf)
 
 
 def default_model_path() -> Path:
@@ -117,73 +110,6 @@ class GuardedToken:
     phases_s: Phases = Phases()  # of latency_s: write, wait for the answer (of which the sidecar's), verify
 
 
-@dataclass
-class _Run:
-    """State shared by the processor, the stopping criterion and the boundary."""
-
-    session: GuardedSession
-    # llama.cpp's own logits of the step, contiguous (the same values, in id order, as the
-    # processor's ``scores``, a view with a 12-byte stride that copies 2-3x slower); None:
-    # send ``scores``.
-    row: Callable[[], np.ndarray] | None = None
-    row_checked: bool = False
-    verdicts: dict[int, pb.Verdict] = field(default_factory=dict)
-    latencies: dict[int, float] = field(default_factory=dict)
-    phases: dict[int, Phases] = field(default_factory=dict)
-    failure: BaseException | None = None
-    step: int = 0
-
-    def processor(self, input_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
-        # Must not raise: llama-cpp-python would ignore the exception and sample from the
-        # unmodified scores. Record the failure; the stopping criterion and boundary act.
-        try:
-            if self.failure is None:
-                t0 = time.perf_counter()
-                v = self.session.step(self._source(scores))
-                self.latencies[self.step] = time.perf_counter() - t0
-                self.phases[self.step] = self.session.phases
-                self.verdicts[self.step] = v
-                # The verdict was given on this row, so it is finite: +inf makes the token
-                # the one maximum, which greedy (llama.cpp's only sampler here) must pick;
-                # one write instead of -inf over the vocabulary. The boundary still checks.
-                scores[v.token_id] = np.inf
-            else:
-                scores[:] = NEG_INF
-        except BaseException as exc:  # noqa: BLE001 - every failure must end closed
-            if self.failure is None:
-                self.failure = exc
-            scores[:] = NEG_INF
-        self.step += 1
-        return scores
-
-    def _source(self, scores: np.ndarray) -> np.ndarray:
-        """The row to send: llama.cpp's contiguous logits once the first step found them
-        equal to ``scores`` (the same buffer llama.cpp samples from), else ``scores``."""
-        if self.row is None:
-            return scores
-        raw = self.row()
-        if not self.row_checked:
-            if not np.array_equal(raw, scores):
-                self.row = None
-                return scores
-            self.row_checked = True
-        return raw
-
-    def stopping(self, input_ids: Any, logits: Any) -> bool:
-        return self.failure is not None
-
-    def admit(self, step: int, token: int) -> pb.Verdict:
-        """The boundary: the verdict that allows ``token`` at ``step``, or raise."""
-        if self.failure is not None:
-            raise self.failure
-        v = self.verdicts.pop(step, None)
-        if v is None:
-            raise VerdictRejected(f"step {step}: llama.cpp produced token {token} without a verdict; not emitted")
-        if v.token_id != token:
-            raise VerdictRejected(f"step {step}: llama.cpp produced token {token}, the verdict allows {v.token_id}; not emitted")
-        return v
-
-
 class GuardedLlama:
     """Generate with llama-cpp-python while a sidecar proposes, checks and signs every token.
 
@@ -231,11 +157,11 @@ class GuardedLlama:
 
         Stops without error at end-of-sequence or after ``max_tokens``.
         """
-        from llama_cpp import LogitsProcessorList, StoppingCriteriaList
-
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
         ids = self.llama.tokenize(prompt.encode("utf-8"), add_bos=True, special=True) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise ValueError("the prompt holds no token")
         self.last_receipt = None
         session = self.client.open_session(
             self.vocab_digest,
@@ -247,41 +173,9 @@ class GuardedLlama:
             model_id=self.model_id,
             lane=self.lane,
         )
-        if self.speculate:
-            try:
-                yield from self._speculative(ids, max_tokens, sampling, session)
-            finally:
-                session.close()
-                self.last_receipt = session.receipt
-            return
-        run = _Run(session, self._logits_row)
-        # llama.cpp's own sampler only ever sees one finite logit: greedy picks it.
-        gen = self.llama.generate(
-            ids,
-            temp=0.0,
-            top_k=1,
-            top_p=1.0,
-            min_p=0.0,
-            repeat_penalty=1.0,
-            logits_processor=LogitsProcessorList([run.processor]),
-            stopping_criteria=StoppingCriteriaList([run.stopping]),
-        )
-        eos = self.llama.token_eos()
         try:
-            for step, token in enumerate(gen):
-                v = run.admit(step, int(token))
-                if token == eos:
-                    return
-                yield GuardedToken(
-                    step, int(token), self.vocab[token], v, run.latencies.pop(step, 0.0), run.phases.pop(step, Phases())
-                )
-                if step + 1 >= max_tokens:
-                    return
-            if run.failure is not None:  # the stopping criterion ended generation
-                raise run.failure
-            raise GuardError("llama.cpp stopped generating without a guard decision")
+            yield from self._decode(ids, max_tokens, sampling, session)
         finally:
-            gen.close()
             session.close()  # verifies the receipt after a clean run (raises if it does not)
             self.last_receipt = session.receipt
 
@@ -292,24 +186,47 @@ class GuardedLlama:
         ptr = self.llama._ctx.get_logits_ith(-1)  # the row llama.cpp's sampler reads (idx -1)
         return np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(len(self.vocab),))
 
-    def _speculative(
+    def _prefill(self, ids: list[int]) -> None:
+        """Evaluate the prompt, keeping what llama.cpp's context already holds of it (an
+        earlier turn of a chat, a shared system prompt), as llama-cpp-python's ``generate``
+        does; its last token is always evaluated again, for the logits of the first step."""
+        llama = self.llama
+        held = min(int(llama.n_tokens), len(ids) - 1)
+        common = 0
+        if held > 0:
+            same = np.asarray(llama.input_ids[:held]) == np.asarray(ids[:held])
+            common = held if same.all() else int(np.argmin(same))
+        llama.n_tokens = common  # eval() drops the KV entries from n_tokens on
+        llama.eval(ids[common:])
+
+    def _decode(
         self, ids: list[int], max_tokens: int, sampling: SamplingParams, session: GuardedSession
     ) -> Iterator[GuardedToken]:
-        """Drive llama.cpp by hand: only tokens with a verified verdict are ever kept in its
-        context; a speculative forward pass is rolled back (its KV entry dropped) unless the
-        verdict names the same token."""
-        import ctypes
+        """The token loop. Each step sends the last evaluated token's logits and raises
+        unless the verdict verifies (nothing is evaluated or yielded then); the verdict's
+        token is yielded, then evaluated for the next step (not after the last one).
 
+        With ``speculate``, the step is submitted and, while the sidecar judges it, the
+        token its first proposal will most likely be (the sampler is a pure function of the
+        row, the history, the seed and the step) is evaluated ahead; that forward pass is
+        kept when the verdict names the same token and rolled back (its KV entry dropped)
+        when it does not. A speculated token is never yielded before its verdict."""
         llama = self.llama
-        n_vocab = len(self.vocab)
         eos = llama.token_eos()
-        llama.reset()
-        llama.eval(ids)
+        self._prefill(ids)
         history = list(ids)
         for step in range(max_tokens):
             t0 = time.perf_counter()
-            ptr = llama._ctx.get_logits()
-            logits = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(n_vocab,))
+            logits = self._logits_row()
+            if not self.speculate:
+                v = session.step(logits)
+                token = v.token_id
+                if token == eos:
+                    return
+                yield GuardedToken(step, token, self.vocab[token], v, time.perf_counter() - t0, session.phases)
+                if step + 1 < max_tokens:
+                    llama.eval([token])
+                continue
             pending = session.submit(logits)  # the row is copied into the ring here
             guess = sample_normal(logits, history, sampling, step)  # the sidecar's first proposal, most likely
             ahead = 0 <= guess != eos

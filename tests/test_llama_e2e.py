@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import pytest
 
 from engine_adapters.client import GuardClient
-from engine_adapters.llama_cpp import GuardedLlama, _Run, unguarded_greedy
+from engine_adapters.llama_cpp import GuardedLlama, unguarded_greedy
 from sidecar._pb.fse.v1 import guard_pb2 as pb
 from sidecar.core.sampling import SamplingParams
 from sidecar.errors import GuardAbort, GuardUnavailable, VerdictRejected
@@ -139,8 +138,10 @@ def test_replayed_forged_or_altered_verdict_stops_generation(llama, tmp_path, ke
         server.stop(0)
 
 
-def test_llama_cpp_swallows_processor_exceptions_and_the_boundary_still_refuses(llama, guarded, monkeypatch) -> None:
-    """The trap from FACTS.md, reproduced on the real library, and why the boundary exists."""
+def test_llama_cpp_swallows_processor_exceptions_so_the_guard_uses_none(llama, guarded, monkeypatch) -> None:
+    """The trap from FACTS.md, reproduced on the real library: why GuardedLlama drives
+    llama.cpp by hand instead of through a logits processor. With llama-cpp-python's own
+    generate (and its sampler chain) made to fail, guarded generation is unchanged."""
     import sys
 
     from llama_cpp import LogitsProcessorList
@@ -153,90 +154,65 @@ def test_llama_cpp_swallows_processor_exceptions_and_the_boundary_still_refuses(
 
     ids = llama.tokenize(PROMPTS[0].encode(), add_bos=True, special=True)
     gen = llama.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0, logits_processor=LogitsProcessorList([raising]))
-    token = next(gen)  # llama.cpp went on and sampled despite the exception: fail-open
+    next(gen)  # llama.cpp went on and sampled despite the exception: fail-open
     gen.close()
     assert [str(e) for e in swallowed] == ["processor failed"]
+
+    def not_used(*args, **kwargs):
+        raise AssertionError("GuardedLlama must not go through llama-cpp-python's generate or sample")
+
     g, _ = guarded()
-    session = g.client.open_session(g.vocab_digest, GREEDY, ring=g.ring)
-    run = _Run(session)
-    with pytest.raises(VerdictRejected, match="without a verdict; not emitted"):
-        run.admit(0, int(token))
-
-    def one_token() -> int:
-        gen = llama.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0, logits_processor=LogitsProcessorList([run.processor]))
-        t = next(gen)
-        gen.close()
-        return int(t)
-
-    forced = one_token()
-    assert run.failure is None
-    allowed = run.verdicts[0].token_id
-    assert forced == allowed  # the processor forced the verdict's token
-    # With a verified verdict in hand, a token other than the one it allows is refused too
-    # (what a processor that failed to force would let llama.cpp emit).
-    with pytest.raises(VerdictRejected, match=f"the verdict allows {allowed}; not emitted"):
-        run.admit(0, (allowed + 1) % len(g.vocab))
-    again = one_token()
-    assert run.admit(1, again).token_id == again  # the forced token passes the boundary
-    session.close()
+    want = reference_greedy(llama, PROMPTS[0], 12)
+    monkeypatch.setattr(type(llama), "generate", not_used)
+    monkeypatch.setattr(type(llama), "sample", not_used)
+    done = g.complete(PROMPTS[0], max_tokens=12, sampling=GREEDY)
+    assert done.error is None and done.token_ids == want
 
 
-def test_processor_failure_is_recorded_and_blanks_the_scores(guarded) -> None:
-
-    g, sc = guarded()
-    session = g.client.open_session(g.vocab_digest, GREEDY, ring=g.ring)
-    run = _Run(session)
-    sc.kill()
-    scores = np.zeros(len(g.vocab), np.float32)
-    out = run.processor(np.array([1]), scores)  # must not raise (llama-cpp would swallow it)
-    assert np.isneginf(out).all()
-    assert isinstance(run.failure, GuardUnavailable)
-    assert run.stopping(None, None) is True
-    with pytest.raises(GuardUnavailable):
-        run.admit(0, 0)
-
-
-def test_a_token_llama_cpp_produced_against_its_verdict_never_reaches_the_caller(llama, guarded, monkeypatch) -> None:
-    """Mutation audit: the boundary runs before a token is handed over. A processor that
-    fails to force (what the trap would do) lets llama.cpp's greedy pick differ from the
-    sidecar's seeded draw; that token is refused, and every token the caller got is the
-    one its verdict allows."""
-
-    def not_forcing(self: _Run, input_ids, scores):
-        v = self.session.step(scores)
-        self.verdicts[self.step] = v  # recorded, but the scores left as they were
-        self.step += 1
-        return scores
-
-    monkeypatch.setattr(_Run, "processor", not_forcing)
-    g, _ = guarded()
-    llama.reset()
+@pytest.mark.parametrize("lane", ["grpc", "shm+speculate"])
+def test_llama_cpp_context_holds_only_verdict_tokens(llama, guarded, lane: str) -> None:
+    """Whatever the guard did (heals, speculation rolled back), what llama.cpp's context
+    holds after the prompt is exactly the tokens the caller got: nothing unsigned was kept."""
+    g, _ = guarded(lane=lane.split("+")[0], speculate=lane.endswith("speculate"))
     hot = SamplingParams(temperature=1.5, top_k=200, seed=11, repetition_penalty=1.0)
-    done = g.complete(PROMPTS[1], max_tokens=48, sampling=hot)
-    assert isinstance(done.error, VerdictRejected) and "the verdict allows" in str(done.error), done.error
+    ids = llama.tokenize(PROMPTS[1].encode(), add_bos=True, special=True)
+    done = g.complete(ids, max_tokens=40, sampling=hot)
+    assert done.error is None and len(done.tokens) >= 20
     assert all(t.token_id == t.verdict.token_id for t in done.tokens)
-    refused_step = int(str(done.error).split()[1].rstrip(":"))
-    assert len(done.tokens) == refused_step  # nothing at or after the refused step was handed over
+    held = list(llama.input_ids[len(ids) : llama.n_tokens])
+    emitted = done.token_ids
+    assert held == emitted[: len(held)] and len(held) >= len(emitted) - 1  # the last one needs no forward pass
+    if lane.endswith("speculate"):
+        assert g.speculation["rolled_back"] > 0  # hot sampling: guesses were wrong and undone
 
 
-def test_the_processor_sends_llama_cpps_contiguous_row_only_once_it_equals_the_scores(guarded) -> None:
-    """The contiguous logits (a cheaper copy into the ring than the processor's strided
-    view) are sent only after the first step found them equal to the scores llama.cpp
-    samples from; a row that differs is dropped and the scores are sent, for the whole run.
-    The verdict's token alone is raised to +inf: greedy picks exactly it."""
+def test_a_failed_step_evaluates_nothing(llama, guarded) -> None:
+    """The sidecar dies mid-generation: the step raises, and llama.cpp's context ends with
+    the last token the caller got; no token is evaluated without a verdict."""
+    g, sc = guarded(step_timeout=1.0)
+    ids = llama.tokenize(PROMPTS[1].encode(), add_bos=True, special=True)
+    got = []
+    with pytest.raises(GuardUnavailable):
+        for tok in g.generate(ids, max_tokens=64, sampling=GREEDY):
+            got.append(tok.token_id)
+            if len(got) == 5:
+                sc.kill()
+    assert got and list(llama.input_ids[len(ids) : llama.n_tokens]) == got
+
+
+def test_the_prompt_llama_cpp_already_holds_is_not_evaluated_again(llama, guarded) -> None:
+    """A second request sharing the first's prompt keeps its KV entries (as llama-cpp-python's
+    own generate does); the guarded text is the one a cold start gives."""
     g, _ = guarded()
-    rng = np.random.default_rng(5)
-    scores = rng.standard_normal(len(g.vocab)).astype(np.float32)
-    scores[42] = 25.0  # a confident row: the guard accepts its greedy token
-    other = scores.copy()
-    other[7] += 1.0
-    for raw, kept in ((scores.copy(), True), (other, False)):
-        session = g.client.open_session(g.vocab_digest, GREEDY, ring=g.ring)
-        run = _Run(session, lambda raw=raw: raw)
-        out = run.processor(np.array([1]), scores.copy())
-        assert run.failure is None
-        want = int(np.argmax(scores))  # greedy on the row the sidecar judged: the scores' argmax either way
-        assert run.admit(0, want).token_id == want
-        assert out[want] == np.inf and np.isfinite(np.delete(out, want)).all()
-        assert (run.row is not None, run.row_checked) == (kept, kept)
-        session.close()
+    ids = llama.tokenize(PROMPTS[0].encode(), add_bos=True, special=True)
+    llama.reset()
+    first = g.complete(ids, max_tokens=8, sampling=GREEDY)
+    evaluated: list[int] = []
+    real = llama.eval
+    llama.eval = lambda tokens: (evaluated.append(len(tokens)), real(tokens))[1]
+    try:
+        again = g.complete(ids, max_tokens=8, sampling=GREEDY)
+    finally:
+        del llama.eval
+    assert first.error is None and again.token_ids == first.token_ids
+    assert evaluated[0] == 1  # only the prompt's last token again, for its logits

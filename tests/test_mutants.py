@@ -32,13 +32,15 @@ class Mutant:
 
 MUTANTS = [
     Mutant(
-        "llama-processor-does-not-force-and-the-boundary-does-not-compare",
+        "llama-adapter-evaluates-llama-cpps-own-greedy-token-instead-of-the-verdicts",
         "engine_adapters/llama_cpp.py",
         (
-            ("                scores[:] = NEG_INF\n                scores[v.token_id] = 0.0\n", "                pass\n"),
-            ("        if v.token_id != token:", "        if False:"),
+            (
+                "                v = session.step(logits)\n                token = v.token_id\n",
+                "                v = session.step(logits)\n                token = int(np.argmax(logits))\n",
+            ),
         ),
-        ("tests/test_llama_e2e.py::test_tripping_guard_heals_to_the_strict_sampler_and_changes_the_text",),
+        ("tests/test_llama_e2e.py::test_llama_cpp_context_holds_only_verdict_tokens[grpc]",),
     ),
     Mutant(
         "speculating-adapter-keeps-its-guess-instead-of-the-verdict",
@@ -89,24 +91,18 @@ MUTANTS = [
     ),
     # the mutation audit of issue 28: twelve changes the suite let through before
     Mutant(
-        "llama-adapter-hands-a-token-over-before-admit-verified-it",
+        "llama-adapter-goes-on-with-an-unverified-token-after-a-failed-step",
         "engine_adapters/llama_cpp.py",
         (
             (
-                """                v = run.admit(step, int(token))
-                if token == eos:
-                    return
-                yield GuardedToken(
-                    step, int(token), self.vocab[token], v, run.latencies.pop(step, 0.0), run.phases.pop(step, Phases())
-                )""",
-                """                if token != eos:
-                    yield GuardedToken(step, int(token), self.vocab[token], run.verdicts.get(step) or pb.Verdict(), 0.0, Phases())
-                v = run.admit(step, int(token))
-                if token == eos:
-                    return""",
+                "                v = session.step(logits)\n",
+                "                try:\n"
+                "                    v = session.step(logits)\n"
+                "                except GuardError:\n"
+                "                    v = pb.Verdict(token_id=int(np.argmax(logits)))\n",
             ),
         ),
-        ("tests/test_llama_e2e.py::test_a_token_llama_cpp_produced_against_its_verdict_never_reaches_the_caller",),
+        ("tests/test_llama_e2e.py::test_a_failed_step_evaluates_nothing",),
     ),
     Mutant(
         "transformers-adapter-boundary-check-disabled",
