@@ -303,11 +303,11 @@ def bench_metrics(reps: int) -> list[dict[str, Any]]:
 
 
 class _TransportFloor:
-    """What any guard pays here before doing any work: per token, copy the logits into
-    the ring and make one bare round trip, then force llama.cpp's own greedy choice. On
-    gRPC the round trip is an Echo on a stream; on the fast lane it is an ECHO request
-    (the request record, both doorbells, an empty verdict area written and read). The
-    ceiling of guarded/unguarded on each lane on this machine."""
+    """What any guard pays here before doing any work: per token, copy the logits into the
+    ring and make one bare round trip, then evaluate llama.cpp's own greedy choice (driven by
+    hand, as GuardedLlama is). On gRPC the round trip is an Echo on a stream; on the fast lane
+    it is an ECHO request (the request record, both doorbells, an empty verdict area written
+    and read). The ceiling of guarded/unguarded on each lane on this machine."""
 
     def __init__(self, llama: Any, client: Any, lane: str = "grpc", vocab_digest: str = "") -> None:
         from engine_adapters.client import StreamCall
@@ -331,21 +331,27 @@ class _TransportFloor:
             self._roundtrip = lambda _seq: echo.roundtrip(msg, 5.0, "echo")
             self._end = echo.close
 
-    def _processor(self, input_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
-        with self.ring.frame(0) as f:
-            f.write_row(1, 0, scores)
-        self._roundtrip(f.seq)
-        best = int(np.argmax(scores))
-        scores[:] = -np.inf
-        scores[best] = 0.0
-        return scores
-
     def run(self, ids: list[int], tokens: int) -> list[int]:
-        from llama_cpp import LogitsProcessorList
+        """Driven by hand as GuardedLlama is: per token the last token's logits into the ring,
+        one bare round trip, then llama.cpp's own greedy choice evaluated."""
+        import ctypes
 
-        from engine_adapters.llama_cpp import unguarded_greedy
-
-        return unguarded_greedy(self.llama, ids, tokens, LogitsProcessorList([self._processor]))
+        llama, out = self.llama, []
+        n_vocab, eos = llama.n_vocab(), llama.token_eos()
+        llama.eval(list(ids))
+        for _ in range(tokens):
+            ptr = llama._ctx.get_logits_ith(-1)
+            row = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(n_vocab,))
+            with self.ring.frame(0) as f:
+                f.write_row(1, 0, row)
+            self._roundtrip(f.seq)
+            best = int(row.argmax())
+            if best == eos:
+                break
+            out.append(best)
+            if len(out) < tokens:
+                llama.eval([best])
+        return out
 
     def close(self) -> None:
         self._end()
