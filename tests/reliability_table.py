@@ -201,7 +201,10 @@ EDGES: list[dict[str, Any]] = [
     {"item": f"M{i}", "severity": "mutation audit", "what": what, "tests": [f"{_M}[{name}]"]}
     for i, (name, what) in enumerate(
         [
-            ("llama-adapter-goes-on-with-an-unverified-token-after-a-failed-step", "llama.cpp adapter goes on after a failed step"),
+            (
+                "llama-adapter-goes-on-with-an-unverified-token-after-a-failed-step",
+                "llama.cpp adapter goes on after a failed step",
+            ),
             ("transformers-adapter-boundary-check-disabled", "transformers adapter's boundary check disabled"),
             ("client-does-not-check-the-genesis-hash", "client skips OpenSession's genesis hash"),
             ("client-does-not-check-the-opening-nonce-length", "client skips the opening nonce's length"),
