@@ -241,6 +241,10 @@ def _bench(args: argparse.Namespace) -> int:
         from .bench.contention import run_contention_bench
 
         return run_contention_bench(args)
+    if args.suite == "step":
+        from .bench.step import run_step_bench
+
+        return run_step_bench(args)
     if args.suite == "http":
         from .bench.http import run_http_bench
 
@@ -365,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
         "suite",
         nargs="?",
         default="all",
-        choices=["all", "batch", "contention", "fse", "http", "load", "quality", "ring", "vllm"],
+        choices=["all", "batch", "contention", "fse", "http", "load", "quality", "ring", "step", "vllm"],
         help="all: transport, metrics, model (default); fse: the streaming matcher against rescanning; "
         "quality: the default policy on healthy, garbage, looping and legitimately repetitive generations; "
         "ring: reading a row by pread against a view of a mapping; "
@@ -373,7 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
         "load: a soak of many concurrent sessions (verdicts/s, latency, the sidecar's memory, the audit files); "
         "vllm: real vLLM (make setup-vllm), guarded against unguarded tokens/s at batch 1, 8, 32; "
         "http: fse-engine-llama's HTTP layer against the same guarded generation in process (tokens/s, TTFT); "
-        "contention: unguarded and every lane on a busy node and a quiet one, OpenMP's active and passive waits",
+        "contention: unguarded and every lane on a busy node and a quiet one, OpenMP's active and passive waits; "
+        "step: the guard's CPU per token in one process (write, the sidecar's step, verify), warm and cold",
     )
     b.add_argument(
         "--out", type=Path, default=Path("bench-results/bench.json"), help="JSON results file (fse: bench-fse.json beside it)"
@@ -393,6 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--legit", type=int, default=12, help="quality: legitimate-repetition prompts (of 12)")
     b.add_argument("--config", type=Path, help="quality: a sidecar YAML whose 'default' policy is judged")
     b.add_argument("--ring-rounds", type=int, default=200, help="ring: rounds of each reader in turn")
+    b.add_argument("--step-rows", type=int, default=128, help="step: rows of the model captured and fed in order")
+    b.add_argument("--step-passes", type=int, default=4, help="step: passes over the captured rows")
+    b.add_argument("--evict-mb", type=int, default=64, help="step: MiB read before each cold step (the forward pass)")
     b.add_argument("--batch-rounds", type=int, default=15, help="batch: rounds of every batch size and frame kind in turn")
     b.add_argument("--sessions", type=int, default=16, help="load: guarded sessions at once")
     b.add_argument("--minutes", type=float, default=1.0, help="load: how long")
