@@ -80,6 +80,15 @@ def vocabulary_of(llama: Any) -> list[bytes]:
     return [model.detokenize([i], special=True) for i in range(llama.n_vocab())]
 
 
+def last_logits(llama: Any) -> np.ndarray:
+    """The logits of llama.cpp's last evaluated token: a view of its own contiguous buffer,
+    the row its sampler reads (index -1), valid until the next evaluation."""
+    import ctypes
+
+    ptr = llama._ctx.get_logits_ith(-1)
+    return np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(llama.n_vocab(),))
+
+
 def unguarded_greedy(llama: Any, prompt_ids: Sequence[int], max_tokens: int, logits_processor: Any = None) -> list[int]:
     """llama.cpp's own greedy decoding with no guard: the reference the guard is held to.
 
@@ -179,13 +188,6 @@ class GuardedLlama:
             session.close()  # verifies the receipt after a clean run (raises if it does not)
             self.last_receipt = session.receipt
 
-    def _logits_row(self) -> np.ndarray:
-        """The logits of llama.cpp's last evaluated token, a view of its own buffer."""
-        import ctypes
-
-        ptr = self.llama._ctx.get_logits_ith(-1)  # the row llama.cpp's sampler reads (idx -1)
-        return np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(len(self.vocab),))
-
     def _prefill(self, ids: list[int]) -> None:
         """Evaluate the prompt, keeping what llama.cpp's context already holds of it (an
         earlier turn of a chat, a shared system prompt), as llama-cpp-python's ``generate``
@@ -217,7 +219,7 @@ class GuardedLlama:
         history = list(ids)
         for step in range(max_tokens):
             t0 = time.perf_counter()
-            logits = self._logits_row()
+            logits = last_logits(llama)
             if not self.speculate:
                 v = session.step(logits)
                 token = v.token_id

@@ -334,14 +334,12 @@ class _TransportFloor:
     def run(self, ids: list[int], tokens: int) -> list[int]:
         """Driven by hand as GuardedLlama is: per token the last token's logits into the ring,
         one bare round trip, then llama.cpp's own greedy choice evaluated."""
-        import ctypes
+        from engine_adapters.llama_cpp import last_logits
 
-        llama, out = self.llama, []
-        n_vocab, eos = llama.n_vocab(), llama.token_eos()
+        llama, out, eos = self.llama, [], self.llama.token_eos()
         llama.eval(list(ids))
         for _ in range(tokens):
-            ptr = llama._ctx.get_logits_ith(-1)
-            row = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(n_vocab,))
+            row = last_logits(llama)
             with self.ring.frame(0) as f:
                 f.write_row(1, 0, row)
             self._roundtrip(f.seq)

@@ -47,9 +47,7 @@ SAMPLING = SamplingParams(temperature=0.7, top_k=40, top_p=0.95, seed=1)
 
 def capture_rows(n: int, threads: int) -> tuple[np.ndarray, list[bytes]]:
     """``n`` logits rows of the embedded model, generating at T=0.7, and its vocabulary."""
-    import ctypes
-
-    from engine_adapters.llama_cpp import CHAT, load_llama, vocabulary_of
+    from engine_adapters.llama_cpp import CHAT, last_logits, load_llama, vocabulary_of
 
     llama = load_llama(n_threads=threads)
     vocab = vocabulary_of(llama)
@@ -57,8 +55,7 @@ def capture_rows(n: int, threads: int) -> tuple[np.ndarray, list[bytes]]:
     llama.eval(ids)
     rows, history = [], list(ids)
     for step in range(n):
-        ptr = llama._ctx.get_logits_ith(-1)
-        row = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(len(vocab),)).copy()
+        row = last_logits(llama).copy()
         rows.append(row)
         token = sample_normal(row, history, SAMPLING, step)
         history.append(token)
@@ -70,10 +67,8 @@ class _Loop:
     """One session's per-token path, engine and sidecar in this process."""
 
     def __init__(self, service: GuardService, trusted: TrustedKeys, digest: str, vocab_size: int) -> None:
-        from engine_adapters.llama_cpp import LANE_VERDICT_CAPACITY
-
         self.service, self.trusted, self.vocab_size = service, trusted, vocab_size
-        self.ring = RingWriter.create(slots=2, vocab_size=vocab_size, verdict_capacity=LANE_VERDICT_CAPACITY)
+        self.ring = RingWriter.create(slots=2, vocab_size=vocab_size)
         req = pb.OpenSessionRequest(vocab_digest=digest, ring_name=self.ring.name, sampling=params_to_pb(SAMPLING))
         self.session = service.open_session(req)
         self.prev = self.session.chain_hash
@@ -137,11 +132,8 @@ def bench_step(rows: np.ndarray, vocab: list[bytes], evict_mb: int, passes: int)
             lp.close()
     out: dict[str, Any] = {"rows": len(rows), "passes": passes, "evict_mb": evict_mb}
     for name, ts in times.items():
-        per = {stage: statistics.median(t[k] for t in ts) * 1e6 for k, stage in enumerate(STAGES)}
-        out[name] = {
-            **{f"{k}_us_p50": round(v, 1) for k, v in per.items()},
-            "total_us_p50": round(statistics.median(sum(t) for t in ts) * 1e6, 1),
-        }
+        out[name] = {f"{stage}_us_p50": round(statistics.median(t[k] for t in ts) * 1e6, 1) for k, stage in enumerate(STAGES)}
+        out[name]["total_us_p50"] = round(statistics.median(sum(t) for t in ts) * 1e6, 1)
     for name in SIGNERS:
         cold_us, warm_us = (statistics.median(sum(t) for t in times[f"{name}/{c}"]) for c in ("cold", "warm"))
         out[f"{name}_cold_over_warm"] = round(cold_us / warm_us, 2)

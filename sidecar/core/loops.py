@@ -37,9 +37,9 @@ the guard looks for exactly that, in the text rather than in token ids:
 - **Blank loops.** Whitespace and punctuation normalise to nothing, so a run of more than
   ``max_blank_tokens`` tokens in a row with no letter or digit ("\\n\\n\\n...", "!!!!") is
   refused on its own count.
-- **Cost.** One comparison per new character over both streams (two rows of
-  ``max_period_chars``, a reversed view of the text); the check of a step's candidate is
-  kept for its commit.
+- **Cost.** Per new character, the periods whose character before it is the same one,
+  found with ``bytes.find`` in the last ``max_period_chars`` characters of each stream (a
+  handful, not all of them); the check of a step's candidate is kept for its commit.
 - **Heal, then halt.** A refused candidate is a BLOCK trip: the redo excludes it and takes
   the next candidate (a heal). The unit that looped is remembered (for ``window`` steps):
   from then on it may not even occur twice in a row, so the loop cannot quietly restart
@@ -149,20 +149,20 @@ class LoopGuard:
             self._norm[token] = c
         return c
 
-    def _extend(self, chars: bytes) -> tuple[Runs, bytes]:
-        """The runs and text after appending ``chars`` (the state is not changed). For each
-        new character, the periods whose character before it is the same (found with
-        ``bytes.find`` in the last ``max_period_chars`` characters) extend their run by one;
-        every other period's run ends. Sparse on purpose: the step runs with caches cold
-        from the engine's forward pass, where each numpy call over all periods cost tens of
-        microseconds."""
+    def _extend(self, chars: bytes) -> tuple[Runs, tuple[bytes, bytes]]:
+        """The runs and both streams' text (its last ``_keep`` characters) after appending
+        ``chars``; the state is not changed. For each new character, the periods whose
+        character before it is the same (found with ``bytes.find`` in the last
+        ``max_period_chars`` characters) extend their run by one; every other period's run
+        ends. Sparse on purpose: the step runs with caches cold from the engine's forward
+        pass, where each numpy call over all periods cost tens of microseconds."""
         P = self.cfg.max_period_chars
         text = self._text + chars
         end = len(text)
+        texts = (text, text.translate(_MASK))
         out: list[dict[int, int]] = []
         grown: dict[int, int]
-        for stream, old in enumerate(self._runs):
-            t = text.translate(_MASK) if stream else text
+        for t, old in zip(texts, self._runs, strict=True):
             runs = old
             for i in range(end - len(chars), end):
                 c, grown = t[i], {}
@@ -172,7 +172,7 @@ class LoopGuard:
                     q = t.find(c, q + 1, i)
                 runs = grown
             out.append(runs)
-        return (out[0], out[1]), text[-self._keep :]
+        return (out[0], out[1]), (text[-self._keep :], texts[1][-self._keep :])
 
     def check(self, p: Proposal) -> Sequence[Trip]:
         chars = self._chars(p.token)
@@ -183,9 +183,9 @@ class LoopGuard:
                 detail = f"loop: {self._blank} tokens in a row without a letter or digit (max {self.cfg.max_blank_tokens})"
                 return self._refuse(p, float(self._blank + 1), float(self.cfg.max_blank_tokens), detail, 0, b"")
             return ()
-        runs, text = self._extend(chars)
+        runs, texts = self._extend(chars)
+        text = texts[0]
         self._checked = (p.step, p.token, runs, text, None)
-        texts = (text, text.translate(_MASK))
         for step, stream, unit in self._banned:  # a loop healed before, starting again (in any phase)
             period = len(unit)
             n = runs[stream].get(period, 0) + period  # the characters the unit's repetition covers
@@ -330,7 +330,7 @@ class LoopGuard:
             if c is not None and c[0] == p.step and c[1] == p.token:
                 runs, text, rolled = c[2], c[3], c[4]
             else:
-                (runs, text), rolled = self._extend(chars), None
+                (runs, (text, _)), rolled = self._extend(chars), None
             self._hash, spans = rolled if rolled is not None else self._rolled(chars, self._text + chars)
             for h in spans:
                 self._spans.append((p.step, h))
