@@ -5,6 +5,7 @@ made by ``make setup-vllm``."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -60,7 +61,10 @@ class VllmServer:
             time.sleep(0.5)
 
     def stop(self) -> int | None:
-        """SIGTERM (vLLM's clean shutdown, the processor's atexit), then SIGKILL after 60 s."""
+        """SIGTERM (vLLM's clean shutdown, the processor's atexit), then SIGKILL after 60 s.
+        Returns once every process of the server's group is gone: vLLM's workers and
+        multiprocessing's resource tracker outlive the server by a moment, and the tracker
+        writes its shutdown report to the log as it leaves."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -68,7 +72,26 @@ class VllmServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
+        deadline = time.monotonic() + 30
+        while group_members(self.proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for pid in group_members(self.proc.pid):  # still there after 30 s: nothing of it may outlive stop()
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         return self.proc.returncode
+
+
+def group_members(pgid: int) -> list[int]:
+    """The live (not zombie) processes of process group ``pgid``, from /proc."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone while we looked
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            found.append(int(stat.parent.name))
+    return found
 
 
 def start_vllm(log: Path, *, guarded: bool, env: Mapping[str, str] = {}, max_num_seqs: int = 32) -> VllmServer:
