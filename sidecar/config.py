@@ -145,6 +145,10 @@ class RedoBounds(_Strict):
     max_block_retries: int = Field(default=4, ge=0, le=64)
     # Proposals in one step, all samplers together; past it the step is ABORT.
     max_proposals: int = Field(default=16, ge=2, le=256)
+    # The strict sampler's repetition penalty (llama.cpp's, over the request's window), when
+    # above the request's own: greedy decoding falls into loops, and the strict sampler is
+    # what a protective band decodes with. 1 = the request's penalty only.
+    strict_repetition_penalty: float = Field(default=1.2, ge=1.0, le=2.0)
 
 
 class GateEdges(_Strict):
@@ -224,6 +228,10 @@ class LoopGuardConfig(_Strict):
     window: int = Field(default=256, ge=2, le=1 << 16)
     # Steps in the window in which the guard had to refuse a token; one more halts.
     max_heals: int = Field(default=8, ge=0, le=1 << 16)
+    # After a heal, this many tokens come from the strict sampler (greedy, with the redo's
+    # strict_repetition_penalty), each verdict flagging it: a sampler that just looped
+    # would find its way back to the loop (0: the request's sampler right after a heal).
+    band_tokens: int = Field(default=16, ge=0, le=1 << 16)
 
 
 class DriftConfig(_Strict):

@@ -323,3 +323,27 @@ def test_checks_do_not_change_the_state() -> None:
         g.check(prop(c, 5))
     after = (list(g._runs), g._text, g._blank, list(g._banned), list(g._heal_steps))
     assert before == after
+
+
+def test_after_a_heal_band_tokens_come_from_the_strict_sampler_each_flagged() -> None:
+    v = Vocab()
+    g = guard_over(v, band_tokens=3)
+    assert not g.strict()
+    ids = v.split(" I like cats." * 4)
+    for step, t in enumerate(ids):
+        if g.check(prop(t, step)):
+            g.commit(prop(v.id(b" Dogs"), step))  # the heal: the redo took another token
+            break
+        g.commit(prop(t, step))
+    healed = step
+    flags = []
+    for step, t in enumerate(v.split(" are nice too and so on"), start=healed + 1):
+        flags.append(g.strict())
+        trips = g.check(Proposal(t, Sampler.STRICT, M, step, step))
+        assert [(tr.action, "loop band" in tr.detail) for tr in trips] == ([(Action.FLAG, True)] if flags[-1] else [])
+        g.commit(Proposal(t, Sampler.STRICT, M, step, step))
+    assert flags == [True, True, True, False, False, False]  # the 3 steps after the heal, then the request's sampler
+    # off: the request's sampler right after the heal
+    off = guard_over(v, band_tokens=0)
+    feed(off, ids)
+    assert not off.strict()

@@ -5,7 +5,7 @@ import pytest
 
 from sidecar.config import Guard, GuardSet, Policy, RedoBounds, Rule
 from sidecar.core.compact import compact_from_logits
-from sidecar.core.evaluators import TokenGuards
+from sidecar.core.evaluators import Proposal, TokenGuards
 from sidecar.core.guards import Action, Sampler, evaluate, health_band
 from sidecar.core.metrics import row_stats
 from sidecar.core.policy import CompiledPolicy, compile_policy
@@ -383,3 +383,43 @@ def test_the_word_a_penalty_moves_the_draw_to_is_not_healed_as_drift() -> None:
     out = s.judge(row, 1)
     assert out.token == 3 and out.decision == Decision.ACCEPT, out.reasons
     assert out.metrics.neg_logprob == pytest.approx(np.log1p(np.exp(8.0 - 9.0)), abs=1e-4)
+
+
+class _AsksStrict:
+    """An evaluator in a protective band: every first proposal is the strict sampler's."""
+
+    name = "asks_strict"
+
+    def strict(self) -> bool:
+        return True
+
+    def check(self, p: Proposal) -> tuple[()]:
+        return ()
+
+    def commit(self, p: Proposal) -> None:
+        pass
+
+
+def test_the_strict_sampler_steps_off_a_repeated_token_under_its_own_repetition_penalty() -> None:
+    row = np.full(1000, -2.0, np.float32)
+    row[10], row[20] = 3.0, 2.5  # 10 was just emitted; 3.0 / 1.3 < 2.5
+    st, history = row_stats(row), [10]
+    plain = decide(row, st, history, SamplingParams(), [_AsksStrict()], 0.0, 1, 1)
+    assert (plain.token, plain.sampler) == (10, Sampler.STRICT)  # greedy goes round again
+    bounds = RedoBounds(strict_repetition_penalty=1.3)
+    out = decide(row, st, history, SamplingParams(), [_AsksStrict()], 0.0, 1, 1, bounds)
+    assert (out.token, out.sampler) == (20, Sampler.STRICT)
+    # judged on the distribution it was drawn from (the penalised row), as any penalised draw
+    assert out.metrics.rank == 0 and out.metrics.neg_logprob < token_metrics(row, st, 20, 0.0, 1).neg_logprob
+    # the request's own sampler is untouched, and a request's stronger penalty is kept
+    assert decide(row, st, history, SamplingParams(), guarded(OFF), 0.0, 1, 1, bounds).token == 10
+    row[20] = 2.2  # 3.0 / 1.3 > 2.2 > 3.0 / 1.6
+    assert decide(row, row_stats(row), history, SamplingParams(), [_AsksStrict()], 0.0, 1, 1, bounds).token == 10
+    own = SamplingParams(repetition_penalty=1.6)
+    assert decide(row, row_stats(row), history, own, [_AsksStrict()], 0.0, 1, 1, bounds).token == 20
+
+
+@pytest.mark.parametrize("bad", [0.9, 2.5])
+def test_a_strict_repetition_penalty_out_of_range_is_refused_naming_the_field(bad: float) -> None:
+    with pytest.raises(ValueError, match="strict_repetition_penalty"):
+        RedoBounds(strict_repetition_penalty=bad)

@@ -46,6 +46,11 @@ the guard looks for exactly that, in the text rather than in token ids:
   after a heal. When the guard has had to refuse tokens in ``max_heals`` of the last
   ``window`` steps, the loop persists and the next refusal halts (``action: halt``
   halts at once).
+- **A band after a heal.** A sampler that just looped finds its way back to the loop
+  (greedy decoding of a small model above all), so for ``band_tokens`` steps after a heal
+  the guard asks for the strict sampler, whose repetition penalty
+  (``redo.strict_repetition_penalty``) steers away from what was just written; each of
+  those verdicts carries a FLAG saying so (no silent change of sampler).
 """
 
 from __future__ import annotations
@@ -58,7 +63,7 @@ import numpy as np
 
 from ..config import LoopGuardConfig
 from .evaluators import Proposal
-from .guards import Action, Trip
+from .guards import Action, Sampler, Trip
 
 # bytes.translate: lower-case A-Z, delete every other ASCII byte that is not a letter or
 # a digit; bytes >= 0x80 (the parts of non-ASCII characters) are kept as they are.
@@ -138,9 +143,19 @@ class LoopGuard:
         # check, for its commit
         self._checked: tuple[int, int, Runs, bytes, tuple[int, list[int]] | None] | None = None
         self.generated = 0
+        self._next_step = 0  # the step after the last commit
+        self._band_end = -1  # the last step of the band after a heal
 
     def strict(self) -> bool:
-        return False
+        return self._next_step <= self._band_end
+
+    def check(self, p: Proposal) -> Sequence[Trip]:
+        trips = self._check(p)
+        if p.step > self._band_end or p.sampler != Sampler.STRICT or any(t.rejects for t in trips):
+            return trips
+        left = self._band_end - p.step + 1
+        detail = f"loop band: the strict sampler decodes {left} more token(s) after a healed loop"
+        return (Trip("loop", float(left), float(self.cfg.band_tokens), p.sampler, detail, Action.FLAG, p.token), *trips)
 
     def _chars(self, token: int) -> bytes:
         c = self._norm.get(token)
@@ -174,7 +189,7 @@ class LoopGuard:
             out.append(runs)
         return (out[0], out[1]), (text[-self._keep :], texts[1][-self._keep :])
 
-    def check(self, p: Proposal) -> Sequence[Trip]:
+    def _check(self, p: Proposal) -> Sequence[Trip]:
         chars = self._chars(p.token)
         if not chars:
             self._checked = None
@@ -308,6 +323,7 @@ class LoopGuard:
         cfg = self.cfg
         if self._pending is not None and self._pending[0] == p.step:
             self._heal_steps.append(p.step)
+            self._band_end = p.step + cfg.band_tokens
             _, stream, unit = self._pending
             if unit and all((st, len(u)) != (stream, len(unit)) or unit not in u + u for _, st, u in self._banned):
                 self._banned.append((p.step, stream, unit))
@@ -341,3 +357,4 @@ class LoopGuard:
             self._blank += 1
         self._checked = None
         self.generated += 1
+        self._next_step = p.step + 1

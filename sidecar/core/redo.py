@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 from enum import IntEnum
 from typing import Final
 
@@ -242,6 +243,9 @@ def decide(
     made: list[ProposalRecord] = []
     banned: list[int] = []
     sampler = Sampler.STRICT if any(ev.strict() for ev in evaluators) else Sampler.NORMAL
+    strict_params = params
+    if bounds.strict_repetition_penalty > params.repetition_penalty:
+        strict_params = replace(params, repetition_penalty=bounds.strict_repetition_penalty)
     normal_tries = 0
     m: TokenMetrics | None = None
     for attempt in range(bounds.max_proposals):
@@ -249,14 +253,15 @@ def decide(
             token = sample_normal(row, history, params, step, banned)
             normal_tries += 1
         else:
-            token = sample_strict(row, history, params, banned)
+            token = sample_strict(row, history, strict_params, banned)
         if token < 0:
             why = f"every token is excluded by the policy ({len(banned)} blocked in this step)"
             reasons.append(Trip("no_allowed_token", float(len(banned)), 0.0, sampler, why, Action.HALT))
             made.append(ProposalRecord(-1, sampler, 1))
             m = m or token_metrics(row, stats, 0, ppl_sum, generated)
             return StepOutcome(Decision.ABORT, -1, None, m, tuple(reasons), None, tuple(made))
-        m = token_metrics(row, stats, token, ppl_sum, generated, banned, history, params)
+        drawn_with = params if sampler == Sampler.NORMAL else strict_params
+        m = token_metrics(row, stats, token, ppl_sum, generated, banned, history, drawn_with)
         p = Proposal(token, sampler, m, step, generated, attempt, now_s)
         trips = [t for ev in evaluators for t in ev.check(p)]
         reasons += trips
