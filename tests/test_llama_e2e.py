@@ -76,8 +76,11 @@ def test_tripping_guard_heals_to_the_strict_sampler_and_changes_the_text(llama, 
     sampled = free.complete(PROMPTS[1], max_tokens=32, sampling=hot)
     assert sampled.error is None and len(sampled.tokens) == 32  # the free run is whole, not cut short
     # any token that is not the model's top choice trips; speculating, each heal is a
-    # forward pass on the sampled guess that must be rolled back
-    strict, _ = guarded(policy(rank=0), lane="shm" if speculate else "grpc", speculate=speculate)
+    # forward pass on the sampled guess that must be rolled back. The strict sampler with no
+    # repetition penalty of its own (the default's 1.2 is tests/test_redo.py's) is greedy.
+    greedy_strict = policy(rank=0)
+    greedy_strict["default"]["redo"] = {"strict_repetition_penalty": 1.0}
+    strict, _ = guarded(greedy_strict, lane="shm" if speculate else "grpc", speculate=speculate)
     llama.reset()
     healed = strict.complete(PROMPTS[1], max_tokens=32, sampling=hot)
     assert healed.error is None
