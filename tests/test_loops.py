@@ -48,6 +48,17 @@ def feed(guard: LoopGuard, ids: list[int], first: int = 0) -> list[tuple[int, st
     return out
 
 
+def heal_first_refusal(guard: LoopGuard, ids: list[int], instead: int) -> int:
+    """Commit ``ids`` until the guard refuses one; commit ``instead`` there (the heal: the
+    redo took another token). The step of the heal."""
+    for step, t in enumerate(ids):
+        if guard.check(prop(t, step)):
+            guard.commit(prop(instead, step))
+            return step
+        guard.commit(prop(t, step))
+    raise AssertionError("the guard refused nothing")
+
+
 def guard_over(vocab: Vocab, prompt: str = "", **cfg: object) -> LoopGuard:
     return LoopGuard(LoopGuardConfig(**cfg), vocab.tokens, vocab.split(prompt) if prompt else ())  # type: ignore[arg-type]
 
@@ -270,12 +281,7 @@ def test_a_healed_loop_may_not_even_occur_twice_in_a_row_again() -> None:
     # (and over at least 8 characters: "no no" stays free)
     v = Vocab()
     g = guard_over(v)
-    ids = v.split(" I like cats." * 4)
-    for step, t in enumerate(ids):
-        if g.check(prop(t, step)):
-            g.commit(prop(v.id(b"."), step))  # the heal: the redo took another token
-            break
-        g.commit(prop(t, step))
+    step = heal_first_refusal(g, v.split(" I like cats." * 4), v.id(b"."))
     more = v.split(" And then something else entirely. I like cats. I like cats.")
     trips = feed(g, more, step + 1)
     assert [a for _, a, _ in trips] == ["BLOCK"]
@@ -330,12 +336,7 @@ def test_after_a_heal_band_tokens_come_from_the_strict_sampler_each_flagged() ->
     g = guard_over(v, band_tokens=3)
     assert not g.strict()
     ids = v.split(" I like cats." * 4)
-    for step, t in enumerate(ids):
-        if g.check(prop(t, step)):
-            g.commit(prop(v.id(b" Dogs"), step))  # the heal: the redo took another token
-            break
-        g.commit(prop(t, step))
-    healed = step
+    healed = heal_first_refusal(g, ids, v.id(b" Dogs"))
     flags = []
     for step, t in enumerate(v.split(" are nice too and so on"), start=healed + 1):
         flags.append(g.strict())
