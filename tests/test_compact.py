@@ -145,12 +145,6 @@ def test_a_non_finite_compact_row_aborts_like_a_full_one(bad: float) -> None:
     assert out.decision == Decision.ABORT and out.reasons[0].code == "non_finite"
 
 
-def _lse(y: np.ndarray) -> float:
-    z = y.astype(np.float64)
-    top = float(z.max())
-    return top + math.log(float(np.exp(z - top).sum()))
-
-
 def _sessions(params: SamplingParams, policy: Policy) -> tuple[Session, Session]:
     pol = compile_policy("p", policy)
     return Session("full", 1, params, pol, VOCAB), Session("compact", 2, params, pol, VOCAB)
@@ -192,7 +186,7 @@ def test_a_guarded_session_on_compact_rows_makes_the_full_sessions_decisions_ste
         banned = [r.token_id for r in a.reasons if r.action == Action.BLOCK]
         y, _ = prepared(x, full.history, params, banned)
         unshipped = sorted(set(full.history[-params.repetition_window :]) - set(row.ids.tolist()))
-        share = float(np.exp(x[unshipped].astype(np.float64) - _lse(y)).sum())
+        share = float(np.exp(x[unshipped].astype(np.float64) - np.logaddexp.reduce(y.astype(np.float64))).sum())
         assert a.metrics.neg_logprob - 1e-5 <= b.metrics.neg_logprob <= a.metrics.neg_logprob + math.log1p(share) + 1e-4
         assert b.metrics.rank == a.metrics.rank
         full.commit(step, a)
