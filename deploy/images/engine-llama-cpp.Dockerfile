@@ -4,10 +4,13 @@
 #   docker build -f deploy/images/engine-llama-cpp.Dockerfile -t libfse/fse-engine-llama-cpp:0.2.0 .
 # llama-cpp-python compiles llama.cpp from source in the build stage (about 7 minutes on
 # 2 cores); the final stage keeps only the venv and the OpenMP runtime it links.
+# GGML_NATIVE=OFF: not -march=native, which would tie the image to the build host's CPU (one
+# built on a host with AVX-512 or AMX dies of SIGILL, or a fault, on nodes without them); the
+# default x86-64 set instead (AVX2, FMA, F16C).
 ARG PYTHON_IMAGE=python:3.11.7-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
-ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 CMAKE_BUILD_PARALLEL_LEVEL=4
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 CMAKE_BUILD_PARALLEL_LEVEL=4 CMAKE_ARGS="-DGGML_NATIVE=OFF"
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends build-essential cmake \
