@@ -110,9 +110,11 @@ class GuardSet(_Strict):
     logit_variance: Guard = _guard(True, 0.1)  # a collapsed, flat row: trips below it
     max_prob: Guard = _guard(False, 0.99)  # the most probable token's probability
     l2_norm: Guard = _guard(True, 1e4)  # of the logits row: numerical instability
-    # Ignore the running-PPL guard for the first N generated tokens (one surprising
-    # first token is exp(-log p) on its own). 0 = judge from the first token.
-    ppl_warmup_tokens: int = Field(default=0, ge=0)
+    # Ignore the running-PPL guard for the first N generated tokens: the PPL of one token is
+    # exp(-log p) of that token alone (bench quality, healthy T=0.7: a first token at 683 and
+    # 726, every run under 200 from its second token and under 50 from its fourth); the
+    # -log p guard judges each of those tokens on its own. 0 = judge from the first token.
+    ppl_warmup_tokens: int = Field(default=4, ge=0)
 
 
 class Rule(_Strict):
@@ -206,8 +208,11 @@ class LoopGuardConfig(_Strict):
     min_chars: int = Field(default=16, ge=2, le=1 << 16)  # (see max_repeats)
     # A long unit (a sentence) twice in a row is a loop once the repetition runs past this.
     max_loop_chars: int = Field(default=100, ge=2, le=1 << 16)
-    # A unit that occurs in the prompt (requested repetition) may repeat this often.
-    prompt_repeats: float = Field(default=8, ge=1.5, le=1024)
+    # A unit that occurs in the prompt (requested repetition) may repeat this often (and
+    # always over min_chars): a request bounds it, an unbounded one ("without stopping")
+    # too. 8 left a loop prompt's "beep" eight times at the end of its answer (bench quality,
+    # loop-greedy: still looping there); 4 changed no run of the legitimate-repetition group.
+    prompt_repeats: float = Field(default=4, ge=1.5, le=1024)
     prompt_chars: int = Field(default=4096, ge=0, le=1 << 20)  # normalised characters of the prompt's end kept
     # A numbered item of fewer letters ("12. Goodbye", "Chapter 12"; digits masked) may
     # repeat this often: a list, but a list of one item; the prompt's own item is free.

@@ -260,11 +260,11 @@ def test_repetition_the_prompt_asked_for_may_repeat_prompt_repeats_times() -> No
     assert feed(guard_over(v, prompt), four) == []
     assert feed(guard_over(v), four)  # without the prompt: the fourth is cut
     assert feed(guard_over(v, prompt, prompt_chars=0), four)  # prompt_chars 0: the prompt is not read
-    # bounded all the same: the ninth repetition is refused
+    # bounded all the same: the fifth repetition is refused at its first character
     trips = feed(guard_over(v, prompt), v.split(" I love pizza!" * 9))
-    assert trips and "a unit from the prompt" in trips[0][2] and "max 8.00" in trips[0][2]
+    assert trips and "a unit from the prompt" in trips[0][2] and "max 4.00" in trips[0][2]
     per = len(v.split(" I love pizza!"))
-    assert trips[0][0] == 8 * per
+    assert trips[0][0] == 4 * per  # the fifth repetition's first token
 
 
 def test_a_run_of_blank_tokens_is_refused_and_a_token_with_no_text_never() -> None:

@@ -91,10 +91,12 @@ def test_seed_001_defaults_trip_on_their_failure_modes() -> None:
     assert "l2_norm" in [t.code for t in evaluate(token_metrics(huge, row_stats(huge), 0, 0.0, 0), defaults, Sampler.NORMAL, 0)]
     row = peaked_row()
     m = token_metrics(row, row_stats(row), 999, 0.0, 0)  # a ~e^-10 token: PPL ~ 2e4 > 400
-    # and the recalibrated per-token guard: -log p ~ 10 > 9
-    assert [t.code for t in evaluate(m, defaults, Sampler.NORMAL, 0)] == ["neg_logprob", "running_ppl"]
-    assert [t.code for t in evaluate(m, defaults.model_copy(update={"ppl_warmup_tokens": 1}), Sampler.NORMAL, 0)] == [
-        "neg_logprob"
+    # and the recalibrated per-token guard: -log p ~ 10 > 9; running PPL once past its warm-up
+    assert [t.code for t in evaluate(m, defaults, Sampler.NORMAL, 4)] == ["neg_logprob", "running_ppl"]
+    assert [t.code for t in evaluate(m, defaults, Sampler.NORMAL, 3)] == ["neg_logprob"]  # the 4th token: warming up
+    assert [t.code for t in evaluate(m, defaults.model_copy(update={"ppl_warmup_tokens": 0}), Sampler.NORMAL, 0)] == [
+        "neg_logprob",
+        "running_ppl",
     ]
 
 

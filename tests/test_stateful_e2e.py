@@ -119,7 +119,7 @@ def test_a_loop_of_variants_ends_healed_or_halted_not_looping(guarded) -> None:
         assert [r.code for r in done.error.reasons] == ["loop"]
         loop_steps.append(len(done.tokens))
     assert loop_steps and loop_steps[0] < 64
-    # the prompt holds "beep": eight may come back to back (prompt_repeats), not the 48 unguarded
+    # the prompt holds "beep": four may come back to back (prompt_repeats; over min_chars), not the 48 unguarded
     assert done.text.lower().count("beep") <= 9
     if done.error is None and len(done.tokens) == 192:  # still going at the budget's end: not looping there
         assert distinct_ratio(done.token_ids[-32:]) >= 0.8
