@@ -207,7 +207,9 @@ class LoopGuardConfig(_Strict):
     max_repeats: float = Field(default=3, ge=1.5, le=1024)
     min_chars: int = Field(default=16, ge=2, le=1 << 16)  # (see max_repeats)
     # A long unit (a sentence) twice in a row is a loop once the repetition runs past this.
-    max_loop_chars: int = Field(default=100, ge=2, le=1 << 16)
+    # 32: a sentence of 16 letters or more is refused at its third copy (100 let "I'm so glad
+    # you're here." stand three times at the end of a loop prompt's answer; bench quality).
+    max_loop_chars: int = Field(default=32, ge=2, le=1 << 16)
     # A unit that occurs in the prompt (requested repetition) may repeat this often (and
     # always over min_chars): a request bounds it, an unbounded one ("without stopping")
     # too. 8 left a loop prompt's "beep" eight times at the end of its answer (bench quality,

@@ -133,18 +133,20 @@ def test_case_spacing_punctuation_and_token_split_variants_are_one_loop() -> Non
     assert trips[0][0] == ids.index(v.id(b" HELLO"))
 
 
-def test_a_phrase_loop_is_cut_at_its_fourth_repetition_and_a_sentence_loop_at_100_characters() -> None:
+def test_a_short_unit_is_cut_at_its_fourth_repetition_and_a_sentence_at_its_third() -> None:
     v = Vocab()
-    phrase = " A moment of pure beauty,"  # 20 characters: three times is a refrain, the fourth is refused
-    trips = feed(guard_over(v), v.split(phrase * 4))
-    per = len(v.split(phrase))
+    short = " Well then,"  # 8 characters: three times is emphasis, the fourth is refused
+    trips = feed(guard_over(v), v.split(short * 5))
+    per = len(v.split(short))
     assert trips and trips[0][0] == 3 * per
-    assert "unit 3.05 times back to back (max 3.00)" in trips[0][2]
-    sentence = " The population of China is approximately 1.4 billion."  # 44 characters
-    trips = feed(guard_over(v), v.split(sentence * 3))
-    per = len(v.split(sentence))
-    assert trips and 2 * per < trips[0][0] < 3 * per  # in the third, once past 100 characters
-    assert "(max 2.27)" in trips[0][2]  # 100 / 44
+    assert "8-character unit 3.50 times back to back (max 3.00)" in trips[0][2]
+    for sentence in (" I'm so glad you're here.", " The population of China is approximately 1.4 billion."):
+        trips = feed(guard_over(v), v.split(sentence * 3))
+        per = len(v.split(sentence))
+        assert trips and trips[0][0] == 2 * per, sentence  # the third copy's first token
+        assert "(max 2.00)" in trips[0][2]
+    # a sentence of over 32 characters twice is not a loop: "write it again" asks for that
+    assert feed(guard_over(v), v.split(" The population of China is approximately 1.4 billion." * 2)) == []
 
 
 def test_a_numbered_loop_is_one_loop_and_a_count_is_not() -> None:
@@ -265,6 +267,23 @@ def test_repetition_the_prompt_asked_for_may_repeat_prompt_repeats_times() -> No
     assert trips and "a unit from the prompt" in trips[0][2] and "max 4.00" in trips[0][2]
     per = len(v.split(" I love pizza!"))
     assert trips[0][0] == 4 * per  # the fifth repetition's first token
+
+
+def test_the_prompt_licenses_its_repetition_once_and_not_the_variants_after_a_heal() -> None:
+    v = Vocab()
+    prompt = "Continue the pattern: A B A B A B A B"
+    variant = v.split(" A B A B A B A" * 4)  # a rotation of the prompt's own text, period 7
+    assert feed(guard_over(v, prompt), variant) == []  # licensed: four repetitions
+    g = guard_over(v, prompt)
+    step = heal_first_refusal(g, v.split(" A B" * 12), v.id(b"\n"))
+    trips = feed(g, variant, step + 1)
+    assert trips, "the request's licence was spent by the heal: its variant is judged as any text"
+    assert "from the prompt" not in trips[0][2]
+    # spent for the window only: long after the heal, the prompt licenses again
+    later = guard_over(v, prompt, window=16)
+    step = heal_first_refusal(later, v.split(" A B" * 12), v.id(b"\n"))
+    gap = v.split(" Here is some other text for a while, nothing like the pattern, quickly.")
+    assert feed(later, gap + variant, step + 1) == []
 
 
 def test_a_run_of_blank_tokens_is_refused_and_a_token_with_no_text_never() -> None:

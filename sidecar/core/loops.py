@@ -24,7 +24,9 @@ the guard looks for exactly that, in the text rather than in token ids:
   exactly those.
 - **Requested repetition.** A unit found in the prompt ("say 'I love pizza' three
   times") may repeat ``prompt_repeats`` times: echoing the user's own text is not
-  degenerate, but it is still bounded.
+  degenerate, but it is still bounded, and licensed once: when the guard has had to cut
+  it, the prompt licenses nothing more for ``window`` steps, so a variant of the request
+  ("A B A B A A B A B A", babble from the prompt's letters) is judged as any text is.
 - **Recurrence.** A loop of variants is not back to back ("I'm not sure what you're
   asking / looking for, but I'll try to help."): a span of ``recur_chars`` characters
   that comes back more than ``max_recurrences`` times in the window, other text between,
@@ -139,6 +141,10 @@ class LoopGuard:
         self._banned: deque[tuple[int, int, bytes]] = deque()  # (step, stream, unit): loops healed
         self._heal_steps: deque[int] = deque()  # steps in the window where a token was refused
         self._pending: tuple[int, int, bytes] | None = None  # (step, stream, unit) of this step's refusal
+        self._pending_asked = False  # that refusal cut repetition the prompt asked for
+        # The step a loop of the prompt's own unit was healed: its licence is spent for the
+        # window, so a variant of it ("A B A B A A B A B A") gets no licence of its own.
+        self._spent = -(1 << 62)
         # (step, token, runs, text, (hash, spans) once the recurrence rolled them) of the last
         # check, for its commit
         self._checked: tuple[int, int, Runs, bytes, tuple[int, list[int]] | None] | None = None
@@ -227,7 +233,7 @@ class LoopGuard:
                     if n <= self.cfg.max_list_repeats * period or self._in_prompt(unit, self._prompt[1]):
                         continue
                     allowed, asked = self.cfg.max_list_repeats, ", a numbered list of one item"
-                elif self._in_prompt(unit, self._prompt[stream]):
+                elif self._licensed(p.step) and self._in_prompt(unit, self._prompt[stream]):
                     licensed.append(period)
                     allowed, asked = self.cfg.prompt_repeats, ", a unit from the prompt"
                     if n <= max(allowed * period, self.cfg.min_chars):
@@ -238,7 +244,7 @@ class LoopGuard:
                     f"loop: the text repeats a {period}-character unit {repeats:.2f} times back to back"
                     f"{_STREAMS[stream]} (max {allowed:.2f}{asked})"
                 )
-                return self._refuse(p, repeats, allowed, detail, stream, unit)
+                return self._refuse(p, repeats, allowed, detail, stream, unit, asked=period in licensed)
         return self._babble(p, text) or self._recurrence(p, chars, text, runs)
 
     def _babble(self, p: Proposal, text: bytes) -> Sequence[Trip]:
@@ -254,10 +260,11 @@ class LoopGuard:
         alphabet = bytes(sorted(set(window)))
         if len(alphabet) > K:
             return ()
-        if self._in_prompt(window[-_BABBLE_PROMPT_RUN:], self._prompt[0]):  # in some phase
+        licensed = self._licensed(p.step)
+        if licensed and self._in_prompt(window[-_BABBLE_PROMPT_RUN:], self._prompt[0]):  # in some phase
             return ()  # it still goes on as the prompt does ("Continue: A B A B A B A B")
         q = next((q for q in range(1, W // 2 + 1) if window[q:] == window[:-q]), 0)
-        if q and self._in_prompt(window[-q:], self._prompt[0]):
+        if q and licensed and self._in_prompt(window[-q:], self._prompt[0]):
             return ()  # the prompt's own word, numbered ("1. Hello 2. Hello"): periodicity bounds it
         shown = alphabet.decode("utf-8", "backslashreplace")
         detail = f"loop: the last {W} letters are all from {len(alphabet)} letters ({shown}; max {K}): babble"
@@ -289,13 +296,18 @@ class LoopGuard:
         # a span that is one unit repeated is periodicity's to judge when the prompt asked
         # for that unit (its licence); otherwise a recurring span is a recurring span
         unit = min((q for q, r in runs[0].items() if q <= G // 2 and r + q >= G), default=0)  # its shortest unit
-        if unit and self._in_prompt(text[-unit:], self._prompt[0]):
+        if unit and self._licensed(p.step) and self._in_prompt(text[-unit:], self._prompt[0]):
             return ()
         detail = (
             f"loop: a {G}-character span of the text recurs, {seen + 1} times in the last "
             f"{self.cfg.window} tokens (max {self.cfg.max_recurrences})"
         )
         return self._refuse(p, float(seen + 1), float(self.cfg.max_recurrences), detail, 0, b"")
+
+    def _licensed(self, step: int) -> bool:
+        """Whether the prompt still licenses its own units: not once a loop of one was
+        healed in the window (a request licenses its repetition once)."""
+        return self._spent <= step - self.cfg.window
 
     @staticmethod
     def _in_prompt(unit: bytes, prompt: bytes) -> bool:
@@ -305,8 +317,10 @@ class LoopGuard:
         twice = unit + unit
         return any(twice[i : i + len(unit)] in prompt for i in range(len(unit)))
 
-    def _refuse(self, p: Proposal, value: float, limit: float, detail: str, stream: int, unit: bytes) -> Sequence[Trip]:
-        self._pending = (p.step, stream, unit)
+    def _refuse(
+        self, p: Proposal, value: float, limit: float, detail: str, stream: int, unit: bytes, asked: bool = False
+    ) -> Sequence[Trip]:
+        self._pending, self._pending_asked = (p.step, stream, unit), asked
         heals = self._heals_in_window(p.step)
         if self.cfg.action == "halt" or heals >= self.cfg.max_heals:
             why = "action halt" if self.cfg.action == "halt" else f"{heals} steps healed in the last {self.cfg.window}"
@@ -324,6 +338,8 @@ class LoopGuard:
         if self._pending is not None and self._pending[0] == p.step:
             self._heal_steps.append(p.step)
             self._band_end = p.step + cfg.band_tokens
+            if self._pending_asked:
+                self._spent = p.step
             _, stream, unit = self._pending
             if unit and all((st, len(u)) != (stream, len(unit)) or unit not in u + u for _, st, u in self._banned):
                 self._banned.append((p.step, stream, unit))
