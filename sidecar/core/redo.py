@@ -217,6 +217,13 @@ def accept_first(
     return StepOutcome(Decision.ACCEPT, c.token, Sampler.NORMAL, m, (), p, (ProposalRecord(c.token, Sampler.NORMAL, 0),))
 
 
+def _strict_params(params: SamplingParams, bounds: RedoBounds) -> SamplingParams:
+    """The strict sampler's parameters: the request's, with at least the redo's repetition penalty."""
+    if bounds.strict_repetition_penalty > params.repetition_penalty:
+        return replace(params, repetition_penalty=bounds.strict_repetition_penalty)
+    return params
+
+
 def decide(
     row: Row,
     stats: RowStats,
@@ -243,9 +250,7 @@ def decide(
     made: list[ProposalRecord] = []
     banned: list[int] = []
     sampler = Sampler.STRICT if any(ev.strict() for ev in evaluators) else Sampler.NORMAL
-    strict_params = params
-    if bounds.strict_repetition_penalty > params.repetition_penalty:
-        strict_params = replace(params, repetition_penalty=bounds.strict_repetition_penalty)
+    strict_params: SamplingParams | None = None  # built when the strict sampler first runs (most steps never do)
     normal_tries = 0
     m: TokenMetrics | None = None
     for attempt in range(bounds.max_proposals):
@@ -253,6 +258,8 @@ def decide(
             token = sample_normal(row, history, params, step, banned)
             normal_tries += 1
         else:
+            if strict_params is None:
+                strict_params = _strict_params(params, bounds)
             token = sample_strict(row, history, strict_params, banned)
         if token < 0:
             why = f"every token is excluded by the policy ({len(banned)} blocked in this step)"
@@ -260,7 +267,7 @@ def decide(
             made.append(ProposalRecord(-1, sampler, 1))
             m = m or token_metrics(row, stats, 0, ppl_sum, generated)
             return StepOutcome(Decision.ABORT, -1, None, m, tuple(reasons), None, tuple(made))
-        drawn_with = params if sampler == Sampler.NORMAL else strict_params
+        drawn_with = params if strict_params is None or sampler == Sampler.NORMAL else strict_params
         m = token_metrics(row, stats, token, ppl_sum, generated, banned, history, drawn_with)
         p = Proposal(token, sampler, m, step, generated, attempt, now_s)
         trips = [t for ev in evaluators for t in ev.check(p)]
