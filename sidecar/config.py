@@ -238,9 +238,8 @@ class LoopGuardConfig(_Strict):
     # After a heal, this many tokens come from the strict sampler (greedy, with the redo's
     # strict_repetition_penalty), each verdict flagging it: a sampler that just looped
     # would find its way back to the loop (0: the request's sampler right after a heal).
-    # 48: with 16, healthy greedy text came back to a healed loop 20-40 tokens later (three
-    # heals for one loop) and loop prompts were healed 2.7 times per 100 tokens; 48: one
-    # heal per loop in healthy text, 1.2 per 100 on loop prompts (bench quality's prompts).
+    # With 16, healthy greedy text came back to a healed loop 20-40 tokens later (three
+    # heals for one loop); 48 holds it off (bench quality: heals per loop, loops at the end).
     band_tokens: int = Field(default=48, ge=0, le=1 << 16)
 
 
