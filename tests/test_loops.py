@@ -123,6 +123,39 @@ def test_periodicity_refuses_exactly_what_plain_string_work_finds(ids, max_perio
         text += normalise(tokens[t])
 
 
+def plain_runs(text: bytes, max_period: int) -> dict[int, int]:
+    """Period -> how many trailing characters of ``text`` equal the one that period before
+    them, for every period with a run (plain string work)."""
+    out = {}
+    for p in range(1, max_period + 1):
+        k = 0
+        while k < len(text) - p and text[len(text) - 1 - k] == text[len(text) - 1 - k - p]:
+            k += 1
+        if k:
+            out[p] = k
+    return out
+
+
+DIGIT_PIECES = [b" a", b"b", b"1", b" a1", b"12.", b"2", b"\n"]
+
+
+@given(ids=st.lists(st.integers(1, len(DIGIT_PIECES)), max_size=60), max_period=st.integers(1, 12))
+@settings(max_examples=200, deadline=None)
+def test_both_streams_runs_are_plain_string_work_on_the_text_and_on_it_with_digits_masked(ids, max_period) -> None:
+    # (the two streams share their runs while they agree: this pins that they still agree
+    # with the text exactly when digits come and go)
+    tokens = [b"", *DIGIT_PIECES]
+    g = LoopGuard(LoopGuardConfig(max_period_chars=max_period), tokens)
+    text = b""
+    for step, t in enumerate(ids):
+        g.check(prop(t, step))
+        g.commit(prop(t, step))
+        text += normalise(tokens[t])
+        masked = text.translate(bytes.maketrans(b"0123456789", b"#" * 10))
+        assert g._runs[0] == plain_runs(text, max_period), text
+        assert g._runs[1] == plain_runs(masked, max_period), text
+
+
 def test_case_spacing_punctuation_and_token_split_variants_are_one_loop() -> None:
     v = Vocab()
     ids = v.split("hello Hello,") + [v.id(b" hel"), v.id(b"lo")] + v.split("! HELLO")
