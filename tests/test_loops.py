@@ -319,6 +319,23 @@ def test_the_prompt_licenses_its_repetition_once_and_not_the_variants_after_a_he
     assert feed(later, gap + variant, step + 1) == []
 
 
+def test_a_step_that_cut_the_prompts_unit_spends_its_licence_whatever_it_refused_next() -> None:
+    v = Vocab()
+    g = guard_over(v, "Say 'I love pizza' three times.")
+    step = heal_first_refusal(g, v.split(" I like cats." * 4), v.id(b" Then"))  # "ilikecats" healed
+    pizza = v.split(" I love pizza!" * 4)  # the request: licensed
+    assert feed(g, pizza, step + 1) == []
+    step += 1 + len(pizza)
+    cut = g.check(prop(v.id(b" I"), step))  # a fifth: the prompt's unit, cut
+    assert cut and "a unit from the prompt" in cut[0].detail
+    again = g.check(prop(v.id(b" I like cats I like cats"), step))  # the healed loop: refused too
+    assert again and "starts again" in again[0].detail
+    g.commit(prop(v.id(b" Well"), step))  # the redo's token
+    gap = v.split(", that was that. Now for something else entirely, quickly.")
+    trips = feed(g, gap + pizza, step + 1)
+    assert trips and "from the prompt" not in trips[0][2]  # spent: three repetitions, as any text
+
+
 def test_a_run_of_blank_tokens_is_refused_and_a_token_with_no_text_never() -> None:
     v = Vocab()
     nl = v.id(b"\n")

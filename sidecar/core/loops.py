@@ -328,6 +328,8 @@ class LoopGuard:
     def _refuse(
         self, p: Proposal, value: float, limit: float, detail: str, stream: int, unit: bytes, asked: bool = False
     ) -> Sequence[Trip]:
+        # a step may refuse several candidates: a cut of the prompt's own unit among them spends its licence
+        asked = asked or (self._pending is not None and self._pending[0] == p.step and self._pending_asked)
         self._pending, self._pending_asked = (p.step, stream, unit), asked
         heals = self._heals_in_window(p.step)
         if self.cfg.action == "halt" or heals >= self.cfg.max_heals:
