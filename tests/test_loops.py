@@ -70,17 +70,24 @@ def test_normalise_keeps_lower_case_letters_digits_and_non_ascii() -> None:
     assert normalise(b" \t|---|") == b""
 
 
-def naive_loop(text: bytes, max_period: int, repeats: float, min_chars: int, loop_chars: int) -> bool:
-    """Whether ``text`` ends in a unit of at most ``max_period`` characters repeated back
-    to back over more than max(min(repeats * p, max(2 p, loop_chars)), min_chars)
-    characters (plain string work)."""
+def plain_runs(text: bytes, max_period: int) -> dict[int, int]:
+    """Period -> how many trailing characters of ``text`` equal the one that period before
+    them, for every period with a run (plain string work)."""
+    out = {}
     for p in range(1, max_period + 1):
         k = 0
         while k < len(text) - p and text[len(text) - 1 - k] == text[len(text) - 1 - k - p]:
             k += 1
-        if k + p > max(min(repeats * p, max(2 * p, loop_chars)), min_chars) and k > 0:
-            return True
-    return False
+        if k:
+            out[p] = k
+    return out
+
+
+def naive_loop(text: bytes, max_period: int, repeats: float, min_chars: int, loop_chars: int) -> bool:
+    """Whether ``text`` ends in a unit of at most ``max_period`` characters repeated back
+    to back over more than max(min(repeats * p, max(2 p, loop_chars)), min_chars)
+    characters (plain string work)."""
+    return any(k + p > max(min(repeats * p, max(2 * p, loop_chars)), min_chars) for p, k in plain_runs(text, max_period).items())
 
 
 PIECES = [b" a", b"b", b"A,", b" ab", b"\n", b"ba", b"!"]
@@ -121,19 +128,6 @@ def test_periodicity_refuses_exactly_what_plain_string_work_finds(ids, max_perio
             )
         g.commit(prop(t, step))
         text += normalise(tokens[t])
-
-
-def plain_runs(text: bytes, max_period: int) -> dict[int, int]:
-    """Period -> how many trailing characters of ``text`` equal the one that period before
-    them, for every period with a run (plain string work)."""
-    out = {}
-    for p in range(1, max_period + 1):
-        k = 0
-        while k < len(text) - p and text[len(text) - 1 - k] == text[len(text) - 1 - k - p]:
-            k += 1
-        if k:
-            out[p] = k
-    return out
 
 
 DIGIT_PIECES = [b" a", b"b", b"1", b" a1", b"12.", b"2", b"\n"]

@@ -143,8 +143,8 @@ class LoopGuard:
         self._blank = 0  # committed tokens in a row without a letter or digit
         self._banned: deque[tuple[int, int, bytes]] = deque()  # (step, stream, unit): loops healed
         self._heal_steps: deque[int] = deque()  # steps in the window where a token was refused
-        self._pending: tuple[int, int, bytes] | None = None  # (step, stream, unit) of this step's refusal
-        self._pending_asked = False  # that refusal cut repetition the prompt asked for
+        # (step, stream, unit, asked) of this step's refusal; asked: it cut repetition the prompt asked for
+        self._pending: tuple[int, int, bytes, bool] | None = None
         # The step a loop of the prompt's own unit was healed: its licence is spent for the
         # window, so a variant of it ("A B A B A A B A B A") gets no licence of its own.
         self._spent = -(1 << 62)
@@ -199,9 +199,8 @@ class LoopGuard:
                     q = t.find(c, q + 1, i)
                 runs = grown
             out.append(runs)
-        if shared or out[0] == out[1]:  # (digits passed out of every run: one dict again)
-            return (out[0], out[0]), (text[-self._keep :], texts[1][-self._keep :])
-        return (out[0], out[1]), (text[-self._keep :], texts[1][-self._keep :])
+        masked = out[0] if shared or out[0] == out[1] else out[1]  # (digits passed out of every run: one dict again)
+        return (out[0], masked), (text[-self._keep :], texts[1][-self._keep :])
 
     def _check(self, p: Proposal) -> Sequence[Trip]:
         chars = self._chars(p.token)
@@ -329,8 +328,8 @@ class LoopGuard:
         self, p: Proposal, value: float, limit: float, detail: str, stream: int, unit: bytes, asked: bool = False
     ) -> Sequence[Trip]:
         # a step may refuse several candidates: a cut of the prompt's own unit among them spends its licence
-        asked = asked or (self._pending is not None and self._pending[0] == p.step and self._pending_asked)
-        self._pending, self._pending_asked = (p.step, stream, unit), asked
+        asked = asked or (self._pending is not None and self._pending[0] == p.step and self._pending[3])
+        self._pending = (p.step, stream, unit, asked)
         heals = self._heals_in_window(p.step)
         if self.cfg.action == "halt" or heals >= self.cfg.max_heals:
             why = "action halt" if self.cfg.action == "halt" else f"{heals} steps healed in the last {self.cfg.window}"
@@ -348,9 +347,9 @@ class LoopGuard:
         if self._pending is not None and self._pending[0] == p.step:
             self._heal_steps.append(p.step)
             self._band_end = p.step + cfg.band_tokens
-            if self._pending_asked:
+            _, stream, unit, asked = self._pending
+            if asked:
                 self._spent = p.step
-            _, stream, unit = self._pending
             if unit and all((st, len(u)) != (stream, len(unit)) or unit not in u + u for _, st, u in self._banned):
                 self._banned.append((p.step, stream, unit))
         self._pending = None

@@ -255,11 +255,13 @@ def decide(
     m: TokenMetrics | None = None
     for attempt in range(bounds.max_proposals):
         if sampler == Sampler.NORMAL:
+            drawn_with = params
             token = sample_normal(row, history, params, step, banned)
             normal_tries += 1
         else:
             if strict_params is None:
                 strict_params = _strict_params(params, bounds)
+            drawn_with = strict_params
             token = sample_strict(row, history, strict_params, banned)
         if token < 0:
             why = f"every token is excluded by the policy ({len(banned)} blocked in this step)"
@@ -267,7 +269,6 @@ def decide(
             made.append(ProposalRecord(-1, sampler, 1))
             m = m or token_metrics(row, stats, 0, ppl_sum, generated)
             return StepOutcome(Decision.ABORT, -1, None, m, tuple(reasons), None, tuple(made))
-        drawn_with = params if strict_params is None or sampler == Sampler.NORMAL else strict_params
         m = token_metrics(row, stats, token, ppl_sum, generated, banned, history, drawn_with)
         p = Proposal(token, sampler, m, step, generated, attempt, now_s)
         trips = [t for ev in evaluators for t in ev.check(p)]
