@@ -144,13 +144,14 @@ def test_bench_contention_runs_every_lane_quiet_and_loaded_and_counts_failed_ste
 
 def test_bench_step_times_every_stage_warm_and_cold_for_both_signatures(tmp_path) -> None:
     out = tmp_path / "bench.json"
-    cmd = ["bench", "step", "--step-rows", "12", "--step-passes", "1", "--evict-mb", "8"]
+    cmd = ["bench", "step", "--step-rows", "12", "--step-passes", "1", "--evict-mb", "8", "--idle-ms", "2"]
     r = subprocess.run([sys.executable, "-m", "sidecar", *cmd, "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     data = json.loads((tmp_path / "bench-step.json").read_text())["step"]
-    assert (data["rows"], data["passes"], data["evict_mb"]) == (12, 1, 8)
-    for name in ("hmac/warm", "hmac/cold", "ed25519/warm", "ed25519/cold"):
+    assert (data["rows"], data["passes"], data["evict_mb"], data["idle_ms"]) == (12, 1, 8, 2.0)
+    for name in ("hmac/warm", "hmac/cold", "hmac/idle", "ed25519/warm", "ed25519/cold", "ed25519/idle"):
         stages = [data[name][f"{s}_us_p50"] for s in ("write", "sidecar", "verify")]
         assert all(v > 0 for v in stages) and data[name]["total_us_p50"] >= max(stages)
-    assert data["hmac_cold_over_warm"] > 0 and data["ed25519_cold_over_warm"] > 0
+    for ratio in ("hmac_cold_over_warm", "hmac_idle_over_warm", "ed25519_cold_over_warm", "ed25519_idle_over_warm"):
+        assert data[ratio] > 0
     assert "the guard's CPU per token in one process" in r.stdout

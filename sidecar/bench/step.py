@@ -9,11 +9,13 @@ from a T=0.7 generation, then fed in order): the engine's ring write, the sideca
 either lane (:func:`~sidecar.server.answer_step`, the response serialised as the fast lane
 writes it), and the engine's check of it (:func:`~engine_adapters.client.check_verdict`).
 
-Two settings side by side, in blocks of eight rows, the order rotating: ``warm`` (steps back
-to back) and ``cold`` (``--evict-mb`` of memory read before each step, as a forward pass
-would); for HMAC and Ed25519 verdicts, the default policy, no audit file. The sum of the
-three stages is the guard's own CPU per token, without the wake-ups. Prints a table and
-writes JSON; asserts nothing.
+Three settings side by side, in blocks of eight rows, the order rotating: ``warm`` (steps back
+to back), ``cold`` (``--evict-mb`` of memory read before each step, as a forward pass would)
+and ``idle`` (the process sleeps ``--idle-ms`` before each step, as the sidecar waits out the
+engine's forward pass, and nothing else runs: on a shared virtual machine the core's caches
+are as cold after that as after the eviction); for HMAC and Ed25519 verdicts, the default
+policy, no audit file. The sum of the three stages is the guard's own CPU per token, without
+the wake-ups. Prints a table and writes JSON; asserts nothing.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from ..wire import params_to_pb
 from .common import machine, publish, rotation, table
 
 SIGNERS = ("hmac", "ed25519")
-SETTINGS = ("warm", "cold")
+SETTINGS = ("warm", "cold", "idle")
 STAGES = ("write", "sidecar", "verify")
 BLOCK = 8  # rows a loop steps through before the next loop's turn
 STORY = "Write a long story about a dragon who learns to paint."
@@ -100,7 +102,7 @@ class _Loop:
         self.ring.close()
 
 
-def bench_step(rows: np.ndarray, vocab: list[bytes], evict_mb: int, passes: int) -> dict[str, Any]:
+def bench_step(rows: np.ndarray, vocab: list[bytes], evict_mb: int, passes: int, idle_ms: float) -> dict[str, Any]:
     flush = np.ones(evict_mb << 18, dtype=np.float32)  # evict_mb MiB
     times: dict[str, list[tuple[float, float, float]]] = {f"{s}/{c}": [] for s in SIGNERS for c in SETTINGS}
     loops: dict[str, _Loop] = {}
@@ -117,26 +119,30 @@ def bench_step(rows: np.ndarray, vocab: list[bytes], evict_mb: int, passes: int)
                 loops[f"{name}/{setting}"] = _Loop(service, TrustedKeys.load(public), digest, len(vocab))
         # Blocks of BLOCK rows, the loops in turn: a warm loop's steps run back to back (the
         # first of each block, which follows another loop's, is not counted); a cold one
-        # reads the flush buffer before every step.
+        # reads the flush buffer before every step, an idle one sleeps.
         names = list(loops)
         for i in range(max(passes * len(rows) // BLOCK, 2)):
             for name in rotation(names, i):
                 for j in range(BLOCK):
-                    cold = name.endswith("/cold")
-                    if cold:
+                    setting = name.split("/")[1]
+                    if setting == "cold":
                         flush.sum()  # what the forward pass does to the caches between two steps
+                    elif setting == "idle":
+                        time.sleep(idle_ms / 1e3)  # the wait for the forward pass, nothing else
                     t = loops[name].run(rows[(i * BLOCK + j) % len(rows)])
-                    if i and (cold or j):  # the first round warms the code up
+                    if i and (setting != "warm" or j):  # the first round warms the code up
                         times[name].append(t)
         for lp in loops.values():
             lp.close()
-    out: dict[str, Any] = {"rows": len(rows), "passes": passes, "evict_mb": evict_mb}
+    out: dict[str, Any] = {"rows": len(rows), "passes": passes, "evict_mb": evict_mb, "idle_ms": idle_ms}
     for name, ts in times.items():
         out[name] = {f"{stage}_us_p50": round(statistics.median(t[k] for t in ts) * 1e6, 1) for k, stage in enumerate(STAGES)}
         out[name]["total_us_p50"] = round(statistics.median(sum(t) for t in ts) * 1e6, 1)
     for name in SIGNERS:
-        cold_us, warm_us = (statistics.median(sum(t) for t in times[f"{name}/{c}"]) for c in ("cold", "warm"))
-        out[f"{name}_cold_over_warm"] = round(cold_us / warm_us, 2)
+        warm_us = statistics.median(sum(t) for t in times[f"{name}/warm"])
+        for setting in ("cold", "idle"):
+            us = statistics.median(sum(t) for t in times[f"{name}/{setting}"])
+            out[f"{name}_{setting}_over_warm"] = round(us / warm_us, 2)
     return out
 
 
@@ -147,17 +153,17 @@ def render(result: dict[str, Any]) -> str:
     for name in SIGNERS:
         for setting in SETTINGS:
             m = r[f"{name}/{setting}"]
-            ratio = f"{r[f'{name}_cold_over_warm']:.2f}x" if setting == "cold" else ""
+            ratio = f"{r[f'{name}_{setting}_over_warm']:.2f}x" if setting != "warm" else ""
             rows.append([name, setting, *(f"{m[f'{s}_us_p50']:.0f}" for s in STAGES), f"{m['total_us_p50']:.0f}", ratio])
     return table(
         f"the guard's CPU per token in one process (µs, p50; {r['rows']} SmolLM2 rows x {r['passes']}; "
-        f"cold: {r['evict_mb']} MiB read before each step)",
-        ["verdicts", "caches", "engine write", "sidecar step", "engine verify", "total", "cold/warm"],
+        f"cold: {r['evict_mb']} MiB read before each step; idle: {r['idle_ms']:g} ms asleep before each step)",
+        ["verdicts", "caches", "engine write", "sidecar step", "engine verify", "total", "over warm"],
         rows,
     )
 
 
 def run_step_bench(args: argparse.Namespace) -> int:
     rows, vocab = capture_rows(args.step_rows, args.threads)
-    result = {"machine": machine(), "step": bench_step(rows, vocab, args.evict_mb, args.step_passes)}
+    result = {"machine": machine(), "step": bench_step(rows, vocab, args.evict_mb, args.step_passes, args.idle_ms)}
     return publish(result, args.out, "step", render)
