@@ -254,6 +254,17 @@ def _bench(args: argparse.Namespace) -> int:
     return run_bench(args)
 
 
+def _milliseconds(text: str) -> float:
+    """An argparse type: a finite, non-negative number of milliseconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of milliseconds") from None
+    if not 0.0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: milliseconds must be finite and >= 0")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from engine_adapters import omp
 
@@ -401,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--step-rows", type=int, default=128, help="step: rows of the model captured and fed in order")
     b.add_argument("--step-passes", type=int, default=4, help="step: passes over the captured rows")
     b.add_argument("--evict-mb", type=int, default=64, help="step: MiB read before each cold step (the forward pass)")
-    b.add_argument("--idle-ms", type=float, default=11.0, help="step: ms asleep before each idle step (a forward pass)")
+    b.add_argument("--idle-ms", type=_milliseconds, default=11.0, help="step: ms asleep before each idle step (a forward pass)")
     b.add_argument("--batch-rounds", type=int, default=15, help="batch: rounds of every batch size and frame kind in turn")
     b.add_argument("--sessions", type=int, default=16, help="load: guarded sessions at once")
     b.add_argument("--minutes", type=float, default=1.0, help="load: how long")

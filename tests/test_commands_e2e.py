@@ -142,7 +142,7 @@ def test_bench_contention_runs_every_lane_quiet_and_loaded_and_counts_failed_ste
     assert "fast + speculation" in r.stdout
 
 
-def test_bench_step_times_every_stage_warm_and_cold_for_both_signatures(tmp_path) -> None:
+def test_bench_step_times_every_stage_warm_cold_and_idle_for_both_signatures(tmp_path) -> None:
     out = tmp_path / "bench.json"
     cmd = ["bench", "step", "--step-rows", "12", "--step-passes", "1", "--evict-mb", "8", "--idle-ms", "2"]
     r = subprocess.run([sys.executable, "-m", "sidecar", *cmd, "--out", str(out)], capture_output=True, text=True, timeout=600)
@@ -155,3 +155,6 @@ def test_bench_step_times_every_stage_warm_and_cold_for_both_signatures(tmp_path
     for ratio in ("hmac_cold_over_warm", "hmac_idle_over_warm", "ed25519_cold_over_warm", "ed25519_idle_over_warm"):
         assert data[ratio] > 0
     assert "the guard's CPU per token in one process" in r.stdout
+    bad_cmd = [sys.executable, "-m", "sidecar", "bench", "step", "--idle-ms", "-1"]
+    bad = subprocess.run(bad_cmd, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "milliseconds must be finite and >= 0" in bad.stderr
