@@ -152,6 +152,10 @@ class GuardedLlama:
         # Bound into each session's genesis and written in its audit file.
         self.model_id = f"llama.cpp:{Path(getattr(llama, 'model_path', '') or 'model').name}:{len(self.vocab)}"
         self.last_receipt: pb.Receipt | None = None  # the receipt of the last generation that closed cleanly
+        # The verified verdict that ended the last generation at end-of-sequence: EOS has no
+        # text, so it is never yielded, yet the guard may have chosen it (a heal that ends
+        # the answer) and that must be as visible as any other heal.
+        self.last_end: pb.Verdict | None = None
 
     def generate(
         self,
@@ -171,7 +175,7 @@ class GuardedLlama:
         ids = self.llama.tokenize(prompt.encode("utf-8"), add_bos=True, special=True) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise ValueError("the prompt holds no token")
-        self.last_receipt = None
+        self.last_receipt = self.last_end = None
         session = self.client.open_session(
             self.vocab_digest,
             sampling,
@@ -224,6 +228,7 @@ class GuardedLlama:
                 v = session.step(logits)
                 token = v.token_id
                 if token == eos:
+                    self.last_end = v
                     return
                 yield GuardedToken(step, token, self.vocab[token], v, time.perf_counter() - t0, session.phases)
                 if step + 1 < max_tokens:
@@ -245,6 +250,7 @@ class GuardedLlama:
                 if token != eos:
                     llama.eval([token])
             if token == eos:
+                self.last_end = v
                 return
             history.append(token)
             yield GuardedToken(step, token, self.vocab[token], v, time.perf_counter() - t0, session.phases)
@@ -258,7 +264,7 @@ class GuardedLlama:
                 tokens.append(t)
         except GuardError as exc:
             error = exc
-        return GuardedCompletion(tokens, error, self.last_receipt)
+        return GuardedCompletion(tokens, error, self.last_receipt, self.last_end)
 
     def close(self) -> None:
         self.ring.close()
@@ -275,6 +281,13 @@ class GuardedCompletion:
     tokens: list[GuardedToken]
     error: FseError | None
     receipt: pb.Receipt | None = None  # the session's signed receipt (verified), when it closed cleanly
+    end: pb.Verdict | None = None  # the verdict that chose end-of-sequence (HEALED: the guard ended it)
+
+    @property
+    def healed(self) -> int:
+        """Steps the guard healed, the end-of-sequence step included (the receipt's count)."""
+        steps = [t.verdict for t in self.tokens] + ([self.end] if self.end is not None else [])
+        return sum(v.decision == pb.DECISION_HEALED for v in steps)
 
     @property
     def text(self) -> str:

@@ -218,6 +218,8 @@ class Engine:
                     break
             else:
                 finish = "length" if tokens >= limit else "stop"
+                end = self._guarded.last_end  # a heal that chose end-of-sequence yields no token
+                healed += end is not None and end.decision == pb.DECISION_HEALED
         except GuardAbort as exc:
             finish, error = "content_filter", exc
         except FseError as exc:

@@ -329,7 +329,7 @@ def create_app(engine: Engine, template: Any, settings: Settings) -> FastAPI:
         info: dict[str, Any] = {"healed_tokens": end.healed, "policy": policy, "lane": engine.lane}
         if end.receipt is not None:
             r = end.receipt
-            info["receipt"] = {"session_id": r.session_id, "steps": r.steps, "chain_hash": r.chain_hash.hex()}
+            info["receipt"] = {"session_id": r.session_id, "steps": r.steps, "healed": r.healed, "chain_hash": r.chain_hash.hex()}
         if end.finish == "content_filter":
             info["abort"] = str(end.error) if settings.expose_reasons else CLIENT_ABORT
         return info

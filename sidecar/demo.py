@@ -12,7 +12,6 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import yaml
 
@@ -102,14 +101,17 @@ def run_demo(args: argparse.Namespace) -> int:
                 try:
                     for tok in guarded.generate(CHAT.format(args.prompt), max_tokens=args.max_tokens, sampling=sampling):
                         tokens.append(tok)
-                        print(_token_line(tok))
+                        print(_token_line(tok.step, repr(tok.text.decode("utf-8", "replace")), tok.verdict))
+                    end = guarded.last_end  # end-of-sequence: no text, but a verdict (the guard may have chosen it)
+                    if end is not None:
+                        print(_token_line(end.step, "(end)", end))
                 except FseError as exc:
                     error = exc
                 elapsed = time.perf_counter() - t0
             client.close()
         finally:
             sc.stop()
-        _summary(tokens, error, elapsed)
+        _summary(tokens, guarded.last_end, error, elapsed)
         _audit_summary(audit_dir, guarded.last_receipt, sc.public_key, kept=args.audit_dir is not None)
     # A guard ABORT is the product working; no verdict at all (unavailable, rejected) is not.
     return 1 if error is not None and not isinstance(error, GuardAbort) else 0
@@ -134,21 +136,22 @@ def _audit_summary(audit_dir: Path, receipt: pb.Receipt | None, public_key: Path
     print(f"audit file: {rep.frames} frames, {state}{where}")
 
 
-def _token_line(tok: Any) -> str:
-    v, m = tok.verdict, tok.verdict.metrics
+def _token_line(step: int, shown: str, v: pb.Verdict) -> str:
+    m = v.metrics
     g = v.stream
     gate = GATE[g.band] + (f">{GATE[g.pending]}" if g.pending else "")
     line = (
-        f"{tok.step:>4}  {tok.text.decode('utf-8', 'replace')!r:<16} {DECISION[v.decision]:<8} "
+        f"{step:>4}  {shown:<16} {DECISION[v.decision]:<8} "
         f"{m.entropy_nats:7.3f} {m.neg_logprob_nats:7.3f} {m.margin:7.3f} {m.running_ppl:8.2f}  "
         f"{gate:<17} {g.risk:5.2f} {g.e_value:8.3g}"
     )
     return line + (f"   <- {', '.join(r.detail for r in v.reasons)}" if v.reasons else "")
 
 
-def _summary(tokens: list, error: FseError | None, elapsed: float) -> None:
+def _summary(tokens: list, end: pb.Verdict | None, error: FseError | None, elapsed: float) -> None:
     text = b"".join(t.text for t in tokens).decode("utf-8", "replace")
-    counts = {name: sum(1 for t in tokens if DECISION[t.verdict.decision] == name) for name in ("ACCEPT", "HEALED")}
+    verdicts = [t.verdict for t in tokens] + ([end] if end is not None else [])
+    counts = {name: sum(1 for v in verdicts if DECISION[v.decision] == name) for name in ("ACCEPT", "HEALED")}
     entropy = [t.verdict.metrics.entropy_nats for t in tokens]
     nlp = [t.verdict.metrics.neg_logprob_nats for t in tokens]
     print("\ncognitive ECG (one column per token)")
@@ -167,7 +170,8 @@ def _summary(tokens: list, error: FseError | None, elapsed: float) -> None:
     ppl = f"{last.metrics.running_ppl:.2f} ({BAND[last.band]})" if last else "n/a"
     lat = sorted(t.latency_s for t in tokens)
     print(
-        f"summary: {len(tokens)} tokens in {elapsed:.2f}s ({len(tokens) / elapsed if elapsed else 0:.1f} tok/s), "
+        f"summary: {len(tokens)} tokens{' and end-of-sequence' if end is not None else ''} in {elapsed:.2f}s "
+        f"({len(tokens) / elapsed if elapsed else 0:.1f} tok/s), "
         f"ACCEPT {counts['ACCEPT']}, HEALED {counts['HEALED']}, ABORT {int(isinstance(error, GuardAbort))}; "
         f"running PPL {ppl}"
     )

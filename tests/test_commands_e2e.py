@@ -32,6 +32,24 @@ def test_demo_prints_verdicts_ecg_and_summary() -> None:
     assert any(ln.startswith("audit file: ") and verified in ln for ln in lines)
 
 
+def test_demo_shows_the_verdict_that_ended_the_answer() -> None:
+    """End-of-sequence has no text but a verified verdict: the demo prints it as the last
+    step and counts it."""
+    r = subprocess.run(
+        [sys.executable, "-m", "sidecar", "demo", "--prompt", "What is the capital of France?", "--temperature", "0"]
+        + ["--max-tokens", "32"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = r.stdout.splitlines()
+    steps = [ln for ln in lines if ln[:4].strip().isdigit() and " ACCEPT " in ln]
+    assert steps[-1].split()[1:3] == ["(end)", "ACCEPT"] and int(steps[-1].split()[0]) == len(steps) - 1 < 32
+    summary = next(ln for ln in lines if ln.startswith("summary:"))
+    assert f"summary: {len(steps) - 1} tokens and end-of-sequence in" in summary and f"ACCEPT {len(steps)}," in summary
+
+
 def test_bench_writes_json_and_prints_tables(tmp_path) -> None:
     out = tmp_path / "bench.json"
     r = subprocess.run(

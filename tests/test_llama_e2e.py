@@ -67,6 +67,11 @@ def test_greedy_guarded_generation_equals_unguarded_token_for_token(llama, guard
     assert len(expected) > 5
     assert done.token_ids == expected
     assert all(t.verdict.decision == pb.DECISION_ACCEPT for t in done.tokens)
+    if len(expected) < 48:  # the model's own end: a verified verdict too, never yielded
+        assert done.end is not None and done.end.decision == pb.DECISION_ACCEPT
+        assert done.end.token_id == llama.token_eos() and done.end.step == len(expected)
+    else:
+        assert done.end is None
 
 
 @pytest.mark.parametrize("speculate", [False, True], ids=["plain", "speculating"])

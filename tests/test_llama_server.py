@@ -20,7 +20,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import CHAT, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -115,6 +115,18 @@ def test_chat_through_the_openai_client_streamed_and_not_gives_the_same_verified
     # max_completion_tokens is the newer name of the same limit
     r2 = api.chat.completions.create(model=MODEL, messages=ask["messages"], max_completion_tokens=24, seed=7)
     assert r2.choices[0].message.content == text
+
+
+def test_a_heal_that_ends_the_answer_is_counted_in_healed_tokens_as_the_receipt_counts_it(served) -> None:
+    """Greedy, the model writes its sentence a third time; the loop guard refuses that copy
+    and the redo's next candidate is end-of-sequence. That step yields no text, yet it is
+    a heal: ``fse.healed_tokens`` must agree with the session's signed receipt."""
+    prompt = CHAT.format("Keep saying 'go go go go go'.")
+    r = served.api.completions.create(model=MODEL, prompt=prompt, max_tokens=96, temperature=0)
+    fse = r.model_extra["fse"]
+    assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens < 96
+    assert fse["receipt"]["steps"] == r.usage.completion_tokens + 1  # the end-of-sequence step
+    assert fse["healed_tokens"] == fse["receipt"]["healed"] >= 1
 
 
 def test_the_prompt_is_rendered_by_the_gguf_s_own_chat_template(served, llama) -> None:

@@ -3,6 +3,7 @@ a real sidecar process): the loop guard, the gate and the drift test."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -68,6 +69,28 @@ def test_a_greedy_loop_is_caught_and_healed_or_halted_when_it_persists(llama, gu
     assert all(t.verdict.sampler == pb.SAMPLER_STRICT for t in banded)
     assert all("loop band" in r.detail for t in banded for r in loop_reasons(t, pb.ACTION_FLAG))
     assert {t.step for t in done.tokens if any(r.code == "loop" for r in t.verdict.reasons)} == {t.step for t in healed + banded}
+
+
+def test_a_loop_the_guard_ends_is_a_heal_the_completion_reports(llama, guarded) -> None:
+    """Greedy, the model writes one sentence again and again; the loop guard allows a
+    sentence twice and refuses the first letter of its third copy, and the redo's next
+    candidate is end-of-sequence. That verdict yields no token, yet it is the guard's act:
+    the completion carries it as ``end`` and counts it, as the signed receipt does."""
+    prompt = CHAT.format("Keep saying 'go go go go go'.")
+    g = guarded()
+    free = g.complete(prompt, max_tokens=96, sampling=SamplingParams(), policy="off")
+    assert free.error is None and len(free.tokens) == 96 and free.end is None  # unguarded it runs on
+    done = g.complete(prompt, max_tokens=96, sampling=SamplingParams())
+    assert done.error is None and len(done.tokens) < 96
+    assert done.token_ids == free.token_ids[: len(done.tokens)]  # nothing before the end was touched
+    assert done.end is not None and done.end.decision == pb.DECISION_HEALED
+    assert done.end.token_id == llama.token_eos() and done.end.step == len(done.tokens)
+    assert [(r.code, r.action) for r in done.end.reasons] == [("loop", pb.ACTION_BLOCK)]
+    # the third copy's first letter: just past twice a sentence-long unit
+    past_twice = r"loop: the text repeats a \d{2,}-character unit 2\.0\d times back to back \(max 2\.00\)"
+    assert re.fullmatch(past_twice, done.end.reasons[0].detail)
+    assert done.receipt is not None and done.receipt.steps == len(done.tokens) + 1
+    assert done.healed == done.receipt.healed == 1
 
 
 def test_a_loop_halts_when_the_policy_says_halt(guarded) -> None:

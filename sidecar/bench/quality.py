@@ -17,7 +17,8 @@ the gate, the loop guard and the drift test disabled: the same sampler, unguarde
 
 Per group: runs healed or aborted within 16 tokens (of those that reached 16 tokens or
 were acted on sooner), runs aborted, runs completed (not aborted, and 32 tokens or the
-model's own end), stubs (aborted before 16 tokens), heals per 100 emitted tokens (and
+model's own end), stubs (ended by the guard before 16 tokens: aborted, or healed into
+end-of-sequence), heals per 100 emitted tokens (the heal that chose the end included; and
 which evaluator healed, and over the runs whose unguarded twin never loops: what the
 guard changed that nothing asked it to), runs in which the guard changed a
 token (its own verdicts), the
@@ -151,7 +152,7 @@ LOOPING = 0.8
 class Run:
     tokens: int
     aborted: bool
-    ended: str  # "abort", "eos" (the model's own end) or "length"
+    ended: str  # "abort", "eos" (the model's own end), "guard_eos" (a heal chose the end) or "length"
     first_action: int | None  # first step HEALED or ABORT
     heals: int
     loop_step: int | None  # first step where the loop guard acted
@@ -219,16 +220,19 @@ def one_run(guarded: Any, prompt: str, sampling: SamplingParams, policy: str, ma
         raise done.error
     abort = done.error if isinstance(done.error, GuardAbort) else None
     aborted = abort is not None
-    healed = [t.step for t in done.tokens if t.verdict.decision == pb.DECISION_HEALED]
+    # every verdict of the run by step, the one that chose end-of-sequence included (a heal
+    # that ends the answer yields no token, but it is the guard's act all the same)
+    verdicts = [(t.step, t.verdict) for t in done.tokens] + ([(len(done.tokens), done.end)] if done.end is not None else [])
+    healed = [step for step, v in verdicts if v.decision == pb.DECISION_HEALED]
     actions = healed + ([len(done.tokens)] if aborted else [])
-    loop_steps = [t.step for t in done.tokens if any(r.code == "loop" for r in t.verdict.reasons)]
+    loop_steps = [step for step, v in verdicts if any(r.code == "loop" for r in v.reasons)]
     if abort is not None and any(r.code == "loop" for r in abort.reasons):
         loop_steps.append(len(done.tokens))
     m = [t.verdict.metrics for t in done.tokens]
     causes: dict[str, int] = {}
-    for t in done.tokens:
-        if t.verdict.decision == pb.DECISION_HEALED:
-            for code in {r.code for r in t.verdict.reasons}:
+    for _, v in verdicts:
+        if v.decision == pb.DECISION_HEALED:
+            for code in {r.code for r in v.reasons}:
                 causes[code] = causes.get(code, 0) + 1
     text = b"".join(t.text for t in done.tokens).decode(errors="replace")
     nlp = [x.neg_logprob_nats for x in m]
@@ -237,7 +241,7 @@ def one_run(guarded: Any, prompt: str, sampling: SamplingParams, policy: str, ma
     return Run(
         tokens=len(done.tokens),
         aborted=aborted,
-        ended="abort" if aborted else ("length" if len(done.tokens) >= max_tokens else "eos"),
+        ended=_ended(done, max_tokens),
         first_action=min(actions) if actions else None,
         heals=len(healed),
         loop_step=min(loop_steps) if loop_steps else None,
@@ -251,6 +255,16 @@ def one_run(guarded: Any, prompt: str, sampling: SamplingParams, policy: str, ma
         heal_causes=causes,
         excess=[x.neg_logprob_nats - x.entropy_nats for x in m],
     )
+
+
+def _ended(done: Any, max_tokens: int) -> str:
+    from sidecar._pb.fse.v1 import guard_pb2 as pb
+
+    if done.error is not None:
+        return "abort"
+    if done.end is not None:
+        return "guard_eos" if done.end.decision == pb.DECISION_HEALED else "eos"
+    return "length" if len(done.tokens) >= max_tokens else "eos"
 
 
 def _caught(r: Run) -> bool:
@@ -273,7 +287,8 @@ def summarize(runs: list[Run]) -> dict[str, Any]:
         # a whole answer: not aborted, and at least COMPLETE tokens or the model's own end
         "completed": sum(1 for r in runs if not r.aborted and (r.tokens >= COMPLETE or r.ended == "eos")) / n,
         # an answer cut off early: aborted before WITHIN tokens ("The sky", then ABORT)
-        "stubs": sum(1 for r in runs if r.aborted and r.tokens < WITHIN) / n,
+        # ended by the guard (an abort, or a heal that chose end-of-sequence) before WITHIN tokens
+        "stubs": sum(1 for r in runs if r.ended in ("abort", "guard_eos") and r.tokens < WITHIN) / n,
         "heals_per_100_tokens": 100.0 * sum(r.heals for r in runs) / max(emitted, 1),
         # heals on the runs whose unguarded twin never loops (no 32 tokens in a row with a
         # distinct-4 ratio below 0.8): what the guard changed that nothing asked it to (a
