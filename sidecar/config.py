@@ -115,6 +115,15 @@ class GuardSet(_Strict):
     # 726, every run under 200 from its second token and under 50 from its fourth); the
     # -log p guard judges each of those tokens on its own. 0 = judge from the first token.
     ppl_warmup_tokens: int = Field(default=4, ge=0)
+    # A far-tail draw (-log p over its threshold) is let through (with a FLAG) when the
+    # sampler that drew it had less than this probability of drawing a token that improbable
+    # at that step (its "tail") and the stream is calm (the drift test's e-value under its
+    # release_e): a healthy sampler's rare draw, mostly a real word the model rated unlikely
+    # (" gray", " creative"). A hot sampler goes there often, and its draw is redone. bench
+    # quality: healthy T=0.7's far-tail draws had tails 1.5e-5 to 3e-4 at e-values under
+    # 0.06; T=1.5's 0.02 or more in nine of ten, the two under 1e-3 at e-values 0.9 and 8;
+    # T=3's over 1e-3. 0 = every far-tail draw is redone (so is every one with drift off).
+    neg_logprob_min_tail: float = Field(default=0.001, ge=0, le=1)
 
 
 class Rule(_Strict):

@@ -185,3 +185,30 @@ def test_what_the_session_commits_drifting_halts_it_as_healing_cannot_hold() -> 
     else:
         pytest.fail("a committed stream of 12-nat surprises was never halted")
     assert step < 10  # as soon as the sampler's crossing found no calm token to commit instead
+
+
+def test_the_stream_is_calm_only_once_healthy_tokens_brought_the_evidence_under_release_e() -> None:
+    """calm() is what lets the -log p guard pass a rare far-tail draw: never at the start
+    (no evidence yet, e = 1), after healthy tokens (e under release_e), never while the
+    sampler's evidence rises or the protective band holds."""
+    cfg = DriftConfig()
+    d = DriftTest(cfg)
+    assert not d.calm()  # e = 1: nothing known
+    healthy = TokenMetrics(2, 3.0, 1.0, 1, 0.2, 0.4, 0.5, 1.0, 1.0, 0.0, 1.0)  # -log p well under H
+    step = 0
+    while not d.calm():
+        _step(d, step, healthy)
+        step += 1
+        assert step < 50
+    assert d.e_value < cfg.release_e and step >= 2
+    while d.calm():  # surprising draws: the evidence rises past release_e before any band
+        _step(d, step, SURPRISING)
+        step += 1
+    assert not d.protecting and d.e_value >= cfg.release_e
+    while not d.protecting:
+        _step(d, step, SURPRISING)
+        step += 1
+    for _ in range(cfg.release_tokens - 1):  # in the band, however low the evidence: not calm
+        _step(d, step, healthy)
+        step += 1
+        assert d.protecting and not d.calm()

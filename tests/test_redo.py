@@ -6,7 +6,7 @@ import pytest
 from sidecar.config import Guard, GuardSet, Policy, RedoBounds, Rule
 from sidecar.core.compact import compact_from_logits
 from sidecar.core.evaluators import Proposal, TokenGuards
-from sidecar.core.guards import Action, Sampler, evaluate, health_band
+from sidecar.core.guards import Action, Sampler, Trip, evaluate, health_band
 from sidecar.core.metrics import row_stats
 from sidecar.core.policy import CompiledPolicy, compile_policy
 from sidecar.core.redo import Decision, decide, token_metrics
@@ -49,6 +49,41 @@ def test_candidate_that_passes_is_accepted() -> None:
     out = decide(row, row_stats(row), [], SamplingParams(), guarded(guards(neg_logprob=6.0)), 0.0, 0, 0)
     assert out.decision == Decision.ACCEPT and out.token == 10 and out.reasons == ()
     assert out.sampler == Sampler.NORMAL
+
+
+def test_a_far_tail_draw_is_redone_unless_a_calm_stream_s_sampler_seldom_goes_there() -> None:
+    """-log p over its threshold: a hot sampler's draw (its tail, the chance of a token this
+    improbable, is large) is healed by the strict sampler; a cool sampler's rare draw (a
+    tail under neg_logprob_min_tail) is committed with a FLAG that says why, but only while
+    the stream is calm (the drift test sees no sign of a hot sampler)."""
+    row = np.zeros(1000, np.float32)
+    row[0] = 6.0  # every other token: -log p 7.25
+    gs = guards(neg_logprob=7.0).model_copy(update={"neg_logprob_min_tail": 0.01})
+
+    def far_tail_step(p: SamplingParams) -> int:
+        return next(s for s in range(100_000) if decide(row, row_stats(row), [], p, guarded(OFF), 0.0, 0, s).token != 0)
+
+    def judged(p: SamplingParams, gs: GuardSet, calm: bool) -> tuple[Decision, int, Trip]:
+        out = decide(row, row_stats(row), [], p, [TokenGuards(gs, lambda: calm)], 0.0, 0, far_tail_step(p))
+        trip = out.reasons[0]
+        assert trip.code == "neg_logprob" and trip.value == pytest.approx(7.25, abs=0.01) and trip.sampler == Sampler.NORMAL
+        assert out.decision == Decision.ACCEPT or (out.token == 0 and out.sampler == Sampler.STRICT)
+        return out.decision, out.token, trip
+
+    hot, cool = SamplingParams(temperature=1.5, seed=3), SamplingParams(temperature=0.4, seed=3)
+    decision, _, trip = judged(hot, gs, calm=True)  # tail ~0.95
+    assert decision == Decision.HEALED and trip.action == Action.REDO
+    assert trip.detail == "neg_logprob 7.24596 > 7; the sampler's tail was 0.948"
+    decision, token, trip = judged(cool, gs, calm=True)  # tail ~3e-4
+    assert decision == Decision.ACCEPT and token != 0 and trip.action == Action.FLAG
+    let_through = "neg_logprob 7.24596 > 7; the sampler's tail was 0.000306 (< 0.01, a calm stream): a rare draw, let through"
+    assert trip.detail == let_through
+    decision, _, trip = judged(cool, gs, calm=False)  # the drift test has evidence of a hot sampler
+    assert decision == Decision.HEALED and trip.detail == "neg_logprob 7.24596 > 7; the sampler's tail was 0.000306"
+    no_tail = guards(neg_logprob=7.0).model_copy(update={"neg_logprob_min_tail": 0.0})  # every far-tail draw redone
+    assert judged(cool, no_tail, calm=True)[0] == Decision.HEALED
+    no_drift_test = guarded(gs)  # nothing says the stream is calm
+    assert decide(row, row_stats(row), [], cool, no_drift_test, 0.0, 0, far_tail_step(cool)).decision == Decision.HEALED
 
 
 def test_surprising_sample_is_healed_by_the_strict_sampler_and_the_trip_is_kept() -> None:

@@ -1,13 +1,22 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sidecar.core.sampling import CANDIDATE_NATS, SamplingParams, penalized, sample_normal, sample_strict, uniform
+from sidecar.core.sampling import (
+    CANDIDATE_NATS,
+    SamplingParams,
+    draw_normal,
+    penalized,
+    sample_normal,
+    sample_strict,
+    uniform,
+)
 from sidecar.errors import ConfigError, RowError
 
 
@@ -58,6 +67,50 @@ def test_normal_sampler_matches_the_slow_reference(params: SamplingParams, step:
     row = (rng.standard_normal(300) * scale).astype(np.float32)
     history = rng.integers(0, 300, size=20).tolist()
     assert sample_normal(row, history, params, step) == reference_sample(row, history, params, step)
+
+
+def reference_tail(row: np.ndarray, p: SamplingParams, token: int) -> float:
+    """The sampler's probability of a token no more probable than ``token``, the slow way:
+    the reference pipeline's support and weights, summed over its tokens at or below."""
+    z = row.astype(np.float64) / p.temperature
+    order = sorted(range(len(z)), key=lambda i: (-z[i], i))
+    keep = [i for i in order if z[i] >= z[order[0]] - CANDIDATE_NATS - 1e-9]
+    if p.min_p > 0:
+        keep = [i for i in keep if math.exp(z[i] - z[order[0]]) >= p.min_p - 1e-12]
+    if p.top_k:
+        keep = keep[: p.top_k]
+    w = np.exp(np.array([z[i] for i in keep]) - z[keep[0]])
+    if p.top_p < 1.0:
+        n = int(np.searchsorted(np.cumsum(w), p.top_p * w.sum(), side="left")) + 1
+        keep, w = keep[:n], w[:n]
+    return float(sum(wi for i, wi in zip(keep, w, strict=True) if z[i] <= z[token]) / w.sum())
+
+
+@settings(max_examples=100, deadline=None)
+@given(params=params_strategy, step=st.integers(0, 10_000), seed=st.integers(0, 2**32 - 1))
+def test_a_draw_s_tail_is_the_sampler_s_mass_on_tokens_no_more_probable(params: SamplingParams, step: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    row = (rng.standard_normal(300) * 3.0).astype(np.float32)
+    row[rng.integers(0, 300, size=5)] = row[0]  # ties: they count as no more probable
+    plain = replace(params, repetition_penalty=1.0)  # (the reference has no history here)
+    token, tail = draw_normal(row, [], plain, step)
+    assert token == sample_normal(row, [], plain, step)
+    if plain.greedy:
+        assert tail == 1.0  # a greedy draw could not have been anything else
+    else:
+        assert 0.0 < tail <= 1.0 and tail == pytest.approx(reference_tail(row, plain, token), rel=1e-9, abs=1e-12)
+
+
+def test_a_cool_sampler_s_far_tail_draw_has_a_small_tail_and_a_hot_one_s_a_large_one() -> None:
+    row = np.zeros(1000, np.float32)
+    row[0] = 6.0  # the model's choice; 999 tokens at -log p 7.25 share the rest
+    cool, hot = SamplingParams(temperature=0.4, seed=3), SamplingParams(temperature=1.5, seed=3)
+    tails = {}
+    for name, p in (("cool", cool), ("hot", hot)):
+        step = next(s for s in range(100_000) if draw_normal(row, [], p, s)[0] != 0)
+        tails[name] = draw_normal(row, [], p, step)[1]
+    assert tails["cool"] == pytest.approx(999 / (999 + math.exp(6.0 / 0.4)), rel=1e-9)  # ~3e-4
+    assert tails["hot"] == pytest.approx(999 / (999 + math.exp(6.0 / 1.5)), rel=1e-9)  # ~0.95
 
 
 def test_proposal_is_a_pure_function_of_seed_and_step() -> None:

@@ -29,14 +29,16 @@ from .values import Value
 
 
 class Draw(Value):
-    """A row's statistics and its first proposal's candidate metrics."""
+    """A row's statistics, its first proposal's candidate metrics and the draw's tail
+    (:func:`sidecar.core.sampling.draw_normal`)."""
 
-    _fields = ("stats", "candidate")
+    _fields = ("stats", "candidate", "tail")
     __slots__ = _fields
 
-    def __init__(self, stats: RowStats, candidate: Candidate) -> None:
+    def __init__(self, stats: RowStats, candidate: Candidate, tail: float = 1.0) -> None:
         self.stats: Final = stats
         self.candidate: Final = candidate
+        self.tail: Final = tail
 
 
 def draws_itself(p: SamplingParams, history: Sequence[int]) -> bool:
@@ -88,6 +90,7 @@ def _draws(
     temps = np.array([p.temperature for p in params])
     greedy = temps <= 0.0
     pick = np.zeros(n, dtype=np.intp)  # the drawn entry's place in the sorted order
+    tails = np.ones(n)  # a greedy draw's tail is 1
     edge = y_max.copy()  # what defines the support: the best logit for greedy
     sampled = np.flatnonzero(usable & ~greedy)
     if len(sampled):  # the rows drawn at a temperature, in passes over those rows only
@@ -115,7 +118,13 @@ def _draws(
         total = cdf[rowsm, nucleus - 1]
         u = np.array([uniform(p.seed, steps[j]) for p, j in zip(ps, at_t, strict=True)])
         drawn = ((cdf <= (u * total)[:, None]) & (cols < nucleus[:, None])).sum(axis=1)
-        pick[sampled] = np.minimum(drawn, nucleus - 1)
+        picked = np.minimum(drawn, nucleus - 1)
+        pick[sampled] = picked
+        # the mass from the first candidate as improbable as the drawn one (ties included)
+        # on, as sample_normal sums it: its cumulative sums are these, in the same order
+        first = (yt > yt[rowsm, picked][:, None]).sum(axis=1)
+        below = np.where(first > 0, cdf[rowsm, np.maximum(first - 1, 0)], 0.0)
+        tails[sampled] = (total - below) / total
     covered = usable & ((floor == -math.inf) | (edge > floor))
     if not covered.any():
         return out
@@ -129,6 +138,7 @@ def _draws(
     tokens = ids[rowsn, at].tolist()
     top1 = ids[rowsn, order[:, 0]].tolist()
     mom = batch.moments[idx].tolist()
+    tail_of = tails.tolist()
     for j, ok, tok, t1, tl, x, rk, rn in zip(
         range(n), covered.tolist(), tokens, top1, y_max.tolist(), xc.tolist(), rank.tolist(), runner.tolist(), strict=True
     ):
@@ -138,5 +148,5 @@ def _draws(
         st = RowStats(True, t1, tl, lse, max(ent, 0.0), max(varent, 0.0), min(math.exp(tl - lse), 1.0), max(var, 0.0), l2)
         nlp = lse - x
         prob = math.exp(-nlp)
-        out[j] = Draw(st, Candidate(tok, nlp, prob, rk, prob - math.exp(rn - lse)))
+        out[j] = Draw(st, Candidate(tok, nlp, prob, rk, prob - math.exp(rn - lse)), tail_of[j])
     return out

@@ -9,7 +9,7 @@ evaluator (the gate, the loop guard, a drift test) never edits that flow.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Final, Protocol
 
 from ..config import GuardSet
@@ -21,7 +21,7 @@ from .values import Value
 class Proposal(Value):
     """One candidate of one step, with the metrics of the row it was drawn from."""
 
-    _fields = ("token", "sampler", "metrics", "step", "generated", "attempt", "now_s")
+    _fields = ("token", "sampler", "metrics", "step", "generated", "attempt", "now_s", "tail")
     __slots__ = _fields
 
     def __init__(
@@ -33,6 +33,7 @@ class Proposal(Value):
         generated: int,
         attempt: int = 0,
         now_s: float = 0.0,
+        tail: float = 1.0,
     ) -> None:
         self.token: Final = token
         self.sampler: Final = sampler
@@ -41,6 +42,9 @@ class Proposal(Value):
         self.generated: Final = generated  # tokens the session committed before this step
         self.attempt: Final = attempt  # 0 for the step's first proposal, then 1, 2, ... in the redo
         self.now_s: Final = now_s  # the step's timestamp (seconds), for time-based debounces
+        # the drawing sampler's probability of a token no more probable than this one
+        # (sampling.draw_normal; 1.0 for a greedy or strict draw, and when not known)
+        self.tail: Final = tail
 
 
 class Evaluator(Protocol):
@@ -60,19 +64,25 @@ class Evaluator(Protocol):
 
 
 class TokenGuards:
-    """Seed 000/001's per-token guards (thresholds on the candidate's metrics)."""
+    """Seed 000/001's per-token guards (thresholds on the candidate's metrics).
+
+    ``calm``: whether the stream shows no sign of a hot sampler (the drift test's
+    :meth:`~sidecar.core.evidence.DriftTest.calm`). Only then may a far-tail draw with a
+    small tail go through (``guards.neg_logprob_min_tail``); without it, never."""
 
     name = "guards"
 
-    def __init__(self, guards: GuardSet) -> None:
+    def __init__(self, guards: GuardSet, calm: Callable[[], bool] | None = None) -> None:
         self.guards = guards
         self._checks = enabled_checks(guards)
+        self._calm = calm
 
     def strict(self) -> bool:
         return False
 
     def check(self, p: Proposal) -> Sequence[Trip]:
-        return evaluate(p.metrics, self.guards, p.sampler, p.generated, self._checks)
+        calm = p.tail < 1.0 and self._calm is not None and self._calm()
+        return evaluate(p.metrics, self.guards, p.sampler, p.generated, self._checks, p.tail, calm)
 
     def commit(self, p: Proposal) -> None:
         pass

@@ -112,6 +112,13 @@ class DriftTest:
     def strict(self) -> bool:
         return False
 
+    def calm(self) -> bool:
+        """Whether the sampler shows no sign of running hot: outside the protective band,
+        and its e-value (the evidence so far) under ``release_e``, the level at which the
+        band would end. A healthy stream's e-value falls well under it within a few tokens;
+        a hot one's rises."""
+        return not (self.crossed or self.protecting) and self._log_e < self._log_release
+
     def _factors(self, neg_logprob: float, entropy: float) -> tuple[float, ...]:
         """:func:`log_factors` for one step, in plain floats (tested equal)."""
         margin = self.cfg.margin_nats

@@ -124,11 +124,19 @@ def evaluate(
     sampler: Sampler,
     generated: int,
     checks: tuple[tuple[str, str, bool, float], ...] | None = None,
+    tail: float = 1.0,
+    calm: bool = False,
 ) -> list[Trip]:
     """Every guard that trips for this candidate, in a fixed order.
 
     ``generated`` is how many tokens the session has committed before this one (for the
-    perplexity warm-up); ``checks``: :func:`enabled_checks` of ``guards`` if known.
+    perplexity warm-up); ``checks``: :func:`enabled_checks` of ``guards`` if known;
+    ``tail``: the drawing sampler's probability of a token no more probable than this one
+    (1.0 for a greedy or strict draw). A far-tail token (-log p over its threshold) whose
+    tail is under ``guards.neg_logprob_min_tail`` is a rare draw of a sampler that seldom
+    goes there: while the stream is ``calm`` (the drift test sees no sign of a hot sampler)
+    it is let through with a FLAG saying so; otherwise, and for a sampler that often goes
+    there, the draw is redone.
     """
     if not metrics.finite:
         return [Trip("non_finite", math.nan, 0.0, sampler, "logits row holds NaN or Inf", Action.HALT)]
@@ -140,6 +148,12 @@ def evaluate(
         if (value > threshold) if above else (value < threshold):
             op = ">" if above else "<"
             detail = f"{name} {value:.6g} {op} {threshold:.6g}"
+            if name == "neg_logprob" and tail < 1.0:  # a sampled draw: how often its sampler goes there
+                detail += f"; the sampler's tail was {tail:.3g}"
+                if calm and tail < guards.neg_logprob_min_tail:
+                    detail += f" (< {guards.neg_logprob_min_tail:.6g}, a calm stream): a rare draw, let through"
+                    trips.append(Trip(name, value, threshold, sampler, detail, Action.FLAG, metrics.token))
+                    continue
             trips.append(Trip(name, value, threshold, sampler, detail, token_id=metrics.token))
     return trips
 

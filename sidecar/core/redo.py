@@ -32,7 +32,7 @@ from .compact import CompactRow
 from .evaluators import Evaluator, Proposal
 from .guards import Action, Sampler, TokenMetrics, Trip
 from .metrics import Candidate, RowStats, candidate, running_perplexity
-from .sampling import Row, SamplingParams, prepared, sample_normal, sample_strict
+from .sampling import Row, SamplingParams, draw_normal, prepared, sample_strict
 from .values import Value
 
 
@@ -201,16 +201,17 @@ def accept_first(
     generated: int,
     step: int,
     now_s: float = 0.0,
+    tail: float = 1.0,
 ) -> StepOutcome | None:
     """:func:`decide`'s outcome when its first proposal is the Normal sampler's candidate
-    ``c`` (drawn from a finite row whose statistics are ``st``) and nothing trips on it:
-    an ACCEPT. None when the step needs :func:`decide` (an evaluator asks for the strict
-    sampler, or any trip, a flag included)."""
+    ``c`` (drawn from a finite row whose statistics are ``st``, with the draw's ``tail``)
+    and nothing trips on it: an ACCEPT. None when the step needs :func:`decide` (an
+    evaluator asks for the strict sampler, or any trip, a flag included)."""
     for ev in evaluators:
         if ev.strict():
             return None
     m = _metrics(st, c.token, c.neg_logprob, c.rank, c.margin, c.selected_prob, ppl_sum, generated)
-    p = Proposal(c.token, Sampler.NORMAL, m, step, generated, 0, now_s)
+    p = Proposal(c.token, Sampler.NORMAL, m, step, generated, 0, now_s, tail)
     for ev in evaluators:
         if ev.check(p):
             return None
@@ -256,13 +257,13 @@ def decide(
     for attempt in range(bounds.max_proposals):
         if sampler == Sampler.NORMAL:
             drawn_with = params
-            token = sample_normal(row, history, params, step, banned)
+            token, tail = draw_normal(row, history, params, step, banned)
             normal_tries += 1
         else:
             if strict_params is None:
                 strict_params = _strict_params(params, bounds)
             drawn_with = strict_params
-            token = sample_strict(row, history, strict_params, banned)
+            token, tail = sample_strict(row, history, strict_params, banned), 1.0
         if token < 0:
             why = f"every token is excluded by the policy ({len(banned)} blocked in this step)"
             reasons.append(Trip("no_allowed_token", float(len(banned)), 0.0, sampler, why, Action.HALT))
@@ -270,7 +271,7 @@ def decide(
             m = m or token_metrics(row, stats, 0, ppl_sum, generated)
             return StepOutcome(Decision.ABORT, -1, None, m, tuple(reasons), None, tuple(made))
         m = token_metrics(row, stats, token, ppl_sum, generated, banned, history, drawn_with)
-        p = Proposal(token, sampler, m, step, generated, attempt, now_s)
+        p = Proposal(token, sampler, m, step, generated, attempt, now_s, tail)
         trips = [t for ev in evaluators for t in ev.check(p)]
         reasons += trips
         made.append(ProposalRecord(token, sampler, len(trips)))

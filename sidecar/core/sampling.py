@@ -163,12 +163,23 @@ def sample_normal(row: Row, history: Sequence[int], params: SamplingParams, step
     draw, so with the same uniform number the draw moves to the next candidate of the
     renormalised distribution. -1 when every token is banned or at -inf.
     """
+    return draw_normal(row, history, params, step, banned)[0]
+
+
+def draw_normal(
+    row: Row, history: Sequence[int], params: SamplingParams, step: int, banned: Sequence[int] = ()
+) -> tuple[int, float]:
+    """:func:`sample_normal`'s token and its *tail*: the probability that this sampler, at
+    this step, draws a token no more probable than the one it drew (1.0 for a greedy draw,
+    which could not have drawn anything else). A far-tail token with a small tail is a rare
+    draw of a sampler that seldom goes there; with a large one, the sampler goes there often
+    (it is hot)."""
     y, bound = prepared(row, history, params, banned)
     best, y_max = _best(y)
     if best < 0 or params.greedy:
         if isinstance(row, CompactRow):
             check_covered(row, y_max, "greedy", bound)
-        return _token(row, best)
+        return _token(row, best), 1.0
     t = params.temperature
     # Every kept token has a tempered logit within CANDIDATE_NATS of the best, and
     # min-p keeps p >= min_p * p_max, i.e. y >= y_max + T * ln(min_p): one exact floor.
@@ -210,8 +221,11 @@ def sample_normal(row: Row, history: Sequence[int], params: SamplingParams, step
         n_keep = int(np.searchsorted(cdf, params.top_p * cdf[-1], side="left")) + 1
         cand, cdf = cand[:n_keep], cdf[:n_keep]
     u = uniform(params.seed, step) * cdf[-1]
-    idx = int(np.searchsorted(cdf, u, side="right"))
-    return _token(row, int(cand[min(idx, cand.size - 1)]))
+    idx = min(int(np.searchsorted(cdf, u, side="right")), cand.size - 1)
+    # the mass from the first candidate as improbable as the drawn one (ties included) on
+    first = int(np.searchsorted(-z[: cand.size], -z[idx], side="left"))
+    below = float(cdf[first - 1]) if first else 0.0
+    return _token(row, int(cand[idx])), (float(cdf[-1]) - below) / float(cdf[-1])
 
 
 def _best(y: np.ndarray) -> tuple[int, float]:

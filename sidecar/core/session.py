@@ -76,11 +76,12 @@ class Session:
         prompt = self.history if self.prompt is None else self.prompt
         self.loop_guard = LoopGuard(pol.loop_guard, self.tokens, prompt) if pol.loop_guard.enabled else None
         self._trim_history()
-        self.evaluators = [TokenGuards(pol.guards)]
-        if pol.matcher is not None:
-            self.evaluators.append(PolicyRules(pol.matcher, self.tokens))
         self.gate = RiskGate(pol.gate) if pol.gate.enabled else None
         self.drift = DriftTest(pol.drift) if pol.drift.enabled else None
+        # a rare far-tail draw goes through only while the drift test finds the sampler calm
+        self.evaluators = [TokenGuards(pol.guards, self.drift.calm if self.drift is not None else None)]
+        if pol.matcher is not None:
+            self.evaluators.append(PolicyRules(pol.matcher, self.tokens))
         self.evaluators += [ev for ev in (self.loop_guard, self.gate, self.drift) if ev is not None]
 
     @property
@@ -124,7 +125,7 @@ class Session:
         self.check_step(step)
         if not draws_itself(self.params, self.history):
             return None
-        return accept_first(draw.stats, draw.candidate, self.evaluators, self.ppl_sum, self.generated, step, now_s)
+        return accept_first(draw.stats, draw.candidate, self.evaluators, self.ppl_sum, self.generated, step, now_s, draw.tail)
 
     def next_chain_hash(self, step: int, outcome: StepOutcome) -> bytes:
         """The chain hash that committing ``outcome`` at ``step`` would give (nothing changes)."""
