@@ -460,3 +460,35 @@ def test_the_strict_sampler_steps_off_a_repeated_token_under_its_own_repetition_
 def test_a_strict_repetition_penalty_out_of_range_is_refused_naming_the_field(bad: float) -> None:
     with pytest.raises(ValueError, match="strict_repetition_penalty"):
         RedoBounds(strict_repetition_penalty=bad)
+
+
+def test_a_session_lets_a_rare_far_tail_draw_through_only_once_the_drift_test_finds_the_stream_calm() -> None:
+    """The wiring: a session's -log p guard asks its own drift test. At T=0.4 on a row whose
+    999 tail tokens sit at -log p 7.25, the draws are the model's choice, which brings the
+    drift test's e-value down; the first far-tail draw then goes through with a FLAG. The
+    same draw as a session's first step (no evidence yet), or with the drift test off, is
+    healed."""
+    row = np.zeros(1000, np.float32)
+    row[0] = 6.0
+    params = SamplingParams(temperature=0.4, seed=3)
+    gs = guards(neg_logprob=7.0).model_copy(update={"neg_logprob_min_tail": 0.01})
+    # the first far-tail draw after a few of the model's choice
+    at = next(s for s in range(8, 100_000) if decide(row, row_stats(row), [], params, guarded(OFF), 0.0, 0, s).token != 0)
+
+    def run(drift: bool, start: int) -> Decision:
+        only = {"gate": {"enabled": False}, "loop_guard": {"enabled": False}, "drift": {"enabled": drift}}
+        pol = compile_policy("t", Policy(guards=gs, **only))
+        s = Session(session_id="tail", tag=1, params=params, policy=pol, tokens=VOCAB)
+        s.next_step = start
+        for step in range(start, at):
+            out = s.judge(row, step)
+            assert out.decision == Decision.ACCEPT and out.token == 0
+            s.commit(step, out)
+        out = s.judge(row, at)
+        if out.decision == Decision.ACCEPT:
+            assert out.token != 0 and [(t.code, t.action) for t in out.reasons] == [("neg_logprob", Action.FLAG)]
+        return out.decision
+
+    assert run(drift=True, start=0) == Decision.ACCEPT  # calm after its first tokens
+    assert run(drift=True, start=at) == Decision.HEALED  # the first step: e = 1, nothing known
+    assert run(drift=False, start=0) == Decision.HEALED  # nothing says the stream is calm
