@@ -69,6 +69,19 @@ def test_normal_sampler_matches_the_slow_reference(params: SamplingParams, step:
     assert sample_normal(row, history, params, step) == reference_sample(row, history, params, step)
 
 
+@settings(max_examples=150, deadline=None)
+@given(params=params_strategy, step=st.integers(0, 10_000), seed=st.integers(0, 2**32 - 1))
+def test_ties_and_signed_zeros_are_drawn_as_the_slow_reference_orders_them(params: SamplingParams, step: int, seed: int) -> None:
+    """Quantised logits tie a lot (a Q4 model's rows): the order is (logit desc, id asc),
+    and -0.0 ties with 0.0, whatever sort produced it."""
+    rng = np.random.default_rng(seed)
+    row = (np.round(rng.standard_normal(300) * 4) / 4).astype(np.float32)  # ~30 distinct values
+    row[rng.integers(0, 300, size=20)] = np.float32(-0.0)
+    row[rng.integers(0, 300, size=20)] = np.float32(0.0)
+    history = rng.integers(0, 300, size=20).tolist()
+    assert sample_normal(row, history, params, step) == reference_sample(row, history, params, step)
+
+
 def reference_tail(row: np.ndarray, p: SamplingParams, token: int) -> float:
     """The sampler's probability of a token no more probable than ``token``, the slow way:
     the reference pipeline's support and weights, summed over its tokens at or below."""

@@ -13,6 +13,7 @@ Pipeline of :func:`sample_normal`, in order:
        (everything farther holds < vocab * e^-30 of the mass: < 6e-9 at 128k ids)
     4. min-p (p >= min_p * p_max), then top-k, then top-p over the candidates, ordered
        by (logit desc, id asc); min-p and top-k commute since both keep the best token
+       (the order comes from a sort of the logits alone: ties are placed by id after)
     5. inverse-CDF draw with the step's uniform number
 """
 
@@ -212,20 +213,27 @@ def draw_normal(
         cand = _nonzero(y >= floor)
     if isinstance(row, CompactRow):
         check_covered(row, edge, "normal", bound)
-    z = y[cand].astype(np.float64) / t
-    order = np.lexsort((cand, -z))  # logit desc, id asc: a canonical order
-    cand, z = cand[order], z[order]
+    # The canonical order is logit descending, id ascending. The weights and their sums
+    # depend only on the logits in that order, so a sort of the float32 values gives them
+    # (a SIMD sort: ~0.1 ms for 48k candidates, where np.lexsort of (id, logit) took 3 ms
+    # for a temperature without top-k); the drawn place is mapped back to its id after,
+    # within its run of equal logits by ascending id.
+    yc = y[cand]
+    asc = np.sort(yc)
+    z = asc[::-1].astype(np.float64) / t
     w = np.exp(z - z[0])
     cdf = np.cumsum(w)
     if params.top_p < 1.0:
-        n_keep = int(np.searchsorted(cdf, params.top_p * cdf[-1], side="left")) + 1
-        cand, cdf = cand[:n_keep], cdf[:n_keep]
+        cdf = cdf[: int(np.searchsorted(cdf, params.top_p * cdf[-1], side="left")) + 1]
     u = uniform(params.seed, step) * cdf[-1]
-    idx = min(int(np.searchsorted(cdf, u, side="right")), cand.size - 1)
+    idx = min(int(np.searchsorted(cdf, u, side="right")), cdf.size - 1)
+    v = asc[asc.size - 1 - idx]
+    # the first place of the drawn logit's run: the candidates above it
+    first = asc.size - int(np.searchsorted(asc, v, side="right"))
+    token = int(cand[_nonzero(yc == v)[idx - first]])
     # the mass from the first candidate as improbable as the drawn one (ties included) on
-    first = int(np.searchsorted(-z[: cand.size], -z[idx], side="left"))
     below = float(cdf[first - 1]) if first else 0.0
-    return _token(row, int(cand[idx])), (float(cdf[-1]) - below) / float(cdf[-1])
+    return _token(row, token), (float(cdf[-1]) - below) / float(cdf[-1])
 
 
 def _best(y: np.ndarray) -> tuple[int, float]:
