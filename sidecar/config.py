@@ -120,9 +120,10 @@ class GuardSet(_Strict):
     # at that step (its "tail") and the stream is calm (the drift test's e-value under its
     # release_e): a healthy sampler's rare draw, mostly a real word the model rated unlikely
     # (" gray", " creative"). A hot sampler goes there often, and its draw is redone. bench
-    # quality: healthy T=0.7's far-tail draws had tails 1.5e-5 to 3e-4 at e-values under
-    # 0.06; T=1.5's 0.02 or more in nine of ten, the two under 1e-3 at e-values 0.9 and 8;
-    # T=3's over 1e-3. 0 = every far-tail draw is redone (so is every one with drift off).
+    # quality's "far-tail draws" line: healthy T=0.7's tails 1.5e-5 to 3.1e-4 (at e-values
+    # under 0.06); T=1.5's median 0.14, 0.02 or more in nine of ten, the two under 1e-3 at
+    # e-values 0.9 and 8; T=3's 1.2e-3 to 0.93. 0 = every far-tail draw is redone (so is
+    # every one with the drift test off).
     neg_logprob_min_tail: float = Field(default=0.001, ge=0, le=1)
 
 

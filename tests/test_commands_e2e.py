@@ -131,7 +131,10 @@ def test_bench_quality_reports_every_group_guarded_and_unguarded(tmp_path) -> No
     assert data["groups"]["healthy-greedy"]["unguarded"]["dictionary_share_median"] > 0.8
     hot = data["groups"]["garbage-t3.0"]
     assert hot["unguarded"]["max16_nlp_median"] > hot["guarded"]["max16_nlp_median"]
-    assert "quality: SmolLM2-135M" in r.stdout
+    # T=3's far-tail draws: many, each with a large tail (the sampler goes there often), none let through
+    assert hot["guarded"]["far_tail_draws"] > 0 and hot["guarded"]["far_tail_let_through"] == 0
+    assert hot["guarded"]["far_tail_tail_median"] > 0.01 and hot["unguarded"]["far_tail_draws"] == 0  # guards off
+    assert "quality: SmolLM2-135M" in r.stdout and "far-tail draws (the -log p guard's trips" in r.stdout
 
 
 def test_bench_http_sets_the_server_beside_the_same_generation_in_process(tmp_path) -> None:

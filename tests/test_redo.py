@@ -492,3 +492,18 @@ def test_a_session_lets_a_rare_far_tail_draw_through_only_once_the_drift_test_fi
     assert run(drift=True, start=0) == Decision.ACCEPT  # calm after its first tokens
     assert run(drift=True, start=at) == Decision.HEALED  # the first step: e = 1, nothing known
     assert run(drift=False, start=0) == Decision.HEALED  # nothing says the stream is calm
+
+
+@pytest.mark.parametrize("calm", [False, True])
+def test_bench_quality_reads_the_tail_from_the_detail_the_guard_writes(calm: bool) -> None:
+    """bench quality calibrates neg_logprob_min_tail from the trips' details: the format it
+    parses is the one the guard writes, let through or not."""
+    from sidecar.bench.quality import _TAIL
+    from sidecar.core.guards import TokenMetrics
+
+    m = TokenMetrics(7, 2.0, 12.5, 900, -0.5, 4e-6, 0.5, 1.0, 10.0, 1.0, 20.0)
+    gs = guards(neg_logprob=9.0).model_copy(update={"neg_logprob_min_tail": 0.001})
+    [trip] = evaluate(m, gs, Sampler.NORMAL, 10, tail=3.1912e-5, calm=calm)
+    assert trip.action == (Action.FLAG if calm else Action.REDO)
+    found = _TAIL.search(trip.detail)
+    assert found is not None and float(found.group(1)) == pytest.approx(3.19e-5)

@@ -29,7 +29,9 @@ the raw logits of its step, whose context is exactly the prompt and the emitted 
 before it; and the share of dictionary words: Webster's Second International (web2) and
 GCIDE from the ``english-words`` package, a word counting when it or its stem without
 -s/-es/-ed/-ing/-ly/-'s is listed), the highest 16-token mean -log p (median and worst
-run), for loops the step the loop guard first acted, and the per-token excess
+run), for loops the step the loop guard first acted, the -log p guard's trips on the
+request's sampler's draws with their tails and how many went through (what
+``guards.neg_logprob_min_tail`` is calibrated from), and the per-token excess
 -log p - H of the unguarded runs (what the drift test's ``margin_nats`` is calibrated
 from). Prints a table, writes JSON (with every run's text), asserts nothing: the aims
 are read off the table (README).
@@ -164,6 +166,8 @@ class Run:
     text: str
     heal_causes: dict[str, int] = field(default_factory=dict)  # reason code -> heals it caused
     excess: list[float] = field(default_factory=list)  # -log p - H per emitted token
+    # the -log p guard's trips on the request's sampler's draws: (the draw's tail, let through?)
+    far_tail: list[tuple[float, bool]] = field(default_factory=list)
     loop_start: int | None = None  # the first of LOOP_SPAN tokens in a row that loop (distinct-4 below LOOPING)
     # where the unguarded run of the same prompt and sampler starts looping (set by the caller)
     twin_loop_start: int | None = None
@@ -234,6 +238,12 @@ def one_run(guarded: Any, prompt: str, sampling: SamplingParams, policy: str, ma
         if v.decision == pb.DECISION_HEALED:
             for code in {r.code for r in v.reasons}:
                 causes[code] = causes.get(code, 0) + 1
+    far_tail = [
+        (float(tail.group(1)), r.action == pb.ACTION_FLAG)
+        for _, v in verdicts
+        for r in v.reasons
+        if r.code == "neg_logprob" and r.sampler == pb.SAMPLER_NORMAL and (tail := _TAIL.search(r.detail))
+    ]
     text = b"".join(t.text for t in done.tokens).decode(errors="replace")
     nlp = [x.neg_logprob_nats for x in m]
     ids = done.token_ids
@@ -254,7 +264,11 @@ def one_run(guarded: Any, prompt: str, sampling: SamplingParams, policy: str, ma
         text=text,
         heal_causes=causes,
         excess=[x.neg_logprob_nats - x.entropy_nats for x in m],
+        far_tail=far_tail,
     )
+
+
+_TAIL = re.compile(r"the sampler's tail was ([0-9.e+-]+)")  # the -log p trip's detail (sidecar.core.guards)
 
 
 def _ended(done: Any, max_tokens: int) -> str:
@@ -322,6 +336,13 @@ def summarize(runs: list[Run]) -> dict[str, Any]:
         "twin_loops": len(looping),
         "loops_caught": sum(1 for r in looping if r.loop_start is None or _caught(r)),
         "loop_step_median": statistics.median([r.loop_step for r in runs if r.loop_step is not None] or [float("nan")]),
+        # the -log p guard's trips on the request's sampler's draws, and their tails (the
+        # sampler's chance of a token that improbable): the calibration of neg_logprob_min_tail
+        "far_tail_draws": sum(len(r.far_tail) for r in runs),
+        "far_tail_let_through": sum(flag for r in runs for _, flag in r.far_tail),
+        "far_tail_tail_min": min((t for r in runs for t, _ in r.far_tail), default=None),
+        "far_tail_tail_median": statistics.median([t for r in runs for t, _ in r.far_tail] or [float("nan")]),
+        "far_tail_tail_max": max((t for r in runs for t, _ in r.far_tail), default=None),
         "excess_per_token_mean": statistics.fmean(excess_means) if excess_means else 0.0,
         "excess_per_token_worst_run": max(excess_means) if excess_means else 0.0,
     }
@@ -428,6 +449,14 @@ def render(result: dict[str, Any]) -> str:
     causes = {name: by["guarded"]["heals_by_cause"] for name, by in result["groups"].items() if by["guarded"]["heals_by_cause"]}
     if causes:
         out.append("\nheals by cause (guarded): " + "; ".join(f"{g}: {c}" for g, c in causes.items()))
+    tails = [
+        f"{name}: {s['far_tail_draws']}, let through {s['far_tail_let_through']}, tail min {s['far_tail_tail_min']:.2g} "
+        f"/ median {s['far_tail_tail_median']:.2g} / max {s['far_tail_tail_max']:.2g}"
+        for name, by in result["groups"].items()
+        if (s := by["guarded"]).get("far_tail_draws")
+    ]
+    if tails:
+        out.append("far-tail draws (the -log p guard's trips on the request's sampler; guarded): " + "; ".join(tails))
     return "\n".join(out)
 
 
