@@ -284,10 +284,15 @@ class GuardedCompletion:
     end: pb.Verdict | None = None  # the verdict that chose end-of-sequence (HEALED: the guard ended it)
 
     @property
+    def verdicts(self) -> list[pb.Verdict]:
+        """Every verified verdict of the generation in step order (``.step``), the one that
+        chose end-of-sequence included."""
+        return [t.verdict for t in self.tokens] + ([self.end] if self.end is not None else [])
+
+    @property
     def healed(self) -> int:
         """Steps the guard healed, the end-of-sequence step included (the receipt's count)."""
-        steps = [t.verdict for t in self.tokens] + ([self.end] if self.end is not None else [])
-        return sum(v.decision == pb.DECISION_HEALED for v in steps)
+        return sum(v.decision == pb.DECISION_HEALED for v in self.verdicts)
 
     @property
     def text(self) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from engine_adapters.llama_cpp import CHAT
+from engine_adapters.llama_cpp import CHAT, GuardedCompletion
 
 from . import accel
 from ._pb.fse.v1 import guard_pb2 as pb
@@ -111,7 +111,7 @@ def run_demo(args: argparse.Namespace) -> int:
             client.close()
         finally:
             sc.stop()
-        _summary(tokens, guarded.last_end, error, elapsed)
+        _summary(GuardedCompletion(tokens, error, guarded.last_receipt, guarded.last_end), elapsed)
         _audit_summary(audit_dir, guarded.last_receipt, sc.public_key, kept=args.audit_dir is not None)
     # A guard ABORT is the product working; no verdict at all (unavailable, rejected) is not.
     return 1 if error is not None and not isinstance(error, GuardAbort) else 0
@@ -148,10 +148,10 @@ def _token_line(step: int, shown: str, v: pb.Verdict) -> str:
     return line + (f"   <- {', '.join(r.detail for r in v.reasons)}" if v.reasons else "")
 
 
-def _summary(tokens: list, end: pb.Verdict | None, error: FseError | None, elapsed: float) -> None:
-    text = b"".join(t.text for t in tokens).decode("utf-8", "replace")
-    verdicts = [t.verdict for t in tokens] + ([end] if end is not None else [])
-    counts = {name: sum(1 for v in verdicts if DECISION[v.decision] == name) for name in ("ACCEPT", "HEALED")}
+def _summary(done: GuardedCompletion, elapsed: float) -> None:
+    tokens, end, error = done.tokens, done.end, done.error
+    text = done.text
+    counts = {name: sum(1 for v in done.verdicts if DECISION[v.decision] == name) for name in ("ACCEPT", "HEALED")}
     entropy = [t.verdict.metrics.entropy_nats for t in tokens]
     nlp = [t.verdict.metrics.neg_logprob_nats for t in tokens]
     print("\ncognitive ECG (one column per token)")

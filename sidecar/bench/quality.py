@@ -224,23 +224,23 @@ def one_run(guarded: Any, prompt: str, sampling: SamplingParams, policy: str, ma
         raise done.error
     abort = done.error if isinstance(done.error, GuardAbort) else None
     aborted = abort is not None
-    # every verdict of the run by step, the one that chose end-of-sequence included (a heal
-    # that ends the answer yields no token, but it is the guard's act all the same)
-    verdicts = [(t.step, t.verdict) for t in done.tokens] + ([(len(done.tokens), done.end)] if done.end is not None else [])
-    healed = [step for step, v in verdicts if v.decision == pb.DECISION_HEALED]
+    # every verdict of the run, the one that chose end-of-sequence included (a heal that
+    # ends the answer yields no token, but it is the guard's act all the same)
+    verdicts = done.verdicts
+    healed = [v.step for v in verdicts if v.decision == pb.DECISION_HEALED]
     actions = healed + ([len(done.tokens)] if aborted else [])
-    loop_steps = [step for step, v in verdicts if any(r.code == "loop" for r in v.reasons)]
+    loop_steps = [v.step for v in verdicts if any(r.code == "loop" for r in v.reasons)]
     if abort is not None and any(r.code == "loop" for r in abort.reasons):
         loop_steps.append(len(done.tokens))
     m = [t.verdict.metrics for t in done.tokens]
     causes: dict[str, int] = {}
-    for _, v in verdicts:
+    for v in verdicts:
         if v.decision == pb.DECISION_HEALED:
             for code in {r.code for r in v.reasons}:
                 causes[code] = causes.get(code, 0) + 1
     far_tail = [
         (float(tail.group(1)), r.action == pb.ACTION_FLAG)
-        for _, v in verdicts
+        for v in verdicts
         for r in v.reasons
         if r.code == "neg_logprob" and r.sampler == pb.SAMPLER_NORMAL and (tail := _TAIL.search(r.detail))
     ]

@@ -123,8 +123,8 @@ def bench_step(rows: np.ndarray, vocab: list[bytes], evict_mb: int, passes: int,
         names = list(loops)
         for i in range(max(passes * len(rows) // BLOCK, 2)):
             for name in rotation(names, i):
+                setting = name.split("/")[1]
                 for j in range(BLOCK):
-                    setting = name.split("/")[1]
                     if setting == "cold":
                         flush.sum()  # what the forward pass does to the caches between two steps
                     elif setting == "idle":
