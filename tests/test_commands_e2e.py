@@ -125,6 +125,8 @@ def test_bench_quality_reports_every_group_guarded_and_unguarded(tmp_path) -> No
         assert by["unguarded"]["heals_per_100_tokens"] == 0 and by["unguarded"]["aborted"] == 0  # everything off
         assert by["unguarded"]["stubs"] == 0 and 0 <= by["guarded"]["completed"] <= 1
         assert by["unguarded"]["changed"] == 0 and by["unguarded"]["heals_by_cause"] == {}
+        # every run starts from an empty context: a token differs from the twin's only where the guard acted
+        assert by["guarded"]["changed_unexplained"] == 0 and 0 <= by["guarded"]["changed"] <= 1
         assert all(t["guarded"] and t["unguarded"] for t in by["texts"])
         assert 0 <= by["guarded"]["loops_caught"] <= by["guarded"]["twin_loops"] <= by["guarded"]["runs"]
     # the greedy healthy answer is English: the dictionary knows most of its words

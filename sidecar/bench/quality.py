@@ -20,9 +20,10 @@ were acted on sooner), runs aborted, runs completed (not aborted, and 32 tokens 
 model's own end), stubs (ended by the guard before 16 tokens: aborted, or healed into
 end-of-sequence), heals per 100 emitted tokens (the heal that chose the end included; and
 which evaluator healed, and over the runs whose unguarded twin never loops: what the
-guard changed that nothing asked it to), runs in which the guard changed a
-token (its own verdicts), the
-distinct-4-gram ratio of the emitted tokens (mean, worst run, and of each run's last 32
+guard changed that nothing asked it to), runs in which the guard changed a token
+(compared token by token with the unguarded run, which starts from the same empty
+context: where the first change came, and a check that none came before the guard's
+first act), the distinct-4-gram ratio of the emitted tokens (mean, worst run, and of each run's last 32
 tokens: below 0.8 is still looping at the end), readability of what was emitted (the
 model's own teacher-forced mean -log p of the emitted text: each token's -log p under
 the raw logits of its step, whose context is exactly the prompt and the emitted text
@@ -41,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import re
 import statistics
 import sys
@@ -156,6 +158,7 @@ class Run:
     aborted: bool
     ended: str  # "abort", "eos" (the model's own end), "guard_eos" (a heal chose the end) or "length"
     first_action: int | None  # first step HEALED or ABORT
+    first_touch: int | None  # first step HEALED, drawn by the strict sampler, or ABORT
     heals: int
     loop_step: int | None  # first step where the loop guard acted
     distinct4: float
@@ -164,6 +167,7 @@ class Run:
     mean_nlp: float  # teacher-forced mean -log p of the emitted text
     dictionary_share: float
     text: str
+    ids: list[int] = field(default_factory=list)  # the emitted token ids
     heal_causes: dict[str, int] = field(default_factory=dict)  # reason code -> heals it caused
     excess: list[float] = field(default_factory=list)  # -log p - H per emitted token
     # the -log p guard's trips on the request's sampler's draws: (the draw's tail, let through?)
@@ -171,6 +175,9 @@ class Run:
     loop_start: int | None = None  # the first of LOOP_SPAN tokens in a row that loop (distinct-4 below LOOPING)
     # where the unguarded run of the same prompt and sampler starts looping (set by the caller)
     twin_loop_start: int | None = None
+    # the first step whose token differs from the unguarded run's (set by the caller; None:
+    # the same tokens, and the same end)
+    changed_at: int | None = None
 
     @property
     def twin_loops(self) -> bool:
@@ -229,6 +236,9 @@ def one_run(guarded: Any, prompt: str, sampling: SamplingParams, policy: str, ma
     verdicts = done.verdicts
     healed = [v.step for v in verdicts if v.decision == pb.DECISION_HEALED]
     actions = healed + ([len(done.tokens)] if aborted else [])
+    # the first step the guard could have changed: a heal, a token of the strict sampler (a
+    # band), or the abort; the twin's tokens must be the same before it
+    touched = [v.step for v in verdicts if v.decision != pb.DECISION_ACCEPT or v.sampler != pb.SAMPLER_NORMAL]
     loop_steps = [v.step for v in verdicts if any(r.code == "loop" for r in v.reasons)]
     if abort is not None and any(r.code == "loop" for r in abort.reasons):
         loop_steps.append(len(done.tokens))
@@ -253,6 +263,7 @@ def one_run(guarded: Any, prompt: str, sampling: SamplingParams, policy: str, ma
         aborted=aborted,
         ended=_ended(done, max_tokens),
         first_action=min(actions) if actions else None,
+        first_touch=min(touched + ([len(done.tokens)] if aborted else []), default=None),
         heals=len(healed),
         loop_step=min(loop_steps) if loop_steps else None,
         distinct4=distinct_ratio(done.token_ids),
@@ -262,6 +273,7 @@ def one_run(guarded: Any, prompt: str, sampling: SamplingParams, policy: str, ma
         mean_nlp=statistics.fmean(nlp) if nlp else 0.0,
         dictionary_share=dictionary_share(text),
         text=text,
+        ids=list(ids),
         heal_causes=causes,
         excess=[x.neg_logprob_nats - x.entropy_nats for x in m],
         far_tail=far_tail,
@@ -279,6 +291,18 @@ def _ended(done: Any, max_tokens: int) -> str:
     if done.end is not None:
         return "guard_eos" if done.end.decision == pb.DECISION_HEALED else "eos"
     return "length" if len(done.tokens) >= max_tokens else "eos"
+
+
+def first_difference(mine: Run, theirs: Run) -> int | None:
+    """The first step whose token (or end) differs between two runs of one prompt and
+    sampler; None when they emitted the same tokens and ended the same way. Exact: every
+    run starts from an empty llama.cpp context, and the sidecar's sampler is a pure
+    function of the row, the history, the seed and the step."""
+    n = min(len(mine.ids), len(theirs.ids))
+    i = next((i for i in range(n) if mine.ids[i] != theirs.ids[i]), None)
+    if i is None and (len(mine.ids) != len(theirs.ids) or mine.ended != theirs.ended):
+        i = n
+    return i
 
 
 def _caught(r: Run) -> bool:
@@ -313,10 +337,16 @@ def summarize(runs: list[Run]) -> dict[str, Any]:
         "heals_by_cause": {
             c: sum(r.heal_causes.get(c, 0) for r in runs) for c in sorted({c for r in runs for c in r.heal_causes})
         },
-        # runs in which the guard changed a token (healed one, or aborted): from its own
-        # verdicts, not by comparing with the unguarded run, whose greedy tokens llama.cpp
-        # does not reproduce exactly from run to run at near-ties
-        "changed": sum(1 for r in runs if r.heals or r.aborted) / n,
+        # runs in which the guard healed a token or aborted (its own verdicts)
+        "acted": sum(1 for r in runs if r.heals or r.aborted) / n,
+        # runs whose tokens differ from the unguarded run's (compared token by token), and
+        # where the first difference came; "unexplained": a difference before the guard's
+        # first heal, strict-sampler token or abort (none: the comparison is like for like)
+        "changed": sum(1 for r in runs if r.changed_at is not None) / n,
+        "changed_at_median": statistics.median([r.changed_at for r in runs if r.changed_at is not None] or [float("nan")]),
+        "changed_unexplained": sum(
+            1 for r in runs if r.changed_at is not None and (r.first_touch is None or r.changed_at < r.first_touch)
+        ),
         "distinct4_last32_worst": min(r.distinct4_last32 for r in runs),
         # still looping where it ended: a run that was not halted whose last 32 tokens have a
         # distinct-4 ratio below 0.8 (a halted run stopped; its end is where the loop was)
@@ -375,9 +405,14 @@ def bench_quality(args: argparse.Namespace, log: Any) -> dict[str, Any]:
                     texts = []
                     for prompt, sampling in g.runs():
                         for label, policy in (("guarded", "default"), ("unguarded", "off")):
+                            # an empty context for every run: a prompt evaluated after its twin
+                            # reuses its KV entries and gets logits a rounding apart from a
+                            # fresh evaluation, and greedy decoding follows near-ties either way
+                            llama.reset()
                             runs[label].append(one_run(guarded, prompt, sampling, policy, args.max_tokens))
                         mine, theirs = runs["guarded"][-1], runs["unguarded"][-1]
                         mine.twin_loop_start = theirs.loop_start
+                        mine.changed_at = first_difference(mine, theirs)
                         texts.append(
                             {"prompt": prompt, "sampling": repr(sampling), "guarded": mine.text, "unguarded": theirs.text}
                         )
@@ -387,6 +422,11 @@ def bench_quality(args: argparse.Namespace, log: Any) -> dict[str, Any]:
         finally:
             sc.stop()
     return result
+
+
+def _changed(s: dict[str, Any]) -> str:
+    at = s["changed_at_median"]
+    return f"{s['changed']:.0%}" + ("" if math.isnan(at) else f" ({at:.0f})")
 
 
 def render(result: dict[str, Any]) -> str:
@@ -407,9 +447,9 @@ def render(result: dict[str, Any]) -> str:
                     f"{s['aborted']:.0%}",
                     f"{s['completed']:.0%}",
                     f"{s['stubs']:.0%}",
-                    f"{s['heals_per_100_tokens']:.1f}",
-                    f"{s['heals_per_100_where_unguarded_does_not_loop']:.1f}" if label == "guarded" else "",
-                    f"{s['changed']:.0%}" if label == "guarded" else "",
+                    f"{s['heals_per_100_tokens']:.2f}",
+                    f"{s['heals_per_100_where_unguarded_does_not_loop']:.2f}" if label == "guarded" else "",
+                    _changed(s) if label == "guarded" else "",
                     f"{s['tokens_per_run']:.0f}",
                     f"{s['distinct4_mean']:.2f} / {s['distinct4_worst']:.2f}",
                     f"{s['looping_at_end']:.0%}",
@@ -433,7 +473,7 @@ def render(result: dict[str, Any]) -> str:
                 "stubs",
                 "heals/100",
                 "heals/100 not looping",
-                "changed",
+                "changed (first step med)",
                 "tokens",
                 "distinct-4 mean / worst",
                 "looping at end",
@@ -446,6 +486,9 @@ def render(result: dict[str, Any]) -> str:
             rows,
         )
     ]
+    odd = {name: n for name, by in result["groups"].items() if (n := by["guarded"]["changed_unexplained"])}
+    if odd:  # the comparison is not like for like: the "changed" column is not the guard's doing alone
+        out.append(f"\nWARNING: tokens differ from the unguarded run before the guard acted: {odd}")
     causes = {name: by["guarded"]["heals_by_cause"] for name, by in result["groups"].items() if by["guarded"]["heals_by_cause"]}
     if causes:
         out.append("\nheals by cause (guarded): " + "; ".join(f"{g}: {c}" for g, c in causes.items()))
