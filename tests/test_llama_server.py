@@ -26,7 +26,7 @@ pytestmark = pytest.mark.slow
 
 MODEL = "SmolLM2-135M-Instruct.Q4_1.gguf"
 HALT = {"id": "no-paris", "kind": "literal", "patterns": ["Paris"], "action": "halt"}
-POLICIES = {"default": {}, "nofrance": {"rules": [HALT]}}
+POLICIES = {"default": {}, "nofrance": {"rules": [HALT]}, "noband": {"loop_guard": {"band_tokens": 0}}}
 
 
 @dataclass
@@ -82,7 +82,7 @@ def served(start_sidecar, request, tmp_path) -> Iterator[Served]:
     audit = tmp_path / "audit"
     sc = start_sidecar(policies=POLICIES, audit={"dir": str(audit)})
     port, log = free_port(), tmp_path / "engine.log"
-    proc = _start(sc, port, log, "--policies", "nofrance", *getattr(request, "param", []))
+    proc = _start(sc, port, log, "--policies", "nofrance,noband", *getattr(request, "param", []))
     _wait_up(port, proc)
     yield Served(port, sc, proc, log, audit)
     proc.terminate()
@@ -118,11 +118,13 @@ def test_chat_through_the_openai_client_streamed_and_not_gives_the_same_verified
 
 
 def test_a_heal_that_ends_the_answer_is_counted_in_healed_tokens_as_the_receipt_counts_it(served) -> None:
-    """Greedy, the model writes its sentence a third time; the loop guard refuses that copy
-    and the redo's next candidate is end-of-sequence. That step yields no text, yet it is
-    a heal: ``fse.healed_tokens`` must agree with the session's signed receipt."""
+    """Greedy, the model writes its sentence a third time (the loop band off, which would
+    steer it off before); the loop guard refuses that copy and the redo's next candidate is
+    end-of-sequence. That step yields no text, yet it is a heal: ``fse.healed_tokens``
+    must agree with the session's signed receipt."""
     prompt = CHAT.format("Keep saying 'go go go go go'.")
-    r = served.api.completions.create(model=MODEL, prompt=prompt, max_tokens=96, temperature=0)
+    extra = {"extra_body": {"policy": "noband"}}
+    r = served.api.completions.create(model=MODEL, prompt=prompt, max_tokens=96, temperature=0, **extra)
     fse = r.model_extra["fse"]
     assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens < 96
     assert fse["receipt"]["steps"] == r.usage.completion_tokens + 1  # the end-of-sequence step

@@ -411,3 +411,73 @@ def test_after_a_heal_band_tokens_come_from_the_strict_sampler_each_flagged() ->
     off = guard_over(v, band_tokens=0)
     feed(off, ids)
     assert not off.strict()
+
+
+def test_a_sentence_written_twice_starts_the_band_before_a_third_copy_must_be_refused() -> None:
+    v = Vocab()
+    g = guard_over(v, band_tokens=4)
+    sentence = " I am writing to extend a special kind of kindness to you."
+    once, twice = v.split(sentence), v.split(sentence * 2)
+    assert feed(g, twice) == []  # twice is allowed: nothing refused
+    strict_after = []
+    g2 = guard_over(v, band_tokens=4)
+    for step, t in enumerate(twice):
+        g2.commit(prop(t, step))
+        strict_after.append(g2.strict())
+    # not during the first copy nor most of the second; from the second copy's last letter on
+    assert strict_after.index(True) == len(twice) - 2  # " you" completes the unit, "." adds no letter
+    assert all(strict_after[len(twice) - 2 :]) and not any(strict_after[: len(twice) - 2])
+    assert len(once) * 2 == len(twice)
+    step = len(twice)
+    trips = g2.check(Proposal(v.id(b" Your"), Sampler.STRICT, M, step, step))
+    assert [(t.action, t.detail) for t in trips] == [
+        (
+            Action.FLAG,
+            "loop band: the strict sampler decodes 3 more token(s) after the text repeated "
+            "a 45-character unit 2.00 times back to back",
+        )
+    ]
+
+
+def test_the_band_before_a_loop_lasts_band_tokens_then_the_request_s_sampler_returns() -> None:
+    v = Vocab()
+    g = guard_over(v, band_tokens=3)
+    ids = v.split(" The story is told in the ballgown of the mother" * 2)
+    feed(g, ids)  # its last token completes the second copy: the band is the 3 steps after it
+    flags = []
+    for step, t in enumerate(v.split(" And then a prince came by"), start=len(ids)):
+        flags.append(g.strict())
+        g.commit(Proposal(t, Sampler.STRICT, M, step, step))
+    assert flags[:3] == [True, True, True] and not any(flags[3:])
+
+
+def test_repetition_the_prompt_asked_for_or_under_min_chars_does_not_start_the_band() -> None:
+    v = Vocab()
+    asked = guard_over(v, "Say 'I love pizza' three times.")
+    assert feed(asked, v.split("I love pizza, I love pizza, I love pizza.")) == [] and not asked.strict()
+    short = guard_over(v)
+    assert feed(short, v.split("no no no, yes yes")) == [] and not short.strict()
+    # the same sentence twice with the band off: the request's sampler throughout
+    off = guard_over(v, band_tokens=0)
+    feed(off, v.split(" I like my cats very much." * 2))
+    assert not off.strict()
+    on = guard_over(v)
+    feed(on, v.split(" I like my cats very much." * 2))
+    assert on.strict()
+
+
+def test_a_short_unit_repeated_or_code_in_a_fence_does_not_start_the_band() -> None:
+    v = Vocab()
+    for text in (
+        " the pigment chlorophyll. Chlorophyll is green.",  # anadiplosis: a word twice
+        " Practice, practice, practice!",  # emphasis: a short word three times
+        "        self.account_number = account_number\n",  # code's x = x
+    ):
+        g = guard_over(v)
+        assert feed(g, v.split(text)) == [] and not g.strict(), text
+    body = "def total(numbers):\n    return sum(numbers) / len(numbers)\n\n"
+    fenced = guard_over(v)
+    assert feed(fenced, v.split("```python\n" + body * 2)) == [] and not fenced.strict()
+    # the fence closed (its backticks split over tokens): a sentence twice starts it again
+    feed(fenced, [v.id(b"``"), v.id(b"`\n")], first=200)
+    assert feed(fenced, v.split(" I like my cats very much." * 2), first=202) == [] and fenced.strict()

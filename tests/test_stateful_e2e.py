@@ -72,12 +72,13 @@ def test_a_greedy_loop_is_caught_and_healed_or_halted_when_it_persists(llama, gu
 
 
 def test_a_loop_the_guard_ends_is_a_heal_the_completion_reports(llama, guarded) -> None:
-    """Greedy, the model writes one sentence again and again; the loop guard allows a
-    sentence twice and refuses the first letter of its third copy, and the redo's next
-    candidate is end-of-sequence. That verdict yields no token, yet it is the guard's act:
-    the completion carries it as ``end`` and counts it, as the signed receipt does."""
+    """Greedy, the model writes one sentence again and again; with the loop band off (the
+    default's band steers it off a third copy before one must be cut), the loop guard
+    allows a sentence twice and refuses the first letter of its third copy, and the redo's
+    next candidate is end-of-sequence. That verdict yields no token, yet it is the guard's
+    act: the completion carries it as ``end`` and counts it, as the signed receipt does."""
     prompt = CHAT.format("Keep saying 'go go go go go'.")
-    g = guarded()
+    g = guarded({"default": {"loop_guard": {"band_tokens": 0}}})
     free = g.complete(prompt, max_tokens=96, sampling=SamplingParams(), policy="off")
     assert free.error is None and len(free.tokens) == 96 and free.end is None  # unguarded it runs on
     done = g.complete(prompt, max_tokens=96, sampling=SamplingParams())
@@ -91,6 +92,29 @@ def test_a_loop_the_guard_ends_is_a_heal_the_completion_reports(llama, guarded) 
     assert re.fullmatch(past_twice, done.end.reasons[0].detail)
     assert done.receipt is not None and done.receipt.steps == len(done.tokens) + 1
     assert done.healed == done.receipt.healed == 1
+
+
+def test_a_sentence_written_twice_starts_the_loop_band_so_no_third_copy_must_be_cut(llama, guarded) -> None:
+    """Heal first, on a healthy prompt: greedy, the model writes a sentence a second time
+    and, unguarded, a third and on. At the second copy's end the loop guard starts its band
+    (the strict sampler's repetition penalty, every verdict flagging it), the model writes
+    something else, and no token is refused."""
+    prompt = CHAT.format("Summarize the story of Cinderella.")
+    g = guarded()
+    llama.reset()
+    free = g.complete(prompt, max_tokens=128, sampling=SamplingParams(), policy="off")
+    llama.reset()
+    done = g.complete(prompt, max_tokens=128, sampling=SamplingParams())
+    assert done.error is None and done.healed == 0 and all(t.verdict.decision == pb.DECISION_ACCEPT for t in done.tokens)
+    banded = [t for t in done.tokens if t.verdict.sampler == pb.SAMPLER_STRICT]
+    start = banded[0].step
+    assert done.token_ids[:start] == free.token_ids[:start]  # untouched up to the band
+    assert [t.step for t in banded] == list(range(start, min(start + 48, len(done.tokens))))
+    reasons = [(r.code, r.action, r.detail) for r in banded[0].verdict.reasons]
+    why = "after the text repeated a 85-character unit 2.00 times back to back"
+    assert reasons == [("loop", pb.ACTION_FLAG, f"loop band: the strict sampler decodes 48 more token(s) {why}")]
+    text = lambda c: b"".join(t.text for t in c.tokens).decode()  # noqa: E731
+    assert text(free).count("ambition and desires") >= 3 and text(done).count("ambition and desires") == 2
 
 
 def test_a_loop_halts_when_the_policy_says_halt(guarded) -> None:

@@ -53,6 +53,11 @@ the guard looks for exactly that, in the text rather than in token ids:
   the guard asks for the strict sampler, whose repetition penalty
   (``redo.strict_repetition_penalty``) steers away from what was just written; each of
   those verdicts carries a FLAG saying so (no silent change of sampler).
+- **A band before the heal.** Heal first: when the committed text repeats a long unit
+  back to back twice (a sentence written twice, whose third copy would be refused), the
+  same band starts at once, so the penalty steers the model off the third copy before
+  one has to be cut. Not for a short unit, a unit the prompt asked for, or in a Markdown
+  code fence (two functions alike are code; a repetition penalty breaks identifiers).
 """
 
 from __future__ import annotations
@@ -153,7 +158,10 @@ class LoopGuard:
         self._checked: tuple[int, int, Runs, bytes, tuple[int, list[int]] | None] | None = None
         self.generated = 0
         self._next_step = 0  # the step after the last commit
-        self._band_end = -1  # the last step of the band after a heal
+        self._band_end = -1  # the last step of the band (after a heal, or a sentence twice)
+        self._band_why = ""  # what started it (the band's flags say)
+        self._fence = False  # inside a Markdown code fence (``` ... ```) of the committed text
+        self._ticks = 0  # backticks in a row at the committed text's end
 
     def strict(self) -> bool:
         return self._next_step <= self._band_end
@@ -163,7 +171,7 @@ class LoopGuard:
         if p.step > self._band_end or p.sampler != Sampler.STRICT or any(t.rejects for t in trips):
             return trips
         left = self._band_end - p.step + 1
-        detail = f"loop band: the strict sampler decodes {left} more token(s) after a healed loop"
+        detail = f"loop band: the strict sampler decodes {left} more token(s) {self._band_why}"
         return (Trip("loop", float(left), float(self.cfg.band_tokens), p.sampler, detail, Action.FLAG, p.token), *trips)
 
     def _chars(self, token: int) -> bytes:
@@ -311,6 +319,38 @@ class LoopGuard:
         )
         return self._refuse(p, float(seen + 1), float(self.cfg.max_recurrences), detail, 0, b"")
 
+    def _fences(self, raw: bytes) -> None:
+        """Track Markdown code fences: a run of three backticks (split over tokens or not)
+        opens or closes one."""
+        for b in raw[:_MAX_TOKEN_CHARS]:
+            if b == 0x60:  # `
+                self._ticks += 1
+                if self._ticks == 3:
+                    self._fence, self._ticks = not self._fence, 0
+            else:
+                self._ticks = 0
+
+    def _caution(self, step: int) -> None:
+        """Start the band before a loop must be healed: when the committed text repeats a
+        long unit (a sentence: one allowed twice) back to back twice, the strict sampler's
+        repetition penalty steers the next tokens away from the third copy, which would be
+        refused, so the loop is prevented rather than cut. Not for a short unit (an
+        anadiplosis, "chlorophyll. Chlorophyll", or "Practice, practice, practice": free
+        up to their limit), nor a unit the prompt asked for (its licence bounds it), nor in
+        a Markdown code fence (two functions alike are code, and a repetition penalty
+        breaks identifiers), nor on the digits-masked stream (a numbered list)."""
+        if self._fence:
+            return
+        runs, text, shortest = self._runs[0], self._text, (self.cfg.max_loop_chars + 1) // 2
+        for q in sorted(q for q, r in runs.items() if r >= q and q >= shortest):  # a sentence, twice
+            unit = text[-q:]
+            if self._licensed(step) and self._in_prompt(unit, self._prompt[0]):
+                continue
+            n = runs[q] + q
+            self._band_end = step + self.cfg.band_tokens
+            self._band_why = f"after the text repeated a {q}-character unit {n / q:.2f} times back to back"
+            return
+
     def _licensed(self, step: int) -> bool:
         """Whether the prompt still licenses its own units: not once a loop of one was
         healed in the window (a request licenses its repetition once)."""
@@ -346,7 +386,7 @@ class LoopGuard:
         cfg = self.cfg
         if self._pending is not None and self._pending[0] == p.step:
             self._heal_steps.append(p.step)
-            self._band_end = p.step + cfg.band_tokens
+            self._band_end, self._band_why = p.step + cfg.band_tokens, "after a healed loop"
             _, stream, unit, asked = self._pending
             if asked:
                 self._spent = p.step
@@ -364,6 +404,9 @@ class LoopGuard:
             else:
                 del self._span_counts[self._spans[0][1]]
             self._spans.popleft()
+        raw = self.tokens[p.token] if 0 <= p.token < len(self.tokens) else b""
+        if b"`" in raw or self._ticks:
+            self._fences(raw)
         chars = self._chars(p.token)
         if chars:
             self._blank = 0
@@ -378,6 +421,8 @@ class LoopGuard:
                 self._span_counts[h] = self._span_counts.get(h, 0) + 1
             self._runs, self._text = runs, text
             self._total += len(chars)
+            if p.step >= self._band_end and cfg.band_tokens:
+                self._caution(p.step)
         elif p.token < len(self.tokens) and self.tokens[p.token]:
             self._blank += 1
         self._checked = None
