@@ -122,9 +122,12 @@ class GuardSet(_Strict):
     # (" gray", " creative"). A hot sampler goes there often, and its draw is redone. bench
     # quality's "far-tail draws" line: healthy T=0.7's tails 1.5e-5 to 3.1e-4 (at e-values
     # under 0.06); T=1.5's median 0.14, 0.02 or more in nine of ten, the two under 1e-3 at
-    # e-values 0.9 and 8; T=3's 1.2e-3 to 0.93. 0 = every far-tail draw is redone (so is
+    # e-values 0.9 and 8; T=3's 1.2e-3 to 0.93. On prompts outside its set, T=0.7 with a
+    # repetition penalty of 1.1 drew tails of 1.1e-3 to 0.013 (all four healed at 0.001);
+    # at 0.02 the garbage groups of both prompt sets stayed bit for bit the same (none of
+    # their far-tail draws came on a calm stream). 0 = every far-tail draw is redone (so is
     # every one with the drift test off).
-    neg_logprob_min_tail: float = Field(default=0.001, ge=0, le=1)
+    neg_logprob_min_tail: float = Field(default=0.02, ge=0, le=1)
 
 
 class Rule(_Strict):
@@ -238,6 +241,11 @@ class LoopGuardConfig(_Strict):
     # between (a loop of variants: "I'm not sure what you're asking / looking for ...").
     recur_chars: int = Field(default=24, ge=8, le=4096)
     max_recurrences: int = Field(default=3, ge=1, le=1 << 16)  # (see recur_chars)
+    # ... and in a Markdown code fence, where statements recur (a guard clause in every
+    # method, the same call in every test): 3 there cut a generated word-count function's
+    # fourth alike body on prompts outside bench quality's set; a loop of variants in code
+    # still passes 8 within the window.
+    max_code_recurrences: int = Field(default=8, ge=1, le=1 << 16)
     # Tokens in a row with no letter or digit (whitespace, punctuation) before the next is refused.
     max_blank_tokens: int = Field(default=32, ge=1, le=1 << 16)
     action: Literal["heal", "halt"] = "heal"  # heal: the token that would loop is refused and redrawn; halt: abort
@@ -250,9 +258,11 @@ class LoopGuardConfig(_Strict):
     # would find its way back to the loop (0: no band, neither after a heal nor before one).
     # With 16, healthy greedy text came back to a healed loop 20-40 tokens later (three
     # heals for one loop); 48 holds it off (bench quality: heals per loop, loops at the end).
-    # The band also starts before a heal, once a long unit (a sentence) stands twice back to
-    # back outside a code fence: healthy greedy heals per 100 tokens 0.13 -> 0.04, loop runs
-    # looping at their end 1 of 9 -> 0 (bench quality, 192 tokens).
+    # The band also starts before a heal, outside a code fence, once the text stands at a
+    # limit its next copy would pass (a long unit twice back to back, a recur_chars span
+    # max_recurrences times): healthy greedy heals per 100 tokens 0.13 -> 0.04, loop runs
+    # looping at their end 1 of 9 -> 0 (bench quality, 192 tokens, sentences); on prompts
+    # outside its set five healthy greedy heals, each a span's fourth time in prose, -> 0.
     band_tokens: int = Field(default=48, ge=0, le=1 << 16)
 
 

@@ -481,3 +481,75 @@ def test_a_short_unit_repeated_or_code_in_a_fence_does_not_start_the_band() -> N
     # the fence closed (its backticks split over tokens): a sentence twice starts it again
     feed(fenced, [v.id(b"``"), v.id(b"`\n")], first=200)
     assert feed(fenced, v.split(" I like my cats very much." * 2), first=202) == [] and fenced.strict()
+
+
+def test_a_span_at_its_last_allowed_recurrence_starts_the_band_and_its_next_one_is_still_refused() -> None:
+    v = Vocab()
+    a = " I'm not sure what you're asking, but I'll try to help."
+    b = " I'm not sure what you're looking for, but I'll try to help."
+    c = " That's not what I'm asking, but I'll try to help."
+    g = guard_over(v)
+    first_band = None
+    for step, t in enumerate(v.split(a + b + a + c + a)):
+        assert not g.check(prop(t, step))  # no refusal before the span's fourth time
+        g.commit(prop(t, step))
+        if first_band is None and g.strict():
+            first_band = step
+    # the span across "... try to help. I'm not sure what you're" has come three times (the
+    # a-b, b-a and c-a seams): the band starts there, its flag naming why
+    assert first_band is not None and len(v.split(a + b + a + c)) <= first_band < len(v.split(a + b + a + c + a))
+    step = len(v.split(a + b + a + c + a))
+    trips = g.check(Proposal(v.id(b" Maybe"), Sampler.STRICT, M, step, step))
+    why = "after a 24-character span of the text recurred 3 times in the last 256 tokens"
+    assert [t.detail.endswith(why) for t in trips] == [True]
+    # the band is a nudge, not a licence: the span's fourth time is refused all the same
+    tail = v.split(b)
+    for k, t in enumerate(tail, start=step):
+        trips = g.check(Proposal(t, Sampler.STRICT, M, k, k))
+        if any(tr.rejects for tr in trips):
+            assert "recurs, 4 times in the last 256 tokens (max 3)" in [tr for tr in trips if tr.rejects][0].detail
+            break
+        g.commit(Proposal(t, Sampler.STRICT, M, k, k))
+    else:
+        raise AssertionError("the fourth recurrence was not refused")
+
+
+def test_a_recurring_span_in_a_code_fence_does_not_start_the_band() -> None:
+    v = Vocab()
+    lines = "".join(f"{name} = stack.pop()  # the top item of the stack\n" for name in ("first", "second", "third"))
+    fenced, prose = guard_over(v), guard_over(v)
+    assert feed(fenced, v.split("```python\n" + lines)) == [] and not fenced.strict()
+    assert feed(prose, v.split(lines)) == [] and prose.strict()  # the same lines outside a fence
+
+
+def test_in_a_code_fence_a_line_may_come_three_times_and_numbered_lines_run_as_a_list() -> None:
+    v = Vocab()
+    pops = "print(stack.pop())\n"
+    pushes = "".join(f"stack.push({n})\n" for n in range(1, 7))
+    for text, prose_refused in ((pops * 3, True), (pushes, True)):
+        fenced, prose = guard_over(v), guard_over(v)
+        assert feed(fenced, v.split("```python\n" + text)) == [], text
+        assert bool(feed(prose, v.split(text))) == prose_refused, text  # outside a fence: a loop
+    # a loop in code is still a loop: the same line a fourth time, a numbered line a 17th
+    fenced = guard_over(v)
+    trips = feed(fenced, v.split("```python\n" + pops * 4))
+    assert trips and "(max 3.00)" in trips[0][2]
+    fenced = guard_over(v)
+    trips = feed(fenced, v.split("```python\n" + "".join(f"stack.push({n})\n" for n in range(10, 30))))
+    assert trips and "a numbered list of one item" in trips[0][2]
+
+
+def test_in_a_code_fence_a_statement_may_recur_in_every_method_up_to_max_code_recurrences() -> None:
+    v = Vocab()
+    names = ["deposit", "withdraw", "transfer", "refund", "charge", "credit", "debit", "settle", "hold", "release"]
+    clause = "        if amount <= 0:\n            raise ValueError('bad amount')\n"
+    methods = [f"    def {n}(self, amount):\n{clause}" for n in names]
+    fenced = guard_over(v)
+    assert feed(fenced, v.split("```python\nclass Account:\n" + "".join(methods[:5]))) == []
+    prose = guard_over(v)  # the same text outside a fence: a span's fourth time is a loop of variants
+    trips = feed(prose, v.split("class Account:\n" + "".join(methods[:5])))
+    assert trips and "times in the last 256 tokens (max 3)" in trips[0][2]
+    # a loop in code is still bounded: the guard clause a ninth time
+    fenced = guard_over(v)
+    trips = feed(fenced, v.split("```python\nclass Account:\n" + "".join(methods)))
+    assert trips and trips[0][2].endswith("times in the last 256 tokens (max 8, in a code fence)")

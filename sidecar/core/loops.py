@@ -30,7 +30,8 @@ the guard looks for exactly that, in the text rather than in token ids:
 - **Recurrence.** A loop of variants is not back to back ("I'm not sure what you're
   asking / looking for, but I'll try to help."): a span of ``recur_chars`` characters
   that comes back more than ``max_recurrences`` times in the window, other text between,
-  is refused too (a Rabin-Karp hash of the span per character, counted per window).
+  is refused too (a Rabin-Karp hash of the span per character, counted per window); in a
+  Markdown code fence ``max_code_recurrences`` times (statements recur in code).
 - **Babble.** Variants of a short loop that no unit repeats exactly ("LARMA, LARA, LERA",
   "no nah nuh nah"): the last ``babble_window`` letters drawn from at most
   ``babble_letters`` distinct letters is refused, unless digits are a quarter or more of
@@ -125,6 +126,10 @@ class LoopGuard:
         self._limit = [
             math.floor(max(min(cfg.max_repeats * p, max(2 * p, cfg.max_loop_chars)), cfg.min_chars)) + 1 for p in range(1, P + 1)
         ]
+        # in a Markdown code fence a line may come max_repeats times whatever its length
+        # (stack.pop() three times is code), and lines that differ only in their digits are
+        # a numbered list (push(1), push(2), ...: up to max_list_repeats)
+        self._limit_code = [math.floor(max(cfg.max_repeats * p, cfg.min_chars)) + 1 for p in range(1, P + 1)]
         # Per stream (0: the normalised text, 1: the same with digits masked), period ->
         # its run: how many trailing characters equal the one that period before them.
         # Only periods with a run are kept: a character matches a handful of the periods
@@ -228,7 +233,7 @@ class LoopGuard:
             if step > p.step - self.cfg.window and n >= max(2 * period, _BAN_CHARS) and texts[stream][-period:] in unit + unit:
                 detail = f"loop: a loop healed before starts again (its unit twice in a row{_STREAMS[stream]})"
                 return self._refuse(p, n / period, 1.0, detail, stream, unit)
-        limit = self._limit
+        limit = self._limit_code if self._fence else self._limit
         for stream in (0, 1):
             licensed: list[int] = []
             for period in sorted(q for q, r in runs[stream].items() if r + q >= limit[q - 1]):
@@ -242,9 +247,10 @@ class LoopGuard:
                         continue  # no digit (row 0 judges it), or mostly digits (a count, a table of numbers)
                 n = runs[stream][period] + period
                 repeats, allowed, asked = n / period, self.cfg.max_repeats, ""
-                if letters < _MIN_LETTERS:
-                    # a numbered item of a short word ("12. Goodbye", "Chapter 12"): a list,
-                    # and a list of one item may run to max_list_repeats (the prompt's own: on)
+                if letters < _MIN_LETTERS or (stream == 1 and self._fence):
+                    # a numbered item of a short word ("12. Goodbye", "Chapter 12"), or a line
+                    # of code with other digits: a list, and a list of one item may run to
+                    # max_list_repeats (the prompt's own: on)
                     if n <= self.cfg.max_list_repeats * period or self._in_prompt(unit, self._prompt[1]):
                         continue
                     allowed, asked = self.cfg.max_list_repeats, ", a numbered list of one item"
@@ -306,7 +312,8 @@ class LoopGuard:
         h, spans = self._rolled(chars, text)
         self._checked = (p.step, p.token, runs, text, (h, spans))
         seen = self._span_counts.get(spans[-1], 0)
-        if seen < self.cfg.max_recurrences:
+        bound, where = (self.cfg.max_code_recurrences, ", in a code fence") if self._fence else (self.cfg.max_recurrences, "")
+        if seen < bound:
             return ()
         # a span that is one unit repeated is periodicity's to judge when the prompt asked
         # for that unit (its licence); otherwise a recurring span is a recurring span
@@ -315,9 +322,9 @@ class LoopGuard:
             return ()
         detail = (
             f"loop: a {G}-character span of the text recurs, {seen + 1} times in the last "
-            f"{self.cfg.window} tokens (max {self.cfg.max_recurrences})"
+            f"{self.cfg.window} tokens (max {bound}{where})"
         )
-        return self._refuse(p, float(seen + 1), float(self.cfg.max_recurrences), detail, 0, b"")
+        return self._refuse(p, float(seen + 1), float(bound), detail, 0, b"")
 
     def _fences(self, raw: bytes) -> None:
         """Track Markdown code fences: a run of three backticks (split over tokens or not)
@@ -330,26 +337,35 @@ class LoopGuard:
             else:
                 self._ticks = 0
 
-    def _caution(self, step: int) -> None:
-        """Start the band before a loop must be healed: when the committed text repeats a
-        long unit (a sentence: one allowed twice) back to back twice, the strict sampler's
-        repetition penalty steers the next tokens away from the third copy, which would be
-        refused, so the loop is prevented rather than cut. Not for a short unit (an
-        anadiplosis, "chlorophyll. Chlorophyll", or "Practice, practice, practice": free
-        up to their limit), nor a unit the prompt asked for (its licence bounds it), nor in
-        a Markdown code fence (two functions alike are code, and a repetition penalty
-        breaks identifiers), nor on the digits-masked stream (a numbered list)."""
-        if self._fence:
-            return
-        runs, text, shortest = self._runs[0], self._text, (self.cfg.max_loop_chars + 1) // 2
-        for q in sorted(q for q, r in runs.items() if r >= q and q >= shortest):  # a sentence, twice
-            unit = text[-q:]
-            if self._licensed(step) and self._in_prompt(unit, self._prompt[0]):
+    def _caution(self, step: int, span: int | None) -> None:
+        """Start the band before a loop must be healed, once the committed text stands at
+        a limit that its next copy would pass: a long unit (a sentence: one allowed twice)
+        twice back to back, or a recur_chars span that has come max_recurrences times in the
+        window. The strict sampler's repetition penalty then steers the next tokens away
+        from that copy, so the loop is prevented rather than cut (the copy is still refused
+        if it comes). Not for a short unit back to back (an anadiplosis, "chlorophyll.
+        Chlorophyll", or "Practice, practice, practice": free up to their limit), a unit the
+        prompt asked for (its licence bounds it), in a Markdown code fence (the caller: two
+        functions alike are code, and a repetition penalty breaks identifiers), or on the
+        digits-masked stream (a numbered list)."""
+        cfg, runs, text = self.cfg, self._runs[0], self._text
+        licensed = self._licensed(step)
+        for q in sorted(q for q, r in runs.items() if r >= q and 2 * q >= cfg.max_loop_chars):  # a sentence, twice
+            if licensed and self._in_prompt(text[-q:], self._prompt[0]):
                 continue
-            n = runs[q] + q
-            self._band_end = step + self.cfg.band_tokens
-            self._band_why = f"after the text repeated a {q}-character unit {n / q:.2f} times back to back"
+            self._band_end = step + cfg.band_tokens
+            self._band_why = f"after the text repeated a {q}-character unit {(runs[q] + q) / q:.2f} times back to back"
             return
+        G = cfg.recur_chars
+        if span is None or self._span_counts[span] < cfg.max_recurrences:
+            return
+        unit = min((q for q, r in runs.items() if q <= G // 2 and r + q >= G), default=0)  # as _recurrence judges it
+        if unit and licensed and self._in_prompt(text[-unit:], self._prompt[0]):
+            return
+        self._band_end = step + cfg.band_tokens
+        self._band_why = (
+            f"after a {G}-character span of the text recurred {self._span_counts[span]} times in the last {cfg.window} tokens"
+        )
 
     def _licensed(self, step: int) -> bool:
         """Whether the prompt still licenses its own units: not once a loop of one was
@@ -421,8 +437,8 @@ class LoopGuard:
                 self._span_counts[h] = self._span_counts.get(h, 0) + 1
             self._runs, self._text = runs, text
             self._total += len(chars)
-            if p.step >= self._band_end and cfg.band_tokens:
-                self._caution(p.step)
+            if p.step >= self._band_end and cfg.band_tokens and not self._fence:
+                self._caution(p.step, spans[-1] if spans else None)
         elif p.token < len(self.tokens) and self.tokens[p.token]:
             self._blank += 1
         self._checked = None
