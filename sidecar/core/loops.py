@@ -54,11 +54,16 @@ the guard looks for exactly that, in the text rather than in token ids:
   the guard asks for the strict sampler, whose repetition penalty
   (``redo.strict_repetition_penalty``) steers away from what was just written; each of
   those verdicts carries a FLAG saying so (no silent change of sampler).
-- **A band before the heal.** Heal first: when the committed text repeats a long unit
-  back to back twice (a sentence written twice, whose third copy would be refused), the
-  same band starts at once, so the penalty steers the model off the third copy before
-  one has to be cut. Not for a short unit, a unit the prompt asked for, or in a Markdown
-  code fence (two functions alike are code; a repetition penalty breaks identifiers).
+- **A band before the heal.** Heal first: when the committed text stands at a limit its
+  next copy would pass (a long unit twice back to back: a sentence written a second time;
+  a ``recur_chars`` span ``max_recurrences`` times), the same band starts at once, so the
+  penalty steers the model off that copy before one has to be cut. Not for a short unit
+  back to back, a unit the prompt asked for, or in a Markdown code fence (two functions
+  alike are code; a repetition penalty breaks identifiers).
+- **Code.** In a Markdown code fence (three backticks open and close one) a line may come
+  ``max_repeats`` times whatever its length (``stack.pop()`` three times), lines that
+  differ only in their digits are a numbered list, and a span may recur
+  ``max_code_recurrences`` times (a guard clause in every method).
 """
 
 from __future__ import annotations
@@ -163,7 +168,7 @@ class LoopGuard:
         self._checked: tuple[int, int, Runs, bytes, tuple[int, list[int]] | None] | None = None
         self.generated = 0
         self._next_step = 0  # the step after the last commit
-        self._band_end = -1  # the last step of the band (after a heal, or a sentence twice)
+        self._band_end = -1  # the last step of the band (after a heal, or a loop at its limit)
         self._band_why = ""  # what started it (the band's flags say)
         self._fence = False  # inside a Markdown code fence (``` ... ```) of the committed text
         self._ticks = 0  # backticks in a row at the committed text's end
