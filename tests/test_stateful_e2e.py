@@ -96,9 +96,9 @@ def test_a_loop_the_guard_ends_is_a_heal_the_completion_reports(llama, guarded) 
 
 def test_a_sentence_written_twice_starts_the_loop_band_so_no_third_copy_must_be_cut(llama, guarded) -> None:
     """Heal first, on a healthy prompt: greedy, the model writes a sentence a second time
-    and, unguarded, a third and on. At the second copy's end the loop guard starts its band
-    (the strict sampler's repetition penalty, every verdict flagging it), the model writes
-    something else, and no token is refused."""
+    and, unguarded, a third and on. As the second copy ends, where a span of it comes a
+    third time, the loop guard starts its band (the strict sampler's repetition penalty,
+    every verdict flagging it), the model writes something else, and no token is refused."""
     prompt = CHAT.format("Summarize the story of Cinderella.")
     g = guarded()
     llama.reset()
@@ -111,7 +111,7 @@ def test_a_sentence_written_twice_starts_the_loop_band_so_no_third_copy_must_be_
     assert done.token_ids[:start] == free.token_ids[:start]  # untouched up to the band
     assert [t.step for t in banded] == list(range(start, min(start + 48, len(done.tokens))))
     reasons = [(r.code, r.action, r.detail) for r in banded[0].verdict.reasons]
-    why = "after the text repeated a 85-character unit 2.00 times back to back"
+    why = "after a 24-character span of the text recurred 3 times in the last 256 tokens"
     assert reasons == [("loop", pb.ACTION_FLAG, f"loop band: the strict sampler decodes 48 more token(s) {why}")]
     text = lambda c: b"".join(t.text for t in c.tokens).decode()  # noqa: E731
     assert text(free).count("ambition and desires") >= 3 and text(done).count("ambition and desires") == 2
